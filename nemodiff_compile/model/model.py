@@ -1,0 +1,211 @@
+"""PyTorch reference of Nemotron-Labs-Diffusion: a Ministral-3 decoder (`encoder.*`) plus an untied
+`diffusion_head`. Parameter names equal the checkpoint's, so a state dict loads without renaming.
+
+One forward serves every decoding phase through its attention pattern:
+  causal         key j visible to query i iff j <= (cache length) + i    (prefill, AR, commit, verify)
+  bidirectional  every cached key and every key of the block is visible  (refinement, draft)
+With a `StaticKVCache`, the block's positions continue from each row's cache length; causal passes
+may write the block's K/V into the cache, bidirectional passes only read it.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from . import rope
+from .cache import StaticKVCache
+
+
+class Pattern(str, Enum):
+    CAUSAL = "causal"
+    BIDIRECTIONAL = "bidirectional"
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # variance in fp32, cast back, then scale (transformers Ministral3RMSNorm order)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.q_width, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_width, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_width, bias=False)
+        self.o_proj = nn.Linear(cfg.q_width, cfg.hidden_size, bias=False)
+        # Optional draft LoRA on o_proj (linear self-speculation); not part of the state dict.
+        self.lora_a: torch.Tensor | None = None      # [r, q_width]
+        self.lora_b: torch.Tensor | None = None      # [hidden, r]
+        self.lora_scale = 0.0
+
+    def forward(self, x, cos, sin, qscale, mask, cache: StaticKVCache | None, layer: int,
+                write: bool, lora: bool) -> torch.Tensor:
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)   # [B, Hq, L, D]
+        k = self.k_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)      # [B, Hkv, L, D]
+        v = self.v_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
+        q = q * qscale[:, None, :, None].to(q.dtype)                                 # Llama-4 scale
+        if cache is not None:
+            keys = torch.cat([cache.k[layer], k.to(cache.k.dtype)], dim=2).to(q.dtype)  # [B, Hkv, S+L, D]
+            values = torch.cat([cache.v[layer], v.to(cache.v.dtype)], dim=2).to(q.dtype)
+            if write:
+                cache.write(layer, k, v)
+        else:
+            keys, values = k, v
+        rep = self.n_heads // self.n_kv
+        keys = keys.repeat_interleave(rep, dim=1)                                    # [B, Hq, S+L, D]
+        values = values.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)        # [B, Hq, L, D]
+        out = out.transpose(1, 2).reshape(B, L, -1)                                  # [B, L, Hq*D]
+        y = self.o_proj(out)
+        if lora and self.lora_a is not None:
+            y = y + (out @ self.lora_a.t() @ self.lora_b.t()) * self.lora_scale
+        return y
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, h, cos, sin, qscale, mask, cache, layer, write, lora):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, qscale, mask, cache, layer, write, lora)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Encoder(nn.Module):
+    """The Ministral-3 trunk; stored under `encoder.*` in the checkpoint."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class NemotronLabsDiffusion(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.diffusion_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # fp32 on the CPU whatever the model's dtype/device (a buffer would follow .to(bfloat16))
+        self.inv_freq = rope.inv_freq(cfg)
+        self.rope_scale = rope.attention_factor(cfg)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.diffusion_head.weight.dtype
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,                     # [B, L] int64
+        *,
+        cache: StaticKVCache | None = None,
+        pattern: Pattern | str = Pattern.CAUSAL,
+        write_cache: bool | None = None,             # default: True for causal passes with a cache
+        num_valid: torch.Tensor | None = None,       # [B] real tokens per row (right padding); default L
+        draft_lora: bool = False,
+        positions: torch.Tensor | None = None,       # [B, L] override (training layouts; no cache)
+        attn_mask: torch.Tensor | None = None,       # [B or 1, L, L] bool override (training; no cache)
+    ) -> torch.Tensor:                               # logits [B, L, V] in the model dtype
+        pattern = Pattern(pattern)
+        B, L = input_ids.shape
+        dev = input_ids.device
+        ar = torch.arange(L, device=dev)
+        write = cache is not None and (pattern is Pattern.CAUSAL if write_cache is None else write_cache)
+        if write and pattern is Pattern.BIDIRECTIONAL:
+            raise ValueError("the KV cache only holds causal K/V: bidirectional passes cannot write it")
+        if num_valid is None:
+            num_valid = torch.full((B,), L, dtype=torch.long, device=dev)
+
+        if cache is not None:
+            if positions is not None or attn_mask is not None:
+                raise ValueError("positions/attn_mask overrides are for cache-free calls")
+            if cache.batch != B:
+                raise ValueError(f"cache batch {cache.batch} != input batch {B}")
+            cache.check_room(L)
+            positions = cache.lengths[:, None] + ar                                  # [B, L]
+            mask = _block_mask(pattern, cache.lengths, cache.max_len, L, num_valid)  # [B, 1, L, S+L]
+        else:
+            if positions is None:
+                positions = ar.expand(B, L)
+            if attn_mask is not None:
+                mask = attn_mask[:, None]
+            else:
+                mask = _block_mask(pattern, None, 0, L, num_valid)
+
+        h = self.encoder.embed_tokens(input_ids)                                      # [B, L, H]
+        cos, sin = rope.cos_sin(positions, self.inv_freq.to(dev), self.rope_scale, h.dtype)
+        qscale = rope.query_scale(self.config, positions)
+        for i, layer in enumerate(self.encoder.layers):
+            h = layer(h, cos, sin, qscale, mask, cache, i, write, draft_lora)
+        if write:
+            cache.advance(num_valid)
+        return self.diffusion_head(self.encoder.norm(h))
+
+    # ---- draft LoRA ------------------------------------------------------------------------------
+
+    def set_draft_lora(self, a: list[torch.Tensor], b: list[torch.Tensor], scale: float) -> None:
+        """Attach per-layer o_proj LoRA factors A [r, q_width], B [hidden, r]; used when draft_lora=True."""
+        for layer, la, lb in zip(self.encoder.layers, a, b, strict=True):
+            attn = layer.self_attn
+            attn.lora_a, attn.lora_b, attn.lora_scale = la.to(self.dtype), lb.to(self.dtype), scale
+
+    @property
+    def has_draft_lora(self) -> bool:
+        return self.encoder.layers[0].self_attn.lora_a is not None
+
+    @torch.no_grad()
+    def merge_draft_lora(self) -> None:
+        """Fold the LoRA into o_proj for good (every pass then uses it; linear-spec is no longer lossless)."""
+        for layer in self.encoder.layers:
+            attn = layer.self_attn
+            if attn.lora_a is not None:
+                attn.o_proj.weight += (attn.lora_b.float() @ attn.lora_a.float() * attn.lora_scale).to(self.dtype)
+                attn.lora_a = attn.lora_b = None
+
+
+def _block_mask(pattern: Pattern, lengths: torch.Tensor | None, max_len: int, L: int,
+                num_valid: torch.Tensor) -> torch.Tensor:
+    """Boolean attention mask [B, 1, L, max_len + L] (True = may attend) over [cache ; block] keys."""
+    dev = num_valid.device
+    ar = torch.arange(L, device=dev)
+    block = ar[None, :] < num_valid[:, None]                                     # [B, L] valid block keys
+    block = block[:, None, :].expand(-1, L, L)                                    # [B, L(q), L(k)]
+    if pattern is Pattern.CAUSAL:
+        block = block & (ar[None, :] <= ar[:, None])
+    if lengths is None:
+        return block[:, None]
+    cached = torch.arange(max_len, device=dev)[None, :] < lengths[:, None]       # [B, S]
+    cached = cached[:, None, :].expand(-1, L, max_len)                            # [B, L, S]
+    return torch.cat([cached, block], dim=-1)[:, None]

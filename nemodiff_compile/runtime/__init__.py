@@ -1,0 +1,1 @@
+"""The thin runtime: backends implementing the `Denoiser` contract, and the decode loops on top."""

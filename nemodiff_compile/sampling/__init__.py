@@ -1,0 +1,1 @@
+"""Backend-independent decoding: commit rules and the AR / block-diffusion / linear-spec loops."""

@@ -1,0 +1,273 @@
+"""The three decoding modes of Nemotron-Labs-Diffusion, written against the `Denoiser` contract.
+
+Semantics follow the released remote code (research note §4-§6), generalised to batches whose rows
+have different prompt lengths and finish at different times (each row has its own cache length).
+
+Accounting, the same in every mode:
+  nfe            forward passes run for the batch, every pass counted, the prompt prefill included
+                 (`nfe_by_phase` splits it: prefill / decode / denoise / commit / draft / verify).
+                 Upstream `generate` leaves the prefill out; subtract `nfe_by_phase["prefill"]` to compare.
+  row_nfe[b]     passes run while row b was still generating
+  tokens[b]      the row's generated ids, through its first EOS (included), at most max_new_tokens
+  tokens per forward (TPF) = len(tokens[b]) / row_nfe[b], averaged over rows
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from . import remask
+from .denoiser import Denoiser
+
+MODES = ("ar", "dlm", "linear-spec")
+
+
+@dataclass
+class PassRecord:
+    """One forward pass, for validation and tests."""
+
+    phase: str                         # prefill | decode | denoise | commit | draft | verify
+    block: int                         # block (or speculation round) index; -1 for prefill
+    step: int                          # pass index inside the block
+    tokens: torch.Tensor               # [B, L] input tokens
+    out_token: torch.Tensor            # [B, L] candidates
+    conf: torch.Tensor                 # [B, L] confidences
+    committed: torch.Tensor | None = None   # [B, L] bool, positions committed by this pass (denoise/draft)
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]
+    finish: list[str]                  # "eos" or "length" per row
+    nfe: int
+    nfe_by_phase: dict[str, int]
+    row_nfe: list[int]
+    trace: list[PassRecord] = field(default_factory=list, repr=False)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        rates = [len(t) / n for t, n in zip(self.tokens, self.row_nfe) if n]
+        return sum(rates) / len(rates) if rates else 0.0
+
+
+class _Run:
+    """Bookkeeping shared by the loops: pass counting, tracing, the noise generator."""
+
+    def __init__(self, den: Denoiser, batch: int, temperature: float, seed: int, trace: bool):
+        self.den, self.temperature = den, temperature
+        self.generator = torch.Generator().manual_seed(seed)
+        self.nfe_by_phase: dict[str, int] = {}
+        self.row_nfe = torch.zeros(batch, dtype=torch.long)
+        self.trace: list[PassRecord] | None = [] if trace else None
+
+    def step(self, phase: str, tokens: torch.Tensor, active: torch.Tensor, *, block: int = -1,
+             index: int = 0, **kw):
+        causal = phase in ("prefill", "decode", "commit", "verify")
+        out = self.den.step(tokens, causal=causal, write=causal, temperature=self.temperature,
+                            generator=self.generator, **kw)
+        self.nfe_by_phase[phase] = self.nfe_by_phase.get(phase, 0) + 1
+        self.row_nfe += active.long()
+        if self.trace is not None:
+            self.trace.append(PassRecord(phase, block, index, tokens.clone(), out.token.clone(), out.conf.clone()))
+        return out
+
+    def note_commit(self, committed: torch.Tensor) -> None:
+        if self.trace is not None:
+            self.trace[-1].committed = committed.clone()
+
+    def result(self, rows: list[list[int]], eos: tuple[int, ...], max_new_tokens: int) -> Generation:
+        tokens, finish = [], []
+        for row in rows:
+            cut = next((i + 1 for i, t in enumerate(row) if t in eos), None)
+            if cut is not None and cut <= max_new_tokens:
+                tokens.append(row[:cut]); finish.append("eos")
+            else:
+                tokens.append(row[:max_new_tokens]); finish.append("length")
+        return Generation(tokens, finish, sum(self.nfe_by_phase.values()), dict(self.nfe_by_phase),
+                          self.row_nfe.tolist(), self.trace or [])
+
+
+def _prefill(run: _Run, prompts: list[list[int]], pad_id: int, room: int) -> torch.Tensor:
+    """Causal pass over the right-padded prompts; returns the first new token [B]."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    B = len(prompts)
+    n = torch.tensor([len(p) for p in prompts])                                     # [B]
+    need = int(n.max()) + room
+    if need > run.den.max_len:
+        raise ValueError(f"prompt ({int(n.max())}) + generation ({room}) needs {need} cache positions, "
+                         f"the backend has {run.den.max_len}: raise max_len or lower max_new_tokens")
+    ids = torch.full((B, int(n.max())), pad_id, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, : len(p)] = torch.tensor(p)
+    run.den.reset(B)
+    out = run.step("prefill", ids, torch.ones(B, dtype=torch.bool), num_valid=n)
+    return out.token[torch.arange(B), n - 1]
+
+
+def _eos_mask(t: torch.Tensor, eos: tuple[int, ...]) -> torch.Tensor:
+    return torch.isin(t, torch.tensor(eos, dtype=t.dtype))
+
+
+# ---- AR -------------------------------------------------------------------------------------------
+
+def ar_generate(den: Denoiser, prompts: list[list[int]], *, max_new_tokens: int,
+                temperature: float = 0.0, seed: int = 0, trace: bool = False) -> Generation:
+    """Causal decoding, one token per pass; each row stops at its first EOS."""
+    cfg, B = den.config, len(prompts)
+    run = _Run(den, B, temperature, seed, trace)
+    tok = _prefill(run, prompts, _pad(cfg), max_new_tokens)                         # [B]
+    rows: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool)
+    for i in range(max_new_tokens):
+        for b in (~done).nonzero()[:, 0].tolist():
+            rows[b].append(int(tok[b]))
+        done |= _eos_mask(tok, cfg.eos_ids)
+        if bool(done.all()) or i == max_new_tokens - 1:
+            break
+        tok = run.step("decode", tok[:, None], ~done, block=i).token[:, 0]
+    return run.result(rows, cfg.eos_ids, max_new_tokens)
+
+
+# ---- block diffusion --------------------------------------------------------------------------------
+
+def diffusion_generate(den: Denoiser, prompts: list[list[int]], *, max_new_tokens: int,
+                       block_length: int | None = None, threshold: float | None = 0.9,
+                       steps: int | None = None, temperature: float = 0.0, seed: int = 0,
+                       trace: bool = False) -> Generation:
+    """Block diffusion with a causal prefix cache (upstream `generate`, causal_context=True).
+
+    Each block starts as [seed, MASK x (B-1)] where the seed is the AR prediction of the previous
+    causal pass. Bidirectional refinement passes read the cache and commit masked positions:
+      threshold policy (threshold set): top-1 plus every masked position with confidence >= threshold;
+      fixed-steps policy (threshold None): `steps` passes (default block_length) committing an even
+      split of the block's masks per pass, the LLaDA schedule, a hard budget on passes per block.
+    A row stops refining once its block has no mask left, or has an EOS with no mask before it.
+    Then a causal commit pass writes the block's K/V and its last position gives the next seed.
+    """
+    cfg, B = den.config, len(prompts)
+    blen = block_length or cfg.block_size
+    if blen < 2:
+        raise ValueError(f"block_length must be at least 2, got {blen}")
+    if threshold is None:
+        steps = steps or blen
+        if not 1 <= steps <= blen:
+            raise ValueError(f"steps must be between 1 and block_length ({blen}), got {steps}")
+    elif not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    n_blocks = math.ceil(max_new_tokens / blen)
+    mask_id, eos = cfg.mask_token_id, cfg.eos_ids
+    run = _Run(den, B, temperature, seed, trace)
+    seed_tok = _prefill(run, prompts, _pad(cfg), n_blocks * blen)                    # [B]
+    out_blocks: list[torch.Tensor] = []
+    done = torch.zeros(B, dtype=torch.bool)
+    for k in range(n_blocks):
+        active = ~done
+        blk = torch.full((B, blen), mask_id, dtype=torch.long)                       # [B, blen]
+        blk[:, 0] = seed_tok
+        if threshold is None:
+            quota = remask.even_split((blk == mask_id).sum(1), steps)                # [B, steps]
+        refining = active.clone()
+        for s in range(blen):
+            masked = blk == mask_id
+            refining &= masked.any(1) & ~_eos_complete(blk, masked, eos)
+            if not bool(refining.any()) or (threshold is None and s >= steps):
+                break
+            out = run.step("denoise", blk, refining, block=k, index=s)
+            masked &= refining[:, None]
+            if threshold is None:
+                commit = remask.commit_topk(out.conf, masked, quota[:, s])
+            else:
+                commit = remask.commit_threshold(out.conf, masked, threshold)
+            run.note_commit(commit)
+            blk = torch.where(commit, out.token, blk)
+        out = run.step("commit", blk, active, block=k)
+        seed_tok = out.token[:, -1]
+        out_blocks.append(blk)
+        done |= _eos_mask(blk, eos).any(1)
+        if bool(done.all()):
+            break
+    gen = torch.cat(out_blocks, dim=1)                                                # [B, k * blen]
+    return run.result(gen.tolist(), eos, max_new_tokens)
+
+
+def _eos_complete(blk: torch.Tensor, masked: torch.Tensor, eos: tuple[int, ...]) -> torch.Tensor:
+    """[B] bool: the block holds an EOS with no mask before its first EOS (the row is finished)."""
+    is_eos = _eos_mask(blk, eos)
+    before_first = torch.cumsum(is_eos.long(), dim=1) == 0
+    return is_eos.any(1) & ~(masked & before_first).any(1)
+
+
+# ---- linear self-speculation ----------------------------------------------------------------------
+
+def linear_spec_generate(den: Denoiser, prompts: list[list[int]], *, max_new_tokens: int,
+                         block_length: int | None = None, threshold: float = 0.0,
+                         temperature: float = 0.0, seed: int = 0, trace: bool = False) -> Generation:
+    """Draft a block bidirectionally (draft LoRA on), verify it causally (LoRA off), keep the
+    agreeing prefix plus the verifier's next token, and trim the rejected K/V.
+
+    With threshold 0 one draft pass fills every mask; with threshold > 0 drafting repeats, each pass
+    committing masks with confidence >= threshold (or the most confident one if none passes).
+    At temperature 0 the output equals greedy AR decoding of the base model.
+    """
+    cfg, B = den.config, len(prompts)
+    blen = block_length or cfg.block_size
+    if blen < 2:
+        raise ValueError(f"block_length must be at least 2, got {blen}")
+    mask_id, eos = cfg.mask_token_id, cfg.eos_ids
+    run = _Run(den, B, temperature, seed, trace)
+    seed_tok = _prefill(run, prompts, _pad(cfg), max_new_tokens + blen)              # [B]
+    rows: list[list[int]] = [[int(t)] for t in seed_tok]
+    done = _eos_mask(seed_tok, eos) | (max_new_tokens <= 1)
+    k = 0
+    while not bool(done.all()):
+        active = ~done
+        start = den.lengths().clone()                                                 # [B]
+        blk = torch.full((B, blen), mask_id, dtype=torch.long)
+        blk[:, 0] = seed_tok
+        for s in range(blen):
+            masked = (blk == mask_id) & active[:, None]
+            if not bool(masked.any()):
+                break
+            out = run.step("draft", blk, active, block=k, index=s, draft_lora=True)
+            if threshold > 0:
+                commit = masked & (out.conf >= threshold)
+                none = ~commit.any(1)
+                commit |= remask.top1(out.conf, masked) & none[:, None]
+            else:
+                commit = masked
+            run.note_commit(commit)
+            blk = torch.where(commit, out.token, blk)
+        verify = run.step("verify", blk, active, block=k).token                     # [B, blen]
+        agree = (verify[:, :-1] == blk[:, 1:]).long()                                # [B, blen-1]
+        n_acc = torch.cumprod(agree, dim=1).sum(1)                                   # [B] accepted drafts
+        den.trim(torch.where(active, start + n_acc + 1, start))                      # keep seed + accepted
+        seed_tok = verify[torch.arange(B), n_acc]                                    # bonus token
+        for b in active.nonzero()[:, 0].tolist():
+            emit = verify[b, : int(n_acc[b]) + 1].tolist()
+            rows[b].extend(emit)
+            if any(t in eos for t in emit) or len(rows[b]) >= max_new_tokens:
+                done[b] = True
+        k += 1
+    return run.result(rows, eos, max_new_tokens)
+
+
+def _pad(cfg) -> int:
+    return cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_ids[0]
+
+
+def generate(den: Denoiser, prompts: list[list[int]], mode: str, **kw) -> Generation:
+    if mode == "ar":
+        kw.pop("block_length", None); kw.pop("threshold", None); kw.pop("steps", None)
+        return ar_generate(den, prompts, **kw)
+    if mode == "dlm":
+        return diffusion_generate(den, prompts, **kw)
+    if mode == "linear-spec":
+        kw.pop("steps", None)
+        if kw.get("threshold") is None:
+            kw["threshold"] = 0.0
+        return linear_spec_generate(den, prompts, **kw)
+    raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
