@@ -16,3 +16,7 @@ class ConfigError(NemodiffError):
 
 class CheckpointError(NemodiffError):
     """A checkpoint folder, weight file or index is missing, broken, or does not match the config."""
+
+
+class InvalidArgument(NemodiffError, ValueError):
+    """A decoding or build argument out of range (also a ValueError for library callers)."""

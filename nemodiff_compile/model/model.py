@@ -52,21 +52,18 @@ class Attention(nn.Module):
         self.lora_b: torch.Tensor | None = None      # [hidden, r]
         self.lora_scale = 0.0
 
-    def forward(self, x, cos, sin, qscale, mask, cache: StaticKVCache | None, layer: int,
-                write: bool, lora: bool) -> torch.Tensor:
+    def forward(self, x, cos, sin, qscale, mask, past_k, past_v, lora: bool):
+        """x [B, L, H]; past_k/v [B, Hkv, S, D] or None -> (y [B, L, H], k, v [B, Hkv, L, D] post-RoPE)."""
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)   # [B, Hq, L, D]
         k = self.k_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)      # [B, Hkv, L, D]
         v = self.v_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
         q = q * qscale[:, None, :, None].to(q.dtype)                                 # Llama-4 scale
-        if cache is not None:
-            keys = torch.cat([cache.k[layer], k.to(cache.k.dtype)], dim=2).to(q.dtype)  # [B, Hkv, S+L, D]
-            values = torch.cat([cache.v[layer], v.to(cache.v.dtype)], dim=2).to(q.dtype)
-            if write:
-                cache.write(layer, k, v)
-        else:
-            keys, values = k, v
+        keys, values = k, v
+        if past_k is not None:
+            keys = torch.cat([past_k.to(q.dtype), k], dim=2)                          # [B, Hkv, S+L, D]
+            values = torch.cat([past_v.to(q.dtype), v], dim=2)
         rep = self.n_heads // self.n_kv
         keys = keys.repeat_interleave(rep, dim=1)                                    # [B, Hq, S+L, D]
         values = values.repeat_interleave(rep, dim=1)
@@ -75,7 +72,7 @@ class Attention(nn.Module):
         y = self.o_proj(out)
         if lora and self.lora_a is not None:
             y = y + (out @ self.lora_a.t() @ self.lora_b.t()) * self.lora_scale
-        return y
+        return y, k, v
 
 
 class MLP(nn.Module):
@@ -97,9 +94,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, h, cos, sin, qscale, mask, cache, layer, write, lora):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, qscale, mask, cache, layer, write, lora)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h, cos, sin, qscale, mask, past_k, past_v, lora):
+        a, k, v = self.self_attn(self.input_layernorm(h), cos, sin, qscale, mask, past_k, past_v, lora)
+        h = h + a
+        return h + self.mlp(self.post_attention_layernorm(h)), k, v
 
 
 class Encoder(nn.Module):
@@ -155,23 +153,41 @@ class NemotronLabsDiffusion(nn.Module):
                 raise ValueError(f"cache batch {cache.batch} != input batch {B}")
             cache.check_room(L)
             positions = cache.lengths[:, None] + ar                                  # [B, L]
-            mask = _block_mask(pattern, cache.lengths, cache.max_len, L, num_valid)  # [B, 1, L, S+L]
+            mask = block_mask(pattern is Pattern.CAUSAL, cache.lengths, cache.max_len, L, num_valid)
         else:
             if positions is None:
                 positions = ar.expand(B, L)
             if attn_mask is not None:
                 mask = attn_mask[:, None]
             else:
-                mask = _block_mask(pattern, None, 0, L, num_valid)
+                mask = block_mask(pattern is Pattern.CAUSAL, None, 0, L, num_valid)
 
-        h = self.encoder.embed_tokens(input_ids)                                      # [B, L, H]
-        cos, sin = rope.cos_sin(positions, self.inv_freq.to(dev), self.rope_scale, h.dtype)
-        qscale = rope.query_scale(self.config, positions)
-        for i, layer in enumerate(self.encoder.layers):
-            h = layer(h, cos, sin, qscale, mask, cache, i, write, draft_lora)
+        logits, k_new, v_new = self.step(input_ids, positions, mask,
+                                         None if cache is None else cache.k,
+                                         None if cache is None else cache.v, draft_lora)
         if write:
+            for i in range(self.config.num_hidden_layers):
+                cache.write(i, k_new[i], v_new[i])
             cache.advance(num_valid)
-        return self.diffusion_head(self.encoder.norm(h))
+        return logits
+
+    def step(self, input_ids, positions, mask, past_k=None, past_v=None, draft_lora=False):
+        """The pure function every backend compiles.
+
+        input_ids [B, L], positions [B, L], mask [B, 1, L, S+L] bool over [cache ; block] keys,
+        past_k/v [layers, B, Hkv, S, D] or None -> logits [B, L, V], k_new/v_new [layers, B, Hkv, L, D].
+        """
+        h = self.encoder.embed_tokens(input_ids)                                      # [B, L, H]
+        cos, sin = rope.cos_sin(positions, self.inv_freq.to(h.device), self.rope_scale, h.dtype)
+        qscale = rope.query_scale(self.config, positions)
+        ks, vs = [], []
+        for i, layer in enumerate(self.encoder.layers):
+            h, k, v = layer(h, cos, sin, qscale, mask,
+                            None if past_k is None else past_k[i],
+                            None if past_v is None else past_v[i], draft_lora)
+            ks.append(k)
+            vs.append(v)
+        return self.diffusion_head(self.encoder.norm(h)), torch.stack(ks), torch.stack(vs)
 
     # ---- draft LoRA ------------------------------------------------------------------------------
 
@@ -195,15 +211,19 @@ class NemotronLabsDiffusion(nn.Module):
                 attn.lora_a = attn.lora_b = None
 
 
-def _block_mask(pattern: Pattern, lengths: torch.Tensor | None, max_len: int, L: int,
-                num_valid: torch.Tensor) -> torch.Tensor:
-    """Boolean attention mask [B, 1, L, max_len + L] (True = may attend) over [cache ; block] keys."""
+def block_mask(causal: bool | torch.Tensor, lengths: torch.Tensor | None, max_len: int, L: int,
+               num_valid: torch.Tensor) -> torch.Tensor:
+    """Boolean attention mask [B, 1, L, max_len + L] (True = may attend) over [cache ; block] keys.
+
+    Cache key j of row b is visible iff j < lengths[b]; block key j iff j < num_valid[b] and, when
+    causal (a bool or a 0-d bool tensor, so one exported graph serves both patterns), j <= i.
+    """
     dev = num_valid.device
     ar = torch.arange(L, device=dev)
     block = ar[None, :] < num_valid[:, None]                                     # [B, L] valid block keys
     block = block[:, None, :].expand(-1, L, L)                                    # [B, L(q), L(k)]
-    if pattern is Pattern.CAUSAL:
-        block = block & (ar[None, :] <= ar[:, None])
+    tril = ar[None, :] <= ar[:, None]                                             # [L, L]
+    block = block & (tril | ~torch.as_tensor(causal, device=dev))
     if lengths is None:
         return block[:, None]
     cached = torch.arange(max_len, device=dev)[None, :] < lengths[:, None]       # [B, S]

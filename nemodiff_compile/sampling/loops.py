@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import remask
+from ..errors import InvalidArgument
 from .denoiser import Denoiser
 
 MODES = ("ar", "dlm", "linear-spec")
@@ -93,12 +94,12 @@ class _Run:
 def _prefill(run: _Run, prompts: list[list[int]], pad_id: int, room: int) -> torch.Tensor:
     """Causal pass over the right-padded prompts; returns the first new token [B]."""
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+        raise InvalidArgument("every prompt needs at least one token")
     B = len(prompts)
     n = torch.tensor([len(p) for p in prompts])                                     # [B]
     need = int(n.max()) + room
     if need > run.den.max_len:
-        raise ValueError(f"prompt ({int(n.max())}) + generation ({room}) needs {need} cache positions, "
+        raise InvalidArgument(f"prompt ({int(n.max())}) + generation ({room}) needs {need} cache positions, "
                          f"the backend has {run.den.max_len}: raise max_len or lower max_new_tokens")
     ids = torch.full((B, int(n.max())), pad_id, dtype=torch.long)
     for b, p in enumerate(prompts):
@@ -151,13 +152,13 @@ def diffusion_generate(den: Denoiser, prompts: list[list[int]], *, max_new_token
     cfg, B = den.config, len(prompts)
     blen = block_length or cfg.block_size
     if blen < 2:
-        raise ValueError(f"block_length must be at least 2, got {blen}")
+        raise InvalidArgument(f"block_length must be at least 2, got {blen}")
     if threshold is None:
         steps = steps or blen
         if not 1 <= steps <= blen:
-            raise ValueError(f"steps must be between 1 and block_length ({blen}), got {steps}")
+            raise InvalidArgument(f"steps must be between 1 and block_length ({blen}), got {steps}")
     elif not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        raise InvalidArgument(f"threshold must be in [0, 1], got {threshold}")
     n_blocks = math.ceil(max_new_tokens / blen)
     mask_id, eos = cfg.mask_token_id, cfg.eos_ids
     run = _Run(den, B, temperature, seed, trace)
@@ -216,7 +217,7 @@ def linear_spec_generate(den: Denoiser, prompts: list[list[int]], *, max_new_tok
     cfg, B = den.config, len(prompts)
     blen = block_length or cfg.block_size
     if blen < 2:
-        raise ValueError(f"block_length must be at least 2, got {blen}")
+        raise InvalidArgument(f"block_length must be at least 2, got {blen}")
     mask_id, eos = cfg.mask_token_id, cfg.eos_ids
     run = _Run(den, B, temperature, seed, trace)
     seed_tok = _prefill(run, prompts, _pad(cfg), max_new_tokens + blen)              # [B]
@@ -270,4 +271,4 @@ def generate(den: Denoiser, prompts: list[list[int]], mode: str, **kw) -> Genera
         if kw.get("threshold") is None:
             kw["threshold"] = 0.0
         return linear_spec_generate(den, prompts, **kw)
-    raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    raise InvalidArgument(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
