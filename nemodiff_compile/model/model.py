@@ -195,7 +195,8 @@ class NemotronLabsDiffusion(nn.Module):
         """Attach per-layer o_proj LoRA factors A [r, q_width], B [hidden, r]; used when draft_lora=True."""
         for layer, la, lb in zip(self.encoder.layers, a, b, strict=True):
             attn = layer.self_attn
-            attn.lora_a, attn.lora_b, attn.lora_scale = la.to(self.dtype), lb.to(self.dtype), scale
+            dev = attn.o_proj.weight.device
+            attn.lora_a, attn.lora_b, attn.lora_scale = la.to(dev, self.dtype), lb.to(dev, self.dtype), scale
 
     @property
     def has_draft_lora(self) -> bool:

@@ -1,0 +1,23 @@
+"""`nemodiff-compile`: one click command per file, thin. Heavy imports happen inside the commands,
+so `nemodiff-compile --help` never imports torch."""
+
+from __future__ import annotations
+
+import click
+
+from .generate import generate
+from .info import info
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="nemodiff-compile")
+def cli() -> None:
+    """Compile, run and validate NVIDIA Nemotron-Labs-Diffusion language models."""
+
+
+cli.add_command(generate)
+cli.add_command(info)
+
+
+def main() -> None:
+    cli(prog_name="nemodiff-compile")

@@ -1,0 +1,103 @@
+"""`nemodiff-compile generate`: decode with the PyTorch reference in any of the three modes."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import click
+
+from ._common import checkpoint_folder, model_source, resolve_source, user_errors
+
+# Prompts for the demo when none is given (the tiny model was trained on this kind of text).
+DEMO_PROMPTS = ("Once upon a time, Mia", "What is 3 + 4?")
+
+
+@click.command()
+@model_source
+@click.option("--prompt", "prompts", multiple=True, help="Prompt text; repeat for a batch.")
+@click.option("--prompt-ids", "prompt_ids", multiple=True,
+              help="Prompt as comma-separated token ids (for checkpoints without a tokenizer); repeatable.")
+@click.option("--mode", type=click.Choice(["ar", "dlm", "linear-spec"]), default="dlm", show_default=True)
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--block-length", type=click.IntRange(min=2), default=None, help="Default: the config's block_size.")
+@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Commit threshold (dlm default 0.9; linear-spec draft default 0 = one draft pass).")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="dlm: fixed passes per block (LLaDA schedule) instead of the threshold rule.")
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--chat/--raw", default=True, show_default=True,
+              help="Wrap the prompt in the tokenizer's chat template (when it has one).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Default: the checkpoint's dtype.")
+@click.option("--lora", type=click.Choice(["toggle", "merge", "off"]), default=None,
+              help="Draft LoRA (linear_spec_lora/): on for drafts only (toggle), folded in (merge), or unused.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@user_errors
+def generate(checkpoint, size, prompts, prompt_ids, mode, max_new_tokens, block_length, threshold, steps,
+             temperature, seed, chat, dtype, lora, as_json):
+    """Generate text with the PyTorch reference (AR, block diffusion or linear self-speculation)."""
+    from ..errors import NemodiffError
+
+    if steps is not None and threshold is not None:
+        raise NemodiffError("--steps and --threshold are two policies: give one")
+    if steps is not None and mode != "dlm":
+        raise NemodiffError("--steps applies to --mode dlm only")
+    source = resolve_source(checkpoint, size)
+    folder = checkpoint_folder(source)
+
+    import torch
+
+    from .. import load_reference
+    from ..model.tokenizer import decode, encode_prompt, load_tokenizer
+    from ..runtime.torch_engine import TorchDenoiser
+    from ..sampling import loops
+
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    tok = load_tokenizer(folder) if folder and (folder / "tokenizer.json").is_file() else None
+    ids = [_parse_ids(s) for s in prompt_ids]
+    if prompts or not ids:
+        if tok is None:
+            raise NemodiffError(f"{source}: no tokenizer; pass --prompt-ids instead of --prompt")
+        texts = prompts or DEMO_PROMPTS
+        ids += [encode_prompt(tok, t, chat=chat) for t in texts]
+    model = load_reference(source, dtype=dtype, seed=seed, lora=lora)
+    blen = block_length or model.config.block_size
+    den = TorchDenoiser(model, max_len=max(len(p) for p in ids) + max_new_tokens + 2 * blen)
+    if mode == "dlm":
+        policy = dict(threshold=None, steps=steps) if steps else dict(threshold=0.9 if threshold is None else threshold)
+    else:
+        policy = dict(threshold=threshold or 0.0)
+    start = time.perf_counter()
+    g = loops.generate(den, ids, mode, max_new_tokens=max_new_tokens, block_length=blen,
+                       temperature=temperature, seed=seed, **policy)
+    seconds = time.perf_counter() - start
+    n_tokens = sum(len(t) for t in g.tokens)
+    rows = [{"prompt_ids": p, "tokens": t, "finish": f,
+             "text": decode(tok, t) if tok is not None else None} for p, t, f in zip(ids, g.tokens, g.finish)]
+    report = {"mode": mode, "results": rows, "nfe": g.nfe, "nfe_by_phase": g.nfe_by_phase,
+              "row_nfe": g.row_nfe, "tokens_per_forward": round(g.tokens_per_forward, 4),
+              "generated_tokens": n_tokens, "seconds": round(seconds, 4),
+              "tokens_per_second": round(n_tokens / seconds, 2) if seconds > 0 else None,
+              "block_length": blen, **policy, "temperature": temperature}
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    for r in rows:
+        click.echo(r["text"] if r["text"] is not None else " ".join(map(str, r["tokens"])))
+        click.echo("---")
+    click.echo(f"mode {mode}: {n_tokens} tokens, NFE {g.nfe} {g.nfe_by_phase}, "
+               f"tokens/forward {g.tokens_per_forward:.2f}, {report['tokens_per_second']} tokens/s", err=True)
+
+
+def _parse_ids(text: str) -> list[int]:
+    from ..errors import NemodiffError
+
+    try:
+        ids = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise NemodiffError(f"--prompt-ids {text!r}: expected comma-separated integers") from None
+    if not ids:
+        raise NemodiffError("--prompt-ids: empty prompt")
+    return ids
