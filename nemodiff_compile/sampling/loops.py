@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -54,15 +55,29 @@ class Generation:
         return sum(rates) / len(rates) if rates else 0.0
 
 
-class _Run:
-    """Bookkeeping shared by the loops: pass counting, tracing, the noise generator."""
+OnTokens = Callable[[int, list[int]], None]
 
-    def __init__(self, den: Denoiser, batch: int, temperature: float, seed: int, trace: bool):
+
+class _Run:
+    """Bookkeeping shared by the loops: pass counting, tracing, the noise generator, and each row's
+    output (cut at its first EOS and at max_new_tokens, streamed to `on_tokens` as it grows)."""
+
+    def __init__(self, den: Denoiser, batch: int, *, temperature: float, seed: int, trace: bool,
+                 max_new_tokens: int, on_tokens: OnTokens | None):
         self.den, self.temperature = den, temperature
+        self.eos = den.config.eos_ids
+        self.max_new_tokens, self.on_tokens = max_new_tokens, on_tokens
         self.generator = torch.Generator().manual_seed(seed)
         self.nfe_by_phase: dict[str, int] = {}
         self.row_nfe = torch.zeros(batch, dtype=torch.long)
+        self.rows: list[list[int]] = [[] for _ in range(batch)]
+        self.finish: list[str | None] = [None] * batch
         self.trace: list[PassRecord] | None = [] if trace else None
+
+    @property
+    def done(self) -> torch.Tensor:
+        """[B] bool: rows that hit EOS or max_new_tokens."""
+        return torch.tensor([f is not None for f in self.finish])
 
     def step(self, phase: str, tokens: torch.Tensor, active: torch.Tensor, *, block: int = -1,
              index: int = 0, **kw):
@@ -79,19 +94,31 @@ class _Run:
         if self.trace is not None:
             self.trace[-1].committed = committed.clone()
 
-    def result(self, rows: list[list[int]], eos: tuple[int, ...], max_new_tokens: int) -> Generation:
-        tokens, finish = [], []
-        for row in rows:
-            cut = next((i + 1 for i, t in enumerate(row) if t in eos), None)
-            if cut is not None and cut <= max_new_tokens:
-                tokens.append(row[:cut]); finish.append("eos")
-            else:
-                tokens.append(row[:max_new_tokens]); finish.append("length")
-        return Generation(tokens, finish, sum(self.nfe_by_phase.values()), dict(self.nfe_by_phase),
+    def emit(self, b: int, tokens: list[int]) -> None:
+        """Append finished tokens to row b, up to its first EOS (included) and max_new_tokens."""
+        if self.finish[b] is not None:
+            return
+        row, new = self.rows[b], []
+        for t in tokens:
+            if len(row) == self.max_new_tokens:
+                break
+            row.append(t)
+            new.append(t)
+            if t in self.eos:
+                self.finish[b] = "eos"
+                break
+        if self.finish[b] is None and len(row) == self.max_new_tokens:
+            self.finish[b] = "length"
+        if new and self.on_tokens is not None:
+            self.on_tokens(b, new)
+
+    def result(self) -> Generation:
+        return Generation([list(r) for r in self.rows], [f or "length" for f in self.finish],
+                          sum(self.nfe_by_phase.values()), dict(self.nfe_by_phase),
                           self.row_nfe.tolist(), self.trace or [])
 
 
-def _prefill(run: _Run, prompts: list[list[int]], pad_id: int, room: int) -> torch.Tensor:
+def _prefill(run: _Run, prompts: list[list[int]], room: int) -> torch.Tensor:
     """Causal pass over the right-padded prompts; returns the first new token [B]."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise InvalidArgument("every prompt needs at least one token")
@@ -101,6 +128,8 @@ def _prefill(run: _Run, prompts: list[list[int]], pad_id: int, room: int) -> tor
     if need > run.den.max_len:
         raise InvalidArgument(f"prompt ({int(n.max())}) + generation ({room}) needs {need} cache positions, "
                          f"the backend has {run.den.max_len}: raise max_len or lower max_new_tokens")
+    cfg = run.den.config
+    pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_ids[0]   # never attended to
     ids = torch.full((B, int(n.max())), pad_id, dtype=torch.long)
     for b, p in enumerate(prompts):
         ids[b, : len(p)] = torch.tensor(p)
@@ -116,21 +145,20 @@ def _eos_mask(t: torch.Tensor, eos: tuple[int, ...]) -> torch.Tensor:
 # ---- AR -------------------------------------------------------------------------------------------
 
 def ar_generate(den: Denoiser, prompts: list[list[int]], *, max_new_tokens: int,
-                temperature: float = 0.0, seed: int = 0, trace: bool = False) -> Generation:
+                temperature: float = 0.0, seed: int = 0, trace: bool = False,
+                on_tokens: OnTokens | None = None) -> Generation:
     """Causal decoding, one token per pass; each row stops at its first EOS."""
-    cfg, B = den.config, len(prompts)
-    run = _Run(den, B, temperature, seed, trace)
-    tok = _prefill(run, prompts, _pad(cfg), max_new_tokens)                         # [B]
-    rows: list[list[int]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool)
+    run = _Run(den, len(prompts), temperature=temperature, seed=seed, trace=trace,
+               max_new_tokens=max_new_tokens, on_tokens=on_tokens)
+    tok = _prefill(run, prompts, max_new_tokens)                                     # [B]
     for i in range(max_new_tokens):
-        for b in (~done).nonzero()[:, 0].tolist():
-            rows[b].append(int(tok[b]))
-        done |= _eos_mask(tok, cfg.eos_ids)
-        if bool(done.all()) or i == max_new_tokens - 1:
+        active = ~run.done
+        for b in active.nonzero()[:, 0].tolist():
+            run.emit(b, [int(tok[b])])
+        if bool(run.done.all()):
             break
-        tok = run.step("decode", tok[:, None], ~done, block=i).token[:, 0]
-    return run.result(rows, cfg.eos_ids, max_new_tokens)
+        tok = run.step("decode", tok[:, None], ~run.done, block=i).token[:, 0]
+    return run.result()
 
 
 # ---- block diffusion --------------------------------------------------------------------------------
@@ -138,7 +166,7 @@ def ar_generate(den: Denoiser, prompts: list[list[int]], *, max_new_tokens: int,
 def diffusion_generate(den: Denoiser, prompts: list[list[int]], *, max_new_tokens: int,
                        block_length: int | None = None, threshold: float | None = 0.9,
                        steps: int | None = None, temperature: float = 0.0, seed: int = 0,
-                       trace: bool = False) -> Generation:
+                       trace: bool = False, on_tokens: OnTokens | None = None) -> Generation:
     """Block diffusion with a causal prefix cache (upstream `generate`, causal_context=True).
 
     Each block starts as [seed, MASK x (B-1)] where the seed is the AR prediction of the previous
@@ -161,12 +189,11 @@ def diffusion_generate(den: Denoiser, prompts: list[list[int]], *, max_new_token
         raise InvalidArgument(f"threshold must be in [0, 1], got {threshold}")
     n_blocks = math.ceil(max_new_tokens / blen)
     mask_id, eos = cfg.mask_token_id, cfg.eos_ids
-    run = _Run(den, B, temperature, seed, trace)
-    seed_tok = _prefill(run, prompts, _pad(cfg), n_blocks * blen)                    # [B]
-    out_blocks: list[torch.Tensor] = []
-    done = torch.zeros(B, dtype=torch.bool)
+    run = _Run(den, B, temperature=temperature, seed=seed, trace=trace,
+               max_new_tokens=max_new_tokens, on_tokens=on_tokens)
+    seed_tok = _prefill(run, prompts, n_blocks * blen)                               # [B]
     for k in range(n_blocks):
-        active = ~done
+        active = ~run.done
         blk = torch.full((B, blen), mask_id, dtype=torch.long)                       # [B, blen]
         blk[:, 0] = seed_tok
         if threshold is None:
@@ -185,14 +212,12 @@ def diffusion_generate(den: Denoiser, prompts: list[list[int]], *, max_new_token
                 commit = remask.commit_threshold(out.conf, masked, threshold)
             run.note_commit(commit)
             blk = torch.where(commit, out.token, blk)
-        out = run.step("commit", blk, active, block=k)
-        seed_tok = out.token[:, -1]
-        out_blocks.append(blk)
-        done |= _eos_mask(blk, eos).any(1)
-        if bool(done.all()):
+        seed_tok = run.step("commit", blk, active, block=k).token[:, -1]
+        for b in active.nonzero()[:, 0].tolist():
+            run.emit(b, blk[b].tolist())
+        if bool(run.done.all()):
             break
-    gen = torch.cat(out_blocks, dim=1)                                                # [B, k * blen]
-    return run.result(gen.tolist(), eos, max_new_tokens)
+    return run.result()
 
 
 def _eos_complete(blk: torch.Tensor, masked: torch.Tensor, eos: tuple[int, ...]) -> torch.Tensor:
@@ -206,7 +231,8 @@ def _eos_complete(blk: torch.Tensor, masked: torch.Tensor, eos: tuple[int, ...])
 
 def linear_spec_generate(den: Denoiser, prompts: list[list[int]], *, max_new_tokens: int,
                          block_length: int | None = None, threshold: float = 0.0,
-                         temperature: float = 0.0, seed: int = 0, trace: bool = False) -> Generation:
+                         temperature: float = 0.0, seed: int = 0, trace: bool = False,
+                         on_tokens: OnTokens | None = None) -> Generation:
     """Draft a block bidirectionally (draft LoRA on), verify it causally (LoRA off), keep the
     agreeing prefix plus the verifier's next token, and trim the rejected K/V.
 
@@ -218,19 +244,19 @@ def linear_spec_generate(den: Denoiser, prompts: list[list[int]], *, max_new_tok
     blen = block_length or cfg.block_size
     if blen < 2:
         raise InvalidArgument(f"block_length must be at least 2, got {blen}")
-    mask_id, eos = cfg.mask_token_id, cfg.eos_ids
-    run = _Run(den, B, temperature, seed, trace)
-    seed_tok = _prefill(run, prompts, _pad(cfg), max_new_tokens + blen)              # [B]
-    rows: list[list[int]] = [[int(t)] for t in seed_tok]
-    done = _eos_mask(seed_tok, eos) | (max_new_tokens <= 1)
+    run = _Run(den, B, temperature=temperature, seed=seed, trace=trace,
+               max_new_tokens=max_new_tokens, on_tokens=on_tokens)
+    seed_tok = _prefill(run, prompts, max_new_tokens + blen)                         # [B]
+    for b in range(B):
+        run.emit(b, [int(seed_tok[b])])
     k = 0
-    while not bool(done.all()):
-        active = ~done
+    while not bool(run.done.all()):
+        active = ~run.done
         start = den.lengths().clone()                                                 # [B]
-        blk = torch.full((B, blen), mask_id, dtype=torch.long)
+        blk = torch.full((B, blen), cfg.mask_token_id, dtype=torch.long)
         blk[:, 0] = seed_tok
         for s in range(blen):
-            masked = (blk == mask_id) & active[:, None]
+            masked = (blk == cfg.mask_token_id) & active[:, None]
             if not bool(masked.any()):
                 break
             out = run.step("draft", blk, active, block=k, index=s, draft_lora=True)
@@ -248,16 +274,9 @@ def linear_spec_generate(den: Denoiser, prompts: list[list[int]], *, max_new_tok
         den.trim(torch.where(active, start + n_acc + 1, start))                      # keep seed + accepted
         seed_tok = verify[torch.arange(B), n_acc]                                    # bonus token
         for b in active.nonzero()[:, 0].tolist():
-            emit = verify[b, : int(n_acc[b]) + 1].tolist()
-            rows[b].extend(emit)
-            if any(t in eos for t in emit) or len(rows[b]) >= max_new_tokens:
-                done[b] = True
+            run.emit(b, verify[b, : int(n_acc[b]) + 1].tolist())
         k += 1
-    return run.result(rows, eos, max_new_tokens)
-
-
-def _pad(cfg) -> int:
-    return cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_ids[0]
+    return run.result()
 
 
 def generate(den: Denoiser, prompts: list[list[int]], mode: str, **kw) -> Generation:

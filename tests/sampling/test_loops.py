@@ -154,3 +154,14 @@ def test_bad_arguments(den):
         loops.diffusion_generate(den, PROMPTS[:1], max_new_tokens=8, threshold=1.5)
     with pytest.raises(ValueError, match="mode"):
         loops.generate(den, PROMPTS[:1], "beam", max_new_tokens=8)
+
+
+@pytest.mark.parametrize("mode", loops.MODES)
+def test_streamed_chunks_add_up_to_the_result(den, mode):
+    chunks = {0: [], 1: []}
+    g = loops.generate(den, PROMPTS[:2], mode, max_new_tokens=13, block_length=4,
+                       on_tokens=lambda b, toks: chunks[b].append(toks))
+    assert [sum(chunks[b], []) for b in (0, 1)] == g.tokens
+    assert all(len(t) == 13 for t in g.tokens)
+    if mode == "dlm":                      # whole blocks stream at once (the last one cut to 13)
+        assert [len(c) for c in chunks[0]] == [4, 4, 4, 1]

@@ -1,0 +1,1 @@
+"""Engine building: the engine directory and its manifest (and, later, the TensorRT builder)."""
