@@ -21,6 +21,15 @@ __version__ = "0.1.0"
 TINY_ASSET = Path(__file__).parent / "assets" / "tiny"
 
 
+def checkpoint_folder(path_or_preset: str | Path) -> Path | None:
+    """The folder a source loads from: the folder itself, the embedded tiny checkpoint for "tiny",
+    or None for the random-weight presets (same precedence as `load_reference`)."""
+    if isinstance(path_or_preset, str) and path_or_preset.lower() in PRESETS:
+        tiny = path_or_preset.lower() == "tiny" and (TINY_ASSET / "config.json").is_file()
+        return TINY_ASSET if tiny else None
+    return Path(path_or_preset)
+
+
 def load_reference(path_or_preset: str | Path, dtype: Any = None, device: Any = "cpu", seed: int = 0,
                    *, lora: str | None = None) -> "NemotronLabsDiffusion":
     """The PyTorch reference model, in eval mode.
@@ -43,6 +52,6 @@ def load_reference(path_or_preset: str | Path, dtype: Any = None, device: Any = 
 
 
 __all__ = [
-    "PRESETS", "ModelConfig", "preset", "load_reference", "NemodiffError", "ConfigError",
+    "PRESETS", "ModelConfig", "preset", "load_reference", "checkpoint_folder", "NemodiffError", "ConfigError",
     "CheckpointError", "TINY_ASSET", "__version__",
 ]

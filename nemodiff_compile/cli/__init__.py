@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import click
 
+from .build import build
 from .generate import generate
 from .info import info
+from .inspect import inspect
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -15,8 +17,8 @@ def cli() -> None:
     """Compile, run and validate NVIDIA Nemotron-Labs-Diffusion language models."""
 
 
-cli.add_command(generate)
-cli.add_command(info)
+for command in (build, generate, info, inspect):
+    cli.add_command(command)
 
 
 def main() -> None:

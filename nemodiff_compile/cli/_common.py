@@ -47,14 +47,3 @@ def resolve_source(checkpoint: Path | None, size: str | None) -> str | Path:
         return checkpoint
     preset(size or "tiny")          # one-line error for an unknown name
     return (size or "tiny").lower()
-
-
-def checkpoint_folder(source: str | Path) -> Path | None:
-    """The folder holding config/tokenizer files for a source, or None for random-weight presets."""
-    from .. import TINY_ASSET
-
-    if isinstance(source, Path):
-        return source
-    if source == "tiny" and (TINY_ASSET / "config.json").is_file():
-        return TINY_ASSET
-    return None

@@ -7,7 +7,8 @@ import time
 
 import click
 
-from ._common import checkpoint_folder, model_source, resolve_source, user_errors
+from .. import checkpoint_folder
+from ._common import model_source, resolve_source, user_errors
 
 # Prompts for the demo when none is given (the tiny model was trained on this kind of text).
 DEMO_PROMPTS = ("Once upon a time, Mia", "What is 3 + 4?")
@@ -65,13 +66,9 @@ def generate(checkpoint, size, prompts, prompt_ids, mode, max_new_tokens, block_
     model = load_reference(source, dtype=dtype, seed=seed, lora=lora)
     blen = block_length or model.config.block_size
     den = TorchDenoiser(model, max_len=max(len(p) for p in ids) + max_new_tokens + 2 * blen)
-    if mode == "dlm":
-        policy = dict(threshold=None, steps=steps) if steps else dict(threshold=0.9 if threshold is None else threshold)
-    else:
-        policy = dict(threshold=threshold or 0.0)
     start = time.perf_counter()
     g = loops.generate(den, ids, mode, max_new_tokens=max_new_tokens, block_length=blen,
-                       temperature=temperature, seed=seed, **policy)
+                       temperature=temperature, seed=seed, threshold=threshold, steps=steps)
     seconds = time.perf_counter() - start
     n_tokens = sum(len(t) for t in g.tokens)
     rows = [{"prompt_ids": p, "tokens": t, "finish": f,
@@ -80,7 +77,7 @@ def generate(checkpoint, size, prompts, prompt_ids, mode, max_new_tokens, block_
               "row_nfe": g.row_nfe, "tokens_per_forward": round(g.tokens_per_forward, 4),
               "generated_tokens": n_tokens, "seconds": round(seconds, 4),
               "tokens_per_second": round(n_tokens / seconds, 2) if seconds > 0 else None,
-              "block_length": blen, **policy, "temperature": temperature}
+              "block_length": blen, "threshold": threshold, "steps": steps, "temperature": temperature}
     if as_json:
         click.echo(json.dumps(report))
         return

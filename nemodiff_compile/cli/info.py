@@ -6,7 +6,8 @@ import json
 
 import click
 
-from ._common import checkpoint_folder, model_source, resolve_source, user_errors
+from .. import checkpoint_folder
+from ._common import model_source, resolve_source, user_errors
 
 # bytes per weight of each precision (int4 AWQ: 4 bits + a fp16 scale per group of 128)
 PRECISION_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4-awq": 0.5 + 2 / 128}

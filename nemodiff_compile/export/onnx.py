@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -76,7 +77,8 @@ def export_step(model: NemotronLabsDiffusion, out_dir: str | Path, *, with_logit
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export.", dir=out_dir))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")            # the exporter's deprecation chatter
             prog = torch.onnx.export(
                 StepGraph(model, with_logits), example_inputs(model), dynamo=True, opset_version=OPSET,
                 input_names=names, output_names=spec.output_names(),

@@ -279,15 +279,21 @@ def linear_spec_generate(den: Denoiser, prompts: list[list[int]], *, max_new_tok
     return run.result()
 
 
-def generate(den: Denoiser, prompts: list[list[int]], mode: str, **kw) -> Generation:
+DEFAULT_THRESHOLD = {"dlm": 0.9, "linear-spec": 0.0}
+
+
+def generate(den: Denoiser, prompts: list[list[int]], mode: str, *, threshold: float | None = None,
+             steps: int | None = None, block_length: int | None = None, **kw) -> Generation:
+    """Dispatch on mode with the per-mode defaults: dlm uses the threshold rule (0.9) unless `steps`
+    asks for the fixed-steps schedule; linear-spec drafts in one pass (threshold 0)."""
+    if mode not in MODES:
+        raise InvalidArgument(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if steps is not None and (mode != "dlm" or threshold is not None):
+        raise InvalidArgument("steps (the fixed-steps schedule) is a dlm policy and excludes threshold")
     if mode == "ar":
-        kw.pop("block_length", None); kw.pop("threshold", None); kw.pop("steps", None)
         return ar_generate(den, prompts, **kw)
+    if threshold is None and steps is None:
+        threshold = DEFAULT_THRESHOLD[mode]
     if mode == "dlm":
-        return diffusion_generate(den, prompts, **kw)
-    if mode == "linear-spec":
-        kw.pop("steps", None)
-        if kw.get("threshold") is None:
-            kw["threshold"] = 0.0
-        return linear_spec_generate(den, prompts, **kw)
-    raise InvalidArgument(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        return diffusion_generate(den, prompts, block_length=block_length, threshold=threshold, steps=steps, **kw)
+    return linear_spec_generate(den, prompts, block_length=block_length, threshold=threshold, **kw)

@@ -1,0 +1,46 @@
+"""`nemodiff-compile build`: checkpoint -> engine directory, then a short validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ._common import model_source, resolve_source, user_errors
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected comma-separated integers") from None
+    if not vals or min(vals) < 1:
+        raise click.BadParameter(f"{text!r}: expected positive integers")
+    return vals
+
+
+@click.command()
+@model_source
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "fp8", "int8", "int4-awq", "nvfp4"]),
+              default="fp32", show_default=True)
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "auto"]), default="auto", show_default=True)
+@click.option("--output", type=click.Path(path_type=Path), default=None,
+              help="Engine directory (default engines/<model>-<precision>-<backend>).")
+@click.option("--batch-sizes", default="1,4", show_default=True, help="Batch buckets the runtime binds.")
+@click.option("--max-context", default=1024, show_default=True, type=click.IntRange(min=2),
+              help="KV-cache positions per row (prompt + generation).")
+@click.option("--block-length", type=click.IntRange(min=2), default=None, help="Default: the config's block_size.")
+@click.option("--with-logits", is_flag=True, help="Also output logits (validation builds).")
+@click.option("--no-validate", is_flag=True, help="Skip the short validation at the end.")
+@user_errors
+def build(checkpoint, size, precision, backend, output, batch_sizes, max_context, block_length, with_logits,
+          no_validate):
+    """Build an engine directory from a checkpoint (default: the embedded tiny model)."""
+    from ..build.pipeline import Buckets, build_engine
+
+    source = resolve_source(checkpoint, size)
+    buckets = Buckets(_ints(batch_sizes), max_context, block_length)
+    out = build_engine(source, output=output, precision=precision, backend=backend, buckets=buckets,
+                       with_logits=with_logits, validate=not no_validate,
+                       progress=lambda msg: click.echo(f"[build] {msg}", err=True))
+    click.echo(str(out))

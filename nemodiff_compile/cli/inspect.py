@@ -1,0 +1,43 @@
+"""`nemodiff-compile inspect DIR`: manifest, I/O spec and sizes of an engine directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ._common import user_errors
+
+
+@click.command()
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@user_errors
+def inspect(engine_dir, as_json):
+    """Show an engine directory's manifest, I/O and sizes (checks it first)."""
+    from ..build.manifest import read_manifest
+
+    m = read_manifest(engine_dir)
+    if as_json:
+        click.echo(json.dumps(m.to_json()))
+        return
+    cfg = m.model_config
+    click.echo(f"engine      {engine_dir}")
+    click.echo(f"backend     {m.backend}, precision {m.precision}, built {m.created_at} from {m.source}")
+    click.echo(f"model       hidden {cfg['hidden_size']}, layers {cfg['num_hidden_layers']}, vocab {cfg['vocab_size']}"
+               f", weights sha256 {m.weights_sha256[:16]}")
+    click.echo(f"buckets     {m.buckets}")
+    click.echo(f"tools       " + ", ".join(f"{k} {v}" for k, v in m.tool_versions.items()))
+    click.echo("inputs")
+    for t in m.io_spec["inputs"]:
+        click.echo(f"  {t['name']:<14} {t['dtype']:<9} {list(t['shape'])}")
+    click.echo("outputs")
+    for t in m.io_spec["outputs"]:
+        click.echo(f"  {t['name']:<14} {t['dtype']:<9} {list(t['shape'])}")
+    click.echo("files")
+    for name, a in m.artifacts.items():
+        click.echo(f"  {name:<24} {a['bytes']:>12,} bytes")
+    v = m.validation
+    click.echo("validation  " + ("never run" if not v else
+                                 f"passed={v.get('passed')} token_agreement={v.get('token_agreement')}"))

@@ -1,0 +1,148 @@
+"""`Session`: the small public API a service embeds.
+
+    with Session.open("engines/tiny-fp32-onnxruntime") as s:
+        out = s.generate("What is 3 + 4?", mode="dlm", max_new_tokens=64)
+        for piece in s.stream("Once upon a time"):
+            print(piece, end="")
+
+A session owns one engine (one static KV cache); generations are serialised by a lock, so one
+session can be shared by several threads. Open one session per concurrent stream you want.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from ..errors import InvalidArgument, NemodiffError
+from ..sampling import loops
+
+Prompt = str | Sequence[int]
+
+
+@dataclass
+class Completion:
+    tokens: list[int]
+    text: str | None
+    finish: str                        # "eos" | "length"
+
+
+@dataclass
+class Result:
+    completions: list[Completion]
+    generation: loops.Generation       # NFE, tokens per forward, trace
+
+    @property
+    def text(self) -> str | None:
+        return self.completions[0].text
+
+
+class Session:
+    def __init__(self, denoiser: loops.Denoiser, tokenizer: Any = None, manifest: Any = None):
+        self.denoiser, self.tokenizer, self.manifest = denoiser, tokenizer, manifest
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @classmethod
+    def open(cls, engine_dir: str | Path, *, providers: list[str] | None = None,
+             threads: int | None = None, max_len: int | None = None) -> "Session":
+        """Open a built engine directory (checks its manifest first)."""
+        from ..build.manifest import read_manifest
+        from ..config import ModelConfig
+        from ..export.spec import IOSpec
+        from .ort_engine import OrtDenoiser
+
+        engine_dir = Path(engine_dir)
+        manifest = read_manifest(engine_dir)
+        cfg = ModelConfig.from_hf(manifest.model_config, source=f"{engine_dir}/manifest.json")
+        spec = IOSpec.from_json(manifest.io_spec)
+        den = OrtDenoiser(engine_dir / "model.onnx", spec, cfg, max_len or manifest.buckets["max_context"],
+                          providers=providers, threads=threads)
+        tok = None
+        if (engine_dir / "tokenizer.json").is_file():
+            from ..model.tokenizer import load_tokenizer
+
+            tok = load_tokenizer(engine_dir)
+        return cls(den, tok, manifest)
+
+    @property
+    def config(self):
+        return self.denoiser.config
+
+    def encode(self, prompt: Prompt, chat: bool = True) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidArgument("this engine has no tokenizer: pass token ids")
+            from ..model.tokenizer import encode_prompt
+
+            return encode_prompt(self.tokenizer, prompt, chat=chat)
+        return [int(t) for t in prompt]
+
+    def decode(self, ids: Sequence[int]) -> str | None:
+        if self.tokenizer is None:
+            return None
+        from ..model.tokenizer import decode
+
+        return decode(self.tokenizer, ids)
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], *, mode: str = "dlm", max_new_tokens: int = 64,
+                 chat: bool = True, on_tokens=None, **knobs) -> Result:
+        """Generate for one prompt or a batch (text or token ids). knobs: block_length, threshold,
+        steps, temperature, seed, trace (see sampling.loops). on_tokens(row, ids) streams tokens."""
+        batch = [prompts] if isinstance(prompts, str) or _is_ids(prompts) else list(prompts)
+        ids = [self.encode(p, chat) for p in batch]
+        with self._lock:
+            if self._closed:
+                raise NemodiffError("session is closed")
+            g = loops.generate(self.denoiser, ids, mode, max_new_tokens=max_new_tokens,
+                               on_tokens=on_tokens, **knobs)
+        return Result([Completion(t, self.decode(t), f) for t, f in zip(g.tokens, g.finish)], g)
+
+    def stream(self, prompt: Prompt, **kw) -> Iterator[str | list[int]]:
+        """Yield text pieces (token-id lists without a tokenizer) as blocks are committed."""
+        pieces: queue.Queue = queue.Queue()
+        done = object()
+        seen: list[int] = []
+
+        def on_tokens(row: int, new: list[int]) -> None:
+            pieces.put(new)
+
+        def run() -> None:
+            try:
+                self.generate(prompt, on_tokens=on_tokens, **kw)
+            except BaseException as e:  # re-raised in the consumer
+                pieces.put(e)
+            finally:
+                pieces.put(done)
+
+        threading.Thread(target=run, daemon=True).start()
+        text = ""
+        while (item := pieces.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            seen.extend(item)
+            if self.tokenizer is None:
+                yield item
+                continue
+            new_text = self.decode(seen)
+            if new_text.startswith(text):        # emit the stable suffix only
+                yield new_text[len(text):]
+                text = new_text
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self.denoiser = None
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _is_ids(p: Any) -> bool:
+    return isinstance(p, Sequence) and not isinstance(p, str) and (len(p) == 0 or isinstance(p[0], int))
