@@ -38,6 +38,7 @@ class PassRecord:
     out_token: torch.Tensor            # [B, L] candidates
     conf: torch.Tensor                 # [B, L] confidences
     committed: torch.Tensor | None = None   # [B, L] bool, positions committed by this pass (denoise/draft)
+    logits: torch.Tensor | None = None      # [B, L, V] on the host, where the backend returns them
 
 
 @dataclass
@@ -87,7 +88,9 @@ class _Run:
         self.nfe_by_phase[phase] = self.nfe_by_phase.get(phase, 0) + 1
         self.row_nfe += active.long()
         if self.trace is not None:
-            self.trace.append(PassRecord(phase, block, index, tokens.clone(), out.token.clone(), out.conf.clone()))
+            logits = None if out.logits is None else out.logits.detach().cpu()
+            self.trace.append(PassRecord(phase, block, index, tokens.clone(), out.token.clone(),
+                                         out.conf.clone(), logits=logits))
         return out
 
     def note_commit(self, committed: torch.Tensor) -> None:
