@@ -31,12 +31,12 @@ class StepGraph(torch.nn.Module):
         self.model, self.with_logits = model, with_logits
 
     def forward(self, input_ids, cache_lengths, num_valid, causal, temperature, gumbel_noise,
-                past_keys, past_values):
+                past_keys, past_values, draft_lora=False):
         B, L = input_ids.shape
         S = past_keys.shape[3]
         positions = cache_lengths[:, None] + torch.arange(L, device=input_ids.device)      # [B, L]
         mask = block_mask(causal, cache_lengths, S, L, num_valid)                          # [B, 1, L, S+L]
-        logits, new_k, new_v = self.model.step(input_ids, positions, mask, past_keys, past_values)
+        logits, new_k, new_v = self.model.step(input_ids, positions, mask, past_keys, past_values, draft_lora)
         scores = logits.float() + temperature * gumbel_noise                               # [B, L, V]
         token = scores.argmax(-1)                                                          # [B, L]
         conf = torch.softmax(logits, dim=-1).gather(-1, token[..., None])[..., 0].float()  # [B, L]
@@ -48,6 +48,7 @@ def example_inputs(model: NemotronLabsDiffusion, batch: int = 2, block: int = 4,
     cfg = model.config
     dev, dt = model.diffusion_head.weight.device, model.dtype
     kv = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cache_len, cfg.head_dim)
+    lora = (torch.tensor(True, device=dev),) if model.has_draft_lora else ()
     return (
         torch.zeros(batch, block, dtype=torch.long, device=dev),
         torch.tensor([3] * batch, dtype=torch.long, device=dev),
@@ -57,7 +58,7 @@ def example_inputs(model: NemotronLabsDiffusion, batch: int = 2, block: int = 4,
         torch.zeros(batch, block, cfg.vocab_size, device=dev),
         torch.zeros(kv, dtype=dt, device=dev),
         torch.zeros(kv, dtype=dt, device=dev),
-    )
+    ) + lora
 
 
 def export_step(model: NemotronLabsDiffusion, out_dir: str | Path, *, with_logits: bool = False) -> IOSpec:
@@ -67,12 +68,12 @@ def export_step(model: NemotronLabsDiffusion, out_dir: str | Path, *, with_logit
     from .checks import check_graph
 
     model = model.eval()
-    spec = step_spec(model.config, _dtype_name(model.dtype), with_logits)
+    spec = step_spec(model.config, _dtype_name(model.dtype), with_logits, with_lora=model.has_draft_lora)
     names = [t.name for t in spec.inputs]
     batch, block, cache = (torch.export.Dim(n, min=1) for n in DYNAMIC_DIMS)
     dims = {"input_ids": {0: batch, 1: block}, "cache_lengths": {0: batch}, "num_valid": {0: batch},
             "causal": None, "temperature": None, "gumbel_noise": {0: batch, 1: block},
-            "past_keys": {1: batch, 3: cache}, "past_values": {1: batch, 3: cache}}
+            "past_keys": {1: batch, 3: cache}, "past_values": {1: batch, 3: cache}, "draft_lora": None}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export.", dir=out_dir))

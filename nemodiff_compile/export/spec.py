@@ -12,6 +12,7 @@ commit / verify) through its inputs; the KV cache is a static max-length layout 
   gumbel_noise   [batch, block, vocab]                         float32 Gumbel noise (zeros at temperature 0)
   past_keys      [layers, batch, kv_heads, cache_len, head_dim] model dtype
   past_values    same
+  draft_lora     []                                            bool    draft LoRA on (only in graphs of models with one)
   -> token       [batch, block]                                int64   argmax(logits + temperature * noise)
   -> confidence  [batch, block]                                float32 softmax(logits)[token]
   -> new_keys    [layers, batch, kv_heads, block, head_dim]    the block's post-RoPE K (the caller writes
@@ -56,6 +57,9 @@ class IOSpec:
         return cls(specs(d["inputs"]), specs(d["outputs"]), d.get("opset", OPSET),
                    tuple(d.get("dynamic_dims", DYNAMIC_DIMS)), d.get("extra", {}))
 
+    def has_input(self, name: str) -> bool:
+        return any(t.name == name for t in self.inputs)
+
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
 
@@ -63,7 +67,7 @@ class IOSpec:
         return [t.name for t in self.outputs]
 
 
-def step_spec(cfg: ModelConfig, kv_dtype: str, with_logits: bool) -> IOSpec:
+def step_spec(cfg: ModelConfig, kv_dtype: str, with_logits: bool, with_lora: bool = False) -> IOSpec:
     kv_static = (cfg.num_hidden_layers, "batch", cfg.num_key_value_heads, "cache_len", cfg.head_dim)
     new_kv = (cfg.num_hidden_layers, "batch", cfg.num_key_value_heads, "block", cfg.head_dim)
     inputs = (
@@ -75,7 +79,7 @@ def step_spec(cfg: ModelConfig, kv_dtype: str, with_logits: bool) -> IOSpec:
         TensorSpec("gumbel_noise", "float32", ("batch", "block", cfg.vocab_size)),
         TensorSpec("past_keys", kv_dtype, kv_static),
         TensorSpec("past_values", kv_dtype, kv_static),
-    )
+    ) + ((TensorSpec("draft_lora", "bool", ()),) if with_lora else ())
     outputs = [
         TensorSpec("token", "int64", ("batch", "block")),
         TensorSpec("confidence", "float32", ("batch", "block")),

@@ -52,8 +52,10 @@ class Attention(nn.Module):
         self.lora_b: torch.Tensor | None = None      # [hidden, r]
         self.lora_scale = 0.0
 
-    def forward(self, x, cos, sin, qscale, mask, past_k, past_v, lora: bool):
-        """x [B, L, H]; past_k/v [B, Hkv, S, D] or None -> (y [B, L, H], k, v [B, Hkv, L, D] post-RoPE)."""
+    def forward(self, x, cos, sin, qscale, mask, past_k, past_v, lora):
+        """x [B, L, H]; past_k/v [B, Hkv, S, D] or None -> (y [B, L, H], k, v [B, Hkv, L, D] post-RoPE).
+
+        lora: use the draft LoRA; a bool, or a 0-d bool tensor (exported graphs switch it per pass)."""
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)   # [B, Hq, L, D]
         k = self.k_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)      # [B, Hkv, L, D]
@@ -70,8 +72,9 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)        # [B, Hq, L, D]
         out = out.transpose(1, 2).reshape(B, L, -1)                                  # [B, L, Hq*D]
         y = self.o_proj(out)
-        if lora and self.lora_a is not None:
-            y = y + (out @ self.lora_a.t() @ self.lora_b.t()) * self.lora_scale
+        if self.lora_a is not None and lora is not False:
+            delta = (out @ self.lora_a.t() @ self.lora_b.t()) * self.lora_scale
+            y = y + (delta if lora is True else delta * lora.to(delta.dtype))
         return y, k, v
 
 

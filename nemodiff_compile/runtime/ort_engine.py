@@ -6,8 +6,8 @@ static KV cache [layers, B, kv_heads, max_len, head_dim] goes in whole, the bloc
 into preallocated buffers and causal passes scatter them into the cache at each row's length (the
 same writes as `StaticKVCache`). Only token and confidence [B, L] are copied to the host.
 
-The graphs are exported without the draft LoRA: `draft_lora=True` is accepted and drafts with the
-base weights (linear-spec stays lossless; it may accept fewer drafts than with the LoRA).
+Graphs of models with a draft LoRA take a `draft_lora` flag; without one, `draft_lora=True` drafts
+with the base weights (linear-spec stays lossless; it may accept fewer drafts than with the LoRA).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class OrtDenoiser:
         self.k = self.v = None                                   # [layers, B, kv_heads, max_len, D]
         self._lengths = torch.zeros(0, dtype=torch.long)         # [B] on the host
         self._bufs: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-        self._causal = {c: torch.tensor(c, device=self.device) for c in (False, True)}
+        self._flags = {c: torch.tensor(c, device=self.device) for c in (False, True)}   # 0-d bool inputs
         self._temperature = torch.zeros((), device=self.device)
 
     def _check(self, path, return_logits: bool) -> None:
@@ -112,8 +112,10 @@ class OrtDenoiser:
         self._temperature.fill_(float(temperature))
         feeds = {"input_ids": tokens.to(dev, torch.long).contiguous(),                 # [B, L]
                  "cache_lengths": self._lengths.to(dev), "num_valid": num_valid.to(dev),  # [B]
-                 "causal": self._causal[bool(causal)], "temperature": self._temperature,  # []
+                 "causal": self._flags[bool(causal)], "temperature": self._temperature,  # []
                  "gumbel_noise": noise, "past_keys": self.k, "past_values": self.v}
+        if self.spec.has_input("draft_lora"):
+            feeds["draft_lora"] = self._flags[bool(draft_lora)]                       # [] bool
         for name, t in feeds.items():
             self._bind(self.io.bind_input, name, t)
         for name in self.spec.output_names():

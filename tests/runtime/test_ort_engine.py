@@ -175,3 +175,27 @@ def test_trained_tiny_trajectory(tmp_path):
             OrtDenoiser(tmp_path / ONNX_NAME, spec, model.config, MAX_LEN, threads=1, return_logits=True))
     for name, kw in [("dlm", dict(threshold=0.9)), ("linear-spec", {})]:
         run_both(pair, PROMPTS["b4-ragged"], name, **kw)
+
+
+def test_draft_lora_is_switched_inside_the_graph(random_tiny, tmp_path_factory):
+    """A model with a draft LoRA exports one graph with a draft_lora flag: drafts use it, verifies not."""
+    import copy
+
+    m = copy.deepcopy(random_tiny)
+    g = torch.Generator().manual_seed(11)
+    cfg = m.config
+    a = [torch.randn(4, cfg.q_width, generator=g) * 0.05 for _ in range(cfg.num_hidden_layers)]
+    b = [torch.randn(cfg.hidden_size, 4, generator=g) * 0.05 for _ in range(cfg.num_hidden_layers)]
+    m.set_draft_lora(a, b, scale=4.0)
+    out = tmp_path_factory.mktemp("ort_lora")
+    spec = export_step(m, out, with_logits=True)
+    assert spec.has_input("draft_lora")
+    pair = (TorchDenoiser(m, MAX_LEN, return_logits=True),
+            OrtDenoiser(out / ONNX_NAME, spec, cfg, MAX_LEN, threads=1, return_logits=True))
+    with_lora = run_both(pair, PROMPTS["b4-ragged"], "linear-spec")
+    base = loops.generate(TorchDenoiser(random_tiny, MAX_LEN), PROMPTS["b4-ragged"], "linear-spec",
+                          max_new_tokens=16, block_length=8, trace=True)
+    assert with_lora.tokens == base.tokens                      # verify is LoRA-free: still lossless
+    drafts = [r.out_token for r in with_lora.trace if r.phase == "draft"]
+    base_drafts = [r.out_token for r in base.trace if r.phase == "draft"]
+    assert not torch.equal(drafts[0], base_drafts[0])           # ...but the drafts changed
