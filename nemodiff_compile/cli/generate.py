@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import click
 
-from .. import checkpoint_folder
 from ._common import model_source, resolve_source, user_errors
 
 # Prompts for the demo when none is given (the tiny model was trained on this kind of text).
@@ -16,6 +16,8 @@ DEMO_PROMPTS = ("Once upon a time, Mia", "What is 3 + 4?")
 
 @click.command()
 @model_source
+@click.option("--engine", type=click.Path(path_type=Path), default=None,
+              help="Run a built engine directory instead of the PyTorch reference.")
 @click.option("--prompt", "prompts", multiple=True, help="Prompt text; repeat for a batch.")
 @click.option("--prompt-ids", "prompt_ids", multiple=True,
               help="Prompt as comma-separated token ids (for checkpoints without a tokenizer); repeatable.")
@@ -31,49 +33,44 @@ DEMO_PROMPTS = ("Once upon a time, Mia", "What is 3 + 4?")
 @click.option("--chat/--raw", default=True, show_default=True,
               help="Wrap the prompt in the tokenizer's chat template (when it has one).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
-              help="Default: the checkpoint's dtype.")
+              help="Reference only. Default: the checkpoint's dtype.")
 @click.option("--lora", type=click.Choice(["toggle", "merge", "off"]), default=None,
-              help="Draft LoRA (linear_spec_lora/): on for drafts only (toggle), folded in (merge), or unused.")
+              help="Reference only. Draft LoRA (linear_spec_lora/): on for drafts only (toggle), "
+                   "folded in (merge), or unused.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @user_errors
-def generate(checkpoint, size, prompts, prompt_ids, mode, max_new_tokens, block_length, threshold, steps,
-             temperature, seed, chat, dtype, lora, as_json):
-    """Generate text with the PyTorch reference (AR, block diffusion or linear self-speculation)."""
+def generate(checkpoint, size, engine, prompts, prompt_ids, mode, max_new_tokens, block_length, threshold,
+             steps, temperature, seed, chat, dtype, lora, as_json):
+    """Generate text in AR, block-diffusion or linear self-speculation mode, with the PyTorch
+    reference (default) or a built engine (--engine)."""
     from ..errors import NemodiffError
 
     if steps is not None and threshold is not None:
         raise NemodiffError("--steps and --threshold are two policies: give one")
     if steps is not None and mode != "dlm":
         raise NemodiffError("--steps applies to --mode dlm only")
-    source = resolve_source(checkpoint, size)
-    folder = checkpoint_folder(source)
-
-    import torch
-
-    from .. import load_reference
-    from ..model.tokenizer import decode, encode_prompt, load_tokenizer
-    from ..runtime.torch_engine import TorchDenoiser
-    from ..sampling import loops
-
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
-    tok = load_tokenizer(folder) if folder and (folder / "tokenizer.json").is_file() else None
+    if engine is not None and (checkpoint is not None or size is not None):
+        raise NemodiffError("--engine runs a built engine: drop --checkpoint/--size")
     ids = [_parse_ids(s) for s in prompt_ids]
-    if prompts or not ids:
-        if tok is None:
-            raise NemodiffError(f"{source}: no tokenizer; pass --prompt-ids instead of --prompt")
-        texts = prompts or DEMO_PROMPTS
-        ids += [encode_prompt(tok, t, chat=chat) for t in texts]
-    model = load_reference(source, dtype=dtype, seed=seed, lora=lora)
-    blen = block_length or model.config.block_size
-    den = TorchDenoiser(model, max_len=max(len(p) for p in ids) + max_new_tokens + 2 * blen)
-    start = time.perf_counter()
-    g = loops.generate(den, ids, mode, max_new_tokens=max_new_tokens, block_length=blen,
-                       temperature=temperature, seed=seed, threshold=threshold, steps=steps)
-    seconds = time.perf_counter() - start
+    session = _open(engine, checkpoint, size, dtype, lora, seed)
+    with session:
+        if prompts or not ids:
+            if session.tokenizer is None:
+                raise NemodiffError("this model has no tokenizer; pass --prompt-ids instead of --prompt")
+            ids += [session.encode(t, chat) for t in prompts or DEMO_PROMPTS]
+        blen = block_length or session.config.block_size
+        if engine is None:        # size the reference's cache to the request (an engine's is its bucket)
+            session.denoiser.max_len = max(map(len, ids)) + max_new_tokens + 2 * blen
+        start = time.perf_counter()
+        result = session.generate(ids, mode=mode, max_new_tokens=max_new_tokens, block_length=blen,
+                                  temperature=temperature, seed=seed, threshold=threshold, steps=steps)
+        seconds = time.perf_counter() - start
+    g = result.generation
     n_tokens = sum(len(t) for t in g.tokens)
-    rows = [{"prompt_ids": p, "tokens": t, "finish": f,
-             "text": decode(tok, t) if tok is not None else None} for p, t, f in zip(ids, g.tokens, g.finish)]
-    report = {"mode": mode, "results": rows, "nfe": g.nfe, "nfe_by_phase": g.nfe_by_phase,
+    rows = [{"prompt_ids": p, "tokens": c.tokens, "finish": c.finish, "text": c.text}
+            for p, c in zip(ids, result.completions)]
+    report = {"backend": "reference" if engine is None else str(engine), "mode": mode, "results": rows,
+              "nfe": g.nfe, "nfe_by_phase": g.nfe_by_phase,
               "row_nfe": g.row_nfe, "tokens_per_forward": round(g.tokens_per_forward, 4),
               "generated_tokens": n_tokens, "seconds": round(seconds, 4),
               "tokens_per_second": round(n_tokens / seconds, 2) if seconds > 0 else None,
@@ -86,6 +83,23 @@ def generate(checkpoint, size, prompts, prompt_ids, mode, max_new_tokens, block_
         click.echo("---")
     click.echo(f"mode {mode}: {n_tokens} tokens, NFE {g.nfe} {g.nfe_by_phase}, "
                f"tokens/forward {g.tokens_per_forward:.2f}, {report['tokens_per_second']} tokens/s", err=True)
+
+
+def _open(engine, checkpoint, size, dtype, lora, seed):
+    """A Session over the engine directory, or over the eager reference of --checkpoint/--size."""
+    from ..runtime.session import Session
+
+    if engine is not None:
+        return Session.open(engine)
+    from .. import checkpoint_folder, load_reference
+    from ..model.tokenizer import load_tokenizer
+    from ..runtime.torch_engine import TorchDenoiser
+
+    source = resolve_source(checkpoint, size)
+    folder = checkpoint_folder(source)
+    tok = load_tokenizer(folder) if folder and (folder / "tokenizer.json").is_file() else None
+    model = load_reference(source, dtype=dtype, seed=seed, lora=lora)
+    return Session(TorchDenoiser(model, max_len=model.config.max_position_embeddings), tok)
 
 
 def _parse_ids(text: str) -> list[int]:

@@ -20,7 +20,9 @@ class TorchDenoiser:
         self.cache: StaticKVCache | None = None
 
     def reset(self, batch: int) -> None:
-        if self.cache is None or self.cache.batch != batch:
+        """Empty `batch` rows; (re)allocates when the batch or `max_len` (which callers may change
+        between generations to fit the request) differs from the cache's."""
+        if self.cache is None or self.cache.batch != batch or self.cache.max_len != self.max_len:
             self.cache = StaticKVCache(self.config, batch, self.max_len, self.model.dtype, self.device)
         self.cache.reset()
 

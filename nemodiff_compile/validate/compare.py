@@ -1,0 +1,328 @@
+"""Validate an engine against the PyTorch reference, pass by pass and over whole trajectories.
+
+For each decoding mode, two runs with the same prompts, policy and seed (hence the same noise):
+  teacher-forced  the loop runs on the reference through a `ShadowDenoiser` that mirrors every call
+                  onto the engine, so each engine pass sees the reference's exact inputs and cache;
+                  per pass: logits (max abs / rel diff, Polygraphy's elementwise check, min cosine),
+                  token-id agreement, max confidence diff, commit-set agreement, cache lengths
+  free-running    the loop runs on the engine alone; per prompt: generated-token agreement with the
+                  reference (positions equal up to the shorter length / the longer length), and the
+                  first divergence: the first pass whose outcome differs for a prompt that ends
+                  differently
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import InvalidArgument
+from ..sampling import loops
+from ..sampling.denoiser import Denoiser
+from . import metrics
+from .shadow import ShadowDenoiser, ShadowPass
+from .tolerances import TOLERANCES, Tolerances
+
+DECISION_PHASES = ("denoise", "draft")            # passes whose confidences pick a commit set
+
+
+@dataclass
+class PassStats:
+    mode: str
+    index: int                                    # position in the run's pass sequence
+    phase: str
+    block: int
+    step: int
+    positions: int                                # valid (non-padding) positions compared
+    token_agreement: float
+    conf_max_abs_diff: float
+    logits: dict | None                           # max_abs_diff, max_rel_diff, mean_abs_diff, cosine_min, close
+    commit_agreement: float | None                # denoise / draft passes only
+    lengths_ok: bool
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def where(self) -> dict[str, Any]:
+        return dict(mode=self.mode, pass_index=self.index, phase=self.phase, block=self.block, step=self.step)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.where(), positions=self.positions, token_agreement=self.token_agreement,
+                    conf_max_abs_diff=self.conf_max_abs_diff, logits=self.logits,
+                    commit_agreement=self.commit_agreement, lengths_ok=self.lengths_ok,
+                    passed=self.passed, failures=list(self.failures))
+
+
+@dataclass
+class ModeResult:
+    mode: str
+    prompt_agreement: list[float]                 # free-running token agreement per prompt
+    matched: int                                  # agreeing positions, summed over prompts
+    total: int                                    # compared positions (the longer row), summed
+    nfe: dict[str, int]                           # {"reference": n, "engine": n}
+    tokens_per_forward: dict[str, float]
+    passes: list[PassStats]
+    first_divergence: dict[str, Any] | None
+
+    @property
+    def token_agreement(self) -> float:
+        return 1.0 if self.total == 0 else self.matched / self.total
+
+    @property
+    def failed_passes(self) -> list[PassStats]:
+        return [p for p in self.passes if not p.passed]
+
+    def worst(self) -> dict[str, Any]:
+        """The extreme of each per-pass figure (None where no pass had it)."""
+        lg = [p.logits for p in self.passes if p.logits is not None]
+        cm = [p.commit_agreement for p in self.passes if p.commit_agreement is not None]
+        return dict(
+            logits_max_abs_diff=max((d["max_abs_diff"] for d in lg), default=None),
+            logits_max_rel_diff=max((d["max_rel_diff"] for d in lg), default=None),
+            logits_cosine_min=min((d["cosine_min"] for d in lg), default=None),
+            conf_max_abs_diff=max((p.conf_max_abs_diff for p in self.passes), default=0.0),
+            pass_token_agreement_min=min((p.token_agreement for p in self.passes), default=1.0),
+            commit_agreement_min=min(cm, default=None),
+        )
+
+    def to_json(self, per_pass: bool = False) -> dict[str, Any]:
+        failed = self.failed_passes
+        out = dict(token_agreement=self.token_agreement, prompt_agreement=self.prompt_agreement,
+                   nfe=self.nfe, tokens_per_forward=self.tokens_per_forward,
+                   passes_compared=len(self.passes), failed_passes=len(failed), worst=self.worst(),
+                   first_failure=failed[0].to_json() if failed else None,
+                   first_divergence=self.first_divergence)
+        if per_pass:
+            out["passes"] = [p.to_json() for p in self.passes]
+        return out
+
+
+@dataclass
+class ValidationReport:
+    tolerances: Tolerances
+    modes: dict[str, ModeResult]
+    settings: dict[str, Any]
+
+    @property
+    def token_agreement(self) -> float:
+        total = sum(m.total for m in self.modes.values())
+        return 1.0 if total == 0 else sum(m.matched for m in self.modes.values()) / total
+
+    @property
+    def passes_compared(self) -> int:
+        return sum(len(m.passes) for m in self.modes.values())
+
+    @property
+    def first_divergence(self) -> dict[str, Any] | None:
+        return next((m.first_divergence for m in self.modes.values() if m.first_divergence), None)
+
+    @property
+    def first_failure(self) -> dict[str, Any] | None:
+        return next((m.failed_passes[0].to_json() for m in self.modes.values() if m.failed_passes), None)
+
+    @property
+    def passed(self) -> bool:
+        t = self.tolerances.token_agreement
+        return all(not m.failed_passes and (t is None or min(m.prompt_agreement, default=1.0) >= t)
+                   for m in self.modes.values())
+
+    def to_json(self, per_pass: bool = False) -> dict[str, Any]:
+        return dict(passed=self.passed, token_agreement=self.token_agreement,
+                    passes_compared=self.passes_compared, first_divergence=self.first_divergence,
+                    first_failure=self.first_failure, tolerances=self.tolerances.to_json(),
+                    settings=self.settings,
+                    per_mode={k: m.to_json(per_pass) for k, m in self.modes.items()})
+
+    def to_table(self) -> str:
+        head = ("mode", "passes", "failed", "tok agree", "min prompt", "max |dlogit|", "min cos",
+                "max |dconf|", "min pass tok", "min commit", "nfe ref/eng")
+        rows = []
+        for name, m in self.modes.items():
+            w = m.worst()
+            rows.append((name, str(len(m.passes)), str(len(m.failed_passes)), _f(m.token_agreement, 4),
+                         _f(min(m.prompt_agreement, default=1.0), 4), _g(w["logits_max_abs_diff"]),
+                         _f(w["logits_cosine_min"], 6), _g(w["conf_max_abs_diff"]),
+                         _f(w["pass_token_agreement_min"], 4), _f(w["commit_agreement_min"], 4),
+                         f"{m.nfe['reference']}/{m.nfe['engine']}"))
+        widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
+        line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        tol = self.tolerances
+        out = [f"validation ({tol.precision} tolerances): {'PASSED' if self.passed else 'FAILED'}, "
+               f"token agreement {self.token_agreement:.4f} over {self.passes_compared} passes",
+               line(head), line(tuple("-" * w for w in widths)), *map(line, rows)]
+        div, fail = self.first_divergence, self.first_failure
+        out.append("first divergence: " + (_where(div) + f" ({div['kind']})" if div else "none"))
+        out.append("first failing pass: " + (_where(fail) + ": " + "; ".join(fail["failures"]) if fail else "none"))
+        return "\n".join(out)
+
+
+def _f(x, digits):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _g(x):
+    return "-" if x is None else f"{x:.3g}"
+
+
+def _where(d: dict) -> str:
+    who = f"{d['mode']} prompt {d['prompt']}" if "prompt" in d else d["mode"]
+    if d["pass_index"] is None:
+        return f"{who}, final output"
+    return f"{who} pass {d['pass_index']} ({d['phase']}, block {d['block']}, step {d['step']})"
+
+
+# ---- the entry point ---------------------------------------------------------------------------------
+
+def validate(reference: Denoiser, engine: Denoiser, prompts: list[list[int]], *,
+             modes: tuple[str, ...] = loops.MODES, max_new_tokens: int = 32, block_length: int | None = None,
+             threshold: float | None = 0.9, steps: int | None = None, spec_threshold: float = 0.0,
+             temperature: float = 0.0, tolerances: Tolerances | None = None, seed: int = 0,
+             ) -> ValidationReport:
+    """Compare `engine` with `reference` in each mode; see the module docstring.
+
+    threshold / steps: the dlm policy (threshold rule, or the fixed-steps schedule when steps is set
+    and threshold None); spec_threshold: the linear-spec draft rule (0 = one draft pass per block).
+    """
+    tol = tolerances or TOLERANCES["fp32"]
+    if engine is reference:
+        raise InvalidArgument("validate needs two denoiser instances (each keeps its own KV cache); "
+                              "got the same object twice")
+    for mode in modes:
+        if mode not in loops.MODES:
+            raise InvalidArgument(f"mode must be one of {', '.join(loops.MODES)}, got {mode!r}")
+    if steps is not None:
+        threshold = None
+    elif threshold is None:
+        threshold = loops.DEFAULT_THRESHOLD["dlm"]
+    results = {}
+    for mode in modes:
+        kw = dict(max_new_tokens=max_new_tokens, block_length=block_length, temperature=temperature, seed=seed,
+                  trace=True)
+        if mode == "dlm":
+            kw.update(threshold=threshold, steps=steps)
+        elif mode == "linear-spec":
+            kw.update(threshold=spec_threshold)
+        shadow = ShadowDenoiser(reference, engine, logits_atol=tol.logits_atol, logits_rtol=tol.logits_rtol)
+        ref = loops.generate(shadow, prompts, mode, **kw)                     # teacher-forced
+        eng = loops.generate(engine, prompts, mode, **kw)                     # free-running
+        rule = _commit_rule(mode, threshold, spec_threshold)
+        passes = [_pass_stats(mode, i, rec, sp, rule, reference.config.mask_token_id, tol)
+                  for i, (rec, sp) in enumerate(zip(ref.trace, shadow.passes, strict=True))]
+        agree = [trajectory_agreement(a, b) for a, b in zip(ref.tokens, eng.tokens)]
+        results[mode] = ModeResult(
+            mode, [m / t if t else 1.0 for m, t in agree], sum(m for m, _ in agree), sum(t for _, t in agree),
+            {"reference": ref.nfe, "engine": eng.nfe},
+            {"reference": ref.tokens_per_forward, "engine": eng.tokens_per_forward},
+            passes, first_divergence(mode, prompts, ref, eng))
+    settings = dict(modes=list(modes), prompts=len(prompts), max_new_tokens=max_new_tokens,
+                    block_length=block_length, threshold=threshold, steps=steps,
+                    spec_threshold=spec_threshold, temperature=temperature, seed=seed)
+    return ValidationReport(tol, results, settings)
+
+
+def _commit_rule(mode: str, threshold: float | None, spec_threshold: float) -> metrics.CommitRule | None:
+    if mode == "dlm":
+        return metrics.CommitRule("topk") if threshold is None else metrics.CommitRule("threshold", threshold)
+    if mode == "linear-spec":
+        return metrics.CommitRule("spec", spec_threshold)
+    return None
+
+
+def _pass_stats(mode: str, i: int, rec: loops.PassRecord, sp: ShadowPass, rule: metrics.CommitRule | None,
+                mask_id: int, tol: Tolerances) -> PassStats:
+    valid = metrics.valid_positions(sp.tokens, sp.num_valid)                   # [B, L]
+    commit = None
+    if rule is not None and rec.phase in DECISION_PHASES and rec.committed is not None:
+        commit = metrics.commit_agreement(rule, sp.tokens, rec.committed, sp.ref_conf, sp.eng_conf, mask_id)
+    st = PassStats(mode, i, rec.phase, rec.block, rec.step, int(valid.sum()),
+                   metrics.token_agreement(sp.eng_token, sp.ref_token, valid),
+                   metrics.conf_max_abs_diff(sp.eng_conf, sp.ref_conf, valid), sp.logits, commit, sp.lengths_ok)
+    st.failures = _judge(st, tol)
+    return st
+
+
+def _judge(st: PassStats, tol: Tolerances) -> list[str]:
+    """The reasons a teacher-forced pass is out of tolerance (NaN fails every bound)."""
+    bad = []
+    lg = st.logits
+    if lg is not None:
+        if lg["close"] is False:
+            bad.append(f"logits outside atol {tol.logits_atol} / rtol {tol.logits_rtol} "
+                       f"(max abs diff {lg['max_abs_diff']:.3g})")
+        if tol.cosine_min is not None and not lg["cosine_min"] >= tol.cosine_min:
+            bad.append(f"logits cosine {lg['cosine_min']:.6f} < {tol.cosine_min}")
+    if tol.conf_atol is not None and not st.conf_max_abs_diff <= tol.conf_atol:
+        bad.append(f"confidence diff {st.conf_max_abs_diff:.3g} > {tol.conf_atol}")
+    if tol.pass_token_agreement is not None and st.token_agreement < tol.pass_token_agreement:
+        bad.append(f"token agreement {st.token_agreement:.4f} < {tol.pass_token_agreement}")
+    if tol.commit_agreement is not None and st.commit_agreement is not None \
+            and st.commit_agreement < tol.commit_agreement:
+        bad.append(f"commit agreement {st.commit_agreement:.4f} < {tol.commit_agreement}")
+    if not st.lengths_ok:
+        bad.append("cache lengths differ")
+    return bad
+
+
+# ---- free-running comparison -------------------------------------------------------------------------
+
+def trajectory_agreement(ref: list[int], eng: list[int]) -> tuple[int, int]:
+    """(positions equal up to the shorter length, the longer length): a length mismatch disagrees."""
+    return sum(a == b for a, b in zip(ref, eng)), max(len(ref), len(eng))
+
+
+def first_divergence(mode: str, prompts: list[list[int]], ref: loops.Generation,
+                     eng: loops.Generation) -> dict[str, Any] | None:
+    """The first pass (in run order) whose outcome differs, for a prompt whose final output differs.
+
+    The outcome of a pass is what the loop keeps from it: prefill the last prompt position (the first
+    token), decode position 0, commit the last position (the next block's seed), denoise / draft the
+    committed set and its tokens, verify the accepted prefix plus the bonus token. Differences at other
+    positions are numerics that do not steer the trajectory; they show in the per-pass figures.
+    """
+    rows = [b for b, (a, e) in enumerate(zip(ref.tokens, eng.tokens)) if a != e]
+    if not rows:
+        return None
+    for i, (r, e) in enumerate(zip(ref.trace, eng.trace)):
+        for b in rows:
+            diff = _pass_difference(r, e, b, len(prompts[b]))
+            if diff is not None:
+                return dict(mode=mode, prompt=b, pass_index=i, phase=r.phase, block=r.block, step=r.step, **diff)
+    if len(ref.trace) != len(eng.trace):                                       # one run has more passes
+        n = min(len(ref.trace), len(eng.trace))
+        extra = (ref.trace if len(ref.trace) > n else eng.trace)[n]
+        return dict(mode=mode, prompt=rows[0], pass_index=n, phase=extra.phase, block=extra.block,
+                    step=extra.step, kind="schedule")
+    return dict(mode=mode, prompt=rows[0], pass_index=None, phase=None, block=None, step=None, kind="output")
+
+
+def _pass_difference(r: loops.PassRecord, e: loops.PassRecord, b: int, prompt_len: int) -> dict | None:
+    """The first difference in row b between two passes: {"kind", ...details}, or None."""
+    if (r.phase, r.block, r.step) != (e.phase, e.block, e.step) or r.tokens.shape != e.tokens.shape:
+        return dict(kind="schedule")
+    if not torch.equal(r.tokens[b], e.tokens[b]):
+        return dict(kind="inputs")
+    L = r.tokens.shape[1]
+    if r.phase in DECISION_PHASES:
+        none = torch.zeros(L, dtype=torch.bool)
+        rc = r.committed[b] if r.committed is not None else none                  # [L] bool
+        ec = e.committed[b] if e.committed is not None else none
+        if not torch.equal(rc, ec):
+            return dict(kind="commit set", reference=rc.nonzero()[:, 0].tolist(), engine=ec.nonzero()[:, 0].tolist())
+        pos = rc.nonzero()[:, 0].tolist()
+    elif r.phase == "prefill":
+        pos = [prompt_len - 1]
+    elif r.phase == "commit":
+        pos = [L - 1]
+    elif r.phase == "verify":
+        agree = (r.out_token[b, :-1] == r.tokens[b, 1:]).long()
+        pos = list(range(int(torch.cumprod(agree, 0).sum()) + 1))             # accepted drafts + bonus
+    else:                                                                      # decode
+        pos = [0]
+    if pos and not torch.equal(r.out_token[b, pos], e.out_token[b, pos]):
+        return dict(kind="tokens", positions=pos, reference=r.out_token[b, pos].tolist(),
+                    engine=e.out_token[b, pos].tolist())
+    return None
