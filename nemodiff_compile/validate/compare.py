@@ -4,7 +4,8 @@ For each decoding mode, two runs with the same prompts, policy and seed (hence t
   teacher-forced  the loop runs on the reference through a `ShadowDenoiser` that mirrors every call
                   onto the engine, so each engine pass sees the reference's exact inputs and cache;
                   per pass: logits (max abs / rel diff, Polygraphy's elementwise check, min cosine),
-                  token-id agreement, max confidence diff, commit-set agreement, cache lengths
+                  max confidence diff, cache lengths, token-id and commit-decision agreement (the last
+                  two also pooled over the mode, where they are judged)
   free-running    the loop runs on the engine alone; per prompt: generated-token agreement with the
                   reference (positions equal up to the shorter length / the longer length), and the
                   first divergence: the first pass whose outcome differs for a prompt that ends
@@ -36,16 +37,24 @@ class PassStats:
     block: int
     step: int
     positions: int                                # valid (non-padding) positions compared
-    token_agreement: float
+    token_matches: int                            # of those, positions with the same token id
     conf_max_abs_diff: float
     logits: dict | None                           # max_abs_diff, max_rel_diff, mean_abs_diff, cosine_min, close
-    commit_agreement: float | None                # denoise / draft passes only
-    lengths_ok: bool
+    commit: tuple[int, int] | None                # (same decision, eligible positions): denoise / draft only
+    lengths_ok: bool                              # cache lengths equal after the pass (and its trim)
     failures: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
         return not self.failures
+
+    @property
+    def token_agreement(self) -> float:
+        return _ratio(self.token_matches, self.positions)
+
+    @property
+    def commit_agreement(self) -> float | None:
+        return None if self.commit is None else _ratio(*self.commit)
 
     def where(self) -> dict[str, Any]:
         return dict(mode=self.mode, pass_index=self.index, phase=self.phase, block=self.block, step=self.step)
@@ -67,34 +76,46 @@ class ModeResult:
     tokens_per_forward: dict[str, float]
     passes: list[PassStats]
     first_divergence: dict[str, Any] | None
+    failures: list[str] = field(default_factory=list)    # mode-level bounds not met
 
     @property
     def token_agreement(self) -> float:
-        return 1.0 if self.total == 0 else self.matched / self.total
+        return _ratio(self.matched, self.total)
+
+    @property
+    def forced_token_agreement(self) -> float:
+        return _ratio(sum(p.token_matches for p in self.passes), sum(p.positions for p in self.passes))
+
+    @property
+    def commit_agreement(self) -> float | None:
+        c = [p.commit for p in self.passes if p.commit is not None]
+        return _ratio(sum(m for m, _ in c), sum(n for _, n in c)) if c else None
 
     @property
     def failed_passes(self) -> list[PassStats]:
         return [p for p in self.passes if not p.passed]
 
+    @property
+    def passed(self) -> bool:
+        return not self.failures and not self.failed_passes
+
     def worst(self) -> dict[str, Any]:
         """The extreme of each per-pass figure (None where no pass had it)."""
         lg = [p.logits for p in self.passes if p.logits is not None]
-        cm = [p.commit_agreement for p in self.passes if p.commit_agreement is not None]
         return dict(
             logits_max_abs_diff=max((d["max_abs_diff"] for d in lg), default=None),
             logits_max_rel_diff=max((d["max_rel_diff"] for d in lg), default=None),
             logits_cosine_min=min((d["cosine_min"] for d in lg), default=None),
             conf_max_abs_diff=max((p.conf_max_abs_diff for p in self.passes), default=0.0),
-            pass_token_agreement_min=min((p.token_agreement for p in self.passes), default=1.0),
-            commit_agreement_min=min(cm, default=None),
         )
 
     def to_json(self, per_pass: bool = False) -> dict[str, Any]:
         failed = self.failed_passes
-        out = dict(token_agreement=self.token_agreement, prompt_agreement=self.prompt_agreement,
+        out = dict(passed=self.passed, token_agreement=self.token_agreement, prompt_agreement=self.prompt_agreement,
+                   forced_token_agreement=self.forced_token_agreement, commit_agreement=self.commit_agreement,
                    nfe=self.nfe, tokens_per_forward=self.tokens_per_forward,
                    passes_compared=len(self.passes), failed_passes=len(failed), worst=self.worst(),
-                   first_failure=failed[0].to_json() if failed else None,
+                   failures=list(self.failures), first_failure=failed[0].to_json() if failed else None,
                    first_divergence=self.first_divergence)
         if per_pass:
             out["passes"] = [p.to_json() for p in self.passes]
@@ -108,9 +129,12 @@ class ValidationReport:
     settings: dict[str, Any]
 
     @property
+    def passed(self) -> bool:
+        return all(m.passed for m in self.modes.values())
+
+    @property
     def token_agreement(self) -> float:
-        total = sum(m.total for m in self.modes.values())
-        return 1.0 if total == 0 else sum(m.matched for m in self.modes.values()) / total
+        return _ratio(sum(m.matched for m in self.modes.values()), sum(m.total for m in self.modes.values()))
 
     @property
     def passes_compared(self) -> int:
@@ -125,39 +149,46 @@ class ValidationReport:
         return next((m.failed_passes[0].to_json() for m in self.modes.values() if m.failed_passes), None)
 
     @property
-    def passed(self) -> bool:
-        t = self.tolerances.token_agreement
-        return all(not m.failed_passes and (t is None or min(m.prompt_agreement, default=1.0) >= t)
-                   for m in self.modes.values())
+    def failures(self) -> list[str]:
+        """Every bound not met: mode-level ones, then a count of failing passes per mode."""
+        out = []
+        for name, m in self.modes.items():
+            out += [f"{name}: {f}" for f in m.failures]
+            if m.failed_passes:
+                out.append(f"{name}: {len(m.failed_passes)} of {len(m.passes)} passes out of tolerance")
+        return out
 
     def to_json(self, per_pass: bool = False) -> dict[str, Any]:
         return dict(passed=self.passed, token_agreement=self.token_agreement,
                     passes_compared=self.passes_compared, first_divergence=self.first_divergence,
-                    first_failure=self.first_failure, tolerances=self.tolerances.to_json(),
-                    settings=self.settings,
+                    first_failure=self.first_failure, failures=self.failures,
+                    tolerances=self.tolerances.to_json(), settings=self.settings,
                     per_mode={k: m.to_json(per_pass) for k, m in self.modes.items()})
 
     def to_table(self) -> str:
-        head = ("mode", "passes", "failed", "tok agree", "min prompt", "max |dlogit|", "min cos",
-                "max |dconf|", "min pass tok", "min commit", "nfe ref/eng")
+        head = ("mode", "passes", "failed", "tok agree", "min prompt", "forced tok", "commit",
+                "max |dlogit|", "min cos", "max |dconf|", "nfe ref/eng")
         rows = []
         for name, m in self.modes.items():
             w = m.worst()
             rows.append((name, str(len(m.passes)), str(len(m.failed_passes)), _f(m.token_agreement, 4),
-                         _f(min(m.prompt_agreement, default=1.0), 4), _g(w["logits_max_abs_diff"]),
-                         _f(w["logits_cosine_min"], 6), _g(w["conf_max_abs_diff"]),
-                         _f(w["pass_token_agreement_min"], 4), _f(w["commit_agreement_min"], 4),
-                         f"{m.nfe['reference']}/{m.nfe['engine']}"))
+                         _f(min(m.prompt_agreement, default=1.0), 4), _f(m.forced_token_agreement, 4),
+                         _f(m.commit_agreement, 4), _g(w["logits_max_abs_diff"]), _f(w["logits_cosine_min"], 6),
+                         _g(w["conf_max_abs_diff"]), f"{m.nfe['reference']}/{m.nfe['engine']}"))
         widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
         line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-        tol = self.tolerances
-        out = [f"validation ({tol.precision} tolerances): {'PASSED' if self.passed else 'FAILED'}, "
+        out = [f"validation ({self.tolerances.precision} tolerances): {'PASSED' if self.passed else 'FAILED'}, "
                f"token agreement {self.token_agreement:.4f} over {self.passes_compared} passes",
                line(head), line(tuple("-" * w for w in widths)), *map(line, rows)]
         div, fail = self.first_divergence, self.first_failure
         out.append("first divergence: " + (_where(div) + f" ({div['kind']})" if div else "none"))
         out.append("first failing pass: " + (_where(fail) + ": " + "; ".join(fail["failures"]) if fail else "none"))
+        out += [f"failed: {f}" for f in self.failures]
         return "\n".join(out)
+
+
+def _ratio(n: int, d: int) -> float:
+    return 1.0 if d == 0 else n / d
 
 
 def _f(x, digits):
@@ -213,11 +244,13 @@ def validate(reference: Denoiser, engine: Denoiser, prompts: list[list[int]], *,
         passes = [_pass_stats(mode, i, rec, sp, rule, reference.config.mask_token_id, tol)
                   for i, (rec, sp) in enumerate(zip(ref.trace, shadow.passes, strict=True))]
         agree = [trajectory_agreement(a, b) for a, b in zip(ref.tokens, eng.tokens)]
-        results[mode] = ModeResult(
-            mode, [m / t if t else 1.0 for m, t in agree], sum(m for m, _ in agree), sum(t for _, t in agree),
+        result = ModeResult(
+            mode, [_ratio(*a) for a in agree], sum(m for m, _ in agree), sum(t for _, t in agree),
             {"reference": ref.nfe, "engine": eng.nfe},
             {"reference": ref.tokens_per_forward, "engine": eng.tokens_per_forward},
             passes, first_divergence(mode, prompts, ref, eng))
+        result.failures = _judge_mode(result, tol)
+        results[mode] = result
     settings = dict(modes=list(modes), prompts=len(prompts), max_new_tokens=max_new_tokens,
                     block_length=block_length, threshold=threshold, steps=steps,
                     spec_threshold=spec_threshold, temperature=temperature, seed=seed)
@@ -237,15 +270,15 @@ def _pass_stats(mode: str, i: int, rec: loops.PassRecord, sp: ShadowPass, rule: 
     valid = metrics.valid_positions(sp.tokens, sp.num_valid)                   # [B, L]
     commit = None
     if rule is not None and rec.phase in DECISION_PHASES and rec.committed is not None:
-        commit = metrics.commit_agreement(rule, sp.tokens, rec.committed, sp.ref_conf, sp.eng_conf, mask_id)
+        commit = metrics.commit_matches(rule, sp.tokens, rec.committed, sp.ref_conf, sp.eng_conf, mask_id)
     st = PassStats(mode, i, rec.phase, rec.block, rec.step, int(valid.sum()),
-                   metrics.token_agreement(sp.eng_token, sp.ref_token, valid),
+                   metrics.token_matches(sp.eng_token, sp.ref_token, valid),
                    metrics.conf_max_abs_diff(sp.eng_conf, sp.ref_conf, valid), sp.logits, commit, sp.lengths_ok)
-    st.failures = _judge(st, tol)
+    st.failures = _judge_pass(st, tol)
     return st
 
 
-def _judge(st: PassStats, tol: Tolerances) -> list[str]:
+def _judge_pass(st: PassStats, tol: Tolerances) -> list[str]:
     """The reasons a teacher-forced pass is out of tolerance (NaN fails every bound)."""
     bad = []
     lg = st.logits
@@ -257,13 +290,25 @@ def _judge(st: PassStats, tol: Tolerances) -> list[str]:
             bad.append(f"logits cosine {lg['cosine_min']:.6f} < {tol.cosine_min}")
     if tol.conf_atol is not None and not st.conf_max_abs_diff <= tol.conf_atol:
         bad.append(f"confidence diff {st.conf_max_abs_diff:.3g} > {tol.conf_atol}")
-    if tol.pass_token_agreement is not None and st.token_agreement < tol.pass_token_agreement:
-        bad.append(f"token agreement {st.token_agreement:.4f} < {tol.pass_token_agreement}")
-    if tol.commit_agreement is not None and st.commit_agreement is not None \
-            and st.commit_agreement < tol.commit_agreement:
-        bad.append(f"commit agreement {st.commit_agreement:.4f} < {tol.commit_agreement}")
     if not st.lengths_ok:
         bad.append("cache lengths differ")
+    return bad
+
+
+def _judge_mode(m: ModeResult, tol: Tolerances) -> list[str]:
+    """Mode-level bounds: pooled teacher-forced decisions, and every prompt's trajectory."""
+    bad = []
+    if tol.forced_token_agreement is not None and m.forced_token_agreement < tol.forced_token_agreement:
+        first = next(p for p in m.passes if p.token_matches < p.positions)
+        bad.append(f"teacher-forced token agreement {m.forced_token_agreement:.4f} < {tol.forced_token_agreement} "
+                   f"(first mismatch: {_where(first.where())})")
+    ca = m.commit_agreement
+    if tol.commit_agreement is not None and ca is not None and ca < tol.commit_agreement:
+        first = next(p for p in m.passes if p.commit is not None and p.commit[0] < p.commit[1])
+        bad.append(f"commit agreement {ca:.4f} < {tol.commit_agreement} (first mismatch: {_where(first.where())})")
+    for b, a in enumerate(m.prompt_agreement):
+        if tol.token_agreement is not None and a < tol.token_agreement:
+            bad.append(f"prompt {b}: trajectory token agreement {a:.4f} < {tol.token_agreement}")
     return bad
 
 

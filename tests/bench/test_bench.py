@@ -1,0 +1,51 @@
+"""bench(): interleaved timing of denoisers on the same loop, on the tiny model."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from nemodiff_compile.bench import bench
+from nemodiff_compile.bench.run import _quantile
+from nemodiff_compile.errors import InvalidArgument
+from nemodiff_compile.runtime.torch_engine import TorchDenoiser
+
+PROMPTS = [[1, 40, 41, 42, 43, 44, 45], [1, 50, 51]]
+
+
+def test_engine_vs_reference_reports_speedup(random_tiny):
+    bf16 = copy.deepcopy(random_tiny).to(torch.bfloat16)
+    dens = {"engine": TorchDenoiser(bf16, 64), "reference": TorchDenoiser(random_tiny, 64)}
+    rep = bench(dens, PROMPTS, mode="dlm", max_new_tokens=16, block_length=8, warmup=1, repeats=2)
+    js = json.loads(json.dumps(rep.to_json()))
+    assert js["engine_tokens_per_s"] > 0 and js["reference_tokens_per_s"] > 0
+    assert js["speedup"] == pytest.approx(js["engine_tokens_per_s"] / js["reference_tokens_per_s"])
+    for name, d in js["denoisers"].items():
+        assert d["tokens"] > 0 and d["tokens_per_forward"] > 0 and d["peak_rss_delta_mb"] >= 0
+        lat = d["pass_ms"]
+        assert lat["all"]["mean"] > 0 and lat["all"]["p50"] <= lat["all"]["p90"]
+        assert lat["all"]["n"] == 2 * d["nfe"]                                  # every pass of every repeat
+        assert {ph: v["n"] for ph, v in lat.items() if ph != "all"} == {ph: 2 * n for ph, n in d["nfe_by_phase"].items()}
+    assert "same_tokens_as_reference" in js["denoisers"]["engine"]
+    table = rep.to_table()
+    assert "speedup" in table and "engine" in table and "reference" in table
+
+
+@pytest.mark.parametrize("mode", ["ar", "linear-spec"])
+def test_other_modes_and_a_single_denoiser(random_tiny, mode):
+    rep = bench({"engine": TorchDenoiser(random_tiny, 64)}, PROMPTS[:1], mode=mode, max_new_tokens=8,
+                block_length=8, warmup=0, repeats=1)
+    js = rep.to_json()
+    assert js["engine_tokens_per_s"] > 0 and "speedup" not in js and "reference_tokens_per_s" not in js
+    phases = set(js["denoisers"]["engine"]["pass_ms"]) - {"all"}
+    assert phases == ({"prefill", "decode"} if mode == "ar" else {"prefill", "draft", "verify"})
+
+
+def test_arguments_and_quantiles(random_tiny):
+    with pytest.raises(InvalidArgument):
+        bench({}, PROMPTS)
+    with pytest.raises(InvalidArgument):
+        bench({"engine": TorchDenoiser(random_tiny, 64)}, PROMPTS, repeats=0)
+    assert _quantile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5 and _quantile([5.0], 0.9) == 5.0
+    assert _quantile([0.0, 10.0], 0.9) == pytest.approx(9.0)
