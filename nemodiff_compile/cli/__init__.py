@@ -9,6 +9,7 @@ from .build import build
 from .generate import generate
 from .info import info
 from .inspect import inspect
+from .validate import bench, validate
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,7 +18,7 @@ def cli() -> None:
     """Compile, run and validate NVIDIA Nemotron-Labs-Diffusion language models."""
 
 
-for command in (build, generate, info, inspect):
+for command in (build, generate, info, inspect, validate, bench):
     cli.add_command(command)
 
 

@@ -1,0 +1,48 @@
+"""`nemodiff-compile validate DIR` and `nemodiff-compile bench DIR`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from ._common import user_errors
+
+
+@click.command()
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--reference", type=click.Path(path_type=Path), default=None,
+              help="Checkpoint folder of the reference (default: the one the engine was built from).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--mode", "modes", type=click.Choice(["ar", "dlm", "linear-spec"]), multiple=True,
+              help="Modes to compare (default: all three).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@user_errors
+def validate(engine_dir, reference, max_new_tokens, modes, as_json):
+    """Compare an engine with the PyTorch reference pass by pass; exit 1 when it fails its tolerances."""
+    from ..validate.engine import validate_engine
+
+    report = validate_engine(engine_dir, reference_source=reference, max_new_tokens=max_new_tokens,
+                             modes=modes or ("ar", "dlm", "linear-spec"))
+    click.echo(json.dumps(report.to_json()) if as_json else report.to_table())
+    sys.exit(0 if report.passed else 1)
+
+
+@click.command()
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--mode", type=click.Choice(["ar", "dlm", "linear-spec"]), default="dlm", show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@user_errors
+def bench(engine_dir, mode, batch, max_new_tokens, repeats, threads, as_json):
+    """Time the engine and the PyTorch reference side by side on the same prompts."""
+    from ..validate.engine import bench_engine
+
+    report = bench_engine(engine_dir, batch=batch, mode=mode, max_new_tokens=max_new_tokens,
+                          repeats=repeats, threads=threads)
+    click.echo(json.dumps(report.to_json()) if as_json else report.to_table())

@@ -1,0 +1,96 @@
+"""Validate / bench a built engine directory against the PyTorch reference it was built from."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..errors import NemodiffError
+
+# Built-in prompts: chat and raw text, of different lengths (the tiny model was trained on such text).
+TEXT_PROMPTS = ("What is 3 + 4?", "Once upon a time, Mia", "Count from 5:",
+                "Tell me a story about a cat who found a red ball in the garden.")
+
+
+def open_pair(engine_dir: str | Path, *, reference: Any = None, reference_source: str | Path | None = None,
+              max_len: int | None = None, threads: int | None = None):
+    """(manifest, engine Denoiser, reference Denoiser, tokenizer or None) for an engine directory."""
+    from .. import load_reference
+    from ..build.manifest import read_manifest
+    from ..build.pipeline import PRECISION_DTYPES
+    from ..config import ModelConfig
+    from ..export.spec import IOSpec
+    from ..runtime.ort_engine import OrtDenoiser
+    from ..runtime.torch_engine import TorchDenoiser
+
+    engine_dir = Path(engine_dir)
+    manifest = read_manifest(engine_dir)
+    cfg = ModelConfig.from_hf(manifest.model_config, source=f"{engine_dir}/manifest.json")
+    spec = IOSpec.from_json(manifest.io_spec)
+    max_len = max_len or manifest.buckets["max_context"]
+    engine = OrtDenoiser(engine_dir / "model.onnx", spec, cfg, max_len, threads=threads,
+                         return_logits="logits" in spec.output_names())
+    if reference is None:
+        source = reference_source or manifest.source
+        if not Path(str(source)).exists() and str(source).lower() not in ("tiny", "3b", "8b", "14b"):
+            raise NemodiffError(f"{engine_dir}: the reference checkpoint {source} is gone: pass --reference DIR")
+        reference = load_reference(source, dtype=PRECISION_DTYPES.get(manifest.precision, "float32"))
+    if reference.config.replace(dtype=cfg.dtype).to_hf() != cfg.to_hf():          # dtype aside
+        raise NemodiffError(f"{engine_dir}: the reference model's config differs from the engine's: "
+                            "rebuild the engine from this checkpoint")
+    tok = None
+    if (engine_dir / "tokenizer.json").is_file():
+        from ..model.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(engine_dir)
+    return manifest, engine, TorchDenoiser(reference, max_len, return_logits=True), tok
+
+
+def builtin_prompts(tok: Any, cfg, count: int) -> list[list[int]]:
+    """`count` prompts of different lengths: encoded text when there is a tokenizer, else seeded ids."""
+    if tok is not None:
+        from ..model.tokenizer import encode_prompt
+
+        return [encode_prompt(tok, t, chat=i % 2 == 0) for i, t in enumerate(TEXT_PROMPTS[:count])]
+    import random
+
+    rng = random.Random(0)
+    return [[cfg.bos_token_id or 1] + [rng.randrange(128, cfg.vocab_size) for _ in range(3 + 5 * i)]
+            for i in range(count)]
+
+
+def validate_engine(engine_dir: str | Path, *, reference: Any = None, reference_source: str | Path | None = None,
+                    quick: bool = False, max_new_tokens: int | None = None,
+                    modes: tuple[str, ...] = ("ar", "dlm", "linear-spec"), write: bool = True):
+    """Compare the engine with the reference per pass on the built-in prompts; record it in the manifest."""
+    from ..build.manifest import write_manifest
+    from . import tolerances_for, validate
+
+    manifest, engine, ref, tok = open_pair(engine_dir, reference=reference, reference_source=reference_source)
+    prompts = builtin_prompts(tok, ref.config, 2 if quick else 4)
+    tol = tolerances_for(manifest.precision)
+    report = validate(ref, engine, prompts, modes=modes, max_new_tokens=max_new_tokens or (16 if quick else 32),
+                      tolerances=tol)
+    if write:
+        summary = report.to_json()
+        manifest.validation = {
+            "passed": summary["passed"], "token_agreement": summary["token_agreement"],
+            "passes_compared": summary["passes_compared"], "first_divergence": summary["first_divergence"],
+            "tolerances": summary["tolerances"], "quick": quick, "prompts": len(prompts),
+            "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        write_manifest(Path(engine_dir), manifest)
+    return report
+
+
+def bench_engine(engine_dir: str | Path, *, batch: int = 1, mode: str = "dlm", max_new_tokens: int = 64,
+                 repeats: int = 3, warmup: int = 1, threads: int | None = None):
+    """Engine and reference on the same prompts in the same run."""
+    from ..bench import bench
+
+    manifest, engine, ref, tok = open_pair(engine_dir, threads=threads)
+    ref.return_logits = engine.return_logits = False
+    prompts = (builtin_prompts(tok, ref.config, 4) * batch)[:batch]
+    return bench({"engine": engine, "reference": ref}, prompts, mode=mode, max_new_tokens=max_new_tokens,
+                 repeats=repeats, warmup=warmup)
