@@ -66,10 +66,14 @@ class Attention(nn.Module):
         if past_k is not None:
             keys = torch.cat([past_k.to(q.dtype), k], dim=2)                          # [B, Hkv, S+L, D]
             values = torch.cat([past_v.to(q.dtype), v], dim=2)
+        # GQA without copying K/V: the rep query heads sharing a KV head become rep*L query rows
+        # (q head h reads KV head h // rep, as repeat_interleave would give it).
         rep = self.n_heads // self.n_kv
-        keys = keys.repeat_interleave(rep, dim=1)                                    # [B, Hq, S+L, D]
-        values = values.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)        # [B, Hq, L, D]
+        q = q.reshape(B, self.n_kv, rep * L, self.head_dim)                          # [B, Hkv, rep*L, D]
+        if mask is not None:
+            mask = mask.repeat(1, 1, rep, 1)                                         # [B, 1, rep*L, S+L]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)        # [B, Hkv, rep*L, D]
+        out = out.reshape(B, self.n_heads, L, self.head_dim)                         # [B, Hq, L, D]
         out = out.transpose(1, 2).reshape(B, L, -1)                                  # [B, L, Hq*D]
         y = self.o_proj(out)
         if self.lora_a is not None and lora is not False:
