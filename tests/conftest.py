@@ -21,3 +21,13 @@ def random_tiny(tiny_cfg):
             if "norm" not in name:
                 p.normal_(0, 0.05)
     return m
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tmp_path_factory):
+    """The embedded tiny model built into an engine directory (with logits, not validated)."""
+    pytest.importorskip("onnxruntime")
+    from nemodiff_compile.build.pipeline import build_engine
+
+    out = tmp_path_factory.mktemp("engines") / "tiny-fp32"
+    return build_engine("tiny", output=out, with_logits=True, validate=False)

@@ -131,6 +131,10 @@ class Session:
             if new_text.startswith(text):        # emit the stable suffix only
                 yield new_text[len(text):]
                 text = new_text
+        if self.tokenizer is not None and seen:
+            final = self.decode(seen)
+            if final != text and final.startswith(text):
+                yield final[len(text):]
 
     def close(self) -> None:
         with self._lock:

@@ -12,12 +12,9 @@ from nemodiff_compile.cli import cli
 pytest.importorskip("onnx")
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    from nemodiff_compile.build.pipeline import build_engine
-
-    out = tmp_path_factory.mktemp("engines") / "tiny-fp32"
-    return build_engine("tiny", output=out, validate=False)
+@pytest.fixture
+def built(tiny_engine):
+    return tiny_engine
 
 
 @pytest.fixture
