@@ -9,14 +9,13 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from ..errors import InvalidArgument
+from ..fsutil import atomic_dir
 from .manifest import Manifest, file_digest, write_manifest
 
 # precision -> torch dtype name of the exported graph (quantized precisions come with quant/)
@@ -68,9 +67,7 @@ def build_engine(source: str | Path, *, output: Path | None = None, precision: s
     if buckets.max_context > cfg.max_position_embeddings:
         raise InvalidArgument(f"--max-context {buckets.max_context} exceeds the model's "
                               f"max_position_embeddings {cfg.max_position_embeddings}")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with atomic_dir(output) as tmp:
         progress("exporting the denoiser step to ONNX (dynamo)")
         spec = export_step(model, tmp, with_logits=with_logits)
         folder = checkpoint_folder(source)
@@ -86,13 +83,6 @@ def build_engine(source: str | Path, *, output: Path | None = None, precision: s
             buckets=buckets.to_json(cfg.block_size), artifacts=artifacts, tool_versions=_tool_versions(),
         )
         write_manifest(tmp, manifest)
-        os.chmod(tmp, 0o755)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if validate:
         progress("validating against the PyTorch reference")
         from ..validate.engine import validate_engine

@@ -28,7 +28,7 @@ def inspect(engine_dir, as_json):
     click.echo(f"model       hidden {cfg['hidden_size']}, layers {cfg['num_hidden_layers']}, vocab {cfg['vocab_size']}"
                f", weights sha256 {m.weights_sha256[:16]}")
     click.echo(f"buckets     {m.buckets}")
-    click.echo(f"tools       " + ", ".join(f"{k} {v}" for k, v in m.tool_versions.items()))
+    click.echo("tools       " + ", ".join(f"{k} {v}" for k, v in m.tool_versions.items()))
     click.echo("inputs")
     for t in m.io_spec["inputs"]:
         click.echo(f"  {t['name']:<14} {t['dtype']:<9} {list(t['shape'])}")

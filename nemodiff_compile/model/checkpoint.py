@@ -23,9 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError, NemodiffError
+from ..fsutil import atomic_dir
 from .model import NemotronLabsDiffusion
 
 CONFIG_NAME = "config.json"
@@ -292,10 +291,7 @@ def save_checkpoint(model: torch.nn.Module, out_dir: str | Path, *, dtype: str |
     dtype = dtype_name(dtype or cfg.dtype)
     cfg = cfg.replace(dtype=dtype)
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())          # mkdtemp makes it 0700; a checkpoint is shared
+    with atomic_dir(out_dir) as tmp:
         sd = {k: v.detach().to(device="cpu", dtype=torch_dtype(dtype)).contiguous()
               for k, v in model.state_dict().items()}
         shards = _split(sd, max_shard_bytes)
@@ -320,19 +316,7 @@ def save_checkpoint(model: torch.nn.Module, out_dir: str | Path, *, dtype: str |
             a, b, scale = _attached_lora(model)
             save_draft_lora(tmp / LORA_DIR, [x.to(torch_dtype(dtype)) for x in a],
                             [x.to(torch_dtype(dtype)) for x in b], alpha=scale * a[0].shape[0])
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _split(sd: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from nemodiff_compile.model import Pattern
 from nemodiff_compile.runtime.torch_engine import TorchDenoiser
 from nemodiff_compile.sampling import loops, remask
 from nemodiff_compile.sampling.denoiser import StepOut
