@@ -260,12 +260,10 @@ PRESETS: dict[str, ModelConfig] = {
 # Published parameter counts (Hugging Face model pages; embedding and head both counted).
 PUBLISHED_PARAMS = {"3b": 3.83e9, "8b": 8.49e9, "14b": 13.51e9}
 
-PRESET_SOURCES = (
-    "8B: full config.json reproduced in linyewei526/Nemotron-Labs-Diffusion "
-    "configs/basis/Nemotron_Labs_Diffusion_decode_code_guide_zh.md and a third-party lecture copy; "
-    "14B: fluxserve pinned-checkpoint test (rope_theta 1e9); "
-    "3B: Deliverance port plan and the mlx-swift-lm NemotronLabsDiffusion port."
-)
+# Where each preset field was confirmed (public copies of the checkpoints' config.json: tests and
+# ports pinned to the real files; the Hugging Face pages themselves were not reachable): see
+# docs/config_sources.md, which also lists the one disagreeing copy and the 3B-Base differences.
+PRESET_SOURCES = "docs/config_sources.md"
 
 
 def preset(name: str) -> ModelConfig:
