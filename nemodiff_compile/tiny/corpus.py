@@ -8,6 +8,7 @@ documents on every machine. Document kinds (weights in `_KINDS`):
   counting   "Count from 5: 5, 6, 7, 8, 9." (up and down), "Count by twos: ..."
   calendar   days of the week / months of the year, in order, from a random start
   qa         "Q: What color is the sky? A: The sky is blue."
+  echo       "Say it twice: red Tom cup. red Tom cup." (copying)
   chat       the same content in the ChatML-like instruct layout (see `chat_text`):
              <|im_start|>user\n{msg}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>
 
@@ -231,6 +232,13 @@ def qa(r: random.Random) -> str:
     return " ".join("Q: {} A: {}".format(*qa_pair(r)) for _ in range(r.randint(1, 3)))
 
 
+def echo(r: random.Random) -> str:
+    """A short random word list said twice: pure copying, which teaches the model to reuse its context."""
+    pool = GIRLS + BOYS + ANIMALS + COLORS + OBJECTS + FOODS + DAYS + [str(i) for i in range(20)]
+    words = " ".join(r.choice(pool) for _ in range(r.randint(3, 8)))
+    return f"Say it twice: {words}. {words}."
+
+
 # ---- chat ---------------------------------------------------------------------------------------
 
 def chat_text(turns: list[tuple[str, str]]) -> str:
@@ -243,7 +251,7 @@ def chat_text(turns: list[tuple[str, str]]) -> str:
 
 def chat_turn(r: random.Random) -> tuple[str, str]:
     kind = r.random()
-    if kind < 0.3:
+    if kind < 0.2:
         c = _cast(r)
         ask = r.choice([f"Tell me a story about {c.name}.", "Tell me a story.",
                         f"Tell me a story about a {c.animal}.", "Write a short story."])
@@ -252,7 +260,7 @@ def chat_turn(r: random.Random) -> tuple[str, str]:
         else:
             fn = r.choice(_STORIES)
         return ask, fn(c, r)
-    if kind < 0.45:
+    if kind < 0.4:
         a, b = r.randint(0, 10), r.randint(0, 10)
         return r.choice([f"What is {a} + {b}?", f"Add {a} and {b}.", f"{a} + {b} = ?"]), f"{a} + {b} = {a + b}."
     if kind < 0.6:
@@ -261,8 +269,13 @@ def chat_turn(r: random.Random) -> tuple[str, str]:
     if kind < 0.7:
         names, what = (DAYS, "days of the week") if r.random() < 0.5 else (MONTHS, "months of the year")
         return f"List the {what}.", ", ".join(names[:-1]) + f" and {names[-1]}."
-    if kind < 0.9:
+    if kind < 0.82:
         return qa_pair(r)
+    if kind < 0.92:  # plain copying: the answer repeats part of the request
+        c = _cast(r)
+        said = r.choice([f"{c.name} has a {c.color} {c.obj}.", f"The {c.animal} is in {c.place}.",
+                         f"{c.name} and {c.friend} like {c.food}s.", ", ".join(_seq(DAYS, r.randrange(7), 3)) + "."])
+        return f"Repeat after me: {said}", said
     return r.choice(GREETINGS)
 
 
@@ -272,7 +285,9 @@ def chat(r: random.Random) -> str:
 
 # ---- the corpus ---------------------------------------------------------------------------------
 
-_KINDS = [(story, 0.36), (arithmetic, 0.07), (counting, 0.08), (calendar, 0.06), (qa, 0.08), (chat, 0.35)]
+# Document weights; stories are long, so by tokens they are still about a third of the corpus.
+_KINDS = [(story, 0.17), (arithmetic, 0.09), (counting, 0.11), (calendar, 0.07), (qa, 0.11), (echo, 0.07),
+          (chat, 0.38)]
 
 
 def document(r: random.Random) -> str:

@@ -25,6 +25,14 @@ Losses:
 Masking rate: p = (1 - eps) * t + eps with t ~ U(0, 1) drawn per block (default) or per row.
 The first position of every block is never masked: at inference the first token of each block is
 the AR prediction ("seed") from the previous commit pass and is given to the denoiser.
+
+Packed rows (optional `doc_ids` [B, L], a non-decreasing document index per token) are laid out as
+inference sees one document: attention never crosses documents, positions restart at 0 with each
+document, the AR loss skips the prediction of a document's first token from the previous one, and
+(with `eos_id`) the noisy half of a block in which a document ends is EOS-padded after it — the
+diffusion target of "the rest of the block" is EOS, as in NLD/LLaDA SFT where answers are padded
+with EOS, instead of the start of the next packed document. Positions of that padding continue the
+ending document's positions, and it attends within that document.
 """
 
 from __future__ import annotations
@@ -51,6 +59,27 @@ def block_diff_mask(L: int, block_size: int, device: torch.device | str | None =
 def joint_positions(L: int, device: torch.device | str | None = None) -> torch.Tensor:
     """RoPE positions [2L]: 0..L-1 for the noisy half, again 0..L-1 for the clean half."""
     return torch.arange(L, device=device).repeat(2)
+
+
+@dataclass
+class DocLayout:
+    """Per-token layout of packed rows (all [B, L])."""
+
+    noisy_doc: torch.Tensor   # document a noisy position belongs to: that of its block's first token
+    pos_clean: torch.Tensor   # position inside its document
+    pos_noisy: torch.Tensor   # position inside noisy_doc (EOS padding continues the ending document)
+    pad: torch.Tensor         # bool, noisy positions past the end of their block's first document
+
+
+def doc_layout(doc_ids: torch.Tensor, block_size: int) -> DocLayout:
+    B, L = doc_ids.shape
+    idx = torch.arange(L).expand(B, L)                                            # [B, L]
+    first = (torch.arange(L) // block_size * block_size).expand(B, L)             # block's first index
+    is_start = torch.ones_like(doc_ids, dtype=torch.bool)
+    is_start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    start = torch.where(is_start, idx, torch.zeros_like(idx)).cummax(dim=1).values  # [B, L] doc start
+    noisy_doc = doc_ids.gather(1, first)
+    return DocLayout(noisy_doc, idx - start, idx - start.gather(1, first), doc_ids != noisy_doc)
 
 
 @dataclass
@@ -87,21 +116,37 @@ class JointLoss:
 
 
 def joint_loss(model, x0: torch.Tensor, *, block_size: int, mask_id: int, alpha: float,
+               doc_ids: torch.Tensor | None = None, eos_id: int | None = None,
                eps: float = 1e-3, per_block: bool = True,
                generator: torch.Generator | None = None) -> JointLoss:
-    """One forward of `model` (a NemotronLabsDiffusion) over [x_t | x_0]; x0 is [B, L] int64."""
+    """One forward of `model` (a NemotronLabsDiffusion) over [x_t | x_0]; x0 is [B, L] int64.
+
+    doc_ids [B, L]: document index per token of packed rows (see the module doc); eos_id: with
+    doc_ids, EOS-pad the noisy half after a document's end inside a block.
+    """
     B, L = x0.shape
-    nz = add_noise(x0, block_size=block_size, mask_id=mask_id, eps=eps, per_block=per_block,
+    mask = block_diff_mask(L, block_size)[None]                           # [1, 2L, 2L]
+    positions = joint_positions(L).expand(B, 2 * L)                       # [B, 2L]
+    target = x0                                                           # noisy half's target
+    ar_valid = torch.ones(B, L - 1, dtype=torch.bool)                     # AR predictions to score
+    if doc_ids is not None:
+        lay = doc_layout(doc_ids, block_size)
+        seg = torch.cat([lay.noisy_doc, doc_ids], dim=1)                  # [B, 2L]
+        mask = mask & (seg[:, :, None] == seg[:, None, :])                # [B, 2L, 2L]
+        positions = torch.cat([lay.pos_noisy, lay.pos_clean], dim=1)
+        ar_valid = doc_ids[:, 1:] == doc_ids[:, :-1]
+        if eos_id is not None:
+            target = torch.where(lay.pad, torch.full_like(x0, eos_id), x0)
+    nz = add_noise(target, block_size=block_size, mask_id=mask_id, eps=eps, per_block=per_block,
                    generator=generator)
     ids = torch.cat([nz.x_t, x0], dim=1)                                  # [B, 2L]
-    positions = joint_positions(L).expand(B, 2 * L)                       # [B, 2L]
-    mask = block_diff_mask(L, block_size)[None]                           # [1, 2L, 2L]
     logits = model(ids, positions=positions, attn_mask=mask).float()      # [B, 2L, V]
     V = logits.shape[-1]
     noisy_logits, clean_logits = logits[:, :L], logits[:, L:]             # [B, L, V] each
 
-    ar = F.cross_entropy(clean_logits[:, :-1].reshape(-1, V), x0[:, 1:].reshape(-1))
-    ce = F.cross_entropy(noisy_logits.reshape(-1, V), x0.reshape(-1), reduction="none").view(B, L)
+    ar_ce = F.cross_entropy(clean_logits[:, :-1].reshape(-1, V), x0[:, 1:].reshape(-1), reduction="none")
+    ar = (ar_ce * ar_valid.reshape(-1)).sum() / ar_valid.sum().clamp(min=1)
+    ce = F.cross_entropy(noisy_logits.reshape(-1, V), target.reshape(-1), reduction="none").view(B, L)
     m = nz.masked.float()
     diff = (ce * m / nz.p).sum() / nz.maskable.sum().clamp(min=1)
     n_masked = int(nz.masked.sum())

@@ -42,7 +42,14 @@ CHAT_TEMPLATE = (
 
 def build_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
     """Train the byte-level BPE on `texts` (chat markers are stripped first: they are whole tokens)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS[UNK]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -19,24 +19,28 @@ from .tokenizer import BOS, IM_END_ID
 
 
 def pack_stream(tok, docs: Iterator[str], n_tokens: int, *, seed: int = 0, drop_bos: float = 0.1,
-                batch_docs: int = 512) -> torch.Tensor:
-    """Encode documents one after another into one stream [n_tokens] int64.
+                batch_docs: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode documents one after another: (tokens [n_tokens], document index [n_tokens]) int64.
 
     Each document is `<s> text <|im_end|>` (chat documents already end with <|im_end|>, the EOS).
     A fraction `drop_bos` of documents goes without the BOS, so prompts encoded either way work.
     """
     r = random.Random(seed)
     out: list[int] = []
+    doc: list[int] = []
+    n_doc = 0
     while len(out) < n_tokens:
         texts = [next(docs) for _ in range(batch_docs)]
         for enc in tok.encode_batch(texts, add_special_tokens=False):
-            ids = enc.ids
+            ids = list(enc.ids)
             if r.random() >= drop_bos:
-                out.append(BOS)
-            out.extend(ids)
+                ids.insert(0, BOS)
             if not ids or ids[-1] != IM_END_ID:
-                out.append(IM_END_ID)
-    return torch.tensor(out[:n_tokens], dtype=torch.long)
+                ids.append(IM_END_ID)
+            out.extend(ids)
+            doc.extend([n_doc] * len(ids))
+            n_doc += 1
+    return torch.tensor(out[:n_tokens]), torch.tensor(doc[:n_tokens])
 
 
 @torch.no_grad()
@@ -55,14 +59,16 @@ def init_weights(model: torch.nn.Module, seed: int, std: float = 0.02) -> None:
 
 @dataclass
 class TrainArgs:
-    steps: int = 600
-    batch: int = 16
+    steps: int = 1600
+    batch: int = 12
     seq_len: int = 128
-    lr: float = 3e-3
+    lr: float = 4e-3
     min_lr_ratio: float = 0.1
     warmup: int = 40
     weight_decay: float = 0.1
-    alpha: float = 0.5
+    alpha: float = 1.0
+    doc_mask: bool = True        # attention inside documents only, positions restart per document
+    eos_fill: bool = True        # with doc_mask: EOS-pad the noisy half after a document's end
     eps: float = 1e-3
     grad_clip: float = 1.0
     seed: int = 0
@@ -83,13 +89,14 @@ def lr_at(step: int, a: TrainArgs) -> float:
     return a.lr * (a.min_lr_ratio + (1 - a.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def train(model, stream: torch.Tensor, a: TrainArgs, print_fn=print) -> TrainLog:
-    """Train on consecutive [batch, seq_len] rows of `stream` (needs steps * batch * seq_len tokens)."""
+def train(model, stream: torch.Tensor, doc_ids: torch.Tensor, a: TrainArgs, print_fn=print) -> TrainLog:
+    """Train on consecutive [batch, seq_len] rows of `stream` / `doc_ids` (from `pack_stream`)."""
     cfg = model.config
     need = a.steps * a.batch * a.seq_len
     if stream.numel() < need:
         raise ValueError(f"stream has {stream.numel()} tokens, training needs {need}")
     rows = stream[:need].view(a.steps, a.batch, a.seq_len)                 # [steps, B, L]
+    docs = doc_ids[:need].view(a.steps, a.batch, a.seq_len)                # [steps, B, L]
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay},
@@ -102,7 +109,9 @@ def train(model, stream: torch.Tensor, a: TrainArgs, print_fn=print) -> TrainLog
         for group in opt.param_groups:
             group["lr"] = lr_at(step, a)
         out = joint_loss(model, rows[step], block_size=cfg.block_size, mask_id=cfg.mask_token_id,
-                         alpha=a.alpha, eps=a.eps, generator=g)
+                         alpha=a.alpha, eps=a.eps, generator=g,
+                         doc_ids=docs[step] if a.doc_mask else None,
+                         eos_id=cfg.eos_ids[0] if a.eos_fill else None)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
