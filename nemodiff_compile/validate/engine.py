@@ -16,7 +16,7 @@ TEXT_PROMPTS = ("What is 3 + 4?", "Once upon a time, Mia", "Count from 5:",
 def open_pair(engine_dir: str | Path, *, reference: Any = None, reference_source: str | Path | None = None,
               max_len: int | None = None, threads: int | None = None):
     """(manifest, engine Denoiser, reference Denoiser, tokenizer or None) for an engine directory."""
-    from .. import load_reference
+    from .. import PRESETS, load_reference
     from ..build.manifest import read_manifest
     from ..build.pipeline import PRECISION_DTYPES
     from ..config import ModelConfig
@@ -33,7 +33,7 @@ def open_pair(engine_dir: str | Path, *, reference: Any = None, reference_source
                          return_logits="logits" in spec.output_names())
     if reference is None:
         source = reference_source or manifest.source
-        if not Path(str(source)).exists() and str(source).lower() not in ("tiny", "3b", "8b", "14b"):
+        if not Path(str(source)).exists() and str(source).lower() not in PRESETS:
             raise NemodiffError(f"{engine_dir}: the reference checkpoint {source} is gone: pass --reference DIR")
         reference = load_reference(source, dtype=PRECISION_DTYPES.get(manifest.precision, "float32"))
     if reference.config.replace(dtype=cfg.dtype).to_hf() != cfg.to_hf():          # dtype aside
