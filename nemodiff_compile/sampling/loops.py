@@ -141,8 +141,11 @@ def _prefill(run: _Run, prompts: list[list[int]], room: int) -> torch.Tensor:
     return out.token[torch.arange(B), n - 1]
 
 
-def _eos_mask(t: torch.Tensor, eos: tuple[int, ...]) -> torch.Tensor:
-    return torch.isin(t, torch.tensor(eos, dtype=t.dtype))
+def _eos_mask(t: torch.Tensor, eos: tuple[int, ...] | torch.Tensor) -> torch.Tensor:
+    """eos: the ids as a tuple, or already a tensor on t's device (graph-captured callers)."""
+    if not isinstance(eos, torch.Tensor):
+        eos = torch.tensor(eos, dtype=t.dtype, device=t.device)
+    return torch.isin(t, eos)
 
 
 # ---- AR -------------------------------------------------------------------------------------------
@@ -223,7 +226,7 @@ def diffusion_generate(den: Denoiser, prompts: list[list[int]], *, max_new_token
     return run.result()
 
 
-def _eos_complete(blk: torch.Tensor, masked: torch.Tensor, eos: tuple[int, ...]) -> torch.Tensor:
+def _eos_complete(blk: torch.Tensor, masked: torch.Tensor, eos: tuple[int, ...] | torch.Tensor) -> torch.Tensor:
     """[B] bool: the block holds an EOS with no mask before its first EOS (the row is finished)."""
     is_eos = _eos_mask(blk, eos)
     before_first = torch.cumsum(is_eos.long(), dim=1) == 0

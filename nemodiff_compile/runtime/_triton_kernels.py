@@ -1,0 +1,83 @@
+"""Triton bodies of `kernels.py` (imported only where Triton and a device are present). One program
+per row; every rounding step mirrors the torch fallback so both give the same bits up to fp32
+reduction order."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .kernels import FP8_MAX
+
+_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+@triton.jit
+def _add_rmsnorm(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, N, eps,
+                 HAS_RES: tl.constexpr, DTYPE: tl.constexpr, BLOCK_N: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_N)
+    ok = offs < N
+    h = tl.load(x_ptr + row * N + offs, mask=ok, other=0.0)
+    if HAS_RES:
+        r = tl.load(res_ptr + row * N + offs, mask=ok, other=0.0)
+        h = (h.to(tl.float32) + r.to(tl.float32)).to(DTYPE)                # eager x + res rounding
+        tl.store(sum_ptr + row * N + offs, h, mask=ok)
+    f = h.to(tl.float32)
+    var = tl.sum(f * f, 0) / N
+    y = (f * tl.rsqrt(var + eps)).to(DTYPE)
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0)
+    out = (w.to(tl.float32) * y.to(tl.float32)).to(DTYPE)
+    tl.store(out_ptr + row * N + offs, out, mask=ok)
+
+
+@triton.jit
+def _silu_mul(gu_ptr, out_ptr, I, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < I
+    g = tl.load(gu_ptr + row * 2 * I + offs, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * 2 * I + I + offs, mask=ok, other=0.0).to(tl.float32)
+    s = (g / (1.0 + tl.exp(-g))).to(DTYPE).to(tl.float32)                  # eager silu rounds here
+    tl.store(out_ptr + row * I + offs, (s * u).to(DTYPE), mask=ok)
+
+
+@triton.jit
+def _quant_fp8(x_ptr, q_ptr, scale_ptr, K, FP8MAX: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    ok = offs < K
+    x = tl.load(x_ptr + row * K + offs, mask=ok, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), 0), 1e-12) / FP8MAX
+    q = tl.minimum(tl.maximum(x / scale, -FP8MAX), FP8MAX)
+    tl.store(q_ptr + row * K + offs, q.to(tl.float8e4nv), mask=ok)
+    tl.store(scale_ptr + row, scale)
+
+
+def add_rmsnorm_triton(x, res, weight, eps):
+    N = x.shape[-1]
+    x2 = x.reshape(-1, N)
+    out = torch.empty_like(x2)
+    total = torch.empty_like(x2) if res is not None else x2
+    _add_rmsnorm[(x2.shape[0],)](x2, res.reshape(-1, N) if res is not None else x2, weight, out, total,
+                                 N, eps, HAS_RES=res is not None, DTYPE=_TL[x.dtype],
+                                 BLOCK_N=triton.next_power_of_2(N))
+    return out.view_as(x), total.view_as(x)
+
+
+def silu_mul_triton(gu):
+    I2 = gu.shape[-1]
+    g2 = gu.reshape(-1, I2)
+    out = torch.empty(g2.shape[0], I2 // 2, dtype=gu.dtype, device=gu.device)
+    BLOCK = 1024
+    _silu_mul[(g2.shape[0], triton.cdiv(I2 // 2, BLOCK))](g2, out, I2 // 2, DTYPE=_TL[gu.dtype], BLOCK=BLOCK)
+    return out.view(*gu.shape[:-1], I2 // 2)
+
+
+def quant_fp8_triton(x):
+    M, K = x.shape
+    q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(M, 1, dtype=torch.float32, device=x.device)
+    _quant_fp8[(M,)](x.contiguous(), q, scale, K, FP8MAX=FP8_MAX, BLOCK_K=triton.next_power_of_2(K))
+    return q, scale

@@ -1,0 +1,155 @@
+"""The denoiser step re-laid out for speed: the arithmetic of `model.NemotronLabsDiffusion.step`, with
+
+  - fused projections: one [q + k + v] GEMM and one [gate + up] GEMM per layer (fewer, larger
+    weight reads: at batch 1 a pass is a sweep over the weights, so GEMM count and size matter);
+  - the block's K/V written straight into the static cache at positions lengths[b] + i, and the
+    attention reading the cache in place (no [cache ; block] concatenation per layer). Bidirectional
+    passes write there too: those slots are past the row's length, scratch until a causal pass
+    overwrites them with the committed block, and the mask never shows stale slots;
+  - fused residual-add + RMSNorm and SiLU * up (runtime/kernels.py);
+  - optionally FP8 E4M3 weights (per output channel) and per-row dynamic FP8 activations through
+    `torch._scaled_mm` on Hopper; embedding, norms and the diffusion head stay in the model dtype.
+
+Every shape is fixed by (batch, block length, cache length), and nothing reads device values on the
+host, so a pass can be captured as a CUDA graph (runtime/graphs.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..model import rope
+from ..model.model import NemotronLabsDiffusion
+from . import kernels
+
+
+class Linear:
+    """y = x @ W.T in the model dtype, or through FP8 (W per output channel, x per row)."""
+
+    def __init__(self, weight: torch.Tensor, fp8: bool):
+        self.fp8 = fp8
+        if fp8:
+            w = weight.float()
+            scale = w.abs().amax(1, keepdim=True).clamp_min(1e-12) / kernels.FP8_MAX     # [N, 1]
+            self.weight = (w / scale).clamp(-kernels.FP8_MAX, kernels.FP8_MAX).to(torch.float8_e4m3fn)
+            self.scale = scale.t().contiguous()                                         # [1, N]
+            self.out_dtype = weight.dtype
+        else:
+            self.weight = weight                                                       # [N, K]
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fp8:
+            return F.linear(x, self.weight)
+        lead, K = x.shape[:-1], x.shape[-1]
+        q, sx = kernels.quant_fp8(x.reshape(-1, K))                                    # [M, K], [M, 1]
+        if q.is_cuda:
+            y = torch._scaled_mm(q, self.weight.t(), scale_a=sx, scale_b=self.scale,
+                                 out_dtype=self.out_dtype)
+        else:   # the same product on the CPU: dequantize, multiply in fp32
+            y = ((q.float() * sx) @ (self.weight.float() * self.scale.t()).t()).to(self.out_dtype)
+        return y.view(*lead, -1)
+
+
+@dataclass
+class Layer:
+    attn_norm: torch.Tensor           # [H]
+    qkv: Linear                       # [q_width + 2 kv_width, H]
+    o: Linear                         # [H, q_width]
+    mlp_norm: torch.Tensor            # [H]
+    gate_up: Linear                   # [2 I, H]
+    down: Linear                      # [H, I]
+    lora_a: torch.Tensor | None       # [r, q_width]
+    lora_b: torch.Tensor | None       # [H, r]
+    lora_scale: float
+
+
+class FastModel:
+    """Weights of `model` in the fast layout (fused copies; unfused tensors are shared, not copied)."""
+
+    def __init__(self, model: NemotronLabsDiffusion, *, fp8: bool = False):
+        cfg = self.config = model.config
+        self.dtype = model.dtype
+        self.fp8 = fp8
+        self.eps = cfg.rms_norm_eps
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        enc = model.encoder
+        self.embed = enc.embed_tokens.weight                                            # [V, H]
+        self.norm = enc.norm.weight
+        self.head = model.diffusion_head.weight                                         # [V, H]
+        self.inv_freq = model.inv_freq.to(self.head.device)
+        self.rope_scale = model.rope_scale
+        self.layers = []
+        with torch.no_grad():
+            for layer in enc.layers:
+                a, m = layer.self_attn, layer.mlp
+                self.layers.append(Layer(
+                    attn_norm=layer.input_layernorm.weight,
+                    qkv=Linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), fp8),
+                    o=Linear(a.o_proj.weight, fp8),
+                    mlp_norm=layer.post_attention_layernorm.weight,
+                    gate_up=Linear(torch.cat([m.gate_proj.weight, m.up_proj.weight]), fp8),
+                    down=Linear(m.down_proj.weight, fp8),
+                    lora_a=a.lora_a, lora_b=a.lora_b, lora_scale=a.lora_scale))
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes one pass reads at least: every weight once (the embedding reads only B*L rows)."""
+        per_layer = sum(lin.nbytes for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        small = sum(t.numel() * t.element_size() for t in (self.norm, self.head))
+        return per_layer + small + sum(2 * layer.attn_norm.numel() * layer.attn_norm.element_size()
+                                       for layer in self.layers)
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor, num_valid: torch.Tensor, *,
+                causal: bool, cache_k: torch.Tensor, cache_v: torch.Tensor, lora: bool = False
+                ) -> torch.Tensor:
+        """ids [B, L] at positions lengths[b] + 0..L-1; writes the block's K/V into cache_k/v
+        [layers, B, Hkv, S, D] at those positions; returns logits [B, L, V].
+
+        Key j of row b is visible to query i iff j < lengths[b] + num_valid[b] and, when causal,
+        j <= lengths[b] + i (cache_lengths + L <= S is the caller's to check, on the host).
+        """
+        B, L = ids.shape
+        S = cache_k.shape[3]
+        dev = ids.device
+        rep = self.n_heads // self.n_kv
+        positions = lengths[:, None] + torch.arange(L, device=dev)                      # [B, L]
+        keys = torch.arange(S, device=dev)                                             # [S]
+        mask = keys[None, None, :] < (lengths + num_valid)[:, None, None]              # [B, 1, S]
+        if causal:
+            mask = mask & (keys[None, None, :] <= positions[:, :, None])               # [B, L, S]
+        mask = mask.expand(B, L, S).repeat(1, rep, 1)[:, None]                          # [B, 1, rep*L, S]
+        slot = positions[:, None, :, None].expand(B, self.n_kv, L, self.head_dim)      # [B, Hkv, L, D]
+        cos, sin = rope.cos_sin(positions, self.inv_freq, self.rope_scale, self.dtype)  # [B, L, D]
+        qscale = rope.query_scale(self.config, positions)[:, None, :, None].to(self.dtype)
+        qw, kw = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+
+        h = F.embedding(ids, self.embed)                                               # [B, L, H]
+        x, _ = kernels.add_rmsnorm(h, None, self.layers[0].attn_norm, self.eps)
+        for i, layer in enumerate(self.layers):
+            qkv = layer.qkv(x)                                                         # [B, L, qw + 2kw]
+            q = qkv[..., :qw].view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Hq, L, D]
+            k = qkv[..., qw:qw + kw].view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
+            v = qkv[..., qw + kw:].view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
+            q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
+            q = q * qscale
+            cache_k[i].scatter_(2, slot, k)
+            cache_v[i].scatter_(2, slot, v)
+            q = q.reshape(B, self.n_kv, rep * L, self.head_dim)                        # GQA rows folded
+            out = F.scaled_dot_product_attention(q, cache_k[i], cache_v[i], attn_mask=mask)
+            out = out.reshape(B, self.n_heads, L, self.head_dim).transpose(1, 2).reshape(B, L, qw)
+            a = layer.o(out)
+            if lora and layer.lora_a is not None:
+                a = a + (out @ layer.lora_a.t() @ layer.lora_b.t()) * layer.lora_scale
+            x, h = kernels.add_rmsnorm(h, a, layer.mlp_norm, self.eps)
+            m = layer.down(kernels.silu_mul(layer.gate_up(x)))
+            nxt = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.norm
+            x, h = kernels.add_rmsnorm(h, m, nxt, self.eps)
+        return F.linear(x, self.head)                                                  # [B, L, V]

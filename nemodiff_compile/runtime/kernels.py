@@ -1,0 +1,74 @@
+"""Fused elementwise kernels of the fast engine, each with a torch fallback computing the same rounding.
+
+On CUDA (with Triton) one launch replaces the handful of small kernels eager torch issues for the
+same expression; inside a CUDA graph the launch count, not the bytes, is what these cost. On the CPU
+the torch fallback runs, so the fast engine's arithmetic is testable anywhere:
+
+  add_rmsnorm   h = x + res (rounded to the model dtype), y = w * (h * rsqrt(mean(h^2) + eps))
+                with the statistics in fp32, the transformers Ministral3RMSNorm order
+  silu_mul      silu(g) * u, each rounded to the dtype as eager torch does
+  quant_fp8     per-row dynamic FP8 E4M3: scale = amax / 448, q = x / scale (Hopper matmul operand)
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_MAX = 448.0                                           # largest finite float8_e4m3fn
+
+
+def _triton_ok(t: torch.Tensor) -> bool:
+    if not t.is_cuda:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ---- torch fallbacks (the definitions) --------------------------------------------------------------
+
+def add_rmsnorm_torch(x, res, weight, eps):
+    h = x if res is None else x + res
+    f = h.float()
+    y = (f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+    return weight * y, h
+
+
+def silu_mul_torch(gu):
+    g, u = gu.chunk(2, dim=-1)
+    return torch.nn.functional.silu(g) * u
+
+
+def quant_fp8_torch(x):
+    amax = x.abs().amax(-1, keepdim=True).float().clamp_min(1e-12)     # [M, 1]
+    scale = amax / FP8_MAX
+    q = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+# ---- dispatch ------------------------------------------------------------------------------------------
+
+def add_rmsnorm(x: torch.Tensor, res: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """x, res [..., N] -> (normed [..., N], x + res [..., N]) in x's dtype (res None: no add)."""
+    if not _triton_ok(x):
+        return add_rmsnorm_torch(x, res, weight, eps)
+    from ._triton_kernels import add_rmsnorm_triton
+    return add_rmsnorm_triton(x, res, weight, eps)
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """gu [..., 2I] (gate ++ up) -> silu(gate) * up [..., I]."""
+    if not _triton_ok(gu):
+        return silu_mul_torch(gu)
+    from ._triton_kernels import silu_mul_triton
+    return silu_mul_triton(gu)
+
+
+def quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (q [M, K] float8_e4m3fn, scale [M, 1] float32) with x ~= q * scale."""
+    if not _triton_ok(x):
+        return quant_fp8_torch(x)
+    from ._triton_kernels import quant_fp8_triton
+    return quant_fp8_triton(x)

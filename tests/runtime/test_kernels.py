@@ -1,0 +1,55 @@
+"""The fast engine's fused kernels: Triton (CUDA, or the CPU interpreter) against the torch definitions."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")      # must precede the kernel module's import
+pytest.importorskip("triton")
+
+from nemodiff_compile.runtime import _triton_kernels as tk  # noqa: E402
+from nemodiff_compile.runtime import kernels  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# Triton's CPU interpreter casts float32 -> bfloat16 by truncation, not round-to-nearest as the GPU
+# does: there bf16 results may sit one ulp off (two after a second rounding), on CUDA at most one.
+BF16 = dict(rtol=8e-3, atol=0) if DEV == "cuda" else dict(rtol=1.6e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_res", [False, True])
+def test_add_rmsnorm(dtype, with_res):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 192, generator=g).to(DEV, dtype)
+    res = torch.randn(2, 5, 192, generator=g).to(DEV, dtype) if with_res else None
+    w = (1 + 0.1 * torch.randn(192, generator=g)).to(DEV, dtype)
+    y_ref, h_ref = kernels.add_rmsnorm_torch(x, res, w, 1e-5)
+    y, h = tk.add_rmsnorm_triton(x, res, w, 1e-5)
+    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else BF16
+    torch.testing.assert_close(h, h_ref, **tol)
+    torch.testing.assert_close(y, y_ref, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul(dtype):
+    gu = torch.randn(3, 4, 2 * 1500, generator=torch.Generator().manual_seed(1)).to(DEV, dtype)
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else BF16
+    torch.testing.assert_close(tk.silu_mul_triton(gu), kernels.silu_mul_torch(gu), **tol)
+
+
+def test_quant_fp8_matches_definition():
+    x = torch.randn(6, 320, generator=torch.Generator().manual_seed(2)).to(DEV) * 3
+    x[0] = 0                                                      # an all-zero row keeps a finite scale
+    q_ref, s_ref = kernels.quant_fp8_torch(x)
+    try:
+        q, s = tk.quant_fp8_triton(x)
+    except Exception as e:                                        # interpreter builds without fp8 casts
+        pytest.skip(f"Triton cannot cast to fp8 here: {type(e).__name__}")
+    torch.testing.assert_close(s, s_ref)
+    if DEV == "cuda":
+        assert torch.equal(q.float(), q_ref.float())
+    else:                                                         # interpreter truncates: one e4m3 ulp
+        torch.testing.assert_close(q.float(), q_ref.float(), rtol=0.13, atol=2.0 ** -9)
+    assert (q_ref.float() * s_ref - x).abs().max() <= x.abs().max() / 16    # e4m3: 3 mantissa bits
