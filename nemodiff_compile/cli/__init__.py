@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import click
 
+from .bench_gpu import bench_gpu
 from .build import build
 from .generate import generate
 from .info import info
@@ -18,7 +19,7 @@ def cli() -> None:
     """Compile, run and validate NVIDIA Nemotron-Labs-Diffusion language models."""
 
 
-for command in (build, generate, info, inspect, validate, bench):
+for command in (build, generate, info, inspect, validate, bench, bench_gpu):
     cli.add_command(command)
 
 

@@ -14,6 +14,8 @@ Static buffers are per batch bucket (runtime/buckets.py); a new bucket reallocat
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -26,6 +28,16 @@ from ..errors import InvalidArgument
 from .buckets import BatchBuckets
 from .fast_model import FastModel
 from .graphs import GraphPool
+
+
+@dataclass
+class DlmPasses:
+    buffers: tuple[torch.Tensor, ...]     # canvas, refining, quota, pass index, row_nfe, nfe, next seed
+    denoise: Callable[[], None]           # refinement pass: forward, remask, canvas update, counters
+    commit: Callable[[], None]            # causal pass writing the block's K/V; next seed
+    state: tuple[torch.Tensor, ...]       # what `denoise` updates in place
+    denoise_key: tuple
+    commit_key: tuple
 
 
 def _pick(logits: torch.Tensor):
@@ -43,14 +55,15 @@ def _remask(logits, canvas, active, quota, *, mask_id, threshold):
 
 
 class FastDenoiser:
-    def __init__(self, model: NemotronLabsDiffusion, max_len: int, *, fp8: bool = False,
+    def __init__(self, model: NemotronLabsDiffusion | FastModel, max_len: int, *, fp8: bool = False,
                  buckets: BatchBuckets = BatchBuckets(), graphs: bool | GraphPool = True,
                  return_logits: bool = False):
-        self.config = model.config
+        """model: the reference (re-laid out here, FP8 if asked) or an already built FastModel."""
+        self.fast = model if isinstance(model, FastModel) else FastModel(model, fp8=fp8)
+        self.config = self.fast.config
         self.max_len = max_len
         self.return_logits = return_logits
-        self.device = model.diffusion_head.weight.device
-        self.fast = FastModel(model, fp8=fp8)
+        self.device = self.fast.head.device
         self.buckets = buckets
         if isinstance(graphs, GraphPool):
             self.graphs = graphs
@@ -62,6 +75,9 @@ class FastDenoiser:
         self._host_len = torch.zeros(0, dtype=torch.long)
         self._eos = torch.tensor(self.config.eos_ids, device=self.device)
         self.executed = 0         # forwards the last generate_dlm ran (>= its nfe, see there)
+        # passes up to this many tokens are captured (blocks, AR steps); longer ones (prompt
+        # prefills, one per request and of any length) run eagerly rather than pile up graphs
+        self.graph_max_tokens = 128
 
     # ---- the Denoiser contract -----------------------------------------------------------------------
 
@@ -75,6 +91,12 @@ class FastDenoiser:
 
     def lengths(self) -> torch.Tensor:
         return self._host_len[: self.batch].clone()
+
+    def assume_context(self, length: int) -> None:
+        """Treat `length` cached positions of every row as filled (benchmarks: values don't matter)."""
+        self._check_room(length - int(self._host_len.max()))
+        self._host_len[:] = length
+        self.lengths_dev.fill_(length)
 
     def trim(self, lengths: torch.Tensor) -> None:
         if bool((lengths > self._host_len[: self.batch]).any()):
@@ -97,7 +119,7 @@ class FastDenoiser:
         ids = self._ids(L)
         ids[:B].copy_(tokens)
         self.num_valid.copy_(nv)
-        eager = temperature > 0 or self.return_logits
+        eager = temperature > 0 or self.return_logits or L > self.graph_max_tokens
         if eager:
             logits = self._forward(ids, causal, draft_lora)
             noise = None
@@ -148,11 +170,59 @@ class FastDenoiser:
         seed_tok = _prefill(run, prompts, n_blocks * blen)                              # [B] host
         P, dev, mask_id = self.bucket, self.device, cfg.mask_token_id
         passes = steps if threshold is None else blen
-        # persistent per shape: captured graphs keep pointing at these buffers across calls
-        canvas, refining, quota, s_idx, row_nfe, nfe, seed_dev = self._loop_buffers(blen, passes)
+        p = self.dlm_passes(blen, threshold, passes)
+        canvas, refining, quota, s_idx, row_nfe, nfe, seed_dev = p.buffers
         self.num_valid.fill_(blen)
         full = torch.full((P,), blen, dtype=torch.long)
         self.executed = 1                                                               # the prefill
+        for k in range(n_blocks):
+            active = ~run.done                                                          # [B] host
+            act = torch.zeros(P, dtype=torch.bool)
+            act[:B] = active
+            refining.copy_(act)
+            canvas.fill_(mask_id)
+            canvas[:B, 0] = seed_tok.to(dev)
+            if threshold is None:
+                quota.copy_(remask.even_split((canvas == mask_id).sum(1), steps))
+            s_idx.zero_()
+            row_nfe.zero_()
+            nfe.zero_()
+            self._check_room(blen)
+            for s in range(passes):
+                self.graphs.run(p.denoise_key, p.denoise, p.state)
+                self.executed += 1
+                if (s + 1) % check_every == 0 and s + 1 < passes and not bool(refining.any()):
+                    break
+            self.graphs.run(p.commit_key, p.commit, (seed_dev,))
+            self.executed += 1
+            self._advance(full)
+            blk = canvas[:B].cpu()                                                       # one sync per block
+            seed_tok = seed_dev[:B].cpu()
+            if int(nfe):
+                run.nfe_by_phase["denoise"] = run.nfe_by_phase.get("denoise", 0) + int(nfe)
+            run.nfe_by_phase["commit"] = run.nfe_by_phase.get("commit", 0) + 1
+            run.row_nfe += row_nfe[:B].cpu() + active.long()
+            for b in active.nonzero()[:, 0].tolist():
+                run.emit(b, blk[b].tolist())
+            if bool(run.done.all()):
+                break
+        return run.result()
+
+    def dlm_passes(self, blen: int, threshold: float | None, passes: int) -> "DlmPasses":
+        """The two captured bodies of a block for the current bucket, over persistent buffers
+        (captured graphs keep pointing at them across calls). The caller sets num_valid to blen."""
+        P, dev, mask_id = self.bucket, self.device, self.config.mask_token_id
+        key = (blen, passes)
+        if key not in self._loop_bufs:
+            self._loop_bufs[key] = (
+                torch.zeros(P, blen, dtype=torch.long, device=dev),        # canvas [P, blen]
+                torch.zeros(P, dtype=torch.bool, device=dev),              # refining [P]
+                torch.zeros(P, passes, dtype=torch.long, device=dev),      # quota [P, passes] (top-k)
+                torch.zeros(P, 1, dtype=torch.long, device=dev),           # pass index
+                torch.zeros(P, dtype=torch.long, device=dev),              # row_nfe [P]
+                torch.zeros((), dtype=torch.long, device=dev),             # nfe
+                torch.zeros(P, dtype=torch.long, device=dev))              # next seed [P]
+        canvas, refining, quota, s_idx, row_nfe, nfe, seed_dev = bufs = self._loop_bufs[key]
 
         def denoise():
             masked = canvas == mask_id
@@ -169,39 +239,9 @@ class FastDenoiser:
             token, _ = _pick(self._forward(canvas, True, False))
             seed_dev.copy_(token[:, -1])
 
-        state = (canvas, refining, row_nfe, nfe, s_idx)
         policy = "topk" if threshold is None else f"threshold={threshold}"
-        for k in range(n_blocks):
-            active = ~run.done                                                          # [B] host
-            act = torch.zeros(P, dtype=torch.bool)
-            act[:B] = active
-            refining.copy_(act)
-            canvas.fill_(mask_id)
-            canvas[:B, 0] = seed_tok.to(dev)
-            if threshold is None:
-                quota.copy_(remask.even_split((canvas == mask_id).sum(1), steps))
-            s_idx.zero_()
-            row_nfe.zero_()
-            nfe.zero_()
-            self._check_room(blen)
-            for s in range(passes):
-                self.graphs.run(("denoise", P, blen, policy), denoise, state)
-                self.executed += 1
-                if (s + 1) % check_every == 0 and s + 1 < passes and not bool(refining.any()):
-                    break
-            self.graphs.run(("commit", P, blen), commit, (seed_dev,))
-            self.executed += 1
-            self._advance(full)
-            blk = canvas[:B].cpu()                                                       # one sync per block
-            seed_tok = seed_dev[:B].cpu()
-            run.nfe_by_phase["denoise"] = run.nfe_by_phase.get("denoise", 0) + int(nfe)
-            run.nfe_by_phase["commit"] = run.nfe_by_phase.get("commit", 0) + 1
-            run.row_nfe += row_nfe[:B].cpu() + active.long()
-            for b in active.nonzero()[:, 0].tolist():
-                run.emit(b, blk[b].tolist())
-            if bool(run.done.all()):
-                break
-        return run.result()
+        return DlmPasses(bufs, denoise, commit, (canvas, refining, row_nfe, nfe, s_idx),
+                         ("denoise", P, blen, passes, policy), ("commit", P, blen))
 
     # ---- internals ---------------------------------------------------------------------------------
 
@@ -217,20 +257,6 @@ class FastDenoiser:
         self._loop_bufs: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
         self.graphs.clear()                       # captured graphs point at the old buffers
         self.bucket, self._alloc_len = bucket, self.max_len
-
-    def _loop_buffers(self, blen: int, passes: int) -> tuple[torch.Tensor, ...]:
-        key = (blen, passes)
-        if key not in self._loop_bufs:
-            P, dev = self.bucket, self.device
-            self._loop_bufs[key] = (
-                torch.zeros(P, blen, dtype=torch.long, device=dev),        # canvas [P, blen]
-                torch.zeros(P, dtype=torch.bool, device=dev),              # refining [P]
-                torch.zeros(P, passes, dtype=torch.long, device=dev),      # quota [P, passes] (top-k)
-                torch.zeros(P, 1, dtype=torch.long, device=dev),           # pass index
-                torch.zeros(P, dtype=torch.long, device=dev),              # row_nfe [P]
-                torch.zeros((), dtype=torch.long, device=dev),             # nfe
-                torch.zeros(P, dtype=torch.long, device=dev))              # next seed [P]
-        return self._loop_bufs[key]
 
     def _ids(self, L: int) -> torch.Tensor:
         if L not in self._ids_by_len:

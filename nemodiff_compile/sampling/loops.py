@@ -145,7 +145,7 @@ def _eos_mask(t: torch.Tensor, eos: tuple[int, ...] | torch.Tensor) -> torch.Ten
     """eos: the ids as a tuple, or already a tensor on t's device (graph-captured callers)."""
     if not isinstance(eos, torch.Tensor):
         eos = torch.tensor(eos, dtype=t.dtype, device=t.device)
-    return torch.isin(t, eos)
+    return (t[..., None] == eos).any(-1)                  # a handful of ids: no sort, no host sync
 
 
 # ---- AR -------------------------------------------------------------------------------------------

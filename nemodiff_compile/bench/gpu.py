@@ -1,0 +1,253 @@
+"""GPU benchmark of the fast engine against the eager reference, per pass and per mode, in one run.
+
+Per (precision, batch, block): the refinement pass exactly as the device loop replays it (forward +
+fused remask + canvas update, one CUDA graph) against the eager reference's pass (model forward over
+the static cache + pick, no graph), timed with CUDA events (median over `iters`, after warm-up).
+
+The physical floor of a pass is its unavoidable bytes over the card's HBM bandwidth: every weight
+read once (the embedding table excepted: a pass reads B*L of its rows), the K/V of the visible
+context read once per layer and the block's K/V written. `bound_fraction` = floor / measured time
+(1.0 = at the datasheet bandwidth). Timings on seeded random weights are valid (the arithmetic does
+not depend on the values); tokens per forward on random weights is not a model's, and is labeled so.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+# HBM bandwidth by the vendor's datasheet, bytes/s; matched against torch.cuda.get_device_name.
+PEAK_BANDWIDTH = (("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12),
+                  ("GH200", 4.0e12), ("B200", 8.0e12), ("A100-SXM4-80GB", 2.039e12), ("A100", 1.555e12),
+                  ("L40S", 0.864e12), ("L4", 0.3e12))
+
+
+def peak_bandwidth(name: str) -> float | None:
+    for key, bw in PEAK_BANDWIDTH:
+        if key in name:
+            return bw
+    return None
+
+
+def copy_bandwidth(nbytes: int = 2 << 30, iters: int = 10) -> float:
+    """Measured device-to-device copy rate, bytes read + written per second (the practical ceiling)."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), iters=iters)
+    return nbytes / (ms / 1e3)
+
+
+def time_ms(fn, *, iters: int = 20, warmup: int = 3, device: str = "cuda") -> float:
+    """Median milliseconds of fn(): CUDA events on the current stream (a host clock on the CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def pass_bytes(weight_bytes: int, cfg, batch: int, block: int, context: int, kv_itemsize: int) -> int:
+    """The bytes a pass cannot avoid moving (see the module docstring)."""
+    kv_row = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * kv_itemsize
+    return weight_bytes + batch * kv_row * (context + block)
+
+
+def reference_weight_bytes(model) -> int:
+    emb = model.encoder.embed_tokens.weight
+    return sum(p.numel() * p.element_size() for p in model.parameters()) - emb.numel() * emb.element_size()
+
+
+@dataclass
+class PassResult:
+    precision: str
+    batch: int
+    block: int
+    engine_ms: float
+    reference_ms: float
+    engine_bytes: int
+    bound_ms: float                      # engine_bytes at the datasheet bandwidth
+
+    def to_json(self, peak: float | None) -> dict:
+        gbps = self.engine_bytes / (self.engine_ms / 1e3) / 1e9
+        return dict(precision=self.precision, batch=self.batch, block=self.block,
+                    engine_ms=round(self.engine_ms, 4), reference_ms=round(self.reference_ms, 4),
+                    speedup=round(self.reference_ms / self.engine_ms, 3), engine_GBps=round(gbps, 1),
+                    bound_ms=round(self.bound_ms, 4),
+                    bound_fraction=round(self.bound_ms / self.engine_ms, 4) if peak else None)
+
+
+def bench_passes(model, *, precisions=("bf16", "fp8"), batches=(1, 4, 8), blocks=(16, 32, 64),
+                 context: int = 512, iters: int = 20, threshold: float = 0.9, peak: float | None = None,
+                 log=print) -> list[PassResult]:
+    """The refinement pass, fast (graph replay) vs eager reference, over the grid. `context` cached
+    positions per row are treated as filled (their values do not change the time)."""
+    from ..model.cache import StaticKVCache
+    from ..model.model import Pattern
+    from ..runtime.buckets import BatchBuckets
+    from ..runtime.fast_engine import FastDenoiser
+    from ..runtime.fast_model import FastModel
+    from ..sampling import remask
+
+    cfg = model.config
+    dev = model.diffusion_head.weight.device
+    max_len = context + 2 * max(blocks)
+    kv_itemsize = model.dtype.itemsize
+    results = []
+    ref_ms: dict[tuple[int, int], float] = {}
+    for batch in batches:                                 # the eager reference, once per shape
+        cache = StaticKVCache(cfg, batch, max_len, model.dtype, dev)
+        for block in blocks:
+            cache.lengths.fill_(context)
+            canvas = torch.randint(0, cfg.vocab_size, (batch, block), device=dev)
+
+            def eager():
+                logits = model(canvas, cache=cache, pattern=Pattern.BIDIRECTIONAL, write_cache=False)
+                remask.pick(logits)
+
+            with torch.no_grad():
+                ref_ms[batch, block] = time_ms(eager, iters=max(5, iters // 2), device=dev.type)
+            log(f"  reference bf16 batch {batch} block {block}: {ref_ms[batch, block]:.3f} ms/pass")
+        del cache
+    for precision in precisions:
+        fast = FastModel(model, fp8=precision == "fp8")
+        den = FastDenoiser(fast, max_len, buckets=BatchBuckets(tuple(batches)))
+        for batch in batches:
+            den.reset(batch)
+            den.assume_context(context)
+            for block in blocks:
+                den.num_valid.fill_(block)
+                p = den.dlm_passes(block, threshold, block)
+                canvas, refining = p.buffers[0], p.buffers[1]
+
+                def replay():
+                    canvas.random_(0, cfg.vocab_size)     # no mask: a full pass, nothing committed
+                    refining.fill_(True)
+                    den.graphs.run(p.denoise_key, p.denoise, p.state)
+
+                with torch.no_grad():
+                    ms = time_ms(replay, iters=iters, device=dev.type)
+                nbytes = pass_bytes(fast.weight_bytes, cfg, batch, block, context, kv_itemsize)
+                r = PassResult(precision, batch, block, ms, ref_ms[batch, block], nbytes,
+                               nbytes / peak * 1e3 if peak else float("nan"))
+                results.append(r)
+                bound = f", {r.bound_ms / ms:.0%} of the bandwidth bound" if peak else ""
+                log(f"  {precision} batch {batch} block {block}: {ms:.3f} ms/pass "
+                    f"(reference {r.reference_ms:.3f}, x{r.reference_ms / ms:.2f}){bound}")
+        del den, fast
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def bench_modes(model, *, batches=(1, 4, 8), block: int = 32, context: int = 512, max_new_tokens: int = 64,
+                threshold: float = 0.9, precision: str = "bf16", log=print) -> list[dict]:
+    """Whole generations per mode, fast vs eager reference: tokens/s per request and in total, TPF.
+    The prompts are random ids of `context` tokens (random weights: TPF is not a model's)."""
+    from ..runtime.buckets import BatchBuckets
+    from ..runtime.fast_engine import FastDenoiser
+    from ..runtime.torch_engine import TorchDenoiser
+    from ..sampling import loops
+
+    cfg = model.config
+    max_len = context + max_new_tokens + 2 * block
+    fast = FastDenoiser(model, max_len, fp8=precision == "fp8", buckets=BatchBuckets(tuple(batches)))
+    ref = TorchDenoiser(model, max_len)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    sync = torch.cuda.synchronize if fast.device.type == "cuda" else (lambda: None)
+    for batch in batches:
+        prompts = torch.randint(0, cfg.vocab_size, (batch, context), generator=g).tolist()
+        runs = {
+            ("dlm", "engine"): lambda: fast.generate_dlm(prompts, max_new_tokens=max_new_tokens,
+                                                         block_length=block, threshold=threshold),
+            ("dlm", "reference"): lambda: loops.diffusion_generate(ref, prompts, max_new_tokens=max_new_tokens,
+                                                                   block_length=block, threshold=threshold),
+            ("ar", "engine"): lambda: loops.ar_generate(fast, prompts, max_new_tokens=max_new_tokens),
+            ("ar", "reference"): lambda: loops.ar_generate(ref, prompts, max_new_tokens=max_new_tokens),
+        }
+        outs = {}
+        for (mode, who), fn in runs.items():
+            with torch.no_grad():
+                fn()                                              # warm-up: captures, compiles
+                sync()
+                t0 = time.perf_counter()
+                gen = fn()
+                sync()
+                wall = time.perf_counter() - t0
+            outs[mode, who] = gen
+            n = sum(len(t) for t in gen.tokens)
+            rows.append(dict(mode=mode, backend=who, precision=precision if who == "engine" else "bf16",
+                             batch=batch, block=block if mode == "dlm" else 1, tokens=n, nfe=gen.nfe,
+                             tokens_per_forward=round(gen.tokens_per_forward, 3),
+                             tokens_per_s_total=round(n / wall, 1),
+                             tokens_per_s_per_request=round(n / wall / batch, 1), wall_s=round(wall, 4)))
+            log(f"  {mode} {who} batch {batch}: {n / wall:.1f} tok/s total, TPF {gen.tokens_per_forward:.2f}")
+        for mode in ("dlm", "ar"):
+            same = outs[mode, "engine"].tokens == outs[mode, "reference"].tokens
+            rows[-4 if mode == "dlm" else -2]["same_tokens_as_reference"] = same
+    return rows
+
+
+def gpu_report(source, *, precisions=("bf16", "fp8"), batches=(1, 4, 8), blocks=(16, 32, 64),
+               context: int = 512, iters: int = 20, modes: bool = True, log=print) -> dict:
+    """Everything `bench-gpu` prints: the card, its ceilings, the pass grid and whole generations."""
+    from .. import load_reference
+    from ..errors import InvalidArgument
+
+    if not torch.cuda.is_available():
+        raise InvalidArgument("bench-gpu needs a CUDA GPU (torch.cuda.is_available() is False)")
+    bad = set(precisions) - {"bf16", "fp8"}
+    if bad:
+        raise InvalidArgument(f"--precision {sorted(bad)[0]}: the fast engine runs bf16 or fp8")
+    if "fp8" in precisions and torch.cuda.get_device_capability() < (8, 9):
+        raise InvalidArgument("--precision fp8: FP8 matmuls need compute capability 8.9 or newer")
+    name = torch.cuda.get_device_name()
+    peak = peak_bandwidth(name)
+    log(f"device {name}, datasheet HBM {peak / 1e12 if peak else float('nan'):.2f} TB/s")
+    copy = copy_bandwidth()
+    log(f"measured device copy {copy / 1e12:.2f} TB/s (read + write)")
+    log(f"loading {source} in bf16 on the GPU")
+    model = load_reference(source, dtype="bfloat16", device="cuda")
+    random_weights = isinstance(source, str) and source.lower() in ("3b", "8b", "14b")
+    passes = bench_passes(model, precisions=precisions, batches=batches, blocks=blocks, context=context,
+                          iters=iters, peak=peak, log=log)
+    rows = bench_modes(model, batches=batches, context=context, log=log) if modes else []
+    return dict(device=name, capability=list(torch.cuda.get_device_capability()),
+                torch=torch.__version__, peak_bandwidth=peak, copy_bandwidth=copy, source=str(source),
+                random_weights=random_weights, context=context,
+                note=("seeded random weights: timings are real, tokens per forward is not a trained "
+                      "model's" if random_weights else ""),
+                passes=[r.to_json(peak) for r in passes], modes=rows)
+
+
+def report_table(report: dict) -> str:
+    lines = [f"{report['device']}  source {report['source']}  context {report['context']}"
+             + ("  (random weights)" if report["random_weights"] else ""),
+             f"{'prec':5} {'batch':>5} {'block':>5} {'engine ms':>10} {'ref ms':>8} {'speedup':>8} "
+             f"{'GB/s':>7} {'bound ms':>9} {'of bound':>8}"]
+    for p in report["passes"]:
+        frac = f"{p['bound_fraction']:.0%}" if p["bound_fraction"] is not None else "n/a"
+        lines.append(f"{p['precision']:5} {p['batch']:>5} {p['block']:>5} {p['engine_ms']:>10.3f} "
+                     f"{p['reference_ms']:>8.3f} {p['speedup']:>7.2f}x {p['engine_GBps']:>7.0f} "
+                     f"{p['bound_ms']:>9.3f} {frac:>8}")
+    if report["modes"]:
+        lines.append(f"{'mode':5} {'backend':9} {'batch':>5} {'tok/s':>8} {'tok/s/req':>9} {'TPF':>6} same")
+        for m in report["modes"]:
+            lines.append(f"{m['mode']:5} {m['backend']:9} {m['batch']:>5} {m['tokens_per_s_total']:>8.1f} "
+                         f"{m['tokens_per_s_per_request']:>9.1f} {m['tokens_per_forward']:>6.2f} "
+                         f"{m.get('same_tokens_as_reference', '')}")
+    return "\n".join(lines)

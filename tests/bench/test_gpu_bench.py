@@ -1,0 +1,48 @@
+"""bench-gpu's arithmetic and plumbing on the CPU (the same functions time CUDA graphs on a GPU)."""
+
+import pytest
+import torch
+
+from nemodiff_compile.bench import gpu
+
+
+def test_peak_bandwidth_names():
+    assert gpu.peak_bandwidth("NVIDIA H200") == 4.8e12
+    assert gpu.peak_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
+    assert gpu.peak_bandwidth("NVIDIA H100 PCIe") == 2.0e12
+    assert gpu.peak_bandwidth("Some Future GPU") is None
+
+
+def test_pass_bytes_counts_weights_and_visible_kv(tiny_cfg):
+    kv_row = tiny_cfg.num_hidden_layers * 2 * tiny_cfg.num_key_value_heads * tiny_cfg.head_dim * 2
+    assert gpu.pass_bytes(1000, tiny_cfg, 4, 16, 100, 2) == 1000 + 4 * kv_row * 116
+
+
+def test_passes_and_modes_on_cpu(random_tiny):
+    lines = []
+    passes = gpu.bench_passes(random_tiny, precisions=("bf16", "fp8"), batches=(1, 2), blocks=(8,),
+                              context=16, iters=3, peak=1e12, log=lines.append)
+    assert [(p.precision, p.batch) for p in passes] == [("bf16", 1), ("bf16", 2), ("fp8", 1), ("fp8", 2)]
+    assert all(p.engine_ms > 0 and p.reference_ms > 0 for p in passes)
+    assert passes[2].engine_bytes < passes[0].engine_bytes            # fp8 weights: fewer bytes
+    js = passes[0].to_json(1e12)
+    assert js["bound_fraction"] == pytest.approx(js["bound_ms"] / js["engine_ms"], abs=1e-4)
+    rows = gpu.bench_modes(random_tiny, batches=(1, 2), block=8, context=8, max_new_tokens=16, log=lines.append)
+    assert {(r["mode"], r["backend"], r["batch"]) for r in rows} == {
+        (m, b, n) for m in ("dlm", "ar") for b in ("engine", "reference") for n in (1, 2)}
+    assert all(r["same_tokens_as_reference"] for r in rows if r["backend"] == "engine")
+    report = dict(device="cpu", source="tiny", context=16, random_weights=False,
+                  passes=[p.to_json(1e12) for p in passes], modes=rows)
+    table = gpu.report_table(report)
+    assert "fp8" in table and "tok/s" in table
+
+
+def test_bench_gpu_cli_needs_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    from click.testing import CliRunner
+
+    from nemodiff_compile.cli import cli
+
+    res = CliRunner().invoke(cli, ["bench-gpu", "--size", "tiny"])
+    assert res.exit_code == 2 and "needs a CUDA GPU" in res.output
