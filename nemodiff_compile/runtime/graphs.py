@@ -35,7 +35,9 @@ class GraphPool:
         self.replays += 1
 
     def clear(self) -> None:
+        """Drop every graph and their memory pool (a pool outliving all its graphs cannot be reused)."""
         self.graphs.clear()
+        self._pool = None
 
     def _capture(self, fn, state):
         saved = [t.clone() for t in state]
