@@ -81,3 +81,46 @@ def quant_fp8_triton(x):
     scale = torch.empty(M, 1, dtype=torch.float32, device=x.device)
     _quant_fp8[(M,)](x.contiguous(), q, scale, K, FP8MAX=FP8_MAX, BLOCK_K=triton.next_power_of_2(K))
     return q, scale
+
+
+@triton.jit
+def _rope_qkv(qkv_ptr, cos_ptr, sin_ptr, qscale_ptr, pos_ptr, q_ptr, k_ptr, v_ptr,
+              L, S, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DTYPE: tl.constexpr):
+    """One program per (token, head) over q, k and v heads: RoPE (+ the query scale) with the eager
+    rounding after every op, q to [B, Hq, L, D], k and v into the cache rows [B, Hkv, S, D] at the
+    token's position."""
+    tok = tl.program_id(0).to(tl.int64)                   # b * L + l
+    h = tl.program_id(1)
+    b = tok // L
+    l_ = tok % L
+    d = tl.arange(0, D)
+    row = qkv_ptr + tok * (HQ + 2 * HKV) * D
+    if h < HQ + HKV:
+        half: tl.constexpr = D // 2
+        x = tl.load(row + h * D + d).to(tl.float32)
+        xr = tl.load(row + h * D + (d + half) % D).to(tl.float32)
+        xr = tl.where(d < half, -xr, xr)                  # rotate_half
+        c = tl.load(cos_ptr + tok * D + d).to(tl.float32)
+        s_ = tl.load(sin_ptr + tok * D + d).to(tl.float32)
+        y = ((x * c).to(DTYPE).to(tl.float32) + (xr * s_).to(DTYPE).to(tl.float32)).to(DTYPE)
+        if h < HQ:
+            qs = tl.load(qscale_ptr + tok).to(DTYPE).to(tl.float32)
+            y = (y.to(tl.float32) * qs).to(DTYPE)
+            tl.store(q_ptr + ((b * HQ + h) * L + l_) * D + d, y)
+        else:
+            pos = tl.load(pos_ptr + tok)
+            tl.store(k_ptr + ((b * HKV + (h - HQ)) * S + pos) * D + d, y)
+    else:
+        pos = tl.load(pos_ptr + tok)
+        x = tl.load(row + h * D + d)
+        tl.store(v_ptr + ((b * HKV + (h - HQ - HKV)) * S + pos) * D + d, x)
+
+
+def rope_qkv_triton(qkv, cos, sin, qscale, positions, cache_k, cache_v, n_heads, n_kv):
+    B, L, _ = qkv.shape
+    D = cos.shape[-1]
+    q = torch.empty(B, n_heads, L, D, dtype=qkv.dtype, device=qkv.device)
+    _rope_qkv[(B * L, n_heads + 2 * n_kv)](qkv, cos, sin, qscale.contiguous(), positions.contiguous(), q,
+                                          cache_k, cache_v, L, cache_k.shape[2], HQ=n_heads, HKV=n_kv, D=D,
+                                          DTYPE=_TL[qkv.dtype])
+    return q

@@ -126,23 +126,17 @@ class FastModel:
         if causal:
             mask = mask & (keys[None, None, :] <= positions[:, :, None])               # [B, L, S]
         mask = mask.expand(B, L, S).repeat(1, rep, 1)[:, None]                          # [B, 1, rep*L, S]
-        slot = positions[:, None, :, None].expand(B, self.n_kv, L, self.head_dim)      # [B, Hkv, L, D]
         cos, sin = rope.cos_sin(positions, self.inv_freq, self.rope_scale, self.dtype)  # [B, L, D]
-        qscale = rope.query_scale(self.config, positions)[:, None, :, None].to(self.dtype)
-        qw, kw = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        qscale = rope.query_scale(self.config, positions)                              # [B, L] fp32
+        qw = self.n_heads * self.head_dim
 
         h = F.embedding(ids, self.embed)                                               # [B, L, H]
         x, _ = kernels.add_rmsnorm(h, None, self.layers[0].attn_norm, self.eps)
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(x)                                                         # [B, L, qw + 2kw]
-            q = qkv[..., :qw].view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # [B, Hq, L, D]
-            k = qkv[..., qw:qw + kw].view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
-            v = qkv[..., qw + kw:].view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
-            q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
-            q = q * qscale
-            cache_k[i].scatter_(2, slot, k)
-            cache_v[i].scatter_(2, slot, v)
-            q = q.reshape(B, self.n_kv, rep * L, self.head_dim)                        # GQA rows folded
+            q = kernels.rope_qkv(qkv, cos, sin, qscale, positions, cache_k[i], cache_v[i],
+                                 self.n_heads, self.n_kv)                              # [B, Hq, L, D]
+            q = q.view(B, self.n_kv, rep * L, self.head_dim)                           # GQA rows folded
             out = F.scaled_dot_product_attention(q, cache_k[i], cache_v[i], attn_mask=mask)
             out = out.reshape(B, self.n_heads, L, self.head_dim).transpose(1, 2).reshape(B, L, qw)
             a = layer.o(out)

@@ -8,6 +8,8 @@ the torch fallback runs, so the fast engine's arithmetic is testable anywhere:
                 with the statistics in fp32, the transformers Ministral3RMSNorm order
   silu_mul      silu(g) * u, each rounded to the dtype as eager torch does
   quant_fp8     per-row dynamic FP8 E4M3: scale = amax / 448, q = x / scale (Hopper matmul operand)
+  rope_qkv      split the fused q|k|v projection, RoPE q and k (q times the Llama-4 query scale),
+                q out as [B, Hq, L, D], k and v straight into the cache at each token's position
 """
 
 from __future__ import annotations
@@ -48,6 +50,23 @@ def quant_fp8_torch(x):
     return q, scale
 
 
+def rope_qkv_torch(qkv, cos, sin, qscale, positions, cache_k, cache_v, n_heads, n_kv):
+    from ..model import rope
+
+    B, L, _ = qkv.shape
+    D = cos.shape[-1]
+    qw, kw = n_heads * D, n_kv * D
+    q = qkv[..., :qw].view(B, L, n_heads, D).transpose(1, 2)                        # [B, Hq, L, D]
+    k = qkv[..., qw:qw + kw].view(B, L, n_kv, D).transpose(1, 2)                   # [B, Hkv, L, D]
+    v = qkv[..., qw + kw:].view(B, L, n_kv, D).transpose(1, 2)
+    q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
+    q = q * qscale[:, None, :, None].to(q.dtype)
+    slot = positions[:, None, :, None].expand(B, n_kv, L, D)
+    cache_k.scatter_(2, slot, k)
+    cache_v.scatter_(2, slot, v)
+    return q.contiguous()
+
+
 # ---- dispatch ------------------------------------------------------------------------------------------
 
 def add_rmsnorm(x: torch.Tensor, res: torch.Tensor | None, weight: torch.Tensor, eps: float):
@@ -72,3 +91,14 @@ def quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return quant_fp8_torch(x)
     from ._triton_kernels import quant_fp8_triton
     return quant_fp8_triton(x)
+
+
+def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qscale: torch.Tensor,
+             positions: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, n_heads: int,
+             n_kv: int) -> torch.Tensor:
+    """qkv [B, L, (Hq + 2 Hkv) D], cos/sin [B, L, D], qscale [B, L] fp32, positions [B, L]; writes
+    cache_k/v [B, Hkv, S, D] at the positions and returns the rotated, scaled q [B, Hq, L, D]."""
+    if not _triton_ok(qkv):
+        return rope_qkv_torch(qkv, cos, sin, qscale, positions, cache_k, cache_v, n_heads, n_kv)
+    from ._triton_kernels import rope_qkv_triton
+    return rope_qkv_triton(qkv, cos, sin, qscale, positions, cache_k, cache_v, n_heads, n_kv)

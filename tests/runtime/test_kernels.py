@@ -51,3 +51,28 @@ def test_quant_fp8_matches_definition():
     if DEV == "cuda":       # the interpreter's fp8 casts are not the GPU's (seen 0.5 relative off)
         assert torch.equal(q.float(), q_ref.float())
     assert (q_ref.float() * s_ref - x).abs().max() <= x.abs().max() / 16    # e4m3: 3 mantissa bits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_qkv(dtype):
+    from nemodiff_compile.config import PRESETS
+    from nemodiff_compile.model import rope
+
+    cfg = PRESETS["tiny"]
+    B, L, S, Hq, Hkv, D = 2, 5, 24, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(B, L, (Hq + 2 * Hkv) * D, generator=g).to(DEV, dtype)
+    positions = (torch.tensor([[3], [17]]) + torch.arange(L)).to(DEV)           # ragged rows
+    cos, sin = rope.cos_sin(positions, rope.inv_freq(cfg).to(DEV), rope.attention_factor(cfg), dtype)
+    qscale = 1 + 0.3 * torch.rand(B, L, generator=g).to(DEV)
+    caches = [[torch.full((B, Hkv, S, D), float("nan"), dtype=dtype, device=DEV) for _ in range(2)]
+              for _ in range(2)]
+    q_ref = kernels.rope_qkv_torch(qkv, cos, sin, qscale, positions, *caches[0], Hq, Hkv)
+    q = tk.rope_qkv_triton(qkv, cos, sin, qscale, positions, *caches[1], Hq, Hkv)
+    # four roundings in a row: truncation in the interpreter can drift up to a few bf16 ulps
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else (
+        BF16 if DEV == "cuda" else dict(rtol=3.2e-2, atol=7e-2))
+    torch.testing.assert_close(q, q_ref, **tol)
+    for ref, got in zip(caches[0], caches[1]):
+        assert torch.equal(ref.isnan(), got.isnan())                              # the same slots written
+        torch.testing.assert_close(got.nan_to_num(), ref.nan_to_num(), **tol)
