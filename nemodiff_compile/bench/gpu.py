@@ -25,6 +25,10 @@ PEAK_BANDWIDTH = (("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12),
                   ("L40S", 0.864e12), ("L4", 0.3e12))
 
 
+# bench precision -> FastModel's fp8 mode (runtime/fast_model.Linear)
+FAST_PRECISIONS = {"bf16": None, "fp8": "row", "fp8-tensor": "tensor"}
+
+
 def peak_bandwidth(name: str) -> float | None:
     for key, bw in PEAK_BANDWIDTH:
         if key in name:
@@ -123,7 +127,7 @@ def bench_passes(model, *, precisions=("bf16", "fp8"), batches=(1, 4, 8), blocks
             log(f"  reference bf16 batch {batch} block {block}: {ref_ms[batch, block]:.3f} ms/pass")
         del cache
     for precision in precisions:
-        fast = FastModel(model, fp8=precision == "fp8")
+        fast = FastModel(model, fp8=FAST_PRECISIONS[precision])
         den = FastDenoiser(fast, max_len, buckets=BatchBuckets(tuple(batches)))
         for batch in batches:
             den.reset(batch)
@@ -164,7 +168,7 @@ def bench_modes(model, *, batches=(1, 4, 8), block: int = 32, context: int = 512
 
     cfg = model.config
     max_len = context + max_new_tokens + 2 * block
-    fast = FastDenoiser(model, max_len, fp8=precision == "fp8", buckets=BatchBuckets(tuple(batches)))
+    fast = FastDenoiser(model, max_len, fp8=FAST_PRECISIONS[precision], buckets=BatchBuckets(tuple(batches)))
     ref = TorchDenoiser(model, max_len)
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -210,10 +214,10 @@ def gpu_report(source, *, precisions=("bf16", "fp8"), batches=(1, 4, 8), blocks=
 
     if not torch.cuda.is_available():
         raise InvalidArgument("bench-gpu needs a CUDA GPU (torch.cuda.is_available() is False)")
-    bad = set(precisions) - {"bf16", "fp8"}
+    bad = set(precisions) - set(FAST_PRECISIONS)
     if bad:
-        raise InvalidArgument(f"--precision {sorted(bad)[0]}: the fast engine runs bf16 or fp8")
-    if "fp8" in precisions and torch.cuda.get_device_capability() < (8, 9):
+        raise InvalidArgument(f"--precision {sorted(bad)[0]}: the fast engine runs {', '.join(FAST_PRECISIONS)}")
+    if any(FAST_PRECISIONS[p] for p in precisions) and torch.cuda.get_device_capability() < (8, 9):
         raise InvalidArgument("--precision fp8: FP8 matmuls need compute capability 8.9 or newer")
     name = torch.cuda.get_device_name()
     peak = peak_bandwidth(name)

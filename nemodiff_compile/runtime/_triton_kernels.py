@@ -124,3 +124,36 @@ def rope_qkv_triton(qkv, cos, sin, qscale, positions, cache_k, cache_v, n_heads,
                                           cache_k, cache_v, L, cache_k.shape[2], HQ=n_heads, HKV=n_kv, D=D,
                                           DTYPE=_TL[qkv.dtype])
     return q
+
+
+@triton.jit
+def _amax_atomic(x_ptr, amax_ptr, K, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    x = tl.load(x_ptr + row * K + offs, mask=offs < K, other=0.0).to(tl.float32)
+    tl.atomic_max(amax_ptr, tl.max(tl.abs(x), 0))         # amax >= 0: float order = int order
+
+
+@triton.jit
+def _quant_fp8_scalar(x_ptr, q_ptr, amax_ptr, scale_ptr, K, FP8MAX: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    ok = offs < K
+    scale = tl.maximum(tl.load(amax_ptr), 1e-12) / FP8MAX
+    x = tl.load(x_ptr + row * K + offs, mask=ok, other=0.0).to(tl.float32)
+    q = tl.minimum(tl.maximum(x / scale, -FP8MAX), FP8MAX)
+    tl.store(q_ptr + row * K + offs, q.to(tl.float8e4nv), mask=ok)
+    if row == 0:
+        tl.store(scale_ptr, scale)
+
+
+def quant_fp8_tensor_triton(x):
+    M, K = x.shape
+    x = x.contiguous()
+    amax = torch.zeros((), dtype=torch.float32, device=x.device)
+    scale = torch.empty((), dtype=torch.float32, device=x.device)
+    q = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x.device)
+    block = triton.next_power_of_2(K)
+    _amax_atomic[(M,)](x, amax, K, BLOCK_K=block)
+    _quant_fp8_scalar[(M,)](x, q, amax, scale, K, FP8MAX=FP8_MAX, BLOCK_K=block)
+    return q, scale

@@ -55,10 +55,11 @@ def _remask(logits, canvas, active, quota, *, mask_id, threshold):
 
 
 class FastDenoiser:
-    def __init__(self, model: NemotronLabsDiffusion | FastModel, max_len: int, *, fp8: bool = False,
+    def __init__(self, model: NemotronLabsDiffusion | FastModel, max_len: int, *, fp8: bool | str | None = None,
                  buckets: BatchBuckets = BatchBuckets(), graphs: bool | GraphPool = True,
                  return_logits: bool = False):
-        """model: the reference (re-laid out here, FP8 if asked) or an already built FastModel."""
+        """model: the reference (re-laid out here; fp8 None, "row" or "tensor", see fast_model.Linear)
+        or an already built FastModel."""
         self.fast = model if isinstance(model, FastModel) else FastModel(model, fp8=fp8)
         self.config = self.fast.config
         self.max_len = max_len

@@ -7,8 +7,9 @@
     passes write there too: those slots are past the row's length, scratch until a causal pass
     overwrites them with the committed block, and the mask never shows stale slots;
   - fused residual-add + RMSNorm and SiLU * up (runtime/kernels.py);
-  - optionally FP8 E4M3 weights (per output channel) and per-row dynamic FP8 activations through
-    `torch._scaled_mm` on Hopper; embedding, norms and the diffusion head stay in the model dtype.
+  - optionally FP8 E4M3 weights and dynamic FP8 activations through `torch._scaled_mm` on Hopper
+    (per channel / per row, or per tensor); embedding, norms and the diffusion head stay in the
+    model dtype.
 
 Every shape is fixed by (batch, block length, cache length), and nothing reads device values on the
 host, so a pass can be captured as a CUDA graph (runtime/graphs.py).
@@ -26,16 +27,25 @@ from ..model.model import NemotronLabsDiffusion
 from . import kernels
 
 
-class Linear:
-    """y = x @ W.T in the model dtype, or through FP8 (W per output channel, x per row)."""
+FP8_MODES = ("row", "tensor")
 
-    def __init__(self, weight: torch.Tensor, fp8: bool):
+
+class Linear:
+    """y = x @ W.T in the model dtype, or through FP8 E4M3 with dynamic activation scales:
+      row     W scaled per output channel, x per row: `_scaled_mm` rowwise (CUTLASS on Hopper)
+      tensor  one scale for W, one for x: `_scaled_mm` tensorwise (cuBLASLt)
+    """
+
+    def __init__(self, weight: torch.Tensor, fp8: str | None):
+        if fp8 not in (None, *FP8_MODES):
+            raise ValueError(f"fp8 mode must be one of {FP8_MODES} or None, got {fp8!r}")
         self.fp8 = fp8
         if fp8:
             w = weight.float()
-            scale = w.abs().amax(1, keepdim=True).clamp_min(1e-12) / kernels.FP8_MAX     # [N, 1]
+            amax = w.abs().amax(1, keepdim=True) if fp8 == "row" else w.abs().amax()
+            scale = amax.clamp_min(1e-12) / kernels.FP8_MAX                             # [N, 1] or []
             self.weight = (w / scale).clamp(-kernels.FP8_MAX, kernels.FP8_MAX).to(torch.float8_e4m3fn)
-            self.scale = scale.t().contiguous()                                         # [1, N]
+            self.scale = scale.t().contiguous() if fp8 == "row" else scale               # [1, N] or []
             self.out_dtype = weight.dtype
         else:
             self.weight = weight                                                       # [N, K]
@@ -48,12 +58,14 @@ class Linear:
         if not self.fp8:
             return F.linear(x, self.weight)
         lead, K = x.shape[:-1], x.shape[-1]
-        q, sx = kernels.quant_fp8(x.reshape(-1, K))                                    # [M, K], [M, 1]
+        quant = kernels.quant_fp8 if self.fp8 == "row" else kernels.quant_fp8_tensor
+        q, sx = quant(x.reshape(-1, K))                                                # [M, K]; [M, 1] or []
         if q.is_cuda:
             y = torch._scaled_mm(q, self.weight.t(), scale_a=sx, scale_b=self.scale,
                                  out_dtype=self.out_dtype)
         else:   # the same product on the CPU: dequantize, multiply in fp32
-            y = ((q.float() * sx) @ (self.weight.float() * self.scale.t()).t()).to(self.out_dtype)
+            w = self.weight.float() * (self.scale.t() if self.fp8 == "row" else self.scale)
+            y = ((q.float() * sx) @ w.t()).to(self.out_dtype)
         return y.view(*lead, -1)
 
 
@@ -73,7 +85,9 @@ class Layer:
 class FastModel:
     """Weights of `model` in the fast layout (fused copies; unfused tensors are shared, not copied)."""
 
-    def __init__(self, model: NemotronLabsDiffusion, *, fp8: bool = False):
+    def __init__(self, model: NemotronLabsDiffusion, *, fp8: bool | str | None = None):
+        """fp8: None (the model dtype), "row" or "tensor" (see Linear); True means "row"."""
+        fp8 = "row" if fp8 is True else (fp8 or None)
         cfg = self.config = model.config
         self.dtype = model.dtype
         self.fp8 = fp8

@@ -8,6 +8,7 @@ the torch fallback runs, so the fast engine's arithmetic is testable anywhere:
                 with the statistics in fp32, the transformers Ministral3RMSNorm order
   silu_mul      silu(g) * u, each rounded to the dtype as eager torch does
   quant_fp8     per-row dynamic FP8 E4M3: scale = amax / 448, q = x / scale (Hopper matmul operand)
+  quant_fp8_tensor  the same with one scale for the whole tensor
   rope_qkv      split the fused q|k|v projection, RoPE q and k (q times the Llama-4 query scale),
                 q out as [B, Hq, L, D], k and v straight into the cache at each token's position
 """
@@ -67,6 +68,12 @@ def rope_qkv_torch(qkv, cos, sin, qscale, positions, cache_k, cache_v, n_heads, 
     return q.contiguous()
 
 
+def quant_fp8_tensor_torch(x):
+    scale = x.abs().amax().float().clamp_min(1e-12) / FP8_MAX                  # []
+    q = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
 # ---- dispatch ------------------------------------------------------------------------------------------
 
 def add_rmsnorm(x: torch.Tensor, res: torch.Tensor | None, weight: torch.Tensor, eps: float):
@@ -102,3 +109,11 @@ def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qscale: to
         return rope_qkv_torch(qkv, cos, sin, qscale, positions, cache_k, cache_v, n_heads, n_kv)
     from ._triton_kernels import rope_qkv_triton
     return rope_qkv_triton(qkv, cos, sin, qscale, positions, cache_k, cache_v, n_heads, n_kv)
+
+
+def quant_fp8_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (q [M, K] float8_e4m3fn, scale [] float32) with x ~= q * scale."""
+    if not _triton_ok(x):
+        return quant_fp8_tensor_torch(x)
+    from ._triton_kernels import quant_fp8_tensor_triton
+    return quant_fp8_tensor_triton(x)

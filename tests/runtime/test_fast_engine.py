@@ -134,18 +134,19 @@ def test_buckets():
         b.pick(9)
 
 
-def test_fp8_layout_tracks_fp32(random_tiny):
-    """FP8 weights per channel and activations per row (the CPU emulation of the _scaled_mm path)."""
+@pytest.mark.parametrize("mode", ["row", "tensor"])
+def test_fp8_layout_tracks_fp32(random_tiny, mode):
+    """FP8 weights and dynamic activations (the CPU emulation of the _scaled_mm paths)."""
     ids = torch.randint(0, 1000, (2, 16))
     lengths, nv = torch.zeros(2, dtype=torch.long), torch.full((2,), 16)
     cfg = random_tiny.config
     shape = (cfg.num_hidden_layers, 2, cfg.num_key_value_heads, 32, cfg.head_dim)
     out = {}
-    for fp8 in (False, True):
+    for fp8 in (None, mode):
         ck, cv = torch.zeros(shape), torch.zeros(shape)
         out[fp8] = FastModel(random_tiny, fp8=fp8).forward(ids, lengths, nv, causal=True, cache_k=ck, cache_v=cv)
-    cos = torch.nn.functional.cosine_similarity(out[True].flatten(1), out[False].flatten(1)).min()
+    cos = torch.nn.functional.cosine_similarity(out[mode].flatten(1), out[None].flatten(1)).min()
     assert 0.99 < cos < 1.0
-    fm = FastModel(random_tiny, fp8=True)
+    fm = FastModel(random_tiny, fp8=mode)
     assert fm.layers[0].qkv.weight.dtype == torch.float8_e4m3fn
     assert fm.weight_bytes < FastModel(random_tiny).weight_bytes / 2
