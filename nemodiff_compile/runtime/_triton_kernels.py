@@ -157,3 +157,106 @@ def quant_fp8_tensor_triton(x):
     _amax_atomic[(M,)](x, amax, K, BLOCK_K=block)
     _quant_fp8_scalar[(M,)](x, q, amax, scale, K, FP8MAX=FP8_MAX, BLOCK_K=block)
     return q, scale
+
+
+@triton.jit
+def _attn_split(q_ptr, k_ptr, v_ptr, len_ptr, nv_ptr, acc_ptr, m_ptr, l_ptr, L, S, NSPLIT, sm_scale,
+                REP: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr,
+                IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+    """Partial attention of one KV head's query rows (rep*L, GQA-folded) over one key split."""
+    bh = tl.program_id(0).to(tl.int64)                      # b * HKV + kv head
+    mt = tl.program_id(1)
+    sp = tl.program_id(2)
+    b = bh // HKV
+    R = REP * L
+    rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < R
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + (bh * R + rows)[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
+    length = tl.load(len_ptr + b)
+    visible = length + tl.load(nv_ptr + b)                  # keys [0, visible) exist for this row
+    qpos = length + rows % L                                # [BLOCK_M] absolute query positions
+    m = tl.full([BLOCK_M], -float("inf"), tl.float32)
+    l_ = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    kv = bh * S * D
+    for n0 in range(0, SPLIT, BLOCK_N):
+        keys = sp * SPLIT + n0 + tl.arange(0, BLOCK_N)
+        key_ok = (keys < visible) & (keys < S)
+        k = tl.load(k_ptr + kv + keys[:, None] * D + d[None, :], mask=key_ok[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * sm_scale
+        ok = key_ok[None, :]
+        if CAUSAL:
+            ok = ok & (keys[None, :] <= qpos[:, None])
+        s = tl.where(ok, s, -float("inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)     # rows with nothing visible yet
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m - m_safe)
+        l_ = l_ * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + kv + keys[:, None] * D + d[None, :], mask=key_ok[:, None], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    part = (bh * NSPLIT + sp) * R + rows                    # [BLOCK_M] into [B*HKV, NSPLIT, R]
+    tl.store(m_ptr + part, m, mask=row_ok)
+    tl.store(l_ptr + part, l_, mask=row_ok)
+    tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _attn_combine(acc_ptr, m_ptr, l_ptr, out_ptr, L, NSPLIT, REP: tl.constexpr, HKV: tl.constexpr,
+                  D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Merge the splits (log-sum-exp weights) and write out [B, L, Hq * D], o_proj's input layout."""
+    bh = tl.program_id(0).to(tl.int64)
+    mt = tl.program_id(1)
+    b = bh // HKV
+    kvh = bh % HKV
+    R = REP * L
+    rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < R
+    d = tl.arange(0, D)
+    m_max = tl.full([BLOCK_M], -float("inf"), tl.float32)
+    for sp in range(0, NSPLIT):
+        m_max = tl.maximum(m_max, tl.load(m_ptr + (bh * NSPLIT + sp) * R + rows, mask=row_ok,
+                                          other=-float("inf")))
+    m_max = tl.where(m_max == -float("inf"), 0.0, m_max)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for sp in range(0, NSPLIT):
+        part = (bh * NSPLIT + sp) * R + rows
+        w = tl.exp(tl.load(m_ptr + part, mask=row_ok, other=-float("inf")) - m_max)
+        total += w * tl.load(l_ptr + part, mask=row_ok, other=0.0)
+        acc += w[:, None] * tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
+    out = acc / tl.where(total > 0, total, 1.0)[:, None]     # padding rows: 0, not 0/0
+    head = kvh * REP + rows // L
+    dst = ((b * L + rows % L) * (HKV * REP) + head) * D
+    tl.store(out_ptr + dst[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+ATTN_SPLIT = 128          # keys per split: S = 640 gives 5 splits, about 80 programs at batch 1
+
+
+def block_attention_triton(q, cache_k, cache_v, lengths, num_valid, causal):
+    B, Hq, L, D = q.shape
+    Hkv, S = cache_k.shape[1], cache_k.shape[2]
+    rep = Hq // Hkv
+    R = rep * L
+    nsplit = triton.cdiv(S, ATTN_SPLIT)
+    BLOCK_M = 64 if R >= 64 else max(16, triton.next_power_of_2(R))
+    mtiles = triton.cdiv(R, BLOCK_M)
+    acc = torch.empty(B * Hkv, nsplit, R, D, dtype=torch.float32, device=q.device)
+    m = torch.empty(B * Hkv, nsplit, R, dtype=torch.float32, device=q.device)
+    l_ = torch.empty_like(m)
+    _attn_split[(B * Hkv, mtiles, nsplit)](q, cache_k, cache_v, lengths, num_valid, acc, m, l_, L, S, nsplit,
+                                           D ** -0.5, REP=rep, HKV=Hkv, D=D, CAUSAL=bool(causal),
+                                           IEEE=q.dtype == torch.float32, BLOCK_M=BLOCK_M, BLOCK_N=64,
+                                           SPLIT=ATTN_SPLIT)
+    out = torch.empty(B, L, Hq * D, dtype=q.dtype, device=q.device)
+    _attn_combine[(B * Hkv, mtiles)](acc, m, l_, out, L, nsplit, REP=rep, HKV=Hkv, D=D, BLOCK_M=BLOCK_M)
+    return out

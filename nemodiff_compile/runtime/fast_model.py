@@ -85,9 +85,12 @@ class Layer:
 class FastModel:
     """Weights of `model` in the fast layout (fused copies; unfused tensors are shared, not copied)."""
 
-    def __init__(self, model: NemotronLabsDiffusion, *, fp8: bool | str | None = None):
-        """fp8: None (the model dtype), "row" or "tensor" (see Linear); True means "row"."""
+    def __init__(self, model: NemotronLabsDiffusion, *, fp8: bool | str | None = None,
+                 attention: str = "auto"):
+        """fp8: None (the model dtype), "row" or "tensor" (see Linear); True means "row".
+        attention: "auto" (Triton on CUDA, torch SDPA elsewhere), "triton" or "sdpa"."""
         fp8 = "row" if fp8 is True else (fp8 or None)
+        self.attention = attention
         cfg = self.config = model.config
         self.dtype = model.dtype
         self.fp8 = fp8
@@ -131,18 +134,10 @@ class FastModel:
         j <= lengths[b] + i (cache_lengths + L <= S is the caller's to check, on the host).
         """
         B, L = ids.shape
-        S = cache_k.shape[3]
         dev = ids.device
-        rep = self.n_heads // self.n_kv
         positions = lengths[:, None] + torch.arange(L, device=dev)                      # [B, L]
-        keys = torch.arange(S, device=dev)                                             # [S]
-        mask = keys[None, None, :] < (lengths + num_valid)[:, None, None]              # [B, 1, S]
-        if causal:
-            mask = mask & (keys[None, None, :] <= positions[:, :, None])               # [B, L, S]
-        mask = mask.expand(B, L, S).repeat(1, rep, 1)[:, None]                          # [B, 1, rep*L, S]
         cos, sin = rope.cos_sin(positions, self.inv_freq, self.rope_scale, self.dtype)  # [B, L, D]
         qscale = rope.query_scale(self.config, positions)                              # [B, L] fp32
-        qw = self.n_heads * self.head_dim
 
         h = F.embedding(ids, self.embed)                                               # [B, L, H]
         x, _ = kernels.add_rmsnorm(h, None, self.layers[0].attn_norm, self.eps)
@@ -150,9 +145,8 @@ class FastModel:
             qkv = layer.qkv(x)                                                         # [B, L, qw + 2kw]
             q = kernels.rope_qkv(qkv, cos, sin, qscale, positions, cache_k[i], cache_v[i],
                                  self.n_heads, self.n_kv)                              # [B, Hq, L, D]
-            q = q.view(B, self.n_kv, rep * L, self.head_dim)                           # GQA rows folded
-            out = F.scaled_dot_product_attention(q, cache_k[i], cache_v[i], attn_mask=mask)
-            out = out.reshape(B, self.n_heads, L, self.head_dim).transpose(1, 2).reshape(B, L, qw)
+            out = kernels.block_attention(q, cache_k[i], cache_v[i], lengths, num_valid, causal,
+                                          backend=self.attention)                     # [B, L, qw]
             a = layer.o(out)
             if lora and layer.lora_a is not None:
                 a = a + (out @ layer.lora_a.t() @ layer.lora_b.t()) * layer.lora_scale

@@ -11,6 +11,9 @@ the torch fallback runs, so the fast engine's arithmetic is testable anywhere:
   quant_fp8_tensor  the same with one scale for the whole tensor
   rope_qkv      split the fused q|k|v projection, RoPE q and k (q times the Llama-4 query scale),
                 q out as [B, Hq, L, D], k and v straight into the cache at each token's position
+  block_attention  the block's queries over the cache in place (split over keys, then merged),
+                written as [B, L, Hq * D] for o_proj; key j of row b visible iff
+                j < lengths[b] + num_valid[b] (and j <= lengths[b] + i when causal)
 """
 
 from __future__ import annotations
@@ -74,6 +77,21 @@ def quant_fp8_tensor_torch(x):
     return q, scale
 
 
+def block_attention_torch(q, cache_k, cache_v, lengths, num_valid, causal):
+    B, Hq, L, D = q.shape
+    Hkv, S = cache_k.shape[1], cache_k.shape[2]
+    rep = Hq // Hkv
+    keys = torch.arange(S, device=q.device)
+    mask = keys[None, None, :] < (lengths + num_valid)[:, None, None]                 # [B, 1, S]
+    if causal:
+        positions = lengths[:, None] + torch.arange(L, device=q.device)                 # [B, L]
+        mask = mask & (keys[None, None, :] <= positions[:, :, None])                    # [B, L, S]
+    mask = mask.expand(B, L, S).repeat(1, rep, 1)[:, None]                               # [B, 1, rep*L, S]
+    q = q.reshape(B, Hkv, rep * L, D)                                                    # GQA rows folded
+    out = torch.nn.functional.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=mask)
+    return out.reshape(B, Hq, L, D).transpose(1, 2).reshape(B, L, Hq * D)
+
+
 # ---- dispatch ------------------------------------------------------------------------------------------
 
 def add_rmsnorm(x: torch.Tensor, res: torch.Tensor | None, weight: torch.Tensor, eps: float):
@@ -117,3 +135,13 @@ def quant_fp8_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return quant_fp8_tensor_torch(x)
     from ._triton_kernels import quant_fp8_tensor_triton
     return quant_fp8_tensor_triton(x)
+
+
+def block_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, lengths: torch.Tensor,
+                    num_valid: torch.Tensor, causal: bool, *, backend: str = "auto") -> torch.Tensor:
+    """q [B, Hq, L, D], cache_k/v [B, Hkv, S, D] (the block's K/V already written) -> [B, L, Hq*D].
+    backend: "sdpa" (torch's fused attention with a mask), "triton", or "auto" (Triton on CUDA)."""
+    if backend == "sdpa" or (backend == "auto" and not _triton_ok(q)):
+        return block_attention_torch(q, cache_k, cache_v, lengths, num_valid, causal)
+    from ._triton_kernels import block_attention_triton
+    return block_attention_triton(q, cache_k, cache_v, lengths, num_valid, causal)

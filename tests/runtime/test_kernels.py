@@ -89,3 +89,19 @@ def test_quant_fp8_tensor_matches_definition():
     assert s_ref.shape == () and float(s_ref) == pytest.approx(float(x.abs().max()) / 448)
     if DEV == "cuda":
         assert torch.equal(q.float(), q_ref.float())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("L,S", [(5, 40), (24, 300)])          # one split / three splits, R < / > 64
+def test_block_attention(causal, L, S):
+    B, Hq, Hkv, D = 3, 8, 2, 32
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(B, Hq, L, D, generator=g).to(DEV)
+    ck = torch.randn(B, Hkv, S, D, generator=g).to(DEV)
+    cv = torch.randn(B, Hkv, S, D, generator=g).to(DEV)
+    lengths = torch.tensor([0, 7, S - L - 3]).to(DEV)               # empty cache, short, nearly full
+    num_valid = torch.tensor([L, L - 2, L]).to(DEV)                 # a right-padded row
+    ref = kernels.block_attention_torch(q, ck, cv, lengths, num_valid, causal)
+    got = tk.block_attention_triton(q, ck, cv, lengths, num_valid, causal)
+    assert got.shape == (B, L, Hq * D)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
