@@ -109,7 +109,8 @@ def main() -> int:
     report["cuda_remask"] = cuda_remask(args.out)
     print(f"# 4. bench-gpu --size {args.size}", flush=True)
     from nemodiff_compile.bench.gpu import gpu_report, report_table
-    report["bench"] = gpu_report(args.size, iters=args.iters, log=lambda m: print(m, flush=True))
+    report["bench"] = gpu_report(args.size, precisions=("bf16", "bf16-sdpa", "fp8", "fp8-tensor"),
+                                 iters=args.iters, log=lambda m: print(m, flush=True))
     report["seconds"] = round(time.time() - t0, 1)
     (args.out / "gpu_report.json").write_text(json.dumps(report, indent=1))
     print(report_table(report["bench"]))

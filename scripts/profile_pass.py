@@ -40,6 +40,28 @@ def main() -> None:
                 p.denoise()
             torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    gemms(model.config, args.batch * args.block)
+
+
+def gemms(cfg, M: int) -> None:
+    """One layer's projections at M = batch * block rows: bf16 vs the two FP8 paths, by CUDA events."""
+    import torch
+
+    from nemodiff_compile.bench.gpu import time_ms
+    from nemodiff_compile.runtime.fast_model import Linear
+
+    H, I = cfg.hidden_size, cfg.intermediate_size
+    shapes = {"qkv": (cfg.q_width + 2 * cfg.kv_width, H), "o": (H, cfg.q_width), "gate_up": (2 * I, H),
+              "down": (H, I)}
+    for name, (N, K) in shapes.items():
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        row = [f"{name:8} M={M} N={N} K={K}:"]
+        for mode in (None, "row", "tensor"):
+            lin = Linear(w, mode)
+            ms = time_ms(lambda: lin(x), iters=50)
+            row.append(f"{mode or 'bf16'} {ms * 1e3:.1f} us ({lin.nbytes / (ms / 1e3) / 1e12:.2f} TB/s)")
+        print("  ".join(row))
 
 
 if __name__ == "__main__":

@@ -25,8 +25,9 @@ PEAK_BANDWIDTH = (("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12),
                   ("L40S", 0.864e12), ("L4", 0.3e12))
 
 
-# bench precision -> FastModel's fp8 mode (runtime/fast_model.Linear)
-FAST_PRECISIONS = {"bf16": None, "fp8": "row", "fp8-tensor": "tensor"}
+# bench variant -> FastModel options (runtime/fast_model.py): FP8 mode and attention backend
+FAST_VARIANTS = {"bf16": {}, "bf16-sdpa": dict(attention="sdpa"), "fp8": dict(fp8="row"),
+                 "fp8-tensor": dict(fp8="tensor")}
 
 
 def peak_bandwidth(name: str) -> float | None:
@@ -127,7 +128,7 @@ def bench_passes(model, *, precisions=("bf16", "fp8"), batches=(1, 4, 8), blocks
             log(f"  reference bf16 batch {batch} block {block}: {ref_ms[batch, block]:.3f} ms/pass")
         del cache
     for precision in precisions:
-        fast = FastModel(model, fp8=FAST_PRECISIONS[precision])
+        fast = FastModel(model, **FAST_VARIANTS[precision])
         den = FastDenoiser(fast, max_len, buckets=BatchBuckets(tuple(batches)))
         for batch in batches:
             den.reset(batch)
@@ -163,12 +164,14 @@ def bench_modes(model, *, batches=(1, 4, 8), block: int = 32, context: int = 512
     The prompts are random ids of `context` tokens (random weights: TPF is not a model's)."""
     from ..runtime.buckets import BatchBuckets
     from ..runtime.fast_engine import FastDenoiser
+    from ..runtime.fast_model import FastModel
     from ..runtime.torch_engine import TorchDenoiser
     from ..sampling import loops
 
     cfg = model.config
     max_len = context + max_new_tokens + 2 * block
-    fast = FastDenoiser(model, max_len, fp8=FAST_PRECISIONS[precision], buckets=BatchBuckets(tuple(batches)))
+    fast = FastDenoiser(FastModel(model, **FAST_VARIANTS[precision]), max_len,
+                        buckets=BatchBuckets(tuple(batches)))
     ref = TorchDenoiser(model, max_len)
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -214,10 +217,10 @@ def gpu_report(source, *, precisions=("bf16", "fp8"), batches=(1, 4, 8), blocks=
 
     if not torch.cuda.is_available():
         raise InvalidArgument("bench-gpu needs a CUDA GPU (torch.cuda.is_available() is False)")
-    bad = set(precisions) - set(FAST_PRECISIONS)
+    bad = set(precisions) - set(FAST_VARIANTS)
     if bad:
-        raise InvalidArgument(f"--precision {sorted(bad)[0]}: the fast engine runs {', '.join(FAST_PRECISIONS)}")
-    if any(FAST_PRECISIONS[p] for p in precisions) and torch.cuda.get_device_capability() < (8, 9):
+        raise InvalidArgument(f"--precision {sorted(bad)[0]}: the fast engine runs {', '.join(FAST_VARIANTS)}")
+    if any("fp8" in p for p in precisions) and torch.cuda.get_device_capability() < (8, 9):
         raise InvalidArgument("--precision fp8: FP8 matmuls need compute capability 8.9 or newer")
     name = torch.cuda.get_device_name()
     peak = peak_bandwidth(name)

@@ -23,7 +23,8 @@ def _ints(ctx, param, value: str) -> tuple[int, ...]:
 @click.command("bench-gpu")
 @model_source
 @click.option("--precision", default="bf16,fp8", show_default=True,
-              help="Comma-separated: bf16, fp8 (per-channel weights, per-row activations), fp8-tensor.")
+              help="Comma-separated: bf16, bf16-sdpa (torch attention), fp8 (per-channel weights, "
+                   "per-row activations), fp8-tensor (per-tensor scales).")
 @click.option("--batch", default="1,4,8", show_default=True, callback=_ints, help="Batch sizes.")
 @click.option("--block", default="16,32,64", show_default=True, callback=_ints, help="Block lengths.")
 @click.option("--context", type=click.IntRange(min=1), default=512, show_default=True,
