@@ -8,24 +8,47 @@ from pathlib import Path
 
 import click
 
-from ._common import user_errors
+from ._common import model_source, resolve_source, user_errors
 
 
 @click.command()
-@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.argument("engine_dir", type=click.Path(path_type=Path), required=False)
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
               help="Checkpoint folder of the reference (default: the one the engine was built from).")
+@click.option("--fast", is_flag=True,
+              help="Validate the fast torch engine (CUDA graphs on a GPU) built from --size/--checkpoint "
+                   "instead of an engine directory.")
+@model_source
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp8", "fp8-tensor"]), default=None,
+              help="With --fast: default bf16 on a GPU, fp32 on the CPU.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--mode", "modes", type=click.Choice(["ar", "dlm", "linear-spec"]), multiple=True,
               help="Modes to compare (default: all three).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @user_errors
-def validate(engine_dir, reference, max_new_tokens, modes, as_json):
+def validate(engine_dir, reference, fast, checkpoint, size, precision, max_new_tokens, modes, as_json):
     """Compare an engine with the PyTorch reference pass by pass; exit 1 when it fails its tolerances."""
+    modes = modes or ("ar", "dlm", "linear-spec")
+    if fast:
+        if engine_dir is not None:
+            raise click.UsageError("--fast validates a model (--size/--checkpoint), not ENGINE_DIR")
+        import torch
+
+        from ..validate.fast import validate_fast
+
+        precision = precision or ("bf16" if torch.cuda.is_available() else "fp32")
+        report = validate_fast(resolve_source(checkpoint, size), precision=precision,
+                               max_new_tokens=max_new_tokens, modes=modes)
+        click.echo(json.dumps(report.to_json()) if as_json else report.to_table())
+        sys.exit(0 if report.passed else 1)
+    if engine_dir is None:
+        raise click.UsageError("give ENGINE_DIR, or --fast with --size/--checkpoint")
+    if checkpoint is not None or size is not None or precision is not None:
+        raise click.UsageError("--size/--checkpoint/--precision go with --fast")
     from ..validate.engine import validate_engine
 
     report = validate_engine(engine_dir, reference_source=reference, max_new_tokens=max_new_tokens,
-                             modes=modes or ("ar", "dlm", "linear-spec"))
+                             modes=modes)
     click.echo(json.dumps(report.to_json()) if as_json else report.to_table())
     sys.exit(0 if report.passed else 1)
 
