@@ -5,7 +5,8 @@
      (fp32 and bf16, every mode), the Triton remask and fused kernels on CUDA against torch
   2. the Triton remask kernel against the torch reference at the real vocabulary: equality and time
   3. the CUDA remask kernel (plugins/remask/cuda), where its sources and nvcc are present
-  4. `bench-gpu` at the 8B geometry (seeded random weights): passes for bf16/fp8 x batch 1/4/8 x
+  4. `validate --fast` on the trained tiny model in bf16, fp8 and fp8-tensor (graph replay vs eager)
+  5. `bench-gpu` at the 8B geometry (seeded random weights): passes for bf16/fp8 x batch 1/4/8 x
      block 16/32/64 against the eager reference, and whole generations per mode
 
     python3 scripts/gpu_check.py --out DIR        # writes DIR/gpu_report.json (+ logs), prints a summary
@@ -79,6 +80,18 @@ def cuda_remask(out: Path) -> dict:
     return dict(returncode=proc.returncode, output=proc.stdout[-4000:])
 
 
+def validate_fast_all() -> dict:
+    from nemodiff_compile.validate.fast import validate_fast
+
+    out = {}
+    for precision in ("bf16", "fp8", "fp8-tensor"):
+        rep = validate_fast("tiny", precision=precision, max_new_tokens=32).to_json()
+        out[precision] = {k: rep[k] for k in ("passed", "token_agreement", "first_divergence")}
+        print(f"validate --fast tiny {precision}: passed={rep['passed']} "
+              f"token_agreement={rep['token_agreement']:.4f}", flush=True)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu_check_out")))
@@ -107,7 +120,9 @@ def main() -> int:
     report["remask"] = remask_kernels()
     print("# 3. CUDA remask kernel", flush=True)
     report["cuda_remask"] = cuda_remask(args.out)
-    print(f"# 4. bench-gpu --size {args.size}", flush=True)
+    print("# 4. validate --fast (tiny)", flush=True)
+    report["validate_fast"] = validate_fast_all()
+    print(f"# 5. bench-gpu --size {args.size}", flush=True)
     from nemodiff_compile.bench.gpu import gpu_report, report_table
     report["bench"] = gpu_report(args.size, precisions=("bf16", "bf16-sdpa", "fp8", "fp8-tensor"),
                                  iters=args.iters, log=lambda m: print(m, flush=True))
