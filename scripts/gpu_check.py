@@ -65,19 +65,72 @@ def remask_kernels(vocab: int = 131072) -> list[dict]:
     return rows
 
 
-def cuda_remask(out: Path) -> dict:
-    """Build and run the CUDA remask kernel's self-test where plugins/ provides one."""
-    test = ROOT / "plugins" / "remask" / "remask_selftest.cu"
-    if not test.is_file():
-        return dict(skipped="plugins/remask/remask_selftest.cu not present")
-    exe = out / "remask_selftest"
-    build = subprocess.run(["nvcc", "-O3", "-gencode=arch=compute_90,code=sm_90", "-o", str(exe), str(test)],
-                           capture_output=True, text=True, cwd=test.parent)
+def cuda_remask(out: Path) -> list[dict] | dict:
+    """Build plugins/remask/remaskKernel.cu as a shared library and run its C launcher
+    (`nemodiffRemaskLaunch`) through ctypes against the torch reference, beside the Triton kernel."""
+    import ctypes
+
+    import torch
+
+    from nemodiff_compile.bench.gpu import time_ms
+    from nemodiff_compile.plugins.remask.reference import remask_reference
+    from nemodiff_compile.plugins.remask.triton_kernel import remask_triton
+
+    src = ROOT / "plugins" / "remask" / "remaskKernel.cu"
+    if not src.is_file():
+        return dict(skipped=f"{src.relative_to(ROOT)} not present")
+    lib_path = out / "libnemodiff_remask.so"
+    build = subprocess.run(["nvcc", "-O3", "-shared", "-Xcompiler", "-fPIC", "-std=c++17",
+                            "-gencode=arch=compute_90,code=sm_90", "-o", str(lib_path), str(src)],
+                           capture_output=True, text=True)
     if build.returncode:
-        return dict(build_failed=build.stderr[-2000:])
-    proc = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
-    print(proc.stdout[-2000:])
-    return dict(returncode=proc.returncode, output=proc.stdout[-4000:])
+        print(build.stderr[-3000:])
+        return dict(build_failed=build.stderr[-3000:])
+    lib = ctypes.CDLL(str(lib_path))
+    fn = lib.nemodiffRemaskLaunch
+    P, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
+    fn.argtypes = [P, i32, P, P, P, P, P, P, P, P, i32, i32, i32, i64, i32, f32, f32, P]
+    fn.restype = ctypes.c_int
+    dtypes = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+    def launch(logits, canvas, active, quota, threshold):
+        B, L, V = logits.shape
+        outs = (torch.empty_like(canvas), torch.empty_like(canvas),
+                torch.empty(B, L, dtype=torch.float32, device="cuda"),
+                torch.empty(B, L, dtype=torch.bool, device="cuda"))
+        err = fn(logits.data_ptr(), dtypes[logits.dtype], canvas.data_ptr(), active.data_ptr(),
+                 quota.data_ptr() if quota is not None else None, None,
+                 *(t.data_ptr() for t in outs), B, L, V, 7, 0 if threshold is not None else 1,
+                 float(threshold or 0.0), 0.0, torch.cuda.current_stream().cuda_stream)
+        if err:
+            raise RuntimeError(f"nemodiffRemaskLaunch returned CUDA error {err}")
+        return outs
+
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for dtype in (torch.float32, torch.bfloat16):
+        for B, L, V in ((1, 32, 131072), (8, 64, 131072), (3, 16, 5003)):
+            logits = (torch.randn(B, L, V, device="cuda", generator=g) * 4).to(dtype)
+            canvas = torch.full((B, L), 7, device="cuda")
+            canvas[:, ::3] = 1
+            active = torch.ones(B, dtype=torch.bool, device="cuda")
+            active[-1] = B == 1
+            quota = torch.full((B,), 3, dtype=torch.long, device="cuda")
+            for threshold in (0.9, None):
+                ref = remask_reference(logits, canvas, active, quota, mask_id=7, threshold=threshold)
+                got = launch(logits, canvas, active, quota, threshold)
+                torch.cuda.synchronize()
+                same = all(torch.equal(a, b) for a, b in ((ref[0], got[0]), (ref[1], got[1]), (ref[3], got[3])))
+                err = float((ref[2] - got[2]).abs().max())
+                row = dict(dtype=str(dtype).split(".")[-1], batch=B, block=L, vocab=V,
+                           policy="threshold" if threshold is not None else "topk", equal=same, conf_max_err=err)
+                if threshold is not None and V == 131072:
+                    row["cuda_ms"] = round(time_ms(lambda: launch(logits, canvas, active, quota, threshold)), 4)
+                    row["triton_ms"] = round(time_ms(lambda: remask_triton(logits, canvas, active, quota,
+                                                                           mask_id=7, threshold=threshold)), 4)
+                rows.append(row)
+                print(f"cuda remask {row}", flush=True)
+    return rows
 
 
 def validate_fast_all() -> dict:
