@@ -96,10 +96,9 @@ def _rope_qkv(qkv_ptr, cos_ptr, sin_ptr, qscale_ptr, pos_ptr, q_ptr, k_ptr, v_pt
     d = tl.arange(0, D)
     row = qkv_ptr + tok * (HQ + 2 * HKV) * D
     if h < HQ + HKV:
-        half: tl.constexpr = D // 2
         x = tl.load(row + h * D + d).to(tl.float32)
-        xr = tl.load(row + h * D + (d + half) % D).to(tl.float32)
-        xr = tl.where(d < half, -xr, xr)                  # rotate_half
+        xr = tl.load(row + h * D + (d + D // 2) % D).to(tl.float32)
+        xr = tl.where(d < D // 2, -xr, xr)                # rotate_half
         c = tl.load(cos_ptr + tok * D + d).to(tl.float32)
         s_ = tl.load(sin_ptr + tok * D + d).to(tl.float32)
         y = ((x * c).to(DTYPE).to(tl.float32) + (xr * s_).to(DTYPE).to(tl.float32)).to(DTYPE)
