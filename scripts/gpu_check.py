@@ -138,10 +138,11 @@ def validate_fast_all() -> dict:
 
     out = {}
     for precision in ("bf16", "fp8", "fp8-tensor"):
-        rep = validate_fast("tiny", precision=precision, max_new_tokens=32).to_json()
-        out[precision] = {k: rep[k] for k in ("passed", "token_agreement", "first_divergence")}
-        print(f"validate --fast tiny {precision}: passed={rep['passed']} "
-              f"token_agreement={rep['token_agreement']:.4f}", flush=True)
+        report = validate_fast("tiny", precision=precision, max_new_tokens=32)
+        rep = report.to_json()
+        out[precision] = {k: rep[k] for k in ("passed", "token_agreement", "first_divergence",
+                                              "first_failure", "failures")}
+        print(f"validate --fast tiny {precision}:\n{report.to_table()}", flush=True)
     return out
 
 
@@ -151,6 +152,10 @@ def main() -> int:
     ap.add_argument("--size", default="8b")
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--precisions", default="bf16,bf16-sdpa,fp8,fp8-tensor")
+    ap.add_argument("--batches", default="1,4,8")
+    ap.add_argument("--blocks", default="16,32,64")
+    ap.add_argument("--no-modes", action="store_true")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -177,8 +182,10 @@ def main() -> int:
     report["validate_fast"] = validate_fast_all()
     print(f"# 5. bench-gpu --size {args.size}", flush=True)
     from nemodiff_compile.bench.gpu import gpu_report, report_table
-    report["bench"] = gpu_report(args.size, precisions=("bf16", "bf16-sdpa", "fp8", "fp8-tensor"),
-                                 iters=args.iters, log=lambda m: print(m, flush=True))
+    ints = lambda v: tuple(int(x) for x in v.split(","))
+    report["bench"] = gpu_report(args.size, precisions=tuple(args.precisions.split(",")),
+                                 batches=ints(args.batches), blocks=ints(args.blocks), iters=args.iters,
+                                 modes=not args.no_modes, log=lambda m: print(m, flush=True))
     report["seconds"] = round(time.time() - t0, 1)
     (args.out / "gpu_report.json").write_text(json.dumps(report, indent=1))
     print(report_table(report["bench"]))

@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..plugins.rounding import round_as
 from .kernels import FP8_MAX
 
 _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
@@ -22,14 +23,14 @@ def _add_rmsnorm(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, N, eps,
     h = tl.load(x_ptr + row * N + offs, mask=ok, other=0.0)
     if HAS_RES:
         r = tl.load(res_ptr + row * N + offs, mask=ok, other=0.0)
-        h = (h.to(tl.float32) + r.to(tl.float32)).to(DTYPE)                # eager x + res rounding
-        tl.store(sum_ptr + row * N + offs, h, mask=ok)
+        h = round_as(h.to(tl.float32) + r.to(tl.float32), DTYPE)           # eager x + res rounding
+        tl.store(sum_ptr + row * N + offs, h.to(DTYPE), mask=ok)
     f = h.to(tl.float32)
     var = tl.sum(f * f, 0) / N
-    y = (f * tl.rsqrt(var + eps)).to(DTYPE)
+    y = round_as(f * tl.rsqrt(var + eps), DTYPE)
     w = tl.load(w_ptr + offs, mask=ok, other=0.0)
-    out = (w.to(tl.float32) * y.to(tl.float32)).to(DTYPE)
-    tl.store(out_ptr + row * N + offs, out, mask=ok)
+    out = round_as(w.to(tl.float32) * y, DTYPE)
+    tl.store(out_ptr + row * N + offs, out.to(DTYPE), mask=ok)
 
 
 @triton.jit
@@ -39,8 +40,8 @@ def _silu_mul(gu_ptr, out_ptr, I, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     ok = offs < I
     g = tl.load(gu_ptr + row * 2 * I + offs, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + row * 2 * I + I + offs, mask=ok, other=0.0).to(tl.float32)
-    s = (g / (1.0 + tl.exp(-g))).to(DTYPE).to(tl.float32)                  # eager silu rounds here
-    tl.store(out_ptr + row * I + offs, (s * u).to(DTYPE), mask=ok)
+    s = round_as(g / (1.0 + tl.exp(-g)), DTYPE)                            # eager silu rounds here
+    tl.store(out_ptr + row * I + offs, round_as(s * u, DTYPE).to(DTYPE), mask=ok)
 
 
 @triton.jit
@@ -101,18 +102,18 @@ def _rope_qkv(qkv_ptr, cos_ptr, sin_ptr, qscale_ptr, pos_ptr, q_ptr, k_ptr, v_pt
         xr = tl.where(d < D // 2, -xr, xr)                # rotate_half
         c = tl.load(cos_ptr + tok * D + d).to(tl.float32)
         s_ = tl.load(sin_ptr + tok * D + d).to(tl.float32)
-        y = ((x * c).to(DTYPE).to(tl.float32) + (xr * s_).to(DTYPE).to(tl.float32)).to(DTYPE)
+        y = round_as(round_as(x * c, DTYPE) + round_as(xr * s_, DTYPE), DTYPE)
         if h < HQ:
-            qs = tl.load(qscale_ptr + tok).to(DTYPE).to(tl.float32)
-            y = (y.to(tl.float32) * qs).to(DTYPE)
-            tl.store(q_ptr + ((b * HQ + h) * L + l_) * D + d, y)
+            qs = round_as(tl.load(qscale_ptr + tok), DTYPE)
+            y = round_as(y * qs, DTYPE)
+            tl.store(q_ptr + ((b * HQ + h) * L + l_) * D + d, y.to(DTYPE))
         else:
             pos = tl.load(pos_ptr + tok)
-            tl.store(k_ptr + ((b * HKV + (h - HQ)) * S + pos) * D + d, y)
+            tl.store(k_ptr + ((b * HKV + (h - HQ)) * S + pos) * D + d, y.to(DTYPE))
     else:
         pos = tl.load(pos_ptr + tok)
-        x = tl.load(row + h * D + d)
-        tl.store(v_ptr + ((b * HKV + (h - HQ - HKV)) * S + pos) * D + d, x)
+        val = tl.load(row + h * D + d)
+        tl.store(v_ptr + ((b * HKV + (h - HQ - HKV)) * S + pos) * D + d, val)
 
 
 def rope_qkv_triton(qkv, cos, sin, qscale, positions, cache_k, cache_v, n_heads, n_kv):
@@ -257,5 +258,6 @@ def block_attention_triton(q, cache_k, cache_v, lengths, num_valid, causal):
                                            IEEE=q.dtype == torch.float32, BLOCK_M=BLOCK_M, BLOCK_N=64,
                                            SPLIT=ATTN_SPLIT)
     out = torch.empty(B, L, Hq * D, dtype=q.dtype, device=q.device)
-    _attn_combine[(B * Hkv, mtiles)](acc, m, l_, out, L, nsplit, REP=rep, HKV=Hkv, D=D, BLOCK_M=BLOCK_M)
+    _attn_combine[(B * Hkv, triton.cdiv(R, 16))](acc, m, l_, out, L, nsplit, REP=rep, HKV=Hkv, D=D,
+                                                 BLOCK_M=16)       # 16 rows a program: enough programs
     return out

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..rounding import round_as
+
 
 @triton.jit
 def _pick(logits_ptr, noise_ptr, token_ptr, conf_ptr, V, temperature,
@@ -49,9 +51,9 @@ def _pick(logits_ptr, noise_ptr, token_ptr, conf_ptr, V, temperature,
         best = tl.where(take, c_best, best)
     conf = tl.exp(best_l - m) / s
     if ROUND_BF16:                    # the reference's softmax returns the logits' dtype
-        conf = conf.to(tl.bfloat16).to(tl.float32)
+        conf = round_as(conf, tl.bfloat16)
     if ROUND_FP16:
-        conf = conf.to(tl.float16).to(tl.float32)
+        conf = round_as(conf, tl.float16)
     tl.store(token_ptr + row, best_i.to(tl.int64))
     tl.store(conf_ptr + row, conf)
 
