@@ -137,7 +137,7 @@ def validate_fast_all() -> dict:
     from nemodiff_compile.validate.fast import validate_fast
 
     out = {}
-    for precision in ("bf16", "fp8", "fp8-tensor"):
+    for precision in ("bf16", "fp8", "fp8-tensor", "fp8-static"):
         report = validate_fast("tiny", precision=precision, max_new_tokens=32)
         rep = report.to_json()
         out[precision] = {k: rep[k] for k in ("passed", "token_agreement", "first_divergence",

@@ -27,7 +27,13 @@ PEAK_BANDWIDTH = (("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12),
 
 # bench variant -> FastModel options (runtime/fast_model.py): FP8 mode and attention backend
 FAST_VARIANTS = {"bf16": {}, "bf16-sdpa": dict(attention="sdpa"), "fp8": dict(fp8="row"),
-                 "fp8-tensor": dict(fp8="tensor")}
+                 "fp8-tensor": dict(fp8="tensor"), "fp8-static": dict(fp8="static")}
+
+
+def calibration_prompts(cfg, batch: int = 2, length: int = 64) -> list[list[int]]:
+    """Seeded random prompts for calibrating static FP8 on random-weight geometries."""
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(0, cfg.vocab_size, (batch, length), generator=g).tolist()
 
 
 def peak_bandwidth(name: str) -> float | None:
@@ -130,6 +136,8 @@ def bench_passes(model, *, precisions=("bf16", "fp8"), batches=(1, 4, 8), blocks
     for precision in precisions:
         fast = FastModel(model, **FAST_VARIANTS[precision])
         den = FastDenoiser(fast, max_len, buckets=BatchBuckets(tuple(batches)))
+        if fast.fp8 == "static":
+            den.calibrate(calibration_prompts(cfg, length=min(64, context)), max_new_tokens=2 * max(blocks))
         for batch in batches:
             den.reset(batch)
             den.assume_context(context)
@@ -172,6 +180,8 @@ def bench_modes(model, *, batches=(1, 4, 8), block: int = 32, context: int = 512
     max_len = context + max_new_tokens + 2 * block
     fast = FastDenoiser(FastModel(model, **FAST_VARIANTS[precision]), max_len,
                         buckets=BatchBuckets(tuple(batches)))
+    if fast.fast.fp8 == "static":
+        fast.calibrate(calibration_prompts(cfg, length=min(64, context)), max_new_tokens=2 * block)
     ref = TorchDenoiser(model, max_len)
     g = torch.Generator().manual_seed(0)
     rows = []

@@ -19,7 +19,7 @@ from ._common import model_source, resolve_source, user_errors
               help="Validate the fast torch engine (CUDA graphs on a GPU) built from --size/--checkpoint "
                    "instead of an engine directory.")
 @model_source
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp8", "fp8-tensor"]), default=None,
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp8", "fp8-tensor", "fp8-static"]), default=None,
               help="With --fast: default bf16 on a GPU, fp32 on the CPU.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--mode", "modes", type=click.Choice(["ar", "dlm", "linear-spec"]), multiple=True,

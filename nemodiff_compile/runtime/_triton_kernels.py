@@ -15,8 +15,19 @@ _TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl
 
 
 @triton.jit
-def _add_rmsnorm(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, N, eps,
-                 HAS_RES: tl.constexpr, DTYPE: tl.constexpr, BLOCK_N: tl.constexpr):
+def _store_out(ptr, y, mask, scale_ptr, OUT_FP8: tl.constexpr, DTYPE: tl.constexpr, FP8MAX: tl.constexpr):
+    """Store y (fp32, already rounded to DTYPE) as DTYPE, or as FP8 with the static scale at scale_ptr."""
+    if OUT_FP8:
+        q = tl.minimum(tl.maximum(y / tl.load(scale_ptr), -FP8MAX), FP8MAX)
+        tl.store(ptr, q.to(tl.float8e4nv), mask=mask)
+    else:
+        tl.store(ptr, y.to(DTYPE), mask=mask)
+
+
+@triton.jit
+def _add_rmsnorm(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, scale_ptr, N, eps,
+                 HAS_RES: tl.constexpr, DTYPE: tl.constexpr, OUT_FP8: tl.constexpr, FP8MAX: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
     ok = offs < N
@@ -30,18 +41,19 @@ def _add_rmsnorm(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, N, eps,
     y = round_as(f * tl.rsqrt(var + eps), DTYPE)
     w = tl.load(w_ptr + offs, mask=ok, other=0.0)
     out = round_as(w.to(tl.float32) * y, DTYPE)
-    tl.store(out_ptr + row * N + offs, out.to(DTYPE), mask=ok)
+    _store_out(out_ptr + row * N + offs, out, ok, scale_ptr, OUT_FP8, DTYPE, FP8MAX)
 
 
 @triton.jit
-def _silu_mul(gu_ptr, out_ptr, I, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_mul(gu_ptr, out_ptr, scale_ptr, I, DTYPE: tl.constexpr, OUT_FP8: tl.constexpr, FP8MAX: tl.constexpr,
+              BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < I
     g = tl.load(gu_ptr + row * 2 * I + offs, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + row * 2 * I + I + offs, mask=ok, other=0.0).to(tl.float32)
     s = round_as(g / (1.0 + tl.exp(-g)), DTYPE)                            # eager silu rounds here
-    tl.store(out_ptr + row * I + offs, round_as(s * u, DTYPE).to(DTYPE), mask=ok)
+    _store_out(out_ptr + row * I + offs, round_as(s * u, DTYPE), ok, scale_ptr, OUT_FP8, DTYPE, FP8MAX)
 
 
 @triton.jit
@@ -56,24 +68,48 @@ def _quant_fp8(x_ptr, q_ptr, scale_ptr, K, FP8MAX: tl.constexpr, BLOCK_K: tl.con
     tl.store(scale_ptr + row, scale)
 
 
-def add_rmsnorm_triton(x, res, weight, eps):
+def _out_dtype(x, out_scale):
+    return torch.float8_e4m3fn if out_scale is not None else x.dtype
+
+
+def add_rmsnorm_triton(x, res, weight, eps, out_scale=None):
     N = x.shape[-1]
     x2 = x.reshape(-1, N)
-    out = torch.empty_like(x2)
+    out = torch.empty(x2.shape, dtype=_out_dtype(x, out_scale), device=x.device)
     total = torch.empty_like(x2) if res is not None else x2
     _add_rmsnorm[(x2.shape[0],)](x2, res.reshape(-1, N) if res is not None else x2, weight, out, total,
-                                 N, eps, HAS_RES=res is not None, DTYPE=_TL[x.dtype],
-                                 BLOCK_N=triton.next_power_of_2(N))
-    return out.view_as(x), total.view_as(x)
+                                 out_scale if out_scale is not None else weight, N, eps,
+                                 HAS_RES=res is not None, DTYPE=_TL[x.dtype], OUT_FP8=out_scale is not None,
+                                 FP8MAX=FP8_MAX, BLOCK_N=triton.next_power_of_2(N))
+    return out.view(x.shape), total.view_as(x)
 
 
-def silu_mul_triton(gu):
+def silu_mul_triton(gu, out_scale=None):
     I2 = gu.shape[-1]
     g2 = gu.reshape(-1, I2)
-    out = torch.empty(g2.shape[0], I2 // 2, dtype=gu.dtype, device=gu.device)
+    out = torch.empty(g2.shape[0], I2 // 2, dtype=_out_dtype(gu, out_scale), device=gu.device)
     BLOCK = 1024
-    _silu_mul[(g2.shape[0], triton.cdiv(I2 // 2, BLOCK))](g2, out, I2 // 2, DTYPE=_TL[gu.dtype], BLOCK=BLOCK)
+    _silu_mul[(g2.shape[0], triton.cdiv(I2 // 2, BLOCK))](g2, out, out_scale if out_scale is not None else g2,
+                                                         I2 // 2, DTYPE=_TL[gu.dtype],
+                                                         OUT_FP8=out_scale is not None, FP8MAX=FP8_MAX,
+                                                         BLOCK=BLOCK)
     return out.view(*gu.shape[:-1], I2 // 2)
+
+
+@triton.jit
+def _quant_static(x_ptr, q_ptr, scale_ptr, n, FP8MAX: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    q = tl.minimum(tl.maximum(x / tl.load(scale_ptr), -FP8MAX), FP8MAX)
+    tl.store(q_ptr + offs, q.to(tl.float8e4nv), mask=ok)
+
+
+def quant_static_triton(x, scale):
+    x = x.contiguous()
+    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    _quant_static[(triton.cdiv(x.numel(), 1024),)](x, q, scale, x.numel(), FP8MAX=FP8_MAX, BLOCK=1024)
+    return q
 
 
 def quant_fp8_triton(x):
@@ -210,8 +246,9 @@ def _attn_split(q_ptr, k_ptr, v_ptr, len_ptr, nv_ptr, acc_ptr, m_ptr, l_ptr, L, 
 
 
 @triton.jit
-def _attn_combine(acc_ptr, m_ptr, l_ptr, out_ptr, L, NSPLIT, REP: tl.constexpr, HKV: tl.constexpr,
-                  D: tl.constexpr, BLOCK_M: tl.constexpr):
+def _attn_combine(acc_ptr, m_ptr, l_ptr, out_ptr, scale_ptr, L, NSPLIT, REP: tl.constexpr, HKV: tl.constexpr,
+                  D: tl.constexpr, DTYPE: tl.constexpr, OUT_FP8: tl.constexpr, FP8MAX: tl.constexpr,
+                  BLOCK_M: tl.constexpr):
     """Merge the splits (log-sum-exp weights) and write out [B, L, Hq * D], o_proj's input layout."""
     bh = tl.program_id(0).to(tl.int64)
     mt = tl.program_id(1)
@@ -236,13 +273,14 @@ def _attn_combine(acc_ptr, m_ptr, l_ptr, out_ptr, L, NSPLIT, REP: tl.constexpr, 
     out = acc / tl.where(total > 0, total, 1.0)[:, None]     # padding rows: 0, not 0/0
     head = kvh * REP + rows // L
     dst = ((b * L + rows % L) * (HKV * REP) + head) * D
-    tl.store(out_ptr + dst[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    _store_out(out_ptr + dst[:, None] + d[None, :], round_as(out, DTYPE), row_ok[:, None], scale_ptr, OUT_FP8,
+               DTYPE, FP8MAX)
 
 
 ATTN_SPLIT = 128          # keys per split: S = 640 gives 5 splits, about 80 programs at batch 1
 
 
-def block_attention_triton(q, cache_k, cache_v, lengths, num_valid, causal):
+def block_attention_triton(q, cache_k, cache_v, lengths, num_valid, causal, out_scale=None):
     B, Hq, L, D = q.shape
     Hkv, S = cache_k.shape[1], cache_k.shape[2]
     rep = Hq // Hkv
@@ -257,7 +295,9 @@ def block_attention_triton(q, cache_k, cache_v, lengths, num_valid, causal):
                                            D ** -0.5, REP=rep, HKV=Hkv, D=D, CAUSAL=bool(causal),
                                            IEEE=q.dtype == torch.float32, BLOCK_M=BLOCK_M, BLOCK_N=64,
                                            SPLIT=ATTN_SPLIT)
-    out = torch.empty(B, L, Hq * D, dtype=q.dtype, device=q.device)
-    _attn_combine[(B * Hkv, triton.cdiv(R, 16))](acc, m, l_, out, L, nsplit, REP=rep, HKV=Hkv, D=D,
+    out = torch.empty(B, L, Hq * D, dtype=_out_dtype(q, out_scale), device=q.device)
+    _attn_combine[(B * Hkv, triton.cdiv(R, 16))](acc, m, l_, out, out_scale if out_scale is not None else m,
+                                                 L, nsplit, REP=rep, HKV=Hkv, D=D, DTYPE=_TL[q.dtype],
+                                                 OUT_FP8=out_scale is not None, FP8MAX=FP8_MAX,
                                                  BLOCK_M=16)       # 16 rows a program: enough programs
     return out

@@ -58,8 +58,8 @@ class FastDenoiser:
     def __init__(self, model: NemotronLabsDiffusion | FastModel, max_len: int, *, fp8: bool | str | None = None,
                  buckets: BatchBuckets = BatchBuckets(), graphs: bool | GraphPool = True,
                  return_logits: bool = False):
-        """model: the reference (re-laid out here; fp8 None, "row" or "tensor", see fast_model.Linear)
-        or an already built FastModel."""
+        """model: the reference (re-laid out here; fp8 None, "row", "tensor" or "static", see
+        fast_model.Linear; "static" needs calibrate() before use) or an already built FastModel."""
         self.fast = model if isinstance(model, FastModel) else FastModel(model, fp8=fp8)
         self.config = self.fast.config
         self.max_len = max_len
@@ -140,6 +140,24 @@ class FastDenoiser:
         if write:
             self._advance(nv)
         return StepOut(token.cpu(), conf.cpu(), logits[:B] if self.return_logits else None)
+
+    def calibrate(self, prompts: list[list[int]], *, modes: tuple[str, ...] = ("dlm", "ar"),
+                  max_new_tokens: int = 32) -> None:
+        """Static FP8: set every projection's input scale from real decoding passes on `prompts`
+        (prefill, bidirectional refinement and commit passes, AR steps: a denoiser sees masked
+        canvases AR calibration never shows it), run eagerly; previously captured graphs are dropped."""
+        from ..sampling import loops
+
+        if self.fast.fp8 != "static":
+            raise InvalidArgument("calibrate() is for the static FP8 mode (fp8='static')")
+        enabled, self.graphs.enabled = self.graphs.enabled, False
+        try:
+            with self.fast.calibrating():
+                for mode in modes:
+                    loops.generate(self, prompts, mode, max_new_tokens=max_new_tokens)
+        finally:
+            self.graphs.enabled = enabled
+            self.graphs.clear()
 
     # ---- block diffusion on the device ------------------------------------------------------------
 

@@ -17,6 +17,7 @@ host, so a pass can be captured as a CUDA graph (runtime/graphs.py).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -27,19 +28,23 @@ from ..model.model import NemotronLabsDiffusion
 from . import kernels
 
 
-FP8_MODES = ("row", "tensor")
+FP8_MODES = ("row", "tensor", "static")
 
 
 class Linear:
-    """y = x @ W.T in the model dtype, or through FP8 E4M3 with dynamic activation scales:
-      row     W scaled per output channel, x per row: `_scaled_mm` rowwise (CUTLASS on Hopper)
-      tensor  one scale for W, one for x: `_scaled_mm` tensorwise (cuBLASLt)
+    """y = x @ W.T in the model dtype, or through FP8 E4M3 (`torch._scaled_mm` on Hopper):
+      row     W scaled per output channel, x per row at run time (rowwise scaling, CUTLASS)
+      tensor  one scale for W, one for x computed at run time (tensorwise, cuBLASLt)
+      static  one scale for W, one for x calibrated beforehand (FastModel.calibrating); the kernel
+              producing x can then emit FP8 directly (x arrives as float8_e4m3fn)
     """
 
     def __init__(self, weight: torch.Tensor, fp8: str | None):
         if fp8 not in (None, *FP8_MODES):
             raise ValueError(f"fp8 mode must be one of {FP8_MODES} or None, got {fp8!r}")
         self.fp8 = fp8
+        self.x_scale: torch.Tensor | None = None        # static: [] float32 once calibrated
+        self.amax: torch.Tensor | None = None           # static: running |x| max while calibrating
         if fp8:
             w = weight.float()
             amax = w.abs().amax(1, keepdim=True) if fp8 == "row" else w.abs().amax()
@@ -54,15 +59,30 @@ class Linear:
     def nbytes(self) -> int:
         return self.weight.numel() * self.weight.element_size()
 
+    @property
+    def in_scale(self) -> torch.Tensor | None:
+        """The static input scale a producer kernel should quantize with (None: give bf16)."""
+        return self.x_scale if self.fp8 == "static" and self.amax is None else None
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fp8:
             return F.linear(x, self.weight)
         lead, K = x.shape[:-1], x.shape[-1]
-        quant = kernels.quant_fp8 if self.fp8 == "row" else kernels.quant_fp8_tensor
-        q, sx = quant(x.reshape(-1, K))                                                # [M, K]; [M, 1] or []
+        x = x.reshape(-1, K)
+        if self.fp8 == "static":
+            if self.amax is not None:                    # calibrating: observe, multiply dequantized
+                self.amax = torch.maximum(self.amax, x.abs().amax().float())
+                y = F.linear(x, (self.weight.float() * self.scale).to(self.out_dtype))
+                return y.view(*lead, -1)
+            if self.x_scale is None:
+                raise RuntimeError("static FP8 scales are not calibrated: run FastDenoiser.calibrate(prompts)")
+            q = x if x.dtype == torch.float8_e4m3fn else kernels.quant_static(x, self.x_scale)
+            sx = self.x_scale
+        else:
+            quant = kernels.quant_fp8 if self.fp8 == "row" else kernels.quant_fp8_tensor
+            q, sx = quant(x)                                                           # [M, K]; [M, 1] or []
         if q.is_cuda:
-            y = torch._scaled_mm(q, self.weight.t(), scale_a=sx, scale_b=self.scale,
-                                 out_dtype=self.out_dtype)
+            y = torch._scaled_mm(q, self.weight.t(), scale_a=sx, scale_b=self.scale, out_dtype=self.out_dtype)
         else:   # the same product on the CPU: dequantize, multiply in fp32
             w = self.weight.float() * (self.scale.t() if self.fp8 == "row" else self.scale)
             y = ((q.float() * sx) @ w.t()).to(self.out_dtype)
@@ -87,7 +107,7 @@ class FastModel:
 
     def __init__(self, model: NemotronLabsDiffusion, *, fp8: bool | str | None = None,
                  attention: str = "auto"):
-        """fp8: None (the model dtype), "row" or "tensor" (see Linear); True means "row".
+        """fp8: None (the model dtype), "row", "tensor" or "static" (see Linear); True means "row".
         attention: "auto" (Triton on CUDA, torch SDPA elsewhere), "triton" or "sdpa"."""
         fp8 = "row" if fp8 is True else (fp8 or None)
         self.attention = attention
@@ -115,6 +135,25 @@ class FastModel:
                     down=Linear(m.down_proj.weight, fp8),
                     lora_a=a.lora_a, lora_b=a.lora_b, lora_scale=a.lora_scale))
 
+    def linears(self) -> list[Linear]:
+        return [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+
+    @contextmanager
+    def calibrating(self):
+        """Static FP8: inside, every projection records the |max| of its input (passes run in the
+        model dtype on dequantized weights); on exit each input scale is amax / 448."""
+        if self.fp8 != "static":
+            raise ValueError("calibration is for the static FP8 mode")
+        dev = self.head.device
+        for lin in self.linears():
+            lin.amax = torch.zeros((), dtype=torch.float32, device=dev)
+        try:
+            yield
+        finally:
+            for lin in self.linears():
+                lin.x_scale = lin.amax.clamp_min(1e-12) / kernels.FP8_MAX
+                lin.amax = None
+
     @property
     def weight_bytes(self) -> int:
         """Bytes one pass reads at least: every weight once (the embedding reads only B*L rows)."""
@@ -140,18 +179,23 @@ class FastModel:
         qscale = rope.query_scale(self.config, positions)                              # [B, L] fp32
 
         h = F.embedding(ids, self.embed)                                               # [B, L, H]
-        x, _ = kernels.add_rmsnorm(h, None, self.layers[0].attn_norm, self.eps)
+        x, _ = kernels.add_rmsnorm(h, None, self.layers[0].attn_norm, self.eps, self.layers[0].qkv.in_scale)
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(x)                                                         # [B, L, qw + 2kw]
             q = kernels.rope_qkv(qkv, cos, sin, qscale, positions, cache_k[i], cache_v[i],
                                  self.n_heads, self.n_kv)                              # [B, Hq, L, D]
+            use_lora = lora and layer.lora_a is not None      # the LoRA reads the attention output in bf16
             out = kernels.block_attention(q, cache_k[i], cache_v[i], lengths, num_valid, causal,
-                                          backend=self.attention)                     # [B, L, qw]
+                                          backend=self.attention,
+                                          out_scale=None if use_lora else layer.o.in_scale)   # [B, L, qw]
             a = layer.o(out)
-            if lora and layer.lora_a is not None:
+            if use_lora:
                 a = a + (out @ layer.lora_a.t() @ layer.lora_b.t()) * layer.lora_scale
-            x, h = kernels.add_rmsnorm(h, a, layer.mlp_norm, self.eps)
-            m = layer.down(kernels.silu_mul(layer.gate_up(x)))
-            nxt = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.norm
-            x, h = kernels.add_rmsnorm(h, m, nxt, self.eps)
+            x, h = kernels.add_rmsnorm(h, a, layer.mlp_norm, self.eps, layer.gate_up.in_scale)
+            m = layer.down(kernels.silu_mul(layer.gate_up(x), layer.down.in_scale))
+            if i + 1 < len(self.layers):
+                nxt, scale = self.layers[i + 1].attn_norm, self.layers[i + 1].qkv.in_scale
+            else:
+                nxt, scale = self.norm, None
+            x, h = kernels.add_rmsnorm(h, m, nxt, self.eps, scale)
         return F.linear(x, self.head)                                                  # [B, L, V]

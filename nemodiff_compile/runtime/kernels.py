@@ -14,6 +14,9 @@ the torch fallback runs, so the fast engine's arithmetic is testable anywhere:
   block_attention  the block's queries over the cache in place (split over keys, then merged),
                 written as [B, L, Hq * D] for o_proj; key j of row b visible iff
                 j < lengths[b] + num_valid[b] (and j <= lengths[b] + i when causal)
+  quant_static  FP8 with a calibrated per-tensor scale: q = clamp(x / scale) (the value rounded to
+                the model dtype first). add_rmsnorm, silu_mul and block_attention take `out_scale`
+                to emit their result this way, so a static-FP8 GEMM's input costs no extra launch.
 """
 
 from __future__ import annotations
@@ -35,16 +38,24 @@ def _triton_ok(t: torch.Tensor) -> bool:
 
 # ---- torch fallbacks (the definitions) --------------------------------------------------------------
 
-def add_rmsnorm_torch(x, res, weight, eps):
+def quant_static_torch(x, scale):
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def _maybe_quant(y, out_scale):
+    return y if out_scale is None else quant_static_torch(y, out_scale)
+
+
+def add_rmsnorm_torch(x, res, weight, eps, out_scale=None):
     h = x if res is None else x + res
     f = h.float()
     y = (f * torch.rsqrt(f.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
-    return weight * y, h
+    return _maybe_quant(weight * y, out_scale), h
 
 
-def silu_mul_torch(gu):
+def silu_mul_torch(gu, out_scale=None):
     g, u = gu.chunk(2, dim=-1)
-    return torch.nn.functional.silu(g) * u
+    return _maybe_quant(torch.nn.functional.silu(g) * u, out_scale)
 
 
 def quant_fp8_torch(x):
@@ -77,7 +88,7 @@ def quant_fp8_tensor_torch(x):
     return q, scale
 
 
-def block_attention_torch(q, cache_k, cache_v, lengths, num_valid, causal):
+def block_attention_torch(q, cache_k, cache_v, lengths, num_valid, causal, out_scale=None):
     B, Hq, L, D = q.shape
     Hkv, S = cache_k.shape[1], cache_k.shape[2]
     rep = Hq // Hkv
@@ -89,25 +100,35 @@ def block_attention_torch(q, cache_k, cache_v, lengths, num_valid, causal):
     mask = mask.expand(B, L, S).repeat(1, rep, 1)[:, None]                               # [B, 1, rep*L, S]
     q = q.reshape(B, Hkv, rep * L, D)                                                    # GQA rows folded
     out = torch.nn.functional.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=mask)
-    return out.reshape(B, Hq, L, D).transpose(1, 2).reshape(B, L, Hq * D)
+    return _maybe_quant(out.reshape(B, Hq, L, D).transpose(1, 2).reshape(B, L, Hq * D), out_scale)
 
 
 # ---- dispatch ------------------------------------------------------------------------------------------
 
-def add_rmsnorm(x: torch.Tensor, res: torch.Tensor | None, weight: torch.Tensor, eps: float):
-    """x, res [..., N] -> (normed [..., N], x + res [..., N]) in x's dtype (res None: no add)."""
+def add_rmsnorm(x: torch.Tensor, res: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                out_scale: torch.Tensor | None = None):
+    """x, res [..., N] -> (normed [..., N], x + res [..., N]) in x's dtype (res None: no add);
+    normed in FP8 with `out_scale` [] when given."""
     if not _triton_ok(x):
-        return add_rmsnorm_torch(x, res, weight, eps)
+        return add_rmsnorm_torch(x, res, weight, eps, out_scale)
     from ._triton_kernels import add_rmsnorm_triton
-    return add_rmsnorm_triton(x, res, weight, eps)
+    return add_rmsnorm_triton(x, res, weight, eps, out_scale)
 
 
-def silu_mul(gu: torch.Tensor) -> torch.Tensor:
-    """gu [..., 2I] (gate ++ up) -> silu(gate) * up [..., I]."""
+def silu_mul(gu: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """gu [..., 2I] (gate ++ up) -> silu(gate) * up [..., I] (FP8 with `out_scale` [] when given)."""
     if not _triton_ok(gu):
-        return silu_mul_torch(gu)
+        return silu_mul_torch(gu, out_scale)
     from ._triton_kernels import silu_mul_triton
-    return silu_mul_triton(gu)
+    return silu_mul_triton(gu, out_scale)
+
+
+def quant_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., K] -> float8_e4m3fn with the calibrated per-tensor `scale` [] (x ~= q * scale)."""
+    if not _triton_ok(x):
+        return quant_static_torch(x, scale)
+    from ._triton_kernels import quant_static_triton
+    return quant_static_triton(x, scale)
 
 
 def quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,10 +159,12 @@ def quant_fp8_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def block_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, lengths: torch.Tensor,
-                    num_valid: torch.Tensor, causal: bool, *, backend: str = "auto") -> torch.Tensor:
-    """q [B, Hq, L, D], cache_k/v [B, Hkv, S, D] (the block's K/V already written) -> [B, L, Hq*D].
+                    num_valid: torch.Tensor, causal: bool, *, backend: str = "auto",
+                    out_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, Hq, L, D], cache_k/v [B, Hkv, S, D] (the block's K/V already written) -> [B, L, Hq*D]
+    (FP8 with `out_scale` [] when given).
     backend: "sdpa" (torch's fused attention with a mask), "triton", or "auto" (Triton on CUDA)."""
     if backend == "sdpa" or (backend == "auto" and not _triton_ok(q)):
-        return block_attention_torch(q, cache_k, cache_v, lengths, num_valid, causal)
+        return block_attention_torch(q, cache_k, cache_v, lengths, num_valid, causal, out_scale)
     from ._triton_kernels import block_attention_triton
-    return block_attention_triton(q, cache_k, cache_v, lengths, num_valid, causal)
+    return block_attention_triton(q, cache_k, cache_v, lengths, num_valid, causal, out_scale)

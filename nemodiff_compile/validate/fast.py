@@ -9,7 +9,11 @@ from pathlib import Path
 
 # precision -> (reference dtype, FastModel fp8 mode, tolerance set)
 FAST_PRECISIONS = {"fp32": ("float32", None, "fp32"), "bf16": ("bfloat16", None, "bf16"),
-                   "fp8": ("bfloat16", "row", "fp8"), "fp8-tensor": ("bfloat16", "tensor", "fp8")}
+                   "fp8": ("bfloat16", "row", "fp8"), "fp8-tensor": ("bfloat16", "tensor", "fp8"),
+                   "fp8-static": ("bfloat16", "static", "fp8")}
+# static FP8 calibrates on these, never on the prompts it is validated on
+CALIBRATION_TEXTS = ("The weather today is", "Write a list of three fruits:", "Why is the sky blue?",
+                     "Anna and Ben went to the market and bought")
 
 
 def validate_fast(source: str | Path, *, precision: str = "bf16", device: str | None = None,
@@ -38,6 +42,16 @@ def validate_fast(source: str | Path, *, precision: str = "bf16", device: str | 
         tok = load_tokenizer(folder)
     prompts = builtin_prompts(tok, model.config, 2 if quick else 4)
     engine = FastDenoiser(model, max_len, fp8=fp8)
+    if fp8 == "static":
+        calib = [p for p in (_encode(tok, t) for t in CALIBRATION_TEXTS) if p] if tok is not None else \
+            builtin_prompts(None, model.config, 6)[4:]
+        engine.calibrate(calib)
     reference = TorchDenoiser(model, max_len, return_logits=True)
     return validate(reference, engine, prompts, modes=modes, max_new_tokens=max_new_tokens or (16 if quick else 32),
                     tolerances=tolerances_for(tol_name))
+
+
+def _encode(tok, text: str) -> list[int]:
+    from ..model.tokenizer import encode_prompt
+
+    return encode_prompt(tok, text, chat=False)

@@ -20,9 +20,10 @@ def test_pass_bytes_counts_weights_and_visible_kv(tiny_cfg):
 
 def test_passes_and_modes_on_cpu(random_tiny):
     lines = []
-    passes = gpu.bench_passes(random_tiny, precisions=("bf16", "fp8"), batches=(1, 2), blocks=(8,),
+    passes = gpu.bench_passes(random_tiny, precisions=("bf16", "fp8", "fp8-static"), batches=(1, 2), blocks=(8,),
                               context=16, iters=3, peak=1e12, log=lines.append)
-    assert [(p.precision, p.batch) for p in passes] == [("bf16", 1), ("bf16", 2), ("fp8", 1), ("fp8", 2)]
+    assert [(p.precision, p.batch) for p in passes] == [
+        (v, b) for v in ("bf16", "fp8", "fp8-static") for b in (1, 2)]
     assert all(p.engine_ms > 0 and p.reference_ms > 0 for p in passes)
     assert passes[2].engine_bytes < passes[0].engine_bytes            # fp8 weights: fewer bytes
     js = passes[0].to_json(1e12)

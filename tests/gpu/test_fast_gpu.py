@@ -49,13 +49,16 @@ def test_other_modes_equal_reference(model, mode):
     assert got.tokens == ref.tokens
 
 
-@pytest.mark.parametrize("mode", ["row", "tensor"])
+@pytest.mark.parametrize("mode", ["row", "tensor", "static"])
 def test_fp8_tracks_bf16(mode):
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 matmuls need sm_89 or newer")
     model = load_reference("tiny", dtype="bfloat16", device="cuda")
     ref = loops.diffusion_generate(TorchDenoiser(model, MAX_LEN), PROMPTS, max_new_tokens=48, threshold=0.9)
-    got = FastDenoiser(model, MAX_LEN, fp8=mode).generate_dlm(PROMPTS, max_new_tokens=48, threshold=0.9)
+    den = FastDenoiser(model, MAX_LEN, fp8=mode)
+    if mode == "static":
+        den.calibrate([[1, 30, 31, 32, 33], [1, 70, 71, 72]], max_new_tokens=32)
+    got = den.generate_dlm(PROMPTS, max_new_tokens=48, threshold=0.9)
     agree = sum(a == b for r, g in zip(ref.tokens, got.tokens) for a, b in zip(r, g))
     total = sum(len(r) for r in ref.tokens)
     print(f"fp8 ({mode}) vs bf16 reference: position-wise token agreement {agree}/{total}")

@@ -134,19 +134,43 @@ def test_buckets():
         b.pick(9)
 
 
-@pytest.mark.parametrize("mode", ["row", "tensor"])
+@pytest.mark.parametrize("mode", ["row", "tensor", "static"])
 def test_fp8_layout_tracks_fp32(random_tiny, mode):
     """FP8 weights and dynamic activations (the CPU emulation of the _scaled_mm paths)."""
-    ids = torch.randint(0, 1000, (2, 16))
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
     lengths, nv = torch.zeros(2, dtype=torch.long), torch.full((2,), 16)
     cfg = random_tiny.config
     shape = (cfg.num_hidden_layers, 2, cfg.num_key_value_heads, 32, cfg.head_dim)
     out = {}
     for fp8 in (None, mode):
-        ck, cv = torch.zeros(shape), torch.zeros(shape)
-        out[fp8] = FastModel(random_tiny, fp8=fp8).forward(ids, lengths, nv, causal=True, cache_k=ck, cache_v=cv)
+        fm = FastModel(random_tiny, fp8=fp8)
+        run = lambda: fm.forward(ids, lengths, nv, causal=True, cache_k=torch.zeros(shape),  # noqa: E731
+                                 cache_v=torch.zeros(shape))
+        if fp8 == "static":
+            with fm.calibrating():
+                run()
+        out[fp8] = run()
     cos = torch.nn.functional.cosine_similarity(out[mode].flatten(1), out[None].flatten(1)).min()
-    assert 0.99 < cos < 1.0
+    print(f"fp8 {mode}: min logit cosine vs fp32 {float(cos):.4f}")
+    assert 0.98 < cos < 1.0            # static per-tensor scales are the coarsest of the three
     fm = FastModel(random_tiny, fp8=mode)
     assert fm.layers[0].qkv.weight.dtype == torch.float8_e4m3fn
     assert fm.weight_bytes < FastModel(random_tiny).weight_bytes / 2
+
+
+def test_static_fp8_needs_and_uses_calibration(random_tiny, trained):
+    den = FastDenoiser(trained, MAX_LEN, fp8="static", graphs=FakeGraphs())
+    with pytest.raises(RuntimeError, match="not calibrated"):
+        loops.generate(den, PROMPTS[:1], "dlm", max_new_tokens=8)
+    den.calibrate(PROMPTS, max_new_tokens=16)
+    lins = den.fast.linears()
+    assert all(lin.x_scale is not None and float(lin.x_scale) > 0 and lin.amax is None for lin in lins)
+    assert lins[0].in_scale is not None                              # producers now emit FP8 inputs
+    ref = loops.generate(TorchDenoiser(trained, MAX_LEN), PROMPTS, "dlm", max_new_tokens=32)
+    got = loops.generate(den, PROMPTS, "dlm", max_new_tokens=32)
+    agree = sum(a == b for r, g in zip(ref.tokens, got.tokens) for a, b in zip(r, g))
+    assert agree / sum(len(r) for r in ref.tokens) > 0.8
+    dev = den.generate_dlm(PROMPTS, max_new_tokens=32)               # the device loop, same numbers
+    assert dev.tokens == got.tokens
+    with pytest.raises(InvalidArgument, match="static FP8"):
+        FastDenoiser(trained, MAX_LEN).calibrate(PROMPTS)
