@@ -20,11 +20,11 @@ from typing import Callable
 import torch
 
 from ..model.model import NemotronLabsDiffusion
-from ..plugins.remask.reference import remask_reference
+from ..errors import InvalidArgument
+from ..plugins import remask as remask_op
 from ..sampling import remask
 from ..sampling.denoiser import StepOut
 from ..sampling.loops import Generation, OnTokens, _eos_complete, _prefill, _Run
-from ..errors import InvalidArgument
 from .buckets import BatchBuckets
 from .fast_model import FastModel
 from .graphs import GraphPool
@@ -38,20 +38,6 @@ class DlmPasses:
     state: tuple[torch.Tensor, ...]       # what `denoise` updates in place
     denoise_key: tuple
     commit_key: tuple
-
-
-def _pick(logits: torch.Tensor):
-    if logits.is_cuda:
-        from ..plugins.remask.triton_kernel import pick
-        return pick(logits)
-    return remask.pick(logits)
-
-
-def _remask(logits, canvas, active, quota, *, mask_id, threshold):
-    if logits.is_cuda:
-        from ..plugins.remask.triton_kernel import remask_triton
-        return remask_triton(logits, canvas, active, quota, mask_id=mask_id, threshold=threshold)
-    return remask_reference(logits, canvas, active, quota, mask_id=mask_id, threshold=threshold)
 
 
 class FastDenoiser:
@@ -131,7 +117,7 @@ class FastDenoiser:
             out_tok, out_conf = self._outs(L)
 
             def body():
-                t, c = _pick(self._forward(ids, causal, draft_lora))
+                t, c = remask_op.pick(self._forward(ids, causal, draft_lora))
                 out_tok.copy_(t)
                 out_conf.copy_(c)
 
@@ -248,14 +234,14 @@ class FastDenoiser:
             refining.logical_and_(masked.any(1) & ~_eos_complete(canvas, masked, self._eos))
             logits = self._forward(canvas, False, False)
             q = quota.gather(1, s_idx)[:, 0] if threshold is None else None
-            out, _, _, _ = _remask(logits, canvas, refining, q, mask_id=mask_id, threshold=threshold)
+            out, _, _, _ = remask_op.remask(logits, canvas, refining, q, mask_id=mask_id, threshold=threshold)
             canvas.copy_(out)
             row_nfe.add_(refining.long())
             nfe.add_(refining.any().long())
             s_idx.add_(1)
 
         def commit():
-            token, _ = _pick(self._forward(canvas, True, False))
+            token, _ = remask_op.pick(self._forward(canvas, True, False))
             seed_dev.copy_(token[:, -1])
 
         policy = "topk" if threshold is None else f"threshold={threshold}"
