@@ -24,6 +24,7 @@ from ..errors import InvalidArgument
 from ..plugins import remask as remask_op
 from ..sampling import remask
 from ..sampling.denoiser import StepOut
+from ..sampling import loops
 from ..sampling.loops import Generation, OnTokens, _eos_complete, _prefill, _Run
 from .buckets import BatchBuckets
 from .fast_model import FastModel
@@ -132,8 +133,6 @@ class FastDenoiser:
         """Static FP8: set every projection's input scale from real decoding passes on `prompts`
         (prefill, bidirectional refinement and commit passes, AR steps: a denoiser sees masked
         canvases AR calibration never shows it), run eagerly; previously captured graphs are dropped."""
-        from ..sampling import loops
-
         if self.fast.fp8 != "static":
             raise InvalidArgument("calibrate() is for the static FP8 mode (fp8='static')")
         enabled, self.graphs.enabled = self.graphs.enabled, False
@@ -158,15 +157,7 @@ class FastDenoiser:
         tokens; `nfe` counts the passes the reference loop would run, `executed` what the GPU ran.
         """
         cfg, B = self.config, len(prompts)
-        blen = block_length or cfg.block_size
-        if blen < 2:
-            raise InvalidArgument(f"block_length must be at least 2, got {blen}")
-        if threshold is None:
-            steps = steps or blen
-            if not 1 <= steps <= blen:
-                raise InvalidArgument(f"steps must be between 1 and block_length ({blen}), got {steps}")
-        elif not 0.0 <= threshold <= 1.0:
-            raise InvalidArgument(f"threshold must be in [0, 1], got {threshold}")
+        blen, steps = loops.dlm_policy(cfg.block_size, block_length, threshold, steps)
         if check_every < 1:
             raise InvalidArgument(f"check_every must be at least 1, got {check_every}")
         n_blocks = math.ceil(max_new_tokens / blen)

@@ -169,6 +169,21 @@ def ar_generate(den: Denoiser, prompts: list[list[int]], *, max_new_tokens: int,
 
 # ---- block diffusion --------------------------------------------------------------------------------
 
+def dlm_policy(block_size: int, block_length: int | None, threshold: float | None,
+               steps: int | None) -> tuple[int, int | None]:
+    """Check a block-diffusion policy -> (block length, steps: the fixed-steps budget or None)."""
+    blen = block_length or block_size
+    if blen < 2:
+        raise InvalidArgument(f"block_length must be at least 2, got {blen}")
+    if threshold is None:
+        steps = steps or blen
+        if not 1 <= steps <= blen:
+            raise InvalidArgument(f"steps must be between 1 and block_length ({blen}), got {steps}")
+    elif not 0.0 <= threshold <= 1.0:
+        raise InvalidArgument(f"threshold must be in [0, 1], got {threshold}")
+    return blen, steps
+
+
 def diffusion_generate(den: Denoiser, prompts: list[list[int]], *, max_new_tokens: int,
                        block_length: int | None = None, threshold: float | None = 0.9,
                        steps: int | None = None, temperature: float = 0.0, seed: int = 0,
@@ -184,15 +199,7 @@ def diffusion_generate(den: Denoiser, prompts: list[list[int]], *, max_new_token
     Then a causal commit pass writes the block's K/V and its last position gives the next seed.
     """
     cfg, B = den.config, len(prompts)
-    blen = block_length or cfg.block_size
-    if blen < 2:
-        raise InvalidArgument(f"block_length must be at least 2, got {blen}")
-    if threshold is None:
-        steps = steps or blen
-        if not 1 <= steps <= blen:
-            raise InvalidArgument(f"steps must be between 1 and block_length ({blen}), got {steps}")
-    elif not 0.0 <= threshold <= 1.0:
-        raise InvalidArgument(f"threshold must be in [0, 1], got {threshold}")
+    blen, steps = dlm_policy(cfg.block_size, block_length, threshold, steps)
     n_blocks = math.ceil(max_new_tokens / blen)
     mask_id, eos = cfg.mask_token_id, cfg.eos_ids
     run = _Run(den, B, temperature=temperature, seed=seed, trace=trace,
