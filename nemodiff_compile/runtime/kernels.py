@@ -23,17 +23,9 @@ from __future__ import annotations
 
 import torch
 
+from ..plugins import triton_usable as _triton_ok
+
 FP8_MAX = 448.0                                           # largest finite float8_e4m3fn
-
-
-def _triton_ok(t: torch.Tensor) -> bool:
-    if not t.is_cuda:
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # ---- torch fallbacks (the definitions) --------------------------------------------------------------

@@ -10,24 +10,15 @@ torch reference otherwise (same contract, same results).
 
 from __future__ import annotations
 
+from .. import triton_usable
 from .spec import REMASK
 
 __all__ = ["REMASK", "pick", "remask"]
 
 
-def _triton_on(t) -> bool:
-    if not t.is_cuda:
-        return False
-    try:
-        from . import triton_kernel  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def pick(logits):
     """logits [B, L, V] -> token [B, L] int64, conf [B, L] float32 (greedy)."""
-    if _triton_on(logits):
+    if triton_usable(logits):
         from .triton_kernel import pick as fn
         return fn(logits)
     from ...sampling.remask import pick as fn
@@ -36,7 +27,7 @@ def pick(logits):
 
 def remask(logits, canvas, active, quota=None, **kw):
     """The whole op (see reference.remask_reference for the contract)."""
-    if _triton_on(logits):
+    if triton_usable(logits):
         from .triton_kernel import remask_triton as fn
     else:
         from .reference import remask_reference as fn
