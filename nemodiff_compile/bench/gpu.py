@@ -4,11 +4,16 @@ Per (precision, batch, block): the refinement pass exactly as the device loop re
 fused remask + canvas update, one CUDA graph) against the eager reference's pass (model forward over
 the static cache + pick, no graph), timed with CUDA events (median over `iters`, after warm-up).
 
-The physical floor of a pass is its unavoidable bytes over the card's HBM bandwidth: every weight
-read once (the embedding table excepted: a pass reads B*L of its rows), the K/V of the visible
-context read once per layer and the block's K/V written. `bound_fraction` = floor / measured time
-(1.0 = at the datasheet bandwidth). Timings on seeded random weights are valid (the arithmetic does
-not depend on the values); tokens per forward on random weights is not a model's, and is labeled so.
+The physical floor of a pass is the larger of two times, both at the datasheet rates:
+  memory   its unavoidable bytes over the HBM bandwidth: every weight read once (the embedding table
+           excepted: a pass reads B*L of its rows), the K/V of the visible context read once per
+           layer and the block's K/V written
+  compute  its matrix FLOPs (2 per weight per token, plus attention) over the dense tensor-core
+           rate of its precision
+At batch 1 a pass is memory-bound; at batch 8 x block 64 (512 tokens) an 8B pass is compute-bound.
+`bound_fraction` = floor / measured time (1.0 = at the datasheet rate). Timings on seeded random
+weights are valid (the arithmetic does not depend on the values); tokens per forward on random
+weights is not a model's, and is labeled so.
 """
 
 from __future__ import annotations
@@ -36,11 +41,31 @@ def calibration_prompts(cfg, batch: int = 2, length: int = 64) -> list[list[int]
     return torch.randint(0, cfg.vocab_size, (batch, length), generator=g).tolist()
 
 
+# Dense bf16 tensor-core FLOP/s by the datasheet (FP8 doubles it where the card has FP8 units).
+PEAK_BF16_FLOPS = (("H200", 989e12, True), ("H100 PCIe", 756e12, True), ("H100 NVL", 835e12, True),
+                   ("H100", 989e12, True), ("GH200", 989e12, True), ("B200", 2250e12, True),
+                   ("A100", 312e12, False), ("L40S", 362e12, True), ("L4", 121e12, True))
+
+
 def peak_bandwidth(name: str) -> float | None:
     for key, bw in PEAK_BANDWIDTH:
         if key in name:
             return bw
     return None
+
+
+def peak_flops(name: str, fp8: bool) -> float | None:
+    for key, flops, has_fp8 in PEAK_BF16_FLOPS:
+        if key in name:
+            return 2 * flops if fp8 and has_fp8 else (flops if not fp8 else None)
+    return None
+
+
+def pass_flops(cfg, matmul_params: int, batch: int, block: int, context: int) -> float:
+    """Matrix FLOPs of a pass: 2 per weight per token, plus QK^T and PV over the visible keys."""
+    tokens = batch * block
+    attn = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * tokens * (context + block)
+    return 2.0 * matmul_params * tokens + attn
 
 
 def copy_bandwidth(nbytes: int = 2 << 30, iters: int = 10) -> float:
@@ -90,19 +115,35 @@ class PassResult:
     engine_ms: float
     reference_ms: float
     engine_bytes: int
-    bound_ms: float                      # engine_bytes at the datasheet bandwidth
+    flops: float
+    memory_ms: float | None              # engine_bytes at the datasheet bandwidth
+    compute_ms: float | None             # flops at the datasheet dense rate of the precision
 
-    def to_json(self, peak: float | None) -> dict:
+    @property
+    def bound_ms(self) -> float | None:
+        floors = [t for t in (self.memory_ms, self.compute_ms) if t is not None]
+        return max(floors) if floors else None
+
+    @property
+    def bound_kind(self) -> str | None:
+        if self.bound_ms is None:
+            return None
+        return "compute" if self.compute_ms is not None and self.compute_ms >= (self.memory_ms or 0) else "memory"
+
+    def to_json(self) -> dict:
         gbps = self.engine_bytes / (self.engine_ms / 1e3) / 1e9
+        r = lambda x, n=4: None if x is None else round(x, n)  # noqa: E731
         return dict(precision=self.precision, batch=self.batch, block=self.block,
-                    engine_ms=round(self.engine_ms, 4), reference_ms=round(self.reference_ms, 4),
-                    speedup=round(self.reference_ms / self.engine_ms, 3), engine_GBps=round(gbps, 1),
-                    bound_ms=round(self.bound_ms, 4),
-                    bound_fraction=round(self.bound_ms / self.engine_ms, 4) if peak else None)
+                    engine_ms=r(self.engine_ms), reference_ms=r(self.reference_ms),
+                    speedup=r(self.reference_ms / self.engine_ms, 3), engine_GBps=r(gbps, 1),
+                    engine_TFLOPs=r(self.flops / (self.engine_ms / 1e3) / 1e12, 1),
+                    memory_bound_ms=r(self.memory_ms), compute_bound_ms=r(self.compute_ms),
+                    bound_ms=r(self.bound_ms), bound_kind=self.bound_kind,
+                    bound_fraction=r(self.bound_ms / self.engine_ms) if self.bound_ms else None)
 
 
 def bench_passes(model, *, precisions=("bf16", "fp8"), batches=(1, 4, 8), blocks=(16, 32, 64),
-                 context: int = 512, iters: int = 20, threshold: float = 0.9, peak: float | None = None,
+                 context: int = 512, iters: int = 20, threshold: float = 0.9, device_name: str = "",
                  log=print) -> list[PassResult]:
     """The refinement pass, fast (graph replay) vs eager reference, over the grid. `context` cached
     positions per row are treated as filled (their values do not change the time)."""
@@ -115,6 +156,9 @@ def bench_passes(model, *, precisions=("bf16", "fp8"), batches=(1, 4, 8), blocks
 
     cfg = model.config
     dev = model.diffusion_head.weight.device
+    bandwidth = peak_bandwidth(device_name)
+    emb = model.encoder.embed_tokens.weight
+    matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2) - emb.numel()
     max_len = context + 2 * max(blocks)
     kv_itemsize = model.dtype.itemsize
     results = []
@@ -154,10 +198,13 @@ def bench_passes(model, *, precisions=("bf16", "fp8"), batches=(1, 4, 8), blocks
                 with torch.no_grad():
                     ms = time_ms(replay, iters=iters, device=dev.type)
                 nbytes = pass_bytes(fast.weight_bytes, cfg, batch, block, context, kv_itemsize)
-                r = PassResult(precision, batch, block, ms, ref_ms[batch, block], nbytes,
-                               nbytes / peak * 1e3 if peak else float("nan"))
+                flops = pass_flops(cfg, matmul_params, batch, block, context)
+                rate = peak_flops(device_name, fp8=fast.fp8 is not None)
+                r = PassResult(precision, batch, block, ms, ref_ms[batch, block], nbytes, flops,
+                               nbytes / bandwidth * 1e3 if bandwidth else None,
+                               flops / rate * 1e3 if rate else None)
                 results.append(r)
-                bound = f", {r.bound_ms / ms:.0%} of the bandwidth bound" if peak else ""
+                bound = f", {r.bound_ms / ms:.0%} of the {r.bound_kind} bound" if r.bound_ms else ""
                 log(f"  {precision} batch {batch} block {block}: {ms:.3f} ms/pass "
                     f"(reference {r.reference_ms:.3f}, x{r.reference_ms / ms:.2f}){bound}")
         del den, fast
@@ -241,26 +288,29 @@ def gpu_report(source, *, precisions=("bf16", "fp8"), batches=(1, 4, 8), blocks=
     model = load_reference(source, dtype="bfloat16", device="cuda")
     random_weights = isinstance(source, str) and source.lower() in ("3b", "8b", "14b")
     passes = bench_passes(model, precisions=precisions, batches=batches, blocks=blocks, context=context,
-                          iters=iters, peak=peak, log=log)
+                          iters=iters, device_name=name, log=log)
     rows = bench_modes(model, batches=batches, context=context, log=log) if modes else []
     return dict(device=name, capability=list(torch.cuda.get_device_capability()),
                 torch=torch.__version__, peak_bandwidth=peak, copy_bandwidth=copy, source=str(source),
                 random_weights=random_weights, context=context,
                 note=("seeded random weights: timings are real, tokens per forward is not a trained "
                       "model's" if random_weights else ""),
-                passes=[r.to_json(peak) for r in passes], modes=rows)
+                peak_bf16_flops=peak_flops(name, fp8=False), passes=[r.to_json() for r in passes], modes=rows)
 
 
 def report_table(report: dict) -> str:
     lines = [f"{report['device']}  source {report['source']}  context {report['context']}"
              + ("  (random weights)" if report["random_weights"] else ""),
-             f"{'prec':5} {'batch':>5} {'block':>5} {'engine ms':>10} {'ref ms':>8} {'speedup':>8} "
-             f"{'GB/s':>7} {'bound ms':>9} {'of bound':>8}"]
+             f"{'variant':10} {'batch':>5} {'block':>5} {'engine ms':>10} {'ref ms':>8} {'speedup':>8} "
+             f"{'GB/s':>7} {'TFLOP/s':>8} {'floor ms':>9} {'of floor':>9}"]
     for p in report["passes"]:
+        floor = f"{p['bound_ms']:.3f}{'m' if p['bound_kind'] == 'memory' else 'c'}" if p["bound_ms"] else "n/a"
         frac = f"{p['bound_fraction']:.0%}" if p["bound_fraction"] is not None else "n/a"
-        lines.append(f"{p['precision']:5} {p['batch']:>5} {p['block']:>5} {p['engine_ms']:>10.3f} "
+        lines.append(f"{p['precision']:10} {p['batch']:>5} {p['block']:>5} {p['engine_ms']:>10.3f} "
                      f"{p['reference_ms']:>8.3f} {p['speedup']:>7.2f}x {p['engine_GBps']:>7.0f} "
-                     f"{p['bound_ms']:>9.3f} {frac:>8}")
+                     f"{p['engine_TFLOPs']:>8.1f} {floor:>9} {frac:>9}")
+    lines.append("floor: m = memory-bound (bytes at the datasheet bandwidth), c = compute-bound (FLOPs at "
+                 "the datasheet dense rate)")
     if report["modes"]:
         lines.append(f"{'mode':5} {'backend':9} {'batch':>5} {'tok/s':>8} {'tok/s/req':>9} {'TPF':>6} same")
         for m in report["modes"]:

@@ -13,6 +13,19 @@ def test_peak_bandwidth_names():
     assert gpu.peak_bandwidth("Some Future GPU") is None
 
 
+def test_flops_and_which_floor_binds():
+    from nemodiff_compile.config import PRESETS
+
+    cfg = PRESETS["8b"]
+    params = cfg.num_parameters() - cfg.vocab_size * cfg.hidden_size         # the embedding is a lookup
+    f1 = gpu.pass_flops(cfg, params, 1, 32, 512)
+    assert f1 == pytest.approx(2 * params * 32, rel=0.05)                      # attention is small here
+    mem = 16e9 / gpu.peak_bandwidth("NVIDIA H200")
+    assert f1 / gpu.peak_flops("NVIDIA H200", fp8=False) < mem                 # batch 1: memory-bound
+    assert gpu.pass_flops(cfg, params, 8, 64, 512) / gpu.peak_flops("NVIDIA H200", fp8=False) > mem
+    assert gpu.peak_flops("NVIDIA A100-SXM4-80GB", fp8=True) is None
+
+
 def test_pass_bytes_counts_weights_and_visible_kv(tiny_cfg):
     kv_row = tiny_cfg.num_hidden_layers * 2 * tiny_cfg.num_key_value_heads * tiny_cfg.head_dim * 2
     assert gpu.pass_bytes(1000, tiny_cfg, 4, 16, 100, 2) == 1000 + 4 * kv_row * 116
@@ -21,19 +34,21 @@ def test_pass_bytes_counts_weights_and_visible_kv(tiny_cfg):
 def test_passes_and_modes_on_cpu(random_tiny):
     lines = []
     passes = gpu.bench_passes(random_tiny, precisions=("bf16", "fp8", "fp8-static"), batches=(1, 2), blocks=(8,),
-                              context=16, iters=3, peak=1e12, log=lines.append)
+                              context=16, iters=3, device_name="NVIDIA H200", log=lines.append)
     assert [(p.precision, p.batch) for p in passes] == [
         (v, b) for v in ("bf16", "fp8", "fp8-static") for b in (1, 2)]
     assert all(p.engine_ms > 0 and p.reference_ms > 0 for p in passes)
     assert passes[2].engine_bytes < passes[0].engine_bytes            # fp8 weights: fewer bytes
-    js = passes[0].to_json(1e12)
+    js = passes[0].to_json()
     assert js["bound_fraction"] == pytest.approx(js["bound_ms"] / js["engine_ms"], abs=1e-4)
+    assert js["bound_ms"] == max(js["memory_bound_ms"], js["compute_bound_ms"])
+    assert passes[2].compute_ms == pytest.approx(passes[0].compute_ms / 2)     # fp8 tensor cores: 2x
     rows = gpu.bench_modes(random_tiny, batches=(1, 2), block=8, context=8, max_new_tokens=16, log=lines.append)
     assert {(r["mode"], r["backend"], r["batch"]) for r in rows} == {
         (m, b, n) for m in ("dlm", "ar") for b in ("engine", "reference") for n in (1, 2)}
     assert all(r["same_tokens_as_reference"] for r in rows if r["backend"] == "engine")
     report = dict(device="cpu", source="tiny", context=16, random_weights=False,
-                  passes=[p.to_json(1e12) for p in passes], modes=rows)
+                  passes=[p.to_json() for p in passes], modes=rows)
     table = gpu.report_table(report)
     assert "fp8" in table and "tok/s" in table
 
