@@ -68,6 +68,34 @@ class Session:
             tok = load_tokenizer(engine_dir)
         return cls(den, tok, manifest)
 
+    @classmethod
+    def from_model(cls, source: str | Path, *, fp8: str | None = None, max_len: int = 2048,
+                   device: str | None = None, calibration: Sequence[Prompt] | None = None) -> "Session":
+        """The fast engine (runtime/fast_engine.py) straight from a checkpoint folder or preset, no
+        engine directory: CUDA graphs and Triton kernels on a GPU, the same arithmetic eagerly on
+        the CPU. fp8: None (the checkpoint's dtype on the GPU, fp32 on the CPU), "row", "tensor" or
+        "static" (then `calibration` prompts, text or ids, set the scales)."""
+        import torch
+
+        from .. import checkpoint_folder, load_reference
+        from .fast_engine import FastDenoiser
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = "bfloat16" if fp8 else (None if device == "cuda" else "float32")
+        den = FastDenoiser(load_reference(source, dtype=dtype, device=device), max_len, fp8=fp8)
+        folder = checkpoint_folder(source)
+        tok = None
+        if folder is not None and (folder / "tokenizer.json").is_file():
+            from ..model.tokenizer import load_tokenizer
+
+            tok = load_tokenizer(folder)
+        session = cls(den, tok)
+        if fp8 == "static":
+            if not calibration:
+                raise InvalidArgument("fp8='static' needs calibration prompts to set its scales")
+            den.calibrate([session.encode(p) for p in calibration])
+        return session
+
     @property
     def config(self):
         return self.denoiser.config
@@ -97,8 +125,16 @@ class Session:
         with self._lock:
             if self._closed:
                 raise NemodiffError("session is closed")
-            g = loops.generate(self.denoiser, ids, mode, max_new_tokens=max_new_tokens,
-                               on_tokens=on_tokens, **knobs)
+            if _device_loop(self.denoiser, mode, knobs):     # the fast engine's graph-replayed blocks
+                threshold, steps = knobs.get("threshold"), knobs.get("steps")
+                if threshold is None and steps is None:
+                    threshold = loops.DEFAULT_THRESHOLD["dlm"]
+                g = self.denoiser.generate_dlm(ids, max_new_tokens=max_new_tokens, on_tokens=on_tokens,
+                                               block_length=knobs.get("block_length"), threshold=threshold,
+                                               steps=steps)
+            else:
+                g = loops.generate(self.denoiser, ids, mode, max_new_tokens=max_new_tokens,
+                                   on_tokens=on_tokens, **knobs)
         return Result([Completion(t, self.decode(t), f) for t, f in zip(g.tokens, g.finish)], g)
 
     def stream(self, prompt: Prompt, **kw) -> Iterator[str | list[int]]:
@@ -150,3 +186,12 @@ class Session:
 
 def _is_ids(p: Any) -> bool:
     return isinstance(p, Sequence) and not isinstance(p, str) and (len(p) == 0 or isinstance(p[0], int))
+
+
+def _device_loop(den: Any, mode: str, knobs: dict) -> bool:
+    """Greedy dlm on an engine with a device-resident block loop (it gives the host loop's tokens);
+    anything else (sampling, tracing, invalid knob mixes for loops.generate to reject) goes the
+    generic way."""
+    return (mode == "dlm" and hasattr(den, "generate_dlm") and not knobs.get("temperature")
+            and set(knobs) <= {"block_length", "threshold", "steps", "temperature", "seed"}
+            and (knobs.get("steps") is None or knobs.get("threshold") is None))

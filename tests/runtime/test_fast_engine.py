@@ -174,3 +174,21 @@ def test_static_fp8_needs_and_uses_calibration(random_tiny, trained):
     assert dev.tokens == got.tokens
     with pytest.raises(InvalidArgument, match="static FP8"):
         FastDenoiser(trained, MAX_LEN).calibrate(PROMPTS)
+
+
+def test_session_from_model_uses_the_device_loop(trained):
+    from nemodiff_compile.runtime.session import Session
+
+    with Session.from_model("tiny", max_len=MAX_LEN) as s:
+        assert isinstance(s.denoiser, FastDenoiser) and s.tokenizer is not None
+        res = s.generate("What is 3 + 4?", mode="dlm", max_new_tokens=32)
+        assert s.denoiser.executed >= res.generation.nfe > 0          # generate_dlm ran
+        ref = loops.diffusion_generate(TorchDenoiser(trained, MAX_LEN), [s.encode("What is 3 + 4?")],
+                                       max_new_tokens=32, threshold=0.9)
+        assert res.completions[0].tokens == ref.tokens[0] and res.text
+        steps = s.generate("Count from 5:", mode="dlm", max_new_tokens=16, steps=4, threshold=None)
+        assert steps.generation.nfe_by_phase["denoise"] <= 4 * 1          # one block of 16, 4 passes
+        streamed = "".join(s.stream("Once upon a time", mode="dlm", max_new_tokens=16))
+        assert streamed == s.generate("Once upon a time", mode="dlm", max_new_tokens=16).text
+    with pytest.raises(InvalidArgument, match="calibration"):
+        Session.from_model("tiny", fp8="static", max_len=MAX_LEN)
