@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from .build import build
+from .doctor import doctor
 from .generate import generate
 from .info import info
 from .inspect import inspect
@@ -18,7 +19,7 @@ def cli() -> None:
     """Compile, run and validate NVIDIA Nemotron-Labs-Diffusion language models."""
 
 
-for command in (build, generate, info, inspect, validate, bench):
+for command in (build, doctor, generate, info, inspect, validate, bench):
     cli.add_command(command)
 
 
