@@ -122,7 +122,7 @@ def _build_tensorrt(source, *, output: Path, precision: str, buckets: Buckets, w
     """Export once (or reuse the directory's graph when adding targets), then one plan per target."""
     from .manifest import EngineError, MANIFEST_NAME, read_manifest
     from .targets import current_device, engine_file_name
-    from .tensorrt_builder import BuildOptions, build_plan
+    from .tensorrt_builder import BuildOptions, build_plan, resolve_target
     from .trt_shim import load
 
     trt = load()
@@ -137,7 +137,7 @@ def _build_tensorrt(source, *, output: Path, precision: str, buckets: Buckets, w
              and existing.source == str(source) and gpus is not None
              and existing.io_spec.get("extra", {}).get("remask", {}).get("variant", "none") == remask)
     device = current_device()
-    targets = list(gpus) if gpus else [None]
+    targets = [resolve_target(trt, t, device) for t in (gpus or [None])]     # refuse before exporting
     with atomic_dir(output) as tmp:
         if reuse:
             progress(f"adding {', '.join(gpus)} to {output}")

@@ -33,6 +33,8 @@ def doctor(graph):
         click.echo(f"tensorrt     {trt.flavor} {trt.version}; plugin layers "
                    + ("buildable" if trt.can_build_plugins else
                       "NOT buildable (no INetworkDefinition.add_plugin_v3)"))
+        libs = registry.load_plugin_libraries(trt)
+        click.echo(f"libraries    {', '.join(libs) or f'none (${registry.PLUGIN_PATH_ENV} unset)'}")
         registry.register_plugins(trt)
         registered = {r.qualified_version for r in registry.registered_ids(trt)}
         click.echo(f"registered   {', '.join(sorted(registered)) or 'none'}")

@@ -66,6 +66,36 @@ def _ours():
     return {PluginRef(REMASK.name, REMASK.namespace, REMASK.version): remask_creator}
 
 
+PLUGIN_PATH_ENV = "NEMODIFF_PLUGIN_LIBS"     # os.pathsep-separated plugin libraries (e.g. libnemodiff_plugins.so)
+
+
+def plugin_libraries() -> list[Path]:
+    """Plugin libraries to load before building or deserializing: $NEMODIFF_PLUGIN_LIBS."""
+    import os
+
+    return [Path(p) for p in os.environ.get(PLUGIN_PATH_ENV, "").split(os.pathsep) if p]
+
+
+def load_plugin_libraries(trt) -> list[str]:
+    """Load each library in `plugin_libraries()` into TensorRT's registry (its creators register
+    themselves through getCreators); a missing or unloadable one is a one-line error naming it."""
+    loaded = []
+    for path in plugin_libraries():
+        key = (trt.flavor, str(path))
+        if key in _REGISTERED:
+            loaded.append(str(path))
+            continue
+        if not path.is_file():
+            raise NemodiffError(f"${PLUGIN_PATH_ENV}: {path} not found")
+        handle = trt.mod.get_plugin_registry().load_library(str(path))
+        if handle is None:
+            raise NemodiffError(f"${PLUGIN_PATH_ENV}: TensorRT could not load {path} (built for another "
+                                "TensorRT, or no getCreators entry point)")
+        _REGISTERED[key] = handle
+        loaded.append(str(path))
+    return loaded
+
+
 _REGISTERED: dict[tuple[str, str], object] = {}     # keeps Python creators alive (TensorRT holds raw pointers)
 
 
@@ -81,7 +111,10 @@ def implemented_ids() -> list[PluginRef]:
 
 
 def register_plugins(trt, needed: list[PluginRef] | None = None) -> list[PluginRef]:
-    """Register our creators for `needed` (default: all of ours); refuse ids nobody provides."""
+    """Register our creators for `needed` (default: all of ours) unless a loaded library already did
+    (the C++ plugin wins over the Python one when $NEMODIFF_PLUGIN_LIBS names it); refuse ids nobody
+    provides."""
+    load_plugin_libraries(trt)
     ours = _ours()
     have = set(registered_ids(trt))
     done = []
