@@ -62,10 +62,6 @@ def build_engine(source: str | Path, *, output: Path | None = None, precision: s
     backend tensorrt: also one engine per GPU target in `gpus` (default: this machine's GPU);
     remask none | onnx | plugin: the remask stage in the graph (plugin: the nemodiff::Remask node,
     TensorRT only); remask_threshold None selects the top-k policy."""
-    from .. import checkpoint_folder, load_reference
-    from ..export.onnx import export_step, remask_options
-    from ..model.checkpoint import CONFIG_NAME
-
     if precision not in PRECISION_DTYPES:
         raise InvalidArgument(f"--precision {precision}: this build supports {', '.join(PRECISION_DTYPES)}; "
                               "fp8/int8/int4-awq need the quantization recipes (not built yet)")
@@ -84,29 +80,10 @@ def build_engine(source: str | Path, *, output: Path | None = None, precision: s
                                with_logits=with_logits, progress=progress, gpus=gpus, remask=remask,
                                remask_threshold=remask_threshold, options=trt_options)
 
-    progress(f"loading {source} ({precision})")
-    model = load_reference(source, dtype=PRECISION_DTYPES[precision])
-    cfg = model.config
-    if buckets.max_context > cfg.max_position_embeddings:
-        raise InvalidArgument(f"--max-context {buckets.max_context} exceeds the model's "
-                              f"max_position_embeddings {cfg.max_position_embeddings}")
     with atomic_dir(output) as tmp:
-        progress("exporting the denoiser step to ONNX (dynamo)")
-        spec = export_step(model, tmp, with_logits=with_logits,
-                           remask=remask_options(remask, mask_id=cfg.mask_token_id, threshold=remask_threshold))
-        folder = checkpoint_folder(source)
-        (tmp / CONFIG_NAME).write_text(_json(cfg.to_hf()))
-        for name in TOKENIZER_FILES:
-            if folder is not None and (folder / name).is_file():
-                shutil.copyfile(folder / name, tmp / name)
-        progress("hashing artifacts")
-        artifacts = {p.name: file_digest(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        manifest = Manifest(
-            backend=backend, precision=precision, source=str(source), model_config=cfg.to_hf(),
-            weights_sha256=_weights_hash(folder, source), io_spec=spec.to_json(),
-            buckets=buckets.to_json(cfg.block_size), artifacts=artifacts, tool_versions=_tool_versions(),
-        )
-        write_manifest(tmp, manifest)
+        model = _export_into(tmp, source, precision=precision, backend=backend, buckets=buckets,
+                             with_logits=with_logits, remask=remask, remask_threshold=remask_threshold,
+                             progress=progress)
     if validate and remask != "none":
         progress("validation skipped: the decode loops drive graphs without the remask stage")
     elif validate:
@@ -115,6 +92,40 @@ def build_engine(source: str | Path, *, output: Path | None = None, precision: s
 
         validate_engine(output, reference=model, quick=True)
     return output
+
+
+def _export_into(tmp: Path, source, *, precision: str, backend: str, buckets: Buckets, with_logits: bool,
+                 remask: str, remask_threshold, progress: Callable[[str], None]):
+    """Fill `tmp` with the step graph, config, tokenizer and manifest; return the loaded reference."""
+    from .. import checkpoint_folder, load_reference
+    from ..export.onnx import export_step, remask_options
+    from ..model.checkpoint import CONFIG_NAME
+
+    progress(f"loading {source} ({precision})")
+    model = load_reference(source, dtype=PRECISION_DTYPES[precision])
+    cfg = model.config
+    if buckets.max_context > cfg.max_position_embeddings:
+        raise InvalidArgument(f"--max-context {buckets.max_context} exceeds the model's "
+                              f"max_position_embeddings {cfg.max_position_embeddings}")
+    progress("exporting the denoiser step to ONNX (dynamo)")
+    spec = export_step(model, tmp, with_logits=with_logits,
+                       remask=remask_options(remask, mask_id=cfg.mask_token_id, threshold=remask_threshold))
+    folder = checkpoint_folder(source)
+    (tmp / CONFIG_NAME).write_text(_json(cfg.to_hf()))
+    for name in TOKENIZER_FILES:
+        if folder is not None and (folder / name).is_file():
+            shutil.copyfile(folder / name, tmp / name)
+    progress("hashing artifacts")
+    artifacts = {p.name: file_digest(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    manifest = Manifest(
+        backend=backend, precision=precision, source=str(source), model_config=cfg.to_hf(),
+        weights_sha256=_weights_hash(folder, source), io_spec=spec.to_json(),
+        buckets=buckets.to_json(cfg.block_size), artifacts=artifacts, tool_versions=_tool_versions(),
+    )
+    if backend == "tensorrt":
+        manifest.requires = {}            # the plans are checked per GPU at load (build/targets.py)
+    write_manifest(tmp, manifest)
+    return model
 
 
 def _build_tensorrt(source, *, output: Path, precision: str, buckets: Buckets, with_logits: bool,
@@ -146,15 +157,10 @@ def _build_tensorrt(source, *, output: Path, precision: str, buckets: Buckets, w
                     _link_or_copy(f, tmp / f.name)
             manifest = existing
         else:
-            build_engine(source, output=tmp / "onnx", precision=precision, backend="onnxruntime",
-                         buckets=buckets, with_logits=with_logits, validate=False, progress=progress,
-                         remask=remask, remask_threshold=remask_threshold)
-            for f in (tmp / "onnx").iterdir():
-                os.replace(f, tmp / f.name)
-            (tmp / "onnx").rmdir()
+            _export_into(tmp, source, precision=precision, backend="tensorrt", buckets=buckets,
+                         with_logits=with_logits, remask=remask, remask_threshold=remask_threshold,
+                         progress=progress)
             manifest = read_manifest(tmp)
-            manifest.backend, manifest.requires, manifest.engines = "tensorrt", {}, []
-            manifest.validation = None
         manifest.tool_versions[trt.flavor] = trt.version
         for target in targets:
             data, info = build_plan(tmp / "model.onnx", io_spec=manifest.io_spec, buckets=manifest.buckets,

@@ -32,6 +32,13 @@ class PluginRef:
     def qualified_version(self) -> str:
         return f"{self.qualified}/{self.version}"
 
+    @classmethod
+    def parse(cls, text: str) -> "PluginRef":
+        """'nemodiff::Remask/1' (as manifests record it) -> PluginRef."""
+        qualified, _, version = text.partition("/")
+        namespace, _, name = qualified.rpartition("::")
+        return cls(name, namespace, version or "1")
+
 
 def graph_plugin_ids(onnx_path: str | Path) -> list[PluginRef]:
     import onnx

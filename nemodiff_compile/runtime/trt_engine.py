@@ -98,9 +98,7 @@ class TrtDenoiser:
         self.spec = manifest.io_spec
         self.output_names = [t["name"] for t in self.spec["outputs"]]
         if self.entry["plugins"]:          # the Python Remask creator must be registered before deserializing
-            refs = [PluginRef(p.split("::")[-1].split("/")[0], p.split("::")[0], p.split("/")[-1])
-                    for p in self.entry["plugins"]]
-            register_plugins(self.trt, refs)
+            register_plugins(self.trt, [PluginRef.parse(p) for p in self.entry["plugins"]])
         self.device = torch.device("cuda", device_index)
         self.stream = torch.cuda.Stream(self.device)
         self.logger = mod.Logger(mod.Logger.WARNING)

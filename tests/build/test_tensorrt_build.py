@@ -159,3 +159,13 @@ def test_rtx_parser_resolves_our_registered_creator(rtx, plugin_graph):
 def test_manifest_entry_is_json(trt_fp32_dir):
     raw = json.loads((trt_fp32_dir / "manifest.json").read_text())
     assert raw["engines"][0]["timing_cache"]["note"] == "no-op in TensorRT-RTX"
+
+
+def test_pipeline_plugin_variant_on_rtx_fails_atomically(rtx, tmp_path):
+    from nemodiff_compile.build.pipeline import Buckets, build_engine
+    from nemodiff_compile.build.tensorrt_builder import TrtBuildError
+
+    with pytest.raises(TrtBuildError, match="nemodiff::Remask/1"):
+        build_engine("tiny", output=tmp_path / "p", backend="tensorrt", gpus=("sm89",), remask="plugin",
+                     validate=False, buckets=Buckets((1,), 64))
+    assert list(tmp_path.iterdir()) == []

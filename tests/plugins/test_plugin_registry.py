@@ -56,3 +56,9 @@ def test_doctor_unknown_plugin(tmp_path):
               str(tmp_path / "m.onnx"))
     r = CliRunner().invoke(cli, ["doctor", str(tmp_path / "m.onnx")])
     assert r.exit_code == 2 and "acme::Mystery/1" in r.output and "MISSING" in r.output
+
+
+def test_plugin_ref_parse():
+    assert PluginRef.parse("nemodiff::Remask/1") == PluginRef("Remask", "nemodiff", "1")
+    assert PluginRef.parse("ROIAlign_TRT/2") == PluginRef("ROIAlign_TRT", "", "2")
+    assert PluginRef.parse(PluginRef("A", "b::c", "3").qualified_version) == PluginRef("A", "b::c", "3")
