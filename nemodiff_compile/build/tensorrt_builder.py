@@ -97,10 +97,17 @@ def _progress_monitor(trt: Trt, report: Callable[[str], None], phases: list[str]
     return Monitor()
 
 
-def timing_cache_path(trt: Trt, target: str, cache_dir: Path | None) -> Path:
+def timing_cache_path(trt: Trt, target: str, cache_dir: Path | None, device: DeviceInfo | None = None) -> Path:
+    """One cache per TensorRT version and GPU: the GPU's name where the build runs on it (H100 and H200
+    share sm90 but not timings), else the target (ahead-of-time builds time nothing)."""
+    import re
+
     base = Path(cache_dir or os.environ.get("NEMODIFF_TIMING_CACHE")
                 or Path.home() / ".cache" / "nemodiff-compile" / "timing")
-    return base / f"{trt.flavor}-{trt.version}-{target}.cache"
+    gpu = target
+    if device is not None and device.target == target:
+        gpu = f"{target}-{re.sub(r'[^A-Za-z0-9]+', '_', device.name).strip('_')}"
+    return base / f"{trt.flavor}-{trt.version}-{gpu}.cache"
 
 
 def resolve_target(trt: Trt, target: str | None, device: DeviceInfo | None) -> str:
@@ -197,7 +204,7 @@ def build_plan(onnx_path: str | Path, *, io_spec: dict[str, Any], buckets: dict[
     if trt.has("IProgressMonitor"):
         config.progress_monitor = _progress_monitor(trt, progress, phases)
 
-    cache_file = timing_cache_path(trt, target, options.timing_cache_dir)
+    cache_file = timing_cache_path(trt, target, options.timing_cache_dir, device)
     cache_info = _load_timing_cache(trt, config, cache_file)
 
     progress(f"building the {target} engine ({len(profiles)} profile(s))")

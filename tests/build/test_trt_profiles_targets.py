@@ -92,3 +92,13 @@ def test_select_engine_refusal_names_what_to_build():
     assert "\n" not in msg
     with pytest.raises(NemodiffError, match="no CUDA GPU"):
         select_engine(entries, None, "tensorrt", "11.4.0.106")
+
+
+def test_timing_cache_key(tmp_path):
+    from types import SimpleNamespace
+
+    from nemodiff_compile.build.tensorrt_builder import timing_cache_path
+
+    trt = SimpleNamespace(flavor="tensorrt", version="11.4.0.106")
+    assert timing_cache_path(trt, "sm90", tmp_path, H100).name == "tensorrt-11.4.0.106-sm90-NVIDIA_H100_80GB_HBM3.cache"
+    assert timing_cache_path(trt, "sm89", tmp_path, H100).name == "tensorrt-11.4.0.106-sm89.cache"

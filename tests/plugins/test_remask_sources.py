@@ -52,3 +52,16 @@ def test_one_id_table_for_the_cpp_source():
     text = (SRC / "RemaskPlugin.cpp").read_text()
     for field, value in (("kName", REMASK.name), ("kVersion", REMASK.version), ("kNamespace", REMASK.namespace)):
         assert f'{field} = "{value}"' in text
+
+
+def test_cuda_kernel_library_builds_and_exports_its_entry_point(tmp_path, monkeypatch):
+    """The ctypes path the GPU check uses: compiled here, loaded (dlopen needs no GPU), not called."""
+    _nvcc()
+    import ctypes
+
+    from nemodiff_compile.plugins.remask import cuda_kernel
+
+    monkeypatch.setenv("NEMODIFF_CUDA_CACHE", str(tmp_path))
+    path = cuda_kernel.library_path("sm_90")
+    assert path.parent == tmp_path and cuda_kernel.library_path("sm_90") == path      # cached
+    assert hasattr(ctypes.CDLL(str(path)), "nemodiffRemaskLaunch")
