@@ -151,6 +151,10 @@ def build_plan(onnx_path: str | Path, *, io_spec: dict[str, Any], buckets: dict[
     if options.hardware_compatibility not in HW_LEVELS:
         raise InvalidArgument(f"--hardware-compatibility {options.hardware_compatibility}: expected one of "
                               f"{', '.join(HW_LEVELS)}")
+    if options.version_compatible and trt.is_rtx:
+        raise InvalidArgument(f"--version-compatible: {trt.flavor} {trt.version} cannot build version-compatible "
+                              "engines (it needs libnvinfer_lean, which its wheel lacks); build them with the "
+                              "tensorrt module")
     device = device if device is not None else current_device()
     target = resolve_target(trt, target, device)
 

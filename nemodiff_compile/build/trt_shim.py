@@ -14,6 +14,9 @@ differs, measured here (CPU-only machine, `pip install tensorrt-rtx` = 1.7.1.116
     are no-ops in TensorRT-RTX", DeprecationWarning since 1.2); we still load/save it, it stays empty.
   - `tensorrt_rtx.plugin` (Python-defined plugins, AOT) fails to import in that wheel; Python
     IPluginV3 classes (IPluginCreatorV3One, IPluginV3OneCore/Build/Runtime) are present and work.
+  - hardware compatibility levels (AMPERE_PLUS, SAME_COMPUTE_CAPABILITY) are accepted by tensorrt_rtx
+    (same plan size as NONE for a small graph); BuilderFlag.VERSION_COMPATIBLE makes its build fail
+    ("Unable to load library: libnvinfer_lean.so.1"), so the builder refuses it there up front.
   - `ILayer.precision` does not exist (strongly typed only); `ILayer.get_output_type` does.
   - tensorrt_rtx cannot build custom plugin layers: `INetworkDefinition` has no `add_plugin_v3` (nor
     any add_plugin*), and its ONNX parser, after resolving our registered `nemodiff::Remask` creator

@@ -122,6 +122,22 @@ def _opts(tmp_path):
     return BuildOptions(workspace_bytes=256 << 20, tactic_bytes=256 << 20, timing_cache_dir=tmp_path / "tc")
 
 
+def test_compatibility_options_on_rtx(rtx, tmp_path):
+    from nemodiff_compile.build.tensorrt_builder import BuildOptions, build_plan
+
+    spec = _qdp_graph(tmp_path / "q.onnx", "fp8")
+    buckets = {"batch_sizes": [1], "max_context": 8, "block_length": 4}
+    plan, _ = build_plan(tmp_path / "q.onnx", io_spec=spec, buckets=buckets, precision="fp8", target="sm89",
+                         options=BuildOptions(hardware_compatibility="AMPERE_PLUS", optimization_level=2))
+    assert len(plan) > 0
+    with pytest.raises(InvalidArgument, match="--version-compatible: tensorrt_rtx"):
+        build_plan(tmp_path / "q.onnx", io_spec=spec, buckets=buckets, precision="fp8", target="sm89",
+                   options=BuildOptions(version_compatible=True))
+    with pytest.raises(InvalidArgument, match="--hardware-compatibility ANY"):
+        build_plan(tmp_path / "q.onnx", io_spec=spec, buckets=buckets, precision="fp8", target="sm89",
+                   options=BuildOptions(hardware_compatibility="ANY"))
+
+
 def test_plugin_graph_is_refused_on_rtx_with_a_sentence(rtx, plugin_graph, tmp_path):
     from nemodiff_compile.build.tensorrt_builder import TrtBuildError, build_plan
 
