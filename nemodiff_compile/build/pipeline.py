@@ -149,6 +149,12 @@ def _build_tensorrt(source, *, output: Path, precision: str, buckets: Buckets, w
              and existing.io_spec.get("extra", {}).get("remask", {}).get("variant", "none") == remask)
     device = current_device()
     targets = [resolve_target(trt, t, device) for t in (gpus or [None])]     # refuse before exporting
+    if remask == "plugin" and not trt.can_build_plugins:
+        from .tensorrt_builder import TrtBuildError
+
+        raise TrtBuildError(f"--remask plugin: the graph would need nemodiff::Remask/1, and {trt.flavor} "
+                            f"{trt.version} cannot build plugin layers (no INetworkDefinition.add_plugin_v3): "
+                            "use --remask onnx, or build with the tensorrt module")
     with atomic_dir(output) as tmp:
         if reuse:
             progress(f"adding {', '.join(gpus)} to {output}")
