@@ -185,3 +185,13 @@ def test_pipeline_plugin_variant_on_rtx_fails_atomically(rtx, tmp_path):
         build_engine("tiny", output=tmp_path / "p", backend="tensorrt", gpus=("sm89",), remask="plugin",
                      validate=False, buckets=Buckets((1,), 64))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_inspect_lists_the_engines(trt_fp32_dir):
+    from click.testing import CliRunner
+
+    from nemodiff_compile.cli import cli
+
+    r = CliRunner().invoke(cli, ["inspect", str(trt_fp32_dir)])
+    assert r.exit_code == 0, r.output
+    assert "engine      sm89   engine.sm89.tensorrt_rtx-1.7.1.plan" in r.output and "passed (network)" in r.output

@@ -65,3 +65,20 @@ def test_cuda_kernel_library_builds_and_exports_its_entry_point(tmp_path, monkey
     path = cuda_kernel.library_path("sm_90")
     assert path.parent == tmp_path and cuda_kernel.library_path("sm_90") == path      # cached
     assert hasattr(ctypes.CDLL(str(path)), "nemodiffRemaskLaunch")
+
+
+def test_cmake_builds_the_kernels(tmp_path):
+    """plugins/CMakeLists.txt configures and builds the kernel library (the plugin library too where
+    TensorRT headers are found)."""
+    _nvcc()
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("cmake not found")
+    build = tmp_path / "build"
+    for cmd in ([cmake, "-S", str(ROOT / "plugins"), "-B", str(build), "-DCMAKE_CUDA_ARCHITECTURES=90"],
+                [cmake, "--build", str(build), "-j2"]):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
+    assert (build / "libnemodiff_remask_kernels.a").is_file()
+    if _tensorrt_include() is not None:
+        assert (build / "libnemodiff_plugins.so").is_file()
