@@ -4,7 +4,7 @@
   1. the GPU tests: CUDA-graph replay == eager per pass, fast engine == reference token for token
      (fp32 and bf16, every mode), the Triton remask and fused kernels on CUDA against torch
   2. the Triton remask kernel against the torch reference at the real vocabulary: equality and time
-  3. the CUDA remask kernel (plugins/remask/cuda), where its sources and nvcc are present
+  3. the C++/CUDA remask kernel of the TensorRT plugin (plugins/remask/remaskKernel.cu, via ctypes)
   4. `validate --fast` on the trained tiny model in bf16, fp8 and fp8-tensor (graph replay vs eager)
   5. `bench-gpu` at the 8B geometry (seeded random weights): passes for bf16/fp8 x batch 1/4/8 x
      block 16/32/64 against the eager reference, and whole generations per mode
@@ -65,46 +65,16 @@ def remask_kernels(vocab: int = 131072) -> list[dict]:
     return rows
 
 
-def cuda_remask(out: Path) -> list[dict] | dict:
-    """Build plugins/remask/remaskKernel.cu as a shared library and run its C launcher
-    (`nemodiffRemaskLaunch`) through ctypes against the torch reference, beside the Triton kernel."""
-    import ctypes
-
+def cuda_remask() -> list[dict] | dict:
+    """The C++/CUDA remask kernel (plugins/remask/remaskKernel.cu, through its C entry point:
+    plugins/remask/cuda_kernel.py) against the torch reference, timed beside the Triton kernel."""
     import torch
 
     from nemodiff_compile.bench.gpu import time_ms
+    from nemodiff_compile.errors import NemodiffError
+    from nemodiff_compile.plugins.remask.cuda_kernel import remask_cuda
     from nemodiff_compile.plugins.remask.reference import remask_reference
     from nemodiff_compile.plugins.remask.triton_kernel import remask_triton
-
-    src = ROOT / "plugins" / "remask" / "remaskKernel.cu"
-    if not src.is_file():
-        return dict(skipped=f"{src.relative_to(ROOT)} not present")
-    lib_path = out / "libnemodiff_remask.so"
-    build = subprocess.run(["nvcc", "-O3", "-shared", "-Xcompiler", "-fPIC", "-std=c++17",
-                            "-gencode=arch=compute_90,code=sm_90", "-o", str(lib_path), str(src)],
-                           capture_output=True, text=True)
-    if build.returncode:
-        print(build.stderr[-3000:])
-        return dict(build_failed=build.stderr[-3000:])
-    lib = ctypes.CDLL(str(lib_path))
-    fn = lib.nemodiffRemaskLaunch
-    P, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
-    fn.argtypes = [P, i32, P, P, P, P, P, P, P, P, i32, i32, i32, i64, i32, f32, f32, P]
-    fn.restype = ctypes.c_int
-    dtypes = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-    def launch(logits, canvas, active, quota, threshold):
-        B, L, V = logits.shape
-        outs = (torch.empty_like(canvas), torch.empty_like(canvas),
-                torch.empty(B, L, dtype=torch.float32, device="cuda"),
-                torch.empty(B, L, dtype=torch.bool, device="cuda"))
-        err = fn(logits.data_ptr(), dtypes[logits.dtype], canvas.data_ptr(), active.data_ptr(),
-                 quota.data_ptr() if quota is not None else None, None,
-                 *(t.data_ptr() for t in outs), B, L, V, 7, 0 if threshold is not None else 1,
-                 float(threshold or 0.0), 0.0, torch.cuda.current_stream().cuda_stream)
-        if err:
-            raise RuntimeError(f"nemodiffRemaskLaunch returned CUDA error {err}")
-        return outs
 
     rows = []
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -117,17 +87,19 @@ def cuda_remask(out: Path) -> list[dict] | dict:
             active[-1] = B == 1
             quota = torch.full((B,), 3, dtype=torch.long, device="cuda")
             for threshold in (0.9, None):
-                ref = remask_reference(logits, canvas, active, quota, mask_id=7, threshold=threshold)
-                got = launch(logits, canvas, active, quota, threshold)
-                torch.cuda.synchronize()
+                kw = dict(mask_id=7, threshold=threshold)
+                ref = remask_reference(logits, canvas, active, quota, **kw)
+                try:
+                    got = remask_cuda(logits, canvas, active, quota, **kw)
+                except NemodiffError as e:                # no nvcc, or it failed
+                    return dict(skipped=str(e))
                 same = all(torch.equal(a, b) for a, b in ((ref[0], got[0]), (ref[1], got[1]), (ref[3], got[3])))
-                err = float((ref[2] - got[2]).abs().max())
                 row = dict(dtype=str(dtype).split(".")[-1], batch=B, block=L, vocab=V,
-                           policy="threshold" if threshold is not None else "topk", equal=same, conf_max_err=err)
+                           policy="threshold" if threshold is not None else "topk", equal=same,
+                           conf_max_err=float((ref[2] - got[2]).abs().max()))
                 if threshold is not None and V == 131072:
-                    row["cuda_ms"] = round(time_ms(lambda: launch(logits, canvas, active, quota, threshold)), 4)
-                    row["triton_ms"] = round(time_ms(lambda: remask_triton(logits, canvas, active, quota,
-                                                                           mask_id=7, threshold=threshold)), 4)
+                    row["cuda_ms"] = round(time_ms(lambda: remask_cuda(logits, canvas, active, quota, **kw)), 4)
+                    row["triton_ms"] = round(time_ms(lambda: remask_triton(logits, canvas, active, quota, **kw)), 4)
                 rows.append(row)
                 print(f"cuda remask {row}", flush=True)
     return rows
@@ -177,7 +149,7 @@ def main() -> int:
     print("# 2. Triton remask kernel vs torch", flush=True)
     report["remask"] = remask_kernels()
     print("# 3. CUDA remask kernel", flush=True)
-    report["cuda_remask"] = cuda_remask(args.out)
+    report["cuda_remask"] = cuda_remask()
     print("# 4. validate --fast (tiny)", flush=True)
     report["validate_fast"] = validate_fast_all()
     print(f"# 5. bench-gpu --size {args.size}", flush=True)

@@ -31,3 +31,46 @@ def tiny_engine(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("engines") / "tiny-fp32"
     return build_engine("tiny", output=out, with_logits=True, validate=False)
+
+
+# ---- TensorRT (tensorrt_rtx ahead-of-time builds on CPU): one build per precision per session ----
+
+RTX_REASON = "needs tensorrt_rtx (pip install tensorrt-rtx): CPU ahead-of-time TensorRT builds"
+
+
+@pytest.fixture(scope="session")
+def rtx():
+    return pytest.importorskip("tensorrt_rtx", reason=RTX_REASON)
+
+
+def _trt_build(tmp_path_factory, name, **kw):
+    from nemodiff_compile.build.pipeline import Buckets, build_engine
+
+    out = tmp_path_factory.mktemp("trt") / name
+    return build_engine("tiny", output=out, backend="tensorrt", gpus=("sm89",), validate=False,
+                        buckets=Buckets((1, 2), 128), **kw)
+
+
+@pytest.fixture(scope="session")
+def trt_fp32_dir(rtx, tmp_path_factory):
+    """fp32 graph with the remask stage in standard ops, built for sm89."""
+    return _trt_build(tmp_path_factory, "tiny-fp32-trt", precision="fp32", remask="onnx")
+
+
+@pytest.fixture(scope="session")
+def trt_fp16_dir(rtx, tmp_path_factory):
+    """fp16 graph with the top-k remask stage in standard ops, built for sm89."""
+    return _trt_build(tmp_path_factory, "tiny-fp16-trt", precision="fp16", remask="onnx", remask_threshold=None)
+
+
+@pytest.fixture(scope="session")
+def plugin_graph(tmp_path_factory):
+    """The fp32 step graph with the nemodiff::Remask node (export only)."""
+    pytest.importorskip("onnx")
+    from nemodiff_compile import load_reference
+    from nemodiff_compile.export.onnx import export_step, remask_options
+
+    model = load_reference("tiny", dtype="float32")
+    out = tmp_path_factory.mktemp("plugin-graph")
+    spec = export_step(model, out, remask=remask_options("plugin", mask_id=model.config.mask_token_id))
+    return out / "model.onnx", spec

@@ -4,19 +4,28 @@
       manifest.json            what was built, from what, with which tools; last validation result
       model.onnx, model.onnx.data   the denoiser step graph and its weights (one copy)
       config.json, tokenizer.json, tokenizer_config.json, ...   copied from the checkpoint
+      engine.<sm>.<trt>-<ver>.plan  backend tensorrt: one serialized engine per GPU target, each with
+                               its own entry in manifest["engines"] (build/targets.py picks one at load)
+
+`--backend tensorrt --gpus sm89` on an existing TensorRT engine directory adds (or rebuilds) those
+targets from the directory's own model.onnx, keeping the others; the directory is replaced atomically.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import InvalidArgument
 from ..fsutil import atomic_dir
 from .manifest import Manifest, file_digest, write_manifest
+
+if TYPE_CHECKING:  # pragma: no cover  (the builder is imported late)
+    from .tensorrt_builder import BuildOptions
 
 # precision -> torch dtype name of the exported graph (quantized precisions come with quant/)
 PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -45,21 +54,52 @@ def default_output(source: str | Path, precision: str, backend: str) -> Path:
 
 def build_engine(source: str | Path, *, output: Path | None = None, precision: str = "fp32",
                  backend: str = "onnxruntime", buckets: Buckets = Buckets(), with_logits: bool = False,
-                 validate: bool = True, progress: Callable[[str], None] = lambda msg: None) -> Path:
-    """Export `source` (checkpoint folder or preset) into an engine directory and return its path."""
-    from .. import checkpoint_folder, load_reference
-    from ..export.onnx import export_step
-    from ..model.checkpoint import CONFIG_NAME
+                 validate: bool = True, progress: Callable[[str], None] = lambda msg: None,
+                 gpus: tuple[str, ...] | None = None, remask: str = "none", remask_threshold: float | None = 0.9,
+                 trt_options: "BuildOptions | None" = None) -> Path:
+    """Export `source` (checkpoint folder or preset) into an engine directory and return its path.
 
+    backend tensorrt: also one engine per GPU target in `gpus` (default: this machine's GPU);
+    remask none | onnx | plugin: the remask stage in the graph (plugin: the nemodiff::Remask node,
+    TensorRT only); remask_threshold None selects the top-k policy."""
     if precision not in PRECISION_DTYPES:
         raise InvalidArgument(f"--precision {precision}: this build supports {', '.join(PRECISION_DTYPES)}; "
                               "fp8/int8/int4-awq need the quantization recipes (not built yet)")
     if backend not in BACKENDS:
         raise InvalidArgument(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
-    if backend == "tensorrt":
-        raise InvalidArgument("--backend tensorrt: the TensorRT builder is not available yet; use onnxruntime")
-    backend = "onnxruntime"
+    if backend == "auto":
+        backend = "onnxruntime"
+    if gpus and backend != "tensorrt":
+        raise InvalidArgument("--gpus: only TensorRT engines are per GPU; add --backend tensorrt")
+    if remask == "plugin" and backend != "tensorrt":
+        raise InvalidArgument("--remask plugin: the nemodiff::Remask node runs only in TensorRT; add "
+                              "--backend tensorrt, or use --remask onnx")
     output = Path(output or default_output(source, precision, backend))
+    if backend == "tensorrt":
+        return _build_tensorrt(source, output=output, precision=precision, buckets=buckets,
+                               with_logits=with_logits, progress=progress, gpus=gpus, remask=remask,
+                               remask_threshold=remask_threshold, options=trt_options)
+
+    with atomic_dir(output) as tmp:
+        model = _export_into(tmp, source, precision=precision, backend=backend, buckets=buckets,
+                             with_logits=with_logits, remask=remask, remask_threshold=remask_threshold,
+                             progress=progress)
+    if validate and remask != "none":
+        progress("validation skipped: the decode loops drive graphs without the remask stage")
+    elif validate:
+        progress("validating against the PyTorch reference")
+        from ..validate.engine import validate_engine
+
+        validate_engine(output, reference=model, quick=True)
+    return output
+
+
+def _export_into(tmp: Path, source, *, precision: str, backend: str, buckets: Buckets, with_logits: bool,
+                 remask: str, remask_threshold, progress: Callable[[str], None]):
+    """Fill `tmp` with the step graph, config, tokenizer and manifest; return the loaded reference."""
+    from .. import checkpoint_folder, load_reference
+    from ..export.onnx import export_step, remask_options
+    from ..model.checkpoint import CONFIG_NAME
 
     progress(f"loading {source} ({precision})")
     model = load_reference(source, dtype=PRECISION_DTYPES[precision])
@@ -67,28 +107,98 @@ def build_engine(source: str | Path, *, output: Path | None = None, precision: s
     if buckets.max_context > cfg.max_position_embeddings:
         raise InvalidArgument(f"--max-context {buckets.max_context} exceeds the model's "
                               f"max_position_embeddings {cfg.max_position_embeddings}")
-    with atomic_dir(output) as tmp:
-        progress("exporting the denoiser step to ONNX (dynamo)")
-        spec = export_step(model, tmp, with_logits=with_logits)
-        folder = checkpoint_folder(source)
-        (tmp / CONFIG_NAME).write_text(_json(cfg.to_hf()))
-        for name in TOKENIZER_FILES:
-            if folder is not None and (folder / name).is_file():
-                shutil.copyfile(folder / name, tmp / name)
-        progress("hashing artifacts")
-        artifacts = {p.name: file_digest(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        manifest = Manifest(
-            backend=backend, precision=precision, source=str(source), model_config=cfg.to_hf(),
-            weights_sha256=_weights_hash(folder, source), io_spec=spec.to_json(),
-            buckets=buckets.to_json(cfg.block_size), artifacts=artifacts, tool_versions=_tool_versions(),
-        )
-        write_manifest(tmp, manifest)
-    if validate:
-        progress("validating against the PyTorch reference")
-        from ..validate.engine import validate_engine
+    progress("exporting the denoiser step to ONNX (dynamo)")
+    spec = export_step(model, tmp, with_logits=with_logits,
+                       remask=remask_options(remask, mask_id=cfg.mask_token_id, threshold=remask_threshold))
+    folder = checkpoint_folder(source)
+    (tmp / CONFIG_NAME).write_text(_json(cfg.to_hf()))
+    for name in TOKENIZER_FILES:
+        if folder is not None and (folder / name).is_file():
+            shutil.copyfile(folder / name, tmp / name)
+    progress("hashing artifacts")
+    artifacts = {p.name: file_digest(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    manifest = Manifest(
+        backend=backend, precision=precision, source=str(source), model_config=cfg.to_hf(),
+        weights_sha256=_weights_hash(folder, source), io_spec=spec.to_json(),
+        buckets=buckets.to_json(cfg.block_size), artifacts=artifacts, tool_versions=_tool_versions(),
+    )
+    if backend == "tensorrt":
+        manifest.requires = {}            # the plans are checked per GPU at load (build/targets.py)
+    write_manifest(tmp, manifest)
+    return model
 
-        validate_engine(output, reference=model, quick=True)
+
+def _build_tensorrt(source, *, output: Path, precision: str, buckets: Buckets, with_logits: bool,
+                    progress: Callable[[str], None], gpus, remask: str, remask_threshold, options) -> Path:
+    """Export once (or reuse the directory's graph when adding targets), then one plan per target."""
+    from .manifest import EngineError, MANIFEST_NAME, read_manifest
+    from .targets import current_device, engine_file_name
+    from .tensorrt_builder import BuildOptions, build_plan, resolve_target
+    from .trt_shim import load
+
+    trt = load()
+    options = options or BuildOptions()
+    existing = None
+    if (output / MANIFEST_NAME).is_file():
+        try:
+            existing = read_manifest(output)
+        except EngineError:
+            existing = None
+    reuse = (existing is not None and existing.backend == "tensorrt" and existing.precision == precision
+             and existing.source == str(source) and gpus is not None
+             and existing.io_spec.get("extra", {}).get("remask", {}).get("variant", "none") == remask)
+    device = current_device()
+    targets = [resolve_target(trt, t, device) for t in (gpus or [None])]     # refuse before exporting
+    if remask == "plugin" and not trt.can_build_plugins:
+        from .tensorrt_builder import TrtBuildError
+
+        raise TrtBuildError(f"--remask plugin: the graph would need nemodiff::Remask/1, and {trt.flavor} "
+                            f"{trt.version} cannot build plugin layers (no INetworkDefinition.add_plugin_v3): "
+                            "use --remask onnx, or build with the tensorrt module")
+    with atomic_dir(output) as tmp:
+        if reuse:
+            progress(f"adding {', '.join(gpus)} to {output}")
+            for f in output.iterdir():
+                if f.is_file() and f.name != MANIFEST_NAME:
+                    _link_or_copy(f, tmp / f.name)
+            manifest = existing
+        else:
+            _export_into(tmp, source, precision=precision, backend="tensorrt", buckets=buckets,
+                         with_logits=with_logits, remask=remask, remask_threshold=remask_threshold,
+                         progress=progress)
+            manifest = read_manifest(tmp)
+        manifest.tool_versions[trt.flavor] = trt.version
+        for target in targets:
+            data, info = build_plan(tmp / "model.onnx", io_spec=manifest.io_spec, buckets=manifest.buckets,
+                                    precision=precision, target=target, options=options, progress=progress,
+                                    trt=trt, device=device)
+            name = engine_file_name(info.target, info.trt_module, info.trt_version)
+            (tmp / name).write_bytes(data)
+            on_device = device is not None and device.target == info.target
+            entry = {"target": info.target, "file": name, "trt_module": info.trt_module,
+                     "trt_version": info.trt_version,
+                     "gpu_name": device.name if on_device else None,
+                     "driver": device.driver if on_device else None,
+                     "built_on": "this GPU" if on_device else f"ahead of time without the GPU ({trt.flavor})",
+                     "hardware_compatibility": options.hardware_compatibility,
+                     "version_compatible": options.version_compatible,
+                     "plugins": info.plugins, "profiles": info.profiles,
+                     "precision_check": info.precision_check, "build_seconds": info.build_seconds,
+                     "bytes": len(data), "timing_cache": info.timing_cache}
+            manifest.engines = [e for e in manifest.engines if e["file"] != name] + [entry]
+            progress(f"{name}: {len(data):,} bytes in {info.build_seconds:.1f} s")
+        manifest.artifacts = {p.name: file_digest(p) for p in sorted(tmp.iterdir())
+                              if p.is_file() and p.name != MANIFEST_NAME}
+        write_manifest(tmp, manifest)
+    progress("validation skipped: TensorRT engines run only on their GPU (run `nemodiff-compile validate` there)")
     return output
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def _weights_hash(folder: Path | None, source: str | Path) -> str:

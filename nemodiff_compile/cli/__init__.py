@@ -7,6 +7,7 @@ import click
 
 from .bench_gpu import bench_gpu
 from .build import build
+from .doctor import doctor
 from .generate import generate
 from .info import info
 from .inspect import inspect
@@ -19,7 +20,7 @@ def cli() -> None:
     """Compile, run and validate NVIDIA Nemotron-Labs-Diffusion language models."""
 
 
-for command in (build, generate, info, inspect, validate, bench, bench_gpu):
+for command in (build, doctor, generate, info, inspect, validate, bench, bench_gpu):
     cli.add_command(command)
 
 

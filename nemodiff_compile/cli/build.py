@@ -32,15 +32,54 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--block-length", type=click.IntRange(min=2), default=None, help="Default: the config's block_size.")
 @click.option("--with-logits", is_flag=True, help="Also output logits (validation builds).")
 @click.option("--no-validate", is_flag=True, help="Skip the short validation at the end.")
+@click.option("--gpus", default=None, metavar="SM,...",
+              help="TensorRT targets, e.g. sm90,sm89 (default: this GPU). On an existing TensorRT engine "
+                   "directory, adds these targets.")
+@click.option("--remask", type=click.Choice(["none", "onnx", "plugin"]), default="none", show_default=True,
+              help="Remask stage in the graph: none (host-side commit rule), onnx (standard ops), "
+                   "plugin (the nemodiff::Remask TensorRT plugin node).")
+@click.option("--remask-threshold", default="0.9", show_default=True, metavar="T|topk",
+              help="Commit threshold of the remask stage, or 'topk' for the fixed-steps policy.")
+@click.option("--workspace-mb", type=click.IntRange(min=1), default=None, help="TensorRT workspace limit.")
+@click.option("--tactic-mb", type=click.IntRange(min=1), default=None, help="TensorRT tactic memory limit.")
+@click.option("--hardware-compatibility", type=click.Choice(["NONE", "AMPERE_PLUS", "SAME_COMPUTE_CAPABILITY"]),
+              default="NONE", show_default=True, help="TensorRT hardware compatibility level.")
+@click.option("--version-compatible", is_flag=True, help="TensorRT version-compatible engines.")
 @user_errors
 def build(checkpoint, size, precision, backend, output, batch_sizes, max_context, block_length, with_logits,
-          no_validate):
+          no_validate, gpus, remask, remask_threshold, workspace_mb, tactic_mb, hardware_compatibility,
+          version_compatible):
     """Build an engine directory from a checkpoint (default: the embedded tiny model)."""
     from ..build.pipeline import Buckets, build_engine
 
     source = resolve_source(checkpoint, size)
     buckets = Buckets(_ints(batch_sizes), max_context, block_length)
+    trt_options = None
+    if backend == "tensorrt":
+        from ..build.tensorrt_builder import BuildOptions
+
+        mb = 1 << 20
+        trt_options = BuildOptions(workspace_bytes=workspace_mb and workspace_mb * mb,
+                                   tactic_bytes=tactic_mb and tactic_mb * mb,
+                                   hardware_compatibility=hardware_compatibility,
+                                   version_compatible=version_compatible)
+    targets = None
+    if gpus is not None:
+        from ..build.targets import parse_targets
+
+        targets = parse_targets(gpus)
     out = build_engine(source, output=output, precision=precision, backend=backend, buckets=buckets,
-                       with_logits=with_logits, validate=not no_validate,
+                       with_logits=with_logits, validate=not no_validate, gpus=targets, remask=remask,
+                       remask_threshold=_threshold(remask_threshold), trt_options=trt_options,
                        progress=lambda msg: click.echo(f"[build] {msg}", err=True))
     click.echo(str(out))
+
+
+def _threshold(text: str) -> float | None:
+    if text.strip().lower() == "topk":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected a number in [0, 1] or 'topk'",
+                                 param_hint="--remask-threshold") from None

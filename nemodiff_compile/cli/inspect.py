@@ -35,6 +35,12 @@ def inspect(engine_dir, as_json):
     click.echo("outputs")
     for t in m.io_spec["outputs"]:
         click.echo(f"  {t['name']:<14} {t['dtype']:<9} {list(t['shape'])}")
+    for e in m.engines:
+        check = e.get("precision_check", {})
+        click.echo(f"engine      {e['target']:<6} {e['file']}  {e['trt_module']} {e['trt_version']}, "
+                   f"{e.get('gpu_name') or e.get('built_on', '')}, compat {e.get('hardware_compatibility')}, "
+                   f"plugins {', '.join(e.get('plugins') or []) or 'none'}, precision check "
+                   f"{'passed' if check.get('passed') else 'FAILED'} ({check.get('source')})")
     click.echo("files")
     for name, a in m.artifacts.items():
         click.echo(f"  {name:<24} {a['bytes']:>12,} bytes")

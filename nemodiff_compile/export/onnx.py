@@ -15,40 +15,65 @@ from pathlib import Path
 
 import torch
 
-from ..errors import NemodiffError
+from ..errors import InvalidArgument, NemodiffError
 from ..model.model import NemotronLabsDiffusion, block_mask
-from .spec import DYNAMIC_DIMS, OPSET, IOSpec, step_spec
+from .spec import DYNAMIC_DIMS, OPSET, REMASK_VARIANTS, IOSpec, step_spec
 
 ONNX_NAME = "model.onnx"
 WEIGHTS_NAME = "model.onnx.data"
 
 
 class StepGraph(torch.nn.Module):
-    """The exported function: inputs and outputs as in `spec.step_spec`."""
+    """The exported function: inputs and outputs as in `spec.step_spec`.
 
-    def __init__(self, model: NemotronLabsDiffusion, with_logits: bool):
+    remask None: token/confidence only (the host applies the commit rule). remask {"variant": "onnx"
+    | "plugin", "policy", "threshold", "mask_id"}: the pass also applies the commit rule to `canvas`,
+    in standard ops (export/remask_graph.py) or as one `nemodiff::Remask` node for TensorRT.
+    """
+
+    def __init__(self, model: NemotronLabsDiffusion, with_logits: bool, remask: dict | None = None):
         super().__init__()
-        self.model, self.with_logits = model, with_logits
+        self.model, self.with_logits, self.remask = model, with_logits, remask
 
     def forward(self, input_ids, cache_lengths, num_valid, causal, temperature, gumbel_noise,
-                past_keys, past_values, draft_lora=False):
+                past_keys, past_values, draft_lora=None, canvas=None, active=None, quota=None):
         B, L = input_ids.shape
         S = past_keys.shape[3]
+        lora = False if draft_lora is None else draft_lora
         positions = cache_lengths[:, None] + torch.arange(L, device=input_ids.device)      # [B, L]
         mask = block_mask(causal, cache_lengths, S, L, num_valid)                          # [B, 1, L, S+L]
-        logits, new_k, new_v = self.model.step(input_ids, positions, mask, past_keys, past_values, draft_lora)
-        scores = logits.float() + temperature * gumbel_noise                               # [B, L, V]
-        token = scores.argmax(-1)                                                          # [B, L]
-        conf = torch.softmax(logits, dim=-1).gather(-1, token[..., None])[..., 0].float()  # [B, L]
+        logits, new_k, new_v = self.model.step(input_ids, positions, mask, past_keys, past_values, lora)
+        if self.remask is not None and self.remask["variant"] == "plugin":
+            from .remask_graph import remask_plugin_node
+
+            canvas_out, token, conf, commit = remask_plugin_node(
+                logits, canvas, active, quota, temperature * gumbel_noise, self.remask)
+        else:
+            scores = logits.float() + temperature * gumbel_noise                           # [B, L, V]
+            token = scores.argmax(-1)                                                      # [B, L]
+            conf = torch.softmax(logits, dim=-1).gather(-1, token[..., None])[..., 0].float()  # [B, L]
+            if self.remask is not None:
+                from .remask_graph import commit_by_rank
+
+                masked = (canvas == self.remask["mask_id"]) & active[:, None]
+                commit = commit_by_rank(conf, masked, self.remask["threshold"], quota)
+                canvas_out = torch.where(commit, token, canvas)
         outs = (token, conf, new_k, new_v)
+        if self.remask is not None:
+            outs += (canvas_out, commit)
         return outs + (logits,) if self.with_logits else outs
 
 
-def example_inputs(model: NemotronLabsDiffusion, batch: int = 2, block: int = 4, cache_len: int = 16):
+def example_inputs(model: NemotronLabsDiffusion, batch: int = 2, block: int = 4, cache_len: int = 16,
+                   remask: bool = False):
     cfg = model.config
     dev, dt = model.diffusion_head.weight.device, model.dtype
     kv = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cache_len, cfg.head_dim)
     lora = (torch.tensor(True, device=dev),) if model.has_draft_lora else ()
+    if remask:
+        canvas = torch.full((batch, block), cfg.mask_token_id, dtype=torch.long, device=dev)
+        lora = (lora or (None,)) + (canvas, torch.ones(batch, dtype=torch.bool, device=dev),
+                                    torch.ones(batch, dtype=torch.long, device=dev))
     return (
         torch.zeros(batch, block, dtype=torch.long, device=dev),
         torch.tensor([3] * batch, dtype=torch.long, device=dev),
@@ -61,19 +86,39 @@ def example_inputs(model: NemotronLabsDiffusion, batch: int = 2, block: int = 4,
     ) + lora
 
 
-def export_step(model: NemotronLabsDiffusion, out_dir: str | Path, *, with_logits: bool = False) -> IOSpec:
-    """Write out_dir/model.onnx + model.onnx.data (external weights) atomically; return the I/O spec."""
+def remask_options(variant: str | None, *, mask_id: int, threshold: float | None = 0.9) -> dict | None:
+    """The `remask` dict export_step takes: variant none/onnx/plugin, policy from threshold (None: top-k)."""
+    if variant in (None, "none"):
+        return None
+    if variant not in REMASK_VARIANTS:
+        raise InvalidArgument(f"--remask {variant}: expected one of {', '.join(REMASK_VARIANTS)}")
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise InvalidArgument(f"--remask-threshold {threshold}: expected a value in [0, 1]")
+    return {"variant": variant, "policy": "topk" if threshold is None else "threshold",
+            "threshold": threshold, "mask_id": int(mask_id)}
+
+
+def export_step(model: NemotronLabsDiffusion, out_dir: str | Path, *, with_logits: bool = False,
+                remask: dict | None = None) -> IOSpec:
+    """Write out_dir/model.onnx + model.onnx.data (external weights) atomically; return the I/O spec.
+    remask: see `remask_options` (None: no remask stage, the ONNX Runtime path)."""
     import onnx
 
     from .checks import check_graph
 
     model = model.eval()
-    spec = step_spec(model.config, _dtype_name(model.dtype), with_logits, with_lora=model.has_draft_lora)
+    spec = step_spec(model.config, _dtype_name(model.dtype), with_logits, with_lora=model.has_draft_lora,
+                     remask=remask)
     names = [t.name for t in spec.inputs]
     batch, block, cache = (torch.export.Dim(n, min=1) for n in DYNAMIC_DIMS)
     dims = {"input_ids": {0: batch, 1: block}, "cache_lengths": {0: batch}, "num_valid": {0: batch},
             "causal": None, "temperature": None, "gumbel_noise": {0: batch, 1: block},
-            "past_keys": {1: batch, 3: cache}, "past_values": {1: batch, 3: cache}, "draft_lora": None}
+            "past_keys": {1: batch, 3: cache}, "past_values": {1: batch, 3: cache}, "draft_lora": None,
+            "canvas": {0: batch, 1: block}, "active": {0: batch}, "quota": {0: batch}}
+    args = example_inputs(model, remask=remask is not None)
+    shapes = tuple(dims[n] for n in names)
+    if remask is not None and not model.has_draft_lora:     # the absent draft_lora slot
+        shapes = shapes[:8] + (None,) + shapes[8:]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export.", dir=out_dir))
@@ -81,9 +126,9 @@ def export_step(model: NemotronLabsDiffusion, out_dir: str | Path, *, with_logit
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")            # the exporter's deprecation chatter
             prog = torch.onnx.export(
-                StepGraph(model, with_logits), example_inputs(model), dynamo=True, opset_version=OPSET,
+                StepGraph(model, with_logits, remask), args, dynamo=True, opset_version=OPSET,
                 input_names=names, output_names=spec.output_names(),
-                dynamic_shapes=tuple(dims[n] for n in names), optimize=True, verbose=False)
+                dynamic_shapes=shapes, optimize=True, verbose=False)
         if prog is None:  # pragma: no cover
             raise NemodiffError("torch.onnx.export returned no program")
         proto = prog.model_proto

@@ -18,6 +18,15 @@ commit / verify) through its inputs; the KV cache is a static max-length layout 
   -> new_keys    [layers, batch, kv_heads, block, head_dim]    the block's post-RoPE K (the caller writes
   -> new_values  same                                          them at cache_lengths on causal passes)
   -> logits      [batch, block, vocab]                         validation builds only
+
+Graphs exported with the remask stage (`remask="onnx"` standard ops, or `remask="plugin"` the
+`nemodiff::Remask` custom node, plugins/remask/spec.py) also take and give, after the above:
+  canvas         [batch, block]                                int64   the block (mask_id where masked)
+  active         [batch]                                       bool    rows still refining
+  quota          [batch]                                       int64   commits this pass (top-k policy)
+  -> canvas_out  [batch, block]                                int64   canvas with this pass's commits
+  -> commit      [batch, block]                                bool    positions committed by this pass
+The policy (threshold value or top-k) and mask_id are fixed at export, in `extra["remask"]`.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from typing import Any
 from ..config import ModelConfig
 
 OPSET = 21
+REMASK_VARIANTS = ("none", "onnx", "plugin")
 DYNAMIC_DIMS = ("batch", "block", "cache_len")
 
 
@@ -67,7 +77,8 @@ class IOSpec:
         return [t.name for t in self.outputs]
 
 
-def step_spec(cfg: ModelConfig, kv_dtype: str, with_logits: bool, with_lora: bool = False) -> IOSpec:
+def step_spec(cfg: ModelConfig, kv_dtype: str, with_logits: bool, with_lora: bool = False,
+              remask: dict[str, Any] | None = None) -> IOSpec:
     kv_static = (cfg.num_hidden_layers, "batch", cfg.num_key_value_heads, "cache_len", cfg.head_dim)
     new_kv = (cfg.num_hidden_layers, "batch", cfg.num_key_value_heads, "block", cfg.head_dim)
     inputs = (
@@ -80,12 +91,18 @@ def step_spec(cfg: ModelConfig, kv_dtype: str, with_logits: bool, with_lora: boo
         TensorSpec("past_keys", kv_dtype, kv_static),
         TensorSpec("past_values", kv_dtype, kv_static),
     ) + ((TensorSpec("draft_lora", "bool", ()),) if with_lora else ())
+    if remask is not None:
+        inputs += (TensorSpec("canvas", "int64", ("batch", "block")), TensorSpec("active", "bool", ("batch",)),
+                   TensorSpec("quota", "int64", ("batch",)))
     outputs = [
         TensorSpec("token", "int64", ("batch", "block")),
         TensorSpec("confidence", "float32", ("batch", "block")),
         TensorSpec("new_keys", kv_dtype, new_kv),
         TensorSpec("new_values", kv_dtype, new_kv),
     ]
+    if remask is not None:
+        outputs += [TensorSpec("canvas_out", "int64", ("batch", "block")),
+                    TensorSpec("commit", "bool", ("batch", "block"))]
     if with_logits:
         outputs.append(TensorSpec("logits", kv_dtype, ("batch", "block", cfg.vocab_size)))
-    return IOSpec(inputs, tuple(outputs))
+    return IOSpec(inputs, tuple(outputs), extra={"remask": dict(remask)} if remask is not None else {})

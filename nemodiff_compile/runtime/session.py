@@ -59,8 +59,13 @@ class Session:
         manifest = read_manifest(engine_dir)
         cfg = ModelConfig.from_hf(manifest.model_config, source=f"{engine_dir}/manifest.json")
         spec = IOSpec.from_json(manifest.io_spec)
-        den = OrtDenoiser(engine_dir / "model.onnx", spec, cfg, max_len or manifest.buckets["max_context"],
-                          providers=providers, threads=threads)
+        if manifest.backend == "tensorrt":      # the plan for this GPU, or a refusal naming what to build
+            from .trt_engine import TrtDenoiser
+
+            den = TrtDenoiser(engine_dir, manifest, cfg, max_len)
+        else:
+            den = OrtDenoiser(engine_dir / "model.onnx", spec, cfg, max_len or manifest.buckets["max_context"],
+                              providers=providers, threads=threads)
         tok = None
         if (engine_dir / "tokenizer.json").is_file():
             from ..model.tokenizer import load_tokenizer

@@ -29,8 +29,13 @@ def open_pair(engine_dir: str | Path, *, reference: Any = None, reference_source
     cfg = ModelConfig.from_hf(manifest.model_config, source=f"{engine_dir}/manifest.json")
     spec = IOSpec.from_json(manifest.io_spec)
     max_len = max_len or manifest.buckets["max_context"]
-    engine = OrtDenoiser(engine_dir / "model.onnx", spec, cfg, max_len, threads=threads,
-                         return_logits="logits" in spec.output_names())
+    if manifest.backend == "tensorrt":
+        from ..runtime.trt_engine import TrtDenoiser
+
+        engine = TrtDenoiser(engine_dir, manifest, cfg, max_len)
+    else:
+        engine = OrtDenoiser(engine_dir / "model.onnx", spec, cfg, max_len, threads=threads,
+                             return_logits="logits" in spec.output_names())
     if reference is None:
         source = reference_source or manifest.source
         if not Path(str(source)).exists() and str(source).lower() not in PRESETS:
