@@ -12,13 +12,17 @@ import hashlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import InvalidArgument
 from ..fsutil import atomic_dir
 from .manifest import Manifest, file_digest, write_manifest
 
-# precision -> torch dtype name of the exported graph (quantized precisions come with quant/)
+if TYPE_CHECKING:  # pragma: no cover
+    from ..quant.recipe import Recipe
+
+# precision -> torch dtype name of the exported graph; quantized precisions (quant.RECIPES) keep the
+# layers they do not quantize in their recipe's float_dtype
 PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 BACKENDS = ("onnxruntime", "tensorrt", "auto")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -45,15 +49,31 @@ def default_output(source: str | Path, precision: str, backend: str) -> Path:
 
 def build_engine(source: str | Path, *, output: Path | None = None, precision: str = "fp32",
                  backend: str = "onnxruntime", buckets: Buckets = Buckets(), with_logits: bool = False,
-                 validate: bool = True, progress: Callable[[str], None] = lambda msg: None) -> Path:
-    """Export `source` (checkpoint folder or preset) into an engine directory and return its path."""
+                 validate: bool = True, calib: str | Path | None = None, recipe: "Recipe | None" = None,
+                 progress: Callable[[str], None] = lambda msg: None) -> Path:
+    """Export `source` (checkpoint folder or preset) into an engine directory and return its path.
+
+    Quantized precisions (fp8, int8, int4-awq; nvfp4 where it can be calibrated) follow their recipe
+    (`quant.recipe_for(precision)` unless `recipe` is given) and calibrate on `calib` (a --calib
+    file) or the built-in prompts."""
     from .. import checkpoint_folder, load_reference
     from ..export.onnx import export_step
     from ..model.checkpoint import CONFIG_NAME
+    from ..quant import is_quantized, recipe_for
 
-    if precision not in PRECISION_DTYPES:
-        raise InvalidArgument(f"--precision {precision}: this build supports {', '.join(PRECISION_DTYPES)}; "
-                              "fp8/int8/int4-awq need the quantization recipes (not built yet)")
+    if recipe is None and is_quantized(precision):
+        recipe = recipe_for(precision)
+    if recipe is None and precision not in PRECISION_DTYPES:
+        raise InvalidArgument(f"--precision {precision}: expected one of {', '.join(PRECISION_DTYPES)}, "
+                              "fp8, int8, int4-awq or nvfp4")
+    if recipe is not None:
+        recipe.check()
+        from ..quant.ptq import check_available
+
+        check_available(recipe)
+        calib_items = _calib_items(calib)
+    elif calib is not None:
+        raise InvalidArgument(f"--calib {calib}: calibration applies to fp8, int8 and int4-awq builds only")
     if backend not in BACKENDS:
         raise InvalidArgument(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
     if backend == "tensorrt":
@@ -62,15 +82,24 @@ def build_engine(source: str | Path, *, output: Path | None = None, precision: s
     output = Path(output or default_output(source, precision, backend))
 
     progress(f"loading {source} ({precision})")
-    model = load_reference(source, dtype=PRECISION_DTYPES[precision])
+    model = load_reference(source, dtype=recipe.float_dtype if recipe else PRECISION_DTYPES[precision])
     cfg = model.config
     if buckets.max_context > cfg.max_position_embeddings:
         raise InvalidArgument(f"--max-context {buckets.max_context} exceeds the model's "
                               f"max_position_embeddings {cfg.max_position_embeddings}")
+    folder = checkpoint_folder(source)
+    quantization = None
     with atomic_dir(output) as tmp:
-        progress("exporting the denoiser step to ONNX (dynamo)")
-        spec = export_step(model, tmp, with_logits=with_logits)
-        folder = checkpoint_folder(source)
+        if recipe is None:
+            progress("exporting the denoiser step to ONNX (dynamo)")
+            spec = export_step(model, tmp, with_logits=with_logits)
+        else:
+            from ..quant.export import quantize_step
+
+            prompts = _calib_prompts(calib_items, folder, cfg, calib)
+            spec, quantization = quantize_step(model, recipe, prompts, tmp, with_logits=with_logits,
+                                               calib_source=str(calib) if calib else "builtin",
+                                               progress=progress)
         (tmp / CONFIG_NAME).write_text(_json(cfg.to_hf()))
         for name in TOKENIZER_FILES:
             if folder is not None and (folder / name).is_file():
@@ -81,14 +110,37 @@ def build_engine(source: str | Path, *, output: Path | None = None, precision: s
             backend=backend, precision=precision, source=str(source), model_config=cfg.to_hf(),
             weights_sha256=_weights_hash(folder, source), io_spec=spec.to_json(),
             buckets=buckets.to_json(cfg.block_size), artifacts=artifacts, tool_versions=_tool_versions(),
+            quantization=quantization,
         )
         write_manifest(tmp, manifest)
     if validate:
         progress("validating against the PyTorch reference")
         from ..validate.engine import validate_engine
 
-        validate_engine(output, reference=model, quick=True)
+        # a quantized build calibrated `model` in place: the reference is a fresh float copy
+        validate_engine(output, reference=None if recipe else model, quick=True)
     return output
+
+
+def _calib_items(calib: str | Path | None) -> list[dict]:
+    from ..quant.calib import read_prompts
+
+    return read_prompts(calib)
+
+
+def _calib_prompts(items: list[dict], folder: Path | None, cfg, calib) -> list[list[int]]:
+    """Token ids to calibrate on: the items through the checkpoint's tokenizer; random ids for the
+    built-in set on a model without one (random-weight presets)."""
+    from ..quant.calib import encode_prompts, random_prompts
+
+    tok = None
+    if folder is not None and (folder / "tokenizer.json").is_file():
+        from ..model.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(folder)
+    if tok is None and calib is None:
+        return random_prompts(cfg)
+    return encode_prompts(items, tok, cfg, source=f"--calib {calib}" if calib else "built-in prompts")
 
 
 def _weights_hash(folder: Path | None, source: str | Path) -> str:
@@ -106,7 +158,7 @@ def _tool_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for pkg in ("nemodiff-compile", "torch", "onnx", "onnxscript", "onnxruntime", "transformers"):
+    for pkg in ("nemodiff-compile", "torch", "onnx", "onnxscript", "onnxruntime", "transformers", "nvidia-modelopt"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:

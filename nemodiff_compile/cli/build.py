@@ -32,15 +32,29 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--block-length", type=click.IntRange(min=2), default=None, help="Default: the config's block_size.")
 @click.option("--with-logits", is_flag=True, help="Also output logits (validation builds).")
 @click.option("--no-validate", is_flag=True, help="Skip the short validation at the end.")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="fp8/int8/int4-awq: calibration prompts, a .jsonl file ({\"text\": ...} or {\"ids\": [...]} "
+                   "per line) or a text file (one prompt per line). Default: the built-in set.")
+@click.option("--keep-first-layers", type=click.IntRange(min=0), default=None,
+              help="Quantized builds: decoder layers at the start kept in float (default: the recipe's).")
+@click.option("--keep-last-layers", type=click.IntRange(min=0), default=None,
+              help="Quantized builds: decoder layers at the end kept in float (default: the recipe's).")
 @user_errors
 def build(checkpoint, size, precision, backend, output, batch_sizes, max_context, block_length, with_logits,
-          no_validate):
+          no_validate, calib, keep_first_layers, keep_last_layers):
     """Build an engine directory from a checkpoint (default: the embedded tiny model)."""
     from ..build.pipeline import Buckets, build_engine
+    from ..errors import InvalidArgument
+    from ..quant import is_quantized, recipe_for
 
     source = resolve_source(checkpoint, size)
     buckets = Buckets(_ints(batch_sizes), max_context, block_length)
+    recipe = None
+    if is_quantized(precision):
+        recipe = recipe_for(precision, keep_first_layers=keep_first_layers, keep_last_layers=keep_last_layers)
+    elif keep_first_layers is not None or keep_last_layers is not None:
+        raise InvalidArgument(f"--keep-first-layers/--keep-last-layers apply to quantized builds, not {precision}")
     out = build_engine(source, output=output, precision=precision, backend=backend, buckets=buckets,
-                       with_logits=with_logits, validate=not no_validate,
+                       with_logits=with_logits, validate=not no_validate, calib=calib, recipe=recipe,
                        progress=lambda msg: click.echo(f"[build] {msg}", err=True))
     click.echo(str(out))

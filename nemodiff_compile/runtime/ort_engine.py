@@ -41,6 +41,9 @@ class OrtDenoiser:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = threads
+        # int4 weight-only graphs: ORT fuses DQ + MatMul into MatMulNBits, which by default (level 4)
+        # quantizes the activations to int8 on the CPU; the graph says float activations, so compute them so
+        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
         self.session = ort.InferenceSession(str(onnx_path), opts, providers=providers or ["CPUExecutionProvider"])
         self.spec, self.config, self.max_len = spec, config, max_len
         self._check(onnx_path, return_logits)
