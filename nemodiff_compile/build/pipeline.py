@@ -68,10 +68,10 @@ def build_engine(source: str | Path, *, output: Path | None = None, precision: s
                               "fp8, int8, int4-awq or nvfp4")
     if recipe is not None:
         recipe.check()
+        calib_items = _calib_items(calib)
         from ..quant.ptq import check_available
 
         check_available(recipe)
-        calib_items = _calib_items(calib)
     elif calib is not None:
         raise InvalidArgument(f"--calib {calib}: calibration applies to fp8, int8 and int4-awq builds only")
     if backend not in BACKENDS:

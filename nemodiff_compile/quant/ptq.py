@@ -48,8 +48,12 @@ def check_available(recipe: Recipe) -> None:
                                   "Blackwell, SM100+) and this machine has none; use fp8, int8 or int4-awq")
         raise InvalidArgument(f"--precision {recipe.name}: the FLOAT4E2M1 Q/DQ writer is not implemented; "
                               "use fp8, int8 or int4-awq")
+    import warnings
+
     try:
-        import modelopt.torch.quantization  # noqa: F401
+        with warnings.catch_warnings():       # "transformers X is not tested with modelopt": we use no HF path
+            warnings.simplefilter("ignore")
+            import modelopt.torch.quantization  # noqa: F401
     except ImportError:
         raise InvalidArgument(f"--precision {recipe.name}: needs nvidia-modelopt "
                               "(pip install 'nemodiff-compile[quant]')") from None

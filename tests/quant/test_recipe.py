@@ -102,3 +102,28 @@ def test_trt_qdq_nodes_become_native():
     x = np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)
     y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(y, x @ w, atol=0.5)           # fp8 rounding of x, nothing more
+
+
+def test_recipe_thresholds_become_tolerances():
+    from nemodiff_compile.validate import tolerances_for
+
+    t = tolerances_for("fp8")
+    assert t.cosine_min == RECIPES["fp8"].thresholds["cosine_min"] and t.tpf_drop_max == 0.1
+    t2 = tolerances_for("fp8", {"cosine_min": 0.5})            # as recorded in a manifest
+    assert t2.cosine_min == 0.5 and t2.forced_token_agreement is None
+    with pytest.raises(InvalidArgument, match="unknown bound"):
+        tolerances_for("fp8", {"bogus": 1})
+
+
+def test_tpf_drop_and_pooled_agreement_gates():
+    from nemodiff_compile.validate import tolerances_for
+    from nemodiff_compile.validate.compare import ModeResult, _judge_mode
+
+    tol = tolerances_for("fp8")
+    m = ModeResult("dlm", [1.0, 1.0], 20, 20, {"reference": 5, "engine": 8},
+                   {"reference": 2.0, "engine": 1.5}, [], None)
+    assert [f for f in _judge_mode(m, tol) if "tokens per forward fell 25.0%" in f]
+    m.tokens_per_forward = {"reference": 2.0, "engine": 2.4}          # committing more per pass is fine
+    assert _judge_mode(m, tol) == []
+    m.matched = 10                                                    # pooled trajectory agreement 0.5
+    assert [f for f in _judge_mode(m, tol) if "over all prompts 0.5000 < 0.7" in f]
