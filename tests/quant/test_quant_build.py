@@ -6,7 +6,6 @@ One engine per precision for the whole session (a build exports, calibrates and 
 
 import json
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
