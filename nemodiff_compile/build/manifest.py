@@ -42,6 +42,9 @@ class Manifest:
     requires: dict[str, str] = field(default_factory=lambda: {"onnxruntime": MIN_ONNXRUNTIME})
     engines: list[dict[str, Any]] = field(default_factory=list)     # per-GPU TensorRT engines
     validation: dict[str, Any] | None = None                          # last `validate` result
+    # quantized builds: recipe, calibration set (source, count, sha256), excluded layers, Q/DQ
+    # counts and the validate thresholds (quant.export.quantize_step); None for float builds
+    quantization: dict[str, Any] | None = None
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     format_version: int = FORMAT_VERSION
 

@@ -24,10 +24,12 @@ from ..errors import InvalidArgument
 from ..fsutil import atomic_dir
 from .manifest import Manifest, file_digest, write_manifest
 
-if TYPE_CHECKING:  # pragma: no cover  (the builder is imported late)
+if TYPE_CHECKING:  # pragma: no cover  (the builder and quant/ are imported late)
+    from ..quant.recipe import Recipe
     from .tensorrt_builder import BuildOptions
 
-# precision -> torch dtype name of the exported graph (quantized precisions come with quant/)
+# precision -> torch dtype name of the exported graph; quantized precisions (quant.RECIPES) keep the
+# layers they do not quantize in their recipe's float_dtype
 PRECISION_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 BACKENDS = ("onnxruntime", "tensorrt", "auto")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -54,17 +56,37 @@ def default_output(source: str | Path, precision: str, backend: str) -> Path:
 
 def build_engine(source: str | Path, *, output: Path | None = None, precision: str = "fp32",
                  backend: str = "onnxruntime", buckets: Buckets = Buckets(), with_logits: bool = False,
-                 validate: bool = True, progress: Callable[[str], None] = lambda msg: None,
+                 validate: bool = True, calib: str | Path | None = None, recipe: "Recipe | None" = None,
+                 progress: Callable[[str], None] = lambda msg: None,
                  gpus: tuple[str, ...] | None = None, remask: str = "none", remask_threshold: float | None = 0.9,
                  trt_options: "BuildOptions | None" = None) -> Path:
     """Export `source` (checkpoint folder or preset) into an engine directory and return its path.
 
+    Quantized precisions (fp8, int8, int4-awq; nvfp4 where it can be calibrated) follow their recipe
+    (`quant.recipe_for(precision)` unless `recipe` is given) and calibrate on `calib` (a --calib
+    file) or the built-in prompts.
     backend tensorrt: also one engine per GPU target in `gpus` (default: this machine's GPU);
     remask none | onnx | plugin: the remask stage in the graph (plugin: the nemodiff::Remask node,
     TensorRT only); remask_threshold None selects the top-k policy."""
-    if precision not in PRECISION_DTYPES:
-        raise InvalidArgument(f"--precision {precision}: this build supports {', '.join(PRECISION_DTYPES)}; "
-                              "fp8/int8/int4-awq need the quantization recipes (not built yet)")
+    from ..quant import is_quantized, recipe_for
+
+    if recipe is None and is_quantized(precision):
+        recipe = recipe_for(precision)
+    if recipe is None and precision not in PRECISION_DTYPES:
+        raise InvalidArgument(f"--precision {precision}: expected one of {', '.join(PRECISION_DTYPES)}, "
+                              "fp8, int8, int4-awq or nvfp4")
+    quant = None
+    if recipe is not None:
+        recipe.check()
+        from ..quant.ptq import check_available
+
+        quant = _Quant(recipe, calib, _calib_items(calib))
+        check_available(recipe)
+        if remask != "none":
+            raise InvalidArgument(f"--remask {remask}: the quantized export has no remask stage yet; "
+                                  "build quantized graphs with --remask none")
+    elif calib is not None:
+        raise InvalidArgument(f"--calib {calib}: calibration applies to fp8, int8 and int4-awq builds only")
     if backend not in BACKENDS:
         raise InvalidArgument(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
     if backend == "auto":
@@ -78,39 +100,57 @@ def build_engine(source: str | Path, *, output: Path | None = None, precision: s
     if backend == "tensorrt":
         return _build_tensorrt(source, output=output, precision=precision, buckets=buckets,
                                with_logits=with_logits, progress=progress, gpus=gpus, remask=remask,
-                               remask_threshold=remask_threshold, options=trt_options)
+                               remask_threshold=remask_threshold, options=trt_options, quant=quant)
 
     with atomic_dir(output) as tmp:
         model = _export_into(tmp, source, precision=precision, backend=backend, buckets=buckets,
                              with_logits=with_logits, remask=remask, remask_threshold=remask_threshold,
-                             progress=progress)
+                             progress=progress, quant=quant)
     if validate and remask != "none":
         progress("validation skipped: the decode loops drive graphs without the remask stage")
     elif validate:
         progress("validating against the PyTorch reference")
         from ..validate.engine import validate_engine
 
-        validate_engine(output, reference=model, quick=True)
+        # a quantized build calibrated `model` in place: the reference is then a fresh float copy
+        validate_engine(output, reference=None if quant else model, quick=True)
     return output
 
 
+@dataclass(frozen=True)
+class _Quant:
+    recipe: "Recipe"
+    calib: str | Path | None          # the --calib file, None for the built-in prompts
+    items: list                       # its prompts, read and checked before anything is exported
+
+
 def _export_into(tmp: Path, source, *, precision: str, backend: str, buckets: Buckets, with_logits: bool,
-                 remask: str, remask_threshold, progress: Callable[[str], None]):
-    """Fill `tmp` with the step graph, config, tokenizer and manifest; return the loaded reference."""
+                 remask: str, remask_threshold, progress: Callable[[str], None], quant: _Quant | None = None):
+    """Fill `tmp` with the step graph (quantized when `quant` is given), config, tokenizer and
+    manifest; return the loaded reference."""
     from .. import checkpoint_folder, load_reference
     from ..export.onnx import export_step, remask_options
     from ..model.checkpoint import CONFIG_NAME
 
     progress(f"loading {source} ({precision})")
-    model = load_reference(source, dtype=PRECISION_DTYPES[precision])
+    model = load_reference(source, dtype=quant.recipe.float_dtype if quant else PRECISION_DTYPES[precision])
     cfg = model.config
     if buckets.max_context > cfg.max_position_embeddings:
         raise InvalidArgument(f"--max-context {buckets.max_context} exceeds the model's "
                               f"max_position_embeddings {cfg.max_position_embeddings}")
-    progress("exporting the denoiser step to ONNX (dynamo)")
-    spec = export_step(model, tmp, with_logits=with_logits,
-                       remask=remask_options(remask, mask_id=cfg.mask_token_id, threshold=remask_threshold))
     folder = checkpoint_folder(source)
+    quantization = None
+    if quant is None:
+        progress("exporting the denoiser step to ONNX (dynamo)")
+        spec = export_step(model, tmp, with_logits=with_logits,
+                           remask=remask_options(remask, mask_id=cfg.mask_token_id, threshold=remask_threshold))
+    else:
+        from ..quant.export import quantize_step
+
+        prompts = _calib_prompts(quant.items, folder, cfg, quant.calib)
+        spec, quantization = quantize_step(model, quant.recipe, prompts, tmp, with_logits=with_logits,
+                                           calib_source=str(quant.calib) if quant.calib else "builtin",
+                                           progress=progress)
     (tmp / CONFIG_NAME).write_text(_json(cfg.to_hf()))
     for name in TOKENIZER_FILES:
         if folder is not None and (folder / name).is_file():
@@ -121,6 +161,7 @@ def _export_into(tmp: Path, source, *, precision: str, backend: str, buckets: Bu
         backend=backend, precision=precision, source=str(source), model_config=cfg.to_hf(),
         weights_sha256=_weights_hash(folder, source), io_spec=spec.to_json(),
         buckets=buckets.to_json(cfg.block_size), artifacts=artifacts, tool_versions=_tool_versions(),
+        quantization=quantization,
     )
     if backend == "tensorrt":
         manifest.requires = {}            # the plans are checked per GPU at load (build/targets.py)
@@ -129,7 +170,8 @@ def _export_into(tmp: Path, source, *, precision: str, backend: str, buckets: Bu
 
 
 def _build_tensorrt(source, *, output: Path, precision: str, buckets: Buckets, with_logits: bool,
-                    progress: Callable[[str], None], gpus, remask: str, remask_threshold, options) -> Path:
+                    progress: Callable[[str], None], gpus, remask: str, remask_threshold, options,
+                    quant: _Quant | None = None) -> Path:
     """Export once (or reuse the directory's graph when adding targets), then one plan per target."""
     from .manifest import EngineError, MANIFEST_NAME, read_manifest
     from .targets import current_device, engine_file_name
@@ -165,7 +207,7 @@ def _build_tensorrt(source, *, output: Path, precision: str, buckets: Buckets, w
         else:
             _export_into(tmp, source, precision=precision, backend="tensorrt", buckets=buckets,
                          with_logits=with_logits, remask=remask, remask_threshold=remask_threshold,
-                         progress=progress)
+                         progress=progress, quant=quant)
             manifest = read_manifest(tmp)
         manifest.tool_versions[trt.flavor] = trt.version
         for target in targets:
@@ -194,6 +236,27 @@ def _build_tensorrt(source, *, output: Path, precision: str, buckets: Buckets, w
     return output
 
 
+def _calib_items(calib: str | Path | None) -> list[dict]:
+    from ..quant.calib import read_prompts
+
+    return read_prompts(calib)
+
+
+def _calib_prompts(items: list[dict], folder: Path | None, cfg, calib) -> list[list[int]]:
+    """Token ids to calibrate on: the items through the checkpoint's tokenizer; random ids for the
+    built-in set on a model without one (random-weight presets)."""
+    from ..quant.calib import encode_prompts, random_prompts
+
+    tok = None
+    if folder is not None and (folder / "tokenizer.json").is_file():
+        from ..model.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(folder)
+    if tok is None and calib is None:
+        return random_prompts(cfg)
+    return encode_prompts(items, tok, cfg, source=f"--calib {calib}" if calib else "built-in prompts")
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
@@ -216,7 +279,7 @@ def _tool_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for pkg in ("nemodiff-compile", "torch", "onnx", "onnxscript", "onnxruntime", "transformers"):
+    for pkg in ("nemodiff-compile", "torch", "onnx", "onnxscript", "onnxruntime", "transformers", "nvidia-modelopt"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:

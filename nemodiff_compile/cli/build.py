@@ -32,6 +32,13 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--block-length", type=click.IntRange(min=2), default=None, help="Default: the config's block_size.")
 @click.option("--with-logits", is_flag=True, help="Also output logits (validation builds).")
 @click.option("--no-validate", is_flag=True, help="Skip the short validation at the end.")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="fp8/int8/int4-awq: calibration prompts, a .jsonl file ({\"text\": ...} or {\"ids\": [...]} "
+                   "per line) or a text file (one prompt per line). Default: the built-in set.")
+@click.option("--keep-first-layers", type=click.IntRange(min=0), default=None,
+              help="Quantized builds: decoder layers at the start kept in float (default: the recipe's).")
+@click.option("--keep-last-layers", type=click.IntRange(min=0), default=None,
+              help="Quantized builds: decoder layers at the end kept in float (default: the recipe's).")
 @click.option("--gpus", default=None, metavar="SM,...",
               help="TensorRT targets, e.g. sm90,sm89 (default: this GPU). On an existing TensorRT engine "
                    "directory, adds these targets.")
@@ -47,13 +54,20 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--version-compatible", is_flag=True, help="TensorRT version-compatible engines.")
 @user_errors
 def build(checkpoint, size, precision, backend, output, batch_sizes, max_context, block_length, with_logits,
-          no_validate, gpus, remask, remask_threshold, workspace_mb, tactic_mb, hardware_compatibility,
-          version_compatible):
+          no_validate, calib, keep_first_layers, keep_last_layers, gpus, remask, remask_threshold, workspace_mb,
+          tactic_mb, hardware_compatibility, version_compatible):
     """Build an engine directory from a checkpoint (default: the embedded tiny model)."""
     from ..build.pipeline import Buckets, build_engine
+    from ..errors import InvalidArgument
+    from ..quant import is_quantized, recipe_for
 
     source = resolve_source(checkpoint, size)
     buckets = Buckets(_ints(batch_sizes), max_context, block_length)
+    recipe = None
+    if is_quantized(precision):
+        recipe = recipe_for(precision, keep_first_layers=keep_first_layers, keep_last_layers=keep_last_layers)
+    elif keep_first_layers is not None or keep_last_layers is not None:
+        raise InvalidArgument(f"--keep-first-layers/--keep-last-layers apply to quantized builds, not {precision}")
     trt_options = None
     if backend == "tensorrt":
         from ..build.tensorrt_builder import BuildOptions
@@ -69,8 +83,9 @@ def build(checkpoint, size, precision, backend, output, batch_sizes, max_context
 
         targets = parse_targets(gpus)
     out = build_engine(source, output=output, precision=precision, backend=backend, buckets=buckets,
-                       with_logits=with_logits, validate=not no_validate, gpus=targets, remask=remask,
-                       remask_threshold=_threshold(remask_threshold), trt_options=trt_options,
+                       with_logits=with_logits, validate=not no_validate, calib=calib, recipe=recipe,
+                       gpus=targets, remask=remask, remask_threshold=_threshold(remask_threshold),
+                       trt_options=trt_options,
                        progress=lambda msg: click.echo(f"[build] {msg}", err=True))
     click.echo(str(out))
 

@@ -44,6 +44,18 @@ def inspect(engine_dir, as_json):
     click.echo("files")
     for name, a in m.artifacts.items():
         click.echo(f"  {name:<24} {a['bytes']:>12,} bytes")
+    q = m.quantization
+    if q:
+        r, c = q["recipe"], q["calibration"]
+        acts = f"{r['activations']} activations per tensor" if r["activations"] else "weight-only"
+        grain = "per channel" if r["weight_block"] is None else f"blocks of {r['weight_block']}"
+        click.echo(f"recipe      {r['name']}: {r['weights']} weights {grain}, {acts}, {r['algorithm']} calibration, "
+                   f"KV cache {r['kv_cache_dtype']}, float parts {r['float_dtype']}")
+        click.echo(f"calibration {c['prompts']} prompts from {c['source']} (sha256 {c['sha256'][:16]}), "
+                   f"modes {', '.join(c['modes'])}, {c['max_new_tokens']} new tokens")
+        click.echo(f"quantized   {q['quantized_layers']} Linear layers; Q/DQ nodes {q['graph']['qdq_nodes']}")
+        click.echo(f"excluded    {', '.join(q['excluded_layers'])}")
+        click.echo("thresholds  " + ", ".join(f"{k}={v}" for k, v in q["thresholds"].items() if v is not None))
     v = m.validation
     click.echo("validation  " + ("never run" if not v else
                                  f"passed={v.get('passed')} token_agreement={v.get('token_agreement')}"))

@@ -102,8 +102,6 @@ def export_step(model: NemotronLabsDiffusion, out_dir: str | Path, *, with_logit
                 remask: dict | None = None) -> IOSpec:
     """Write out_dir/model.onnx + model.onnx.data (external weights) atomically; return the I/O spec.
     remask: see `remask_options` (None: no remask stage, the ONNX Runtime path)."""
-    import onnx
-
     from .checks import check_graph
 
     model = model.eval()
@@ -131,10 +129,10 @@ def export_step(model: NemotronLabsDiffusion, out_dir: str | Path, *, with_logit
                 dynamic_shapes=shapes, optimize=True, verbose=False)
         if prog is None:  # pragma: no cover
             raise NemodiffError("torch.onnx.export returned no program")
-        proto = prog.model_proto
-        _name_dynamic_dims(proto, spec)
-        onnx.save_model(proto, str(tmp / ONNX_NAME), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=WEIGHTS_NAME, size_threshold=1024)
+        _name_dynamic_dims(prog.model, spec)
+        # Saved straight from the exporter's IR, tensor by tensor into model.onnx.data: serializing
+        # `prog.model_proto` first would hold a second full copy of the weights in memory.
+        prog.save(str(tmp / ONNX_NAME), external_data=True)
         check_graph(tmp / ONNX_NAME, spec)
         for name in (ONNX_NAME, WEIGHTS_NAME):
             os.chmod(tmp / name, 0o644)
@@ -144,15 +142,15 @@ def export_step(model: NemotronLabsDiffusion, out_dir: str | Path, *, with_logit
     return spec
 
 
-def _name_dynamic_dims(proto, spec: IOSpec) -> None:
-    """Give the graph's symbolic dims the spec's names (the exporter invents its own)."""
+def _name_dynamic_dims(model, spec: IOSpec) -> None:
+    """Give the graph's symbolic dims the spec's names (the exporter invents its own); model: onnx_ir."""
+    import onnx_ir as ir
+
     by_name = {t.name: t for t in (*spec.inputs, *spec.outputs)}
-    for vi in (*proto.graph.input, *proto.graph.output):
-        want = by_name[vi.name].shape
-        dims = vi.type.tensor_type.shape.dim
-        for d, w in zip(dims, want):
-            if isinstance(w, str):
-                d.dim_param = w
+    for v in (*model.graph.inputs, *model.graph.outputs):
+        want = by_name[v.name].shape
+        dims = [ir.SymbolicDim(w) if isinstance(w, str) else d for d, w in zip(v.shape, want)]
+        v.shape = ir.Shape(dims)
 
 
 def _dtype_name(dt: torch.dtype) -> str:

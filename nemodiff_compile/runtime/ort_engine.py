@@ -34,13 +34,21 @@ _MAX_SHAPES = 8   # (batch, block) output buffer sets kept: decode, block, verif
 
 class OrtDenoiser:
     def __init__(self, onnx_path: str | Path, spec: "IOSpec", config: ModelConfig, max_len: int, *,
-                 providers: list | None = None, threads: int | None = None, return_logits: bool = False):
+                 providers: list | None = None, threads: int | None = None, return_logits: bool = False,
+                 fuse: bool = True):
+        """fuse=False stops at ORT's basic graph optimizations: Q/DQ graphs then compute exactly what
+        they say (with fuse=True the CPU provider may fold int8 Q/DQ + MatMul into integer kernels
+        that round differently)."""
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if fuse
+                                         else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
         if threads:
             opts.intra_op_num_threads = threads
+        # int4 weight-only graphs: ORT fuses DQ + MatMul into MatMulNBits, which by default (level 4)
+        # quantizes the activations to int8 on the CPU; the graph says float activations, so compute them so
+        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
         self.session = ort.InferenceSession(str(onnx_path), opts, providers=providers or ["CPUExecutionProvider"])
         self.spec, self.config, self.max_len = spec, config, max_len
         self._check(onnx_path, return_logits)

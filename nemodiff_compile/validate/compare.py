@@ -92,6 +92,12 @@ class ModeResult:
         return _ratio(sum(m for m, _ in c), sum(n for _, n in c)) if c else None
 
     @property
+    def tpf_drop(self) -> float | None:
+        """Relative fall of the engine's tokens per forward below the reference's (negative: it rose)."""
+        ref, eng = self.tokens_per_forward["reference"], self.tokens_per_forward["engine"]
+        return None if ref <= 0 else (ref - eng) / ref
+
+    @property
     def failed_passes(self) -> list[PassStats]:
         return [p for p in self.passes if not p.passed]
 
@@ -113,7 +119,7 @@ class ModeResult:
         failed = self.failed_passes
         out = dict(passed=self.passed, token_agreement=self.token_agreement, prompt_agreement=self.prompt_agreement,
                    forced_token_agreement=self.forced_token_agreement, commit_agreement=self.commit_agreement,
-                   nfe=self.nfe, tokens_per_forward=self.tokens_per_forward,
+                   nfe=self.nfe, tokens_per_forward=self.tokens_per_forward, tpf_drop=self.tpf_drop,
                    passes_compared=len(self.passes), failed_passes=len(failed), worst=self.worst(),
                    failures=list(self.failures), first_failure=failed[0].to_json() if failed else None,
                    first_divergence=self.first_divergence)
@@ -167,14 +173,15 @@ class ValidationReport:
 
     def to_table(self) -> str:
         head = ("mode", "passes", "failed", "tok agree", "min prompt", "forced tok", "commit",
-                "max |dlogit|", "min cos", "max |dconf|", "nfe ref/eng")
+                "max |dlogit|", "min cos", "max |dconf|", "nfe ref/eng", "tpf ref/eng")
         rows = []
         for name, m in self.modes.items():
             w = m.worst()
             rows.append((name, str(len(m.passes)), str(len(m.failed_passes)), _f(m.token_agreement, 4),
                          _f(min(m.prompt_agreement, default=1.0), 4), _f(m.forced_token_agreement, 4),
                          _f(m.commit_agreement, 4), _g(w["logits_max_abs_diff"]), _f(w["logits_cosine_min"], 6),
-                         _g(w["conf_max_abs_diff"]), f"{m.nfe['reference']}/{m.nfe['engine']}"))
+                         _g(w["conf_max_abs_diff"]), f"{m.nfe['reference']}/{m.nfe['engine']}",
+                         f"{m.tokens_per_forward['reference']:.2f}/{m.tokens_per_forward['engine']:.2f}"))
         widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
         line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
         out = [f"validation ({self.tolerances.precision} tolerances): {'PASSED' if self.passed else 'FAILED'}, "
@@ -309,6 +316,13 @@ def _judge_mode(m: ModeResult, tol: Tolerances) -> list[str]:
     for b, a in enumerate(m.prompt_agreement):
         if tol.token_agreement is not None and a < tol.token_agreement:
             bad.append(f"prompt {b}: trajectory token agreement {a:.4f} < {tol.token_agreement}")
+    if tol.mean_token_agreement is not None and m.token_agreement < tol.mean_token_agreement:
+        bad.append(f"trajectory token agreement over all prompts {m.token_agreement:.4f} < {tol.mean_token_agreement}")
+    drop = m.tpf_drop
+    if tol.tpf_drop_max is not None and drop is not None and not drop <= tol.tpf_drop_max:
+        tpf = m.tokens_per_forward
+        bad.append(f"tokens per forward fell {drop:.1%} ({tpf['reference']:.3f} -> {tpf['engine']:.3f}), "
+                   f"more than {tol.tpf_drop_max:.0%}")
     return bad
 
 

@@ -74,7 +74,8 @@ def validate_engine(engine_dir: str | Path, *, reference: Any = None, reference_
 
     manifest, engine, ref, tok = open_pair(engine_dir, reference=reference, reference_source=reference_source)
     prompts = builtin_prompts(tok, ref.config, 2 if quick else 4)
-    tol = tolerances_for(manifest.precision)
+    q = manifest.quantization
+    tol = tolerances_for(manifest.precision, q.get("thresholds") if q else None)
     report = validate(ref, engine, prompts, modes=modes, max_new_tokens=max_new_tokens or (16 if quick else 32),
                       tolerances=tol)
     if write:
@@ -83,6 +84,11 @@ def validate_engine(engine_dir: str | Path, *, reference: Any = None, reference_
             "passed": summary["passed"], "token_agreement": summary["token_agreement"],
             "passes_compared": summary["passes_compared"], "first_divergence": summary["first_divergence"],
             "tolerances": summary["tolerances"], "quick": quick, "prompts": len(prompts),
+            "per_mode": {k: {"token_agreement": v["token_agreement"], "commit_agreement": v["commit_agreement"],
+                             "forced_token_agreement": v["forced_token_agreement"],
+                             "logits_cosine_min": v["worst"]["logits_cosine_min"],
+                             "tokens_per_forward": v["tokens_per_forward"], "tpf_drop": v["tpf_drop"]}
+                         for k, v in summary["per_mode"].items()},
             "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         write_manifest(Path(engine_dir), manifest)

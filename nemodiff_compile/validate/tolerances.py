@@ -7,8 +7,10 @@ Three kinds of bound:
       eligible positions with the same commit decision (pooled, because one pass can hold a single
       position: an AR decode at batch 1);
   per trajectory (free-running: each backend decodes on its own outputs) - the fraction of
-      generated token positions that agree, for every prompt.
-A bound of None is reported but not enforced.
+      generated token positions that agree, for every prompt and pooled over the prompts, and the
+      change in tokens per forward (a quantized engine must not silently commit fewer tokens per pass).
+A bound of None is reported but not enforced. Quantized precisions take their bounds from their
+recipe (`quant.recipe.RECIPES[...].thresholds`), recorded in the engine's manifest.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ class Tolerances:
     forced_token_agreement: float | None  # teacher-forced valid positions with equal token ids, per mode
     commit_agreement: float | None      # eligible positions of denoise/draft passes with the same decision, per mode
     token_agreement: float | None       # min whole-trajectory agreement of any prompt in any mode
+    mean_token_agreement: float | None = None   # trajectory agreement pooled over the prompts, per mode
+    tpf_drop_max: float | None = None   # max relative drop of tokens per forward (engine vs reference), per mode
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,20 +57,29 @@ TOLERANCES: dict[str, Tolerances] = {
     # published checkpoints' bf16 vs fp32 logits), looser confidence and decision bounds.
     "bf16": Tolerances("bf16", logits_atol=None, logits_rtol=None, cosine_min=0.999, conf_atol=5e-2,
                        forced_token_agreement=0.9, commit_agreement=0.9, token_agreement=0.9),
-    # Quantized recipes (Q/DQ graphs): provisional starting points, tighten with measured data.
-    "fp8": Tolerances("fp8", logits_atol=None, logits_rtol=None, cosine_min=0.99, conf_atol=0.1,
-                      forced_token_agreement=0.8, commit_agreement=0.8, token_agreement=0.7),
-    "int8": Tolerances("int8", logits_atol=None, logits_rtol=None, cosine_min=0.99, conf_atol=0.1,
-                       forced_token_agreement=0.8, commit_agreement=0.8, token_agreement=0.7),
 }
 
 _ALIASES = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16",
             "float8": "fp8", "float8_e4m3fn": "fp8", "fp8_e4m3": "fp8"}
 
 
-def tolerances_for(precision: str) -> Tolerances:
-    """The bounds for a precision name ("fp32", "bf16", "bfloat16", ...)."""
+def tolerances_for(precision: str, thresholds: dict[str, Any] | None = None) -> Tolerances:
+    """The bounds for a precision name ("fp32", "bf16", "bfloat16", ...); a quantized precision's
+    come from `thresholds` (its manifest's record) or else from its built-in recipe."""
     key = _ALIASES.get(precision.lower(), precision.lower())
+    if thresholds is None and key not in TOLERANCES:
+        from ..quant.recipe import RECIPES
+
+        if key in RECIPES:
+            thresholds = RECIPES[key].thresholds
+    if thresholds is not None:
+        fields = set(Tolerances.__dataclass_fields__) - {"precision"}
+        unknown = set(thresholds) - fields
+        if unknown:
+            raise InvalidArgument(f"thresholds for {precision}: unknown bound(s) {', '.join(sorted(unknown))}")
+        base = dict.fromkeys(fields)
+        base.update(thresholds)
+        return Tolerances(precision=key, **base)
     if key not in TOLERANCES:
         raise InvalidArgument(f"no validation tolerances for precision {precision!r}: "
                               f"expected one of {', '.join(TOLERANCES)}")

@@ -85,8 +85,8 @@ def test_cli_inspect_and_refusal(built, copy):
 
 
 def test_unsupported_precision_is_one_line(tmp_path):
-    r = CliRunner().invoke(cli, ["build", "--precision", "int8", "--output", str(tmp_path / "e")])
-    assert r.exit_code == 2 and "int8" in r.output and r.output.count("\n") == 1
+    r = CliRunner().invoke(cli, ["build", "--precision", "nvfp4", "--output", str(tmp_path / "e")])
+    assert r.exit_code == 2 and "nvfp4" in r.output and r.output.count("\n") == 1
     assert not (tmp_path / "e").exists()
 
 

@@ -1,0 +1,204 @@
+"""Quantized engines of the trained tiny model: Q/DQ graph contents, ONNX Runtime runs them, the
+graph computes what ModelOpt calibrated, validate's gates pass, and a broken recipe fails them.
+
+One engine per precision for the whole session (a build exports, calibrates and writes Q/DQ).
+"""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("modelopt")
+onnx = pytest.importorskip("onnx")
+
+from nemodiff_compile import TINY_ASSET  # noqa: E402
+from nemodiff_compile.build.manifest import read_manifest  # noqa: E402
+from nemodiff_compile.cli import cli  # noqa: E402
+from nemodiff_compile.quant import recipe_for  # noqa: E402
+
+TRAINED = (TINY_ASSET / "config.json").is_file()
+pytestmark = pytest.mark.skipif(not TRAINED, reason="needs the trained tiny checkpoint")
+LINEARS = 6 * 7                                    # tiny: 6 layers x (q, k, v, o, gate, up, down); head excluded
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture(scope="session")
+def engines(tmp_path_factory):
+    """precision -> engine dir, built on first use: fp8 through the API (validated at the end of the
+    build), int8 through the CLI with a .jsonl --calib file, int4-awq with a text --calib file."""
+    root = tmp_path_factory.mktemp("quant")
+    built = {}
+
+    def get(precision):
+        if precision in built:
+            return built[precision]
+        out = root / f"tiny-{precision}"
+        if precision == "fp8":
+            from nemodiff_compile.build.pipeline import build_engine
+
+            build_engine("tiny", output=out, precision="fp8", with_logits=True)
+        elif precision == "int8":
+            calib = root / "calib.jsonl"
+            calib.write_text("".join(json.dumps({"text": t}) + "\n" for t in (
+                "Once upon a time, a cat sat on a mat.", "What is 2 + 2?", "Count from 3:",
+                "Tom had a big red ball and he liked to play with it.")) + json.dumps({"ids": [1, 40, 41, 42]}) + "\n")
+            r = run("build", "--precision", "int8", "--calib", calib, "--with-logits", "--output", out)
+            assert r.exit_code == 0, r.output
+        else:
+            calib = root / "calib.txt"
+            calib.write_text("Lily saw a bird in the tree.\nWhat is 6 + 1?\nCount from 7:\nThe dog ran to the park.\n")
+            r = run("build", "--precision", precision, "--calib", calib, "--with-logits", "--output", out)
+            assert r.exit_code == 0, r.output
+        built[precision] = out
+        return out
+
+    return get
+
+
+EXPECT = {  # precision -> (weight element type, activation Q/DQ pairs?, DQ attributes)
+    "fp8": ("FLOAT8E4M3FN", True, {"axis": 1}),
+    "int8": ("INT8", True, {"axis": 1}),
+    "int4-awq": ("INT4", False, {"axis": 0, "block_size": 128}),
+}
+
+
+@pytest.mark.parametrize("precision", list(EXPECT))
+def test_qdq_graph(engines, precision):
+    from onnx import TensorProto
+
+    path = engines(precision) / "model.onnx"
+    m = onnx.load(str(path), load_external_data=False)
+    wtype, acts, attrs = EXPECT[precision]
+    nodes = m.graph.node
+    assert all(n.domain in ("", "ai.onnx") for n in nodes), "custom-domain nodes left"
+    inits = {t.name: t for t in m.graph.initializer}
+    weight_dq = [n for n in nodes if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                 and len(inits[n.input[0]].dims) == 2]
+    assert len(weight_dq) == LINEARS
+    for n in weight_dq:
+        w = inits[n.input[0]]
+        assert TensorProto.DataType.Name(w.data_type) == wtype
+        assert {a.name: a.i for a in n.attribute} == attrs
+    q = [n for n in nodes if n.op_type == "QuantizeLinear"]
+    assert len(q) == (LINEARS if acts else 0)
+    for n in q:
+        assert TensorProto.DataType.Name(inits[n.input[2]].data_type) == wtype
+    # the float weights of quantized layers are gone; the head and the embedding stay float
+    mats = [n for n in nodes if n.op_type == "MatMul" and n.input[1] in inits]
+    assert len(mats) == 1 and inits[mats[0].input[1]].data_type == TensorProto.FLOAT       # diffusion_head
+    # stored quantized: the weights file shrank against fp32 (embedding and head stay float)
+    size = (path.parent / "model.onnx.data").stat().st_size
+    assert size < 0.7 * (TINY_ASSET / "model.safetensors").stat().st_size
+
+
+@pytest.mark.parametrize("precision", list(EXPECT))
+def test_manifest_records_the_quantization(engines, precision):
+    m = read_manifest(engines(precision), deep=True)
+    q = m.quantization
+    assert m.precision == precision and q["recipe"]["name"] == precision
+    assert q["quantized_layers"] == LINEARS and "diffusion_head" in q["excluded_layers"]
+    assert "encoder.embed_tokens" in q["excluded_layers"]
+    assert len(q["calibration"]["sha256"]) == 64 and q["calibration"]["modes"] == ["dlm", "linear-spec"]
+    assert q["thresholds"] == recipe_for(precision).thresholds
+    assert q["calibration"]["source"] == ("builtin" if precision == "fp8" else str(engines(precision).parent /
+                                                                                 ("calib.jsonl" if precision == "int8" else "calib.txt")))
+    v = m.validation                                # the build's own quick validation, with the recipe's bounds
+    assert v["passed"] is True, v
+    assert v["tolerances"]["cosine_min"] == q["thresholds"]["cosine_min"]
+    assert set(v["per_mode"]) == {"ar", "dlm", "linear-spec"}
+
+
+def test_calibration_sets_differ_in_the_manifest(engines):
+    h = {p: read_manifest(engines(p)).quantization["calibration"]["sha256"] for p in ("fp8", "int8")}
+    assert h["fp8"] != h["int8"]
+
+
+def test_inspect_shows_the_recipe(engines):
+    r = run("inspect", engines("int8"))
+    assert r.exit_code == 0, r.output
+    assert "recipe      int8: int8 weights per channel, int8 activations per tensor, smoothquant" in r.output
+    assert "calibration 5 prompts from" in r.output and "excluded    diffusion_head" in r.output
+    assert "thresholds  cosine_min=0.93" in r.output
+
+
+def test_fp8_full_validation_passes_its_gates(engines):
+    """4 built-in prompts x 32 new tokens, all three modes, against the fp32 reference."""
+    from nemodiff_compile.validate.engine import validate_engine
+
+    report = validate_engine(engines("fp8"), write=False)
+    assert report.passed, report.to_table()
+    for name, mode in report.modes.items():
+        assert mode.forced_token_agreement >= 0.95 and mode.tpf_drop <= 0.1, (name, report.to_table())
+        assert mode.commit_agreement is None or mode.commit_agreement >= 0.95
+
+
+def test_graph_computes_what_modelopt_calibrated(tmp_path):
+    """The Q/DQ graph in ONNX Runtime equals ModelOpt's fake-quantized torch model (and differs from
+    the float one): scales, codes, pre-scales and placement are right. (Basic graph optimizations:
+    ORT's fused int8 CPU kernels round differently, ~0.3 on these logits.)"""
+    import torch
+
+    from nemodiff_compile import load_reference
+    from nemodiff_compile.quant.export import quantize_step
+    from nemodiff_compile.runtime.ort_engine import OrtDenoiser
+    from nemodiff_compile.runtime.torch_engine import TorchDenoiser
+
+    model, ref = load_reference("tiny"), load_reference("tiny")
+    recipe = recipe_for("int8").with_(calib_modes=("dlm",), calib_max_new_tokens=16)
+    prompts = [[1, 30, 31, 32, 33, 34], [1, 50, 51, 52]]
+    spec, record = quantize_step(model, recipe, prompts, tmp_path, with_logits=True, calib_source="test")
+    assert record["graph"]["qdq_nodes"] == {"QuantizeLinear": LINEARS, "DequantizeLinear": 2 * LINEARS}
+    x = torch.tensor([[1, 60, 61, 62, 63, 64, 65, 66]])
+    outs = []
+    for den in (OrtDenoiser(tmp_path / "model.onnx", spec, model.config, 32, return_logits=True, fuse=False),
+                TorchDenoiser(model, 32, return_logits=True), TorchDenoiser(ref, 32, return_logits=True)):
+        den.reset(1)
+        den.step(x[:, :5], causal=True, write=True)
+        outs.append(den.step(x[:, 5:], causal=False, write=False).logits.float())       # [1, 3, V]
+    graph, fake, flt = outs
+    # equal up to a rare activation that lands on the other side of a rounding boundary (float
+    # reduction order): one int8 step there moves a few logits by ~0.05
+    to_fake, to_float = (graph - fake).abs(), (graph - flt).abs()
+    print("graph vs fake-quant mean/max", float(to_fake.mean()), float(to_fake.max()),
+          "graph vs float mean", float(to_float.mean()))
+    assert float(to_fake.mean()) < 0.05 * float(to_float.mean()) and float(to_fake.max()) < 0.2
+
+
+def test_broken_recipe_fails_the_gate(tmp_path):
+    """int4 per-channel round-to-nearest weights with int8 activations, diffusion head included,
+    judged by fp8's bounds: validate must say FAILED (and the CLI exits 1)."""
+    from nemodiff_compile.build.pipeline import build_engine
+    from nemodiff_compile.validate.engine import validate_engine
+
+    broken = recipe_for("fp8").with_(weights="int4", weight_block=None, activations="int8", exclude=(),
+                                     calib_max_new_tokens=16)
+    out = build_engine("tiny", output=tmp_path / "broken", precision="fp8", recipe=broken, with_logits=True,
+                       validate=False)
+    report = validate_engine(out, quick=True)
+    assert not report.passed
+    assert any("cosine" in f or "agreement" in f for f in report.failures), report.failures
+    assert read_manifest(out).validation["passed"] is False
+    r = run("validate", out, "--max-new-tokens", "8", "--mode", "dlm")
+    assert r.exit_code == 1, r.output
+
+
+def test_bad_quant_flags_are_one_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    cases = [
+        (("build", "--precision", "nvfp4", "--output", tmp_path / "e"), "nvfp4"),
+        (("build", "--precision", "fp8", "--calib", tmp_path / "none.txt", "--output", tmp_path / "e"), "--calib"),
+        (("build", "--precision", "int8", "--calib", bad, "--output", tmp_path / "e"), "bad.jsonl:1"),
+        (("build", "--precision", "fp32", "--calib", bad, "--output", tmp_path / "e"), "--calib"),
+        (("build", "--precision", "fp32", "--keep-first-layers", "1", "--output", tmp_path / "e"), "--keep-first"),
+    ]
+    for args, needle in cases:
+        r = run(*args)
+        assert r.exit_code == 2, (args, r.output)
+        assert r.output.startswith("error: ") and r.output.count("\n") == 1 and needle in r.output, (args, r.output)
+    assert not (tmp_path / "e").exists()
