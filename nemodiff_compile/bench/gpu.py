@@ -243,7 +243,7 @@ def bench_modes(model, *, batches=(1, 4, 8), block: int = 32, context: int = 512
             ("ar", "engine"): lambda: loops.ar_generate(fast, prompts, max_new_tokens=max_new_tokens),
             ("ar", "reference"): lambda: loops.ar_generate(ref, prompts, max_new_tokens=max_new_tokens),
         }
-        outs = {}
+        outs, mine = {}, {}
         for (mode, who), fn in runs.items():
             with torch.no_grad():
                 fn()                                              # warm-up: captures, compiles
@@ -254,15 +254,15 @@ def bench_modes(model, *, batches=(1, 4, 8), block: int = 32, context: int = 512
                 wall = time.perf_counter() - t0
             outs[mode, who] = gen
             n = sum(len(t) for t in gen.tokens)
-            rows.append(dict(mode=mode, backend=who, precision=precision if who == "engine" else "bf16",
+            mine[mode, who] = row = dict(mode=mode, backend=who, precision=precision if who == "engine" else "bf16",
                              batch=batch, block=block if mode == "dlm" else 1, tokens=n, nfe=gen.nfe,
                              tokens_per_forward=round(gen.tokens_per_forward, 3),
                              tokens_per_s_total=round(n / wall, 1),
-                             tokens_per_s_per_request=round(n / wall / batch, 1), wall_s=round(wall, 4)))
+                             tokens_per_s_per_request=round(n / wall / batch, 1), wall_s=round(wall, 4))
+            rows.append(row)
             log(f"  {mode} {who} batch {batch}: {n / wall:.1f} tok/s total, TPF {gen.tokens_per_forward:.2f}")
         for mode in ("dlm", "ar"):
-            same = outs[mode, "engine"].tokens == outs[mode, "reference"].tokens
-            rows[-4 if mode == "dlm" else -2]["same_tokens_as_reference"] = same
+            mine[mode, "engine"]["same_tokens_as_reference"] = outs[mode, "engine"].tokens == outs[mode, "reference"].tokens
     return rows
 
 

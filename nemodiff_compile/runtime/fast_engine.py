@@ -82,7 +82,8 @@ class FastDenoiser:
 
     def assume_context(self, length: int) -> None:
         """Treat `length` cached positions of every row as filled (benchmarks: values don't matter)."""
-        self._check_room(length - int(self._host_len.max()))
+        if not 0 <= length <= self.max_len:
+            raise ValueError(f"context {length} does not fit max_len {self.max_len}")
         self._host_len[:] = length
         self.lengths_dev.fill_(length)
 
