@@ -86,13 +86,7 @@ def check_network(network, trt_mod, precision: str) -> PrecisionReport:
         rep.gemms += 1
         ins = [layer.get_input(j) for j in range(layer.num_inputs) if layer.get_input(j) is not None]
         if quantized:
-            src = []
-            for t in ins:
-                p = producer.get(t.name)
-                if p is not None and p.type == trt_mod.LayerType.DEQUANTIZE and p.get_input(0) is not None:
-                    src.append(p.get_input(0).dtype.name)
-                else:
-                    src.append(None)
+            src = [_dequantized_from(t, producer, trt_mod) for t in ins]
             if all(s == want for s in src[:2]):
                 rep.in_precision += 1
             elif any(s is not None and s != want for s in src[:2]):
@@ -106,6 +100,17 @@ def check_network(network, trt_mod, precision: str) -> PrecisionReport:
             else:
                 rep.offenders.append(f"{layer.name}: {types}")
     return rep
+
+
+def _dequantized_from(tensor, producer: dict, trt_mod) -> str | None:
+    """The type a GEMM input is dequantized from, looking through layout-only shuffles (the parser
+    turns a Gemm's transB or a Transpose into one; TensorRT moves the DQ past it when fusing), or None."""
+    p = producer.get(tensor.name)
+    while p is not None and p.type == trt_mod.LayerType.SHUFFLE and p.get_input(0) is not None:
+        p = producer.get(p.get_input(0).name)
+    if p is not None and p.type == trt_mod.LayerType.DEQUANTIZE and p.get_input(0) is not None:
+        return p.get_input(0).dtype.name
+    return None
 
 
 _GEMM_WORDS = ("matrixmultiply", "matmul", "gemm", "convolution")

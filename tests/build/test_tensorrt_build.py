@@ -74,7 +74,7 @@ def test_rtx_cannot_target_sm90(trt_fp32_dir):
                    target="sm90")
 
 
-def _qdp_graph(path, qtype):
+def _qdp_graph(path, qtype, transposed=False):
     """x [batch, 64] f32 -> Q/DQ (qtype) -> MatMul with a qtype weight behind DQ -> y [batch, 32]."""
     import numpy as np
     import onnx
@@ -95,6 +95,11 @@ def _qdp_graph(path, qtype):
              helper.make_node("DequantizeLinear", ["xq", "sx", "zp"], ["xd"]),
              helper.make_node("DequantizeLinear", ["w_q", "sw", "zp"], ["wd"]),
              helper.make_node("MatMul", ["xd", "wd"], ["y"])]
+    if transposed:      # the exporter's layout: W [out, in] dequantized, then transposed (a Shuffle in TensorRT)
+        w.dims[:] = [32, 64]
+        nodes[2:] = [helper.make_node("DequantizeLinear", ["w_q", "sw", "zp"], ["wt"]),
+                     helper.make_node("Transpose", ["wt"], ["wd"], perm=[1, 0]),
+                     helper.make_node("MatMul", ["xd", "wd"], ["y"])]
     g = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", T.FLOAT, ["batch", 64])],
                           [helper.make_tensor_value_info("y", T.FLOAT, ["batch", 32])], inits)
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]), str(path))
@@ -103,11 +108,12 @@ def _qdp_graph(path, qtype):
     return spec
 
 
+@pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("qtype", ["fp8", "int8"])
-def test_qdq_graphs_build_and_pass_the_check(rtx, tmp_path, qtype):
+def test_qdq_graphs_build_and_pass_the_check(rtx, tmp_path, qtype, transposed):
     from nemodiff_compile.build.tensorrt_builder import build_plan
 
-    spec = _qdp_graph(tmp_path / "q.onnx", qtype)
+    spec = _qdp_graph(tmp_path / "q.onnx", qtype, transposed)
     buckets = {"batch_sizes": [1, 8], "max_context": 16, "block_length": 4}
     plan, info = build_plan(tmp_path / "q.onnx", io_spec=spec, buckets=buckets, precision=qtype, target="sm89",
                             options=_opts(tmp_path))

@@ -202,3 +202,20 @@ def test_bad_quant_flags_are_one_line(tmp_path):
         assert r.exit_code == 2, (args, r.output)
         assert r.output.startswith("error: ") and r.output.count("\n") == 1 and needle in r.output, (args, r.output)
     assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_quantized_graph_builds_a_tensorrt_plan(engines, precision, tmp_path):
+    """The ONNX Runtime engine's Q/DQ graph, parsed and built by TensorRT (tensorrt_rtx here) for sm89:
+    every quantized projection must reach its GEMM through DQ (a Gemm's transB shuffle in between)."""
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is not installed")
+    from nemodiff_compile.build.manifest import read_manifest
+    from nemodiff_compile.build.tensorrt_builder import BuildOptions, build_plan
+
+    d = engines(precision)
+    m = read_manifest(d)
+    plan, info = build_plan(d / "model.onnx", io_spec=m.io_spec, buckets=m.buckets, precision=precision,
+                            target="sm89", options=BuildOptions(timing_cache_dir=tmp_path))
+    check = info.precision_check
+    assert len(plan) > 0 and check["passed"] and not check["offenders"]
+    assert check["in_precision"] == m.quantization["quantized_layers"] == 6 * 7   # every decoder projection
