@@ -48,7 +48,7 @@ class GraphPool:
             t.copy_(s)
         return self._record(fn)
 
-    # ---- the CUDA specifics (a test subclass replaces these three) -------------------------------
+    # ---- the CUDA specifics (a test subclass replaces these two) ---------------------------------
 
     def _side_stream(self):
         return _WarmStream()
