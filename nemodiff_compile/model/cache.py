@@ -37,14 +37,11 @@ class StaticKVCache:
 
     def trim(self, lengths: torch.Tensor) -> None:
         """Drop positions past `lengths` [B] (linear-spec rejects); lengths may only shrink."""
-        if bool((lengths > self.lengths).any()):
-            raise ValueError("trim() can only shorten rows")
+        check_trim(self.lengths, lengths)
         self.lengths.copy_(lengths)
 
     def check_room(self, new_tokens: int) -> None:
-        need = int(self.lengths.max()) + new_tokens
-        if need > self.max_len:
-            raise ValueError(f"KV cache overflow: {need} positions needed, max_len is {self.max_len}")
+        check_room(self.lengths, new_tokens, self.max_len)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Scatter k, v [B, kv_heads, L, D] at positions lengths[b] + 0..L-1 of each row."""
@@ -57,3 +54,18 @@ class StaticKVCache:
     def advance(self, num_tokens: torch.Tensor) -> None:
         """After all layers wrote: lengths += num_tokens [B]."""
         self.lengths += num_tokens
+
+
+# The two rules every backend's per-row lengths obey (the engines keep theirs on the host).
+
+def check_room(lengths: torch.Tensor, new_tokens: int, max_len: int) -> None:
+    """Rows at `lengths` [B] can take `new_tokens` more positions within `max_len`, or ValueError."""
+    need = int(lengths.max()) + new_tokens
+    if need > max_len:
+        raise ValueError(f"KV cache overflow: {need} positions needed, max_len is {max_len}")
+
+
+def check_trim(lengths: torch.Tensor, new: torch.Tensor) -> None:
+    """`new` [B] may only shorten rows at `lengths` [B]."""
+    if bool((new > lengths).any()):
+        raise ValueError("trim() can only shorten rows")

@@ -21,6 +21,7 @@ import torch
 
 from ..model.model import NemotronLabsDiffusion
 from ..errors import InvalidArgument
+from ..model.cache import check_room, check_trim
 from ..plugins import remask as remask_op
 from ..sampling import remask
 from ..sampling.denoiser import StepOut
@@ -88,8 +89,7 @@ class FastDenoiser:
         self.lengths_dev.fill_(length)
 
     def trim(self, lengths: torch.Tensor) -> None:
-        if bool((lengths > self._host_len[: self.batch]).any()):
-            raise ValueError("trim() can only shorten rows")
+        check_trim(self._host_len[: self.batch], lengths)
         self._host_len[: self.batch] = lengths
         self.lengths_dev.copy_(self._host_len.to(self.device))
 
@@ -271,9 +271,7 @@ class FastDenoiser:
                                  cache_k=self.cache_k, cache_v=self.cache_v, lora=bool(lora))
 
     def _check_room(self, L: int) -> None:
-        need = int(self._host_len.max()) + L
-        if need > self.max_len:
-            raise ValueError(f"KV cache overflow: {need} positions needed, max_len is {self.max_len}")
+        check_room(self._host_len, L, self.max_len)
 
     def _advance(self, nv: torch.Tensor) -> None:
         self._host_len += nv

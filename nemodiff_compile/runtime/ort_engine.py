@@ -19,6 +19,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import NemodiffError
+from ..model.cache import check_room, check_trim
 from ..sampling import remask
 from ..sampling.denoiser import StepOut
 
@@ -97,8 +98,7 @@ class OrtDenoiser:
 
     def trim(self, lengths: torch.Tensor) -> None:
         lengths = lengths.to("cpu", torch.long)
-        if bool((lengths > self._lengths).any()):
-            raise ValueError("trim() can only shorten rows")
+        check_trim(self._lengths, lengths)
         self._lengths = lengths.clone()
 
     # ---- one pass -----------------------------------------------------------------------------
@@ -108,9 +108,7 @@ class OrtDenoiser:
         B, L = tokens.shape
         if write and not causal:
             raise ValueError("the KV cache only holds causal K/V: bidirectional passes cannot write it")
-        need = int(self._lengths.max()) + L
-        if need > self.max_len:
-            raise ValueError(f"KV cache overflow: {need} positions needed, max_len is {self.max_len}")
+        check_room(self._lengths, L, self.max_len)
         num_valid = torch.full((B,), L) if num_valid is None else num_valid.to("cpu", torch.long)
         dev, out = self.device, self._buffers(B, L)
         if temperature > 0:   # the same draw as TorchDenoiser (float64 on the host), fed as float32

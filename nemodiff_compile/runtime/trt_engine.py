@@ -33,6 +33,7 @@ import torch
 from ..build.profiles import batch_bucket, binding_shapes, output_shapes, profile_for, profiles_from_json
 from ..config import ModelConfig
 from ..errors import NemodiffError
+from ..model.cache import check_room, check_trim
 from ..sampling import remask
 from ..sampling.denoiser import StepOut
 
@@ -142,8 +143,7 @@ class TrtDenoiser:
 
     def trim(self, lengths: torch.Tensor) -> None:
         lengths = lengths.to("cpu", torch.long)
-        if bool((lengths > self._lengths).any()):
-            raise ValueError("trim() can only shorten rows")
+        check_trim(self._lengths, lengths)
         self._lengths = lengths.clone()
 
     # ---- one pass -----------------------------------------------------------------------------
@@ -153,9 +153,7 @@ class TrtDenoiser:
         B, L = tokens.shape
         if write and not causal:
             raise ValueError("the KV cache only holds causal K/V: bidirectional passes cannot write it")
-        need = int(self._lengths.max()) + L
-        if need > self.max_len:
-            raise ValueError(f"KV cache overflow: {need} positions needed, max_len is {self.max_len}")
+        check_room(self._lengths, L, self.max_len)
         binding = self.plan.plan(B, L)
         bufs = self._buffers(binding)
         pad = binding.bucket - B
