@@ -102,11 +102,6 @@ def pass_bytes(weight_bytes: int, cfg, batch: int, block: int, context: int, kv_
     return weight_bytes + batch * kv_row * (context + block)
 
 
-def reference_weight_bytes(model) -> int:
-    emb = model.encoder.embed_tokens.weight
-    return sum(p.numel() * p.element_size() for p in model.parameters()) - emb.numel() * emb.element_size()
-
-
 @dataclass
 class PassResult:
     precision: str
@@ -147,70 +142,83 @@ def bench_passes(model, *, precisions=("bf16", "fp8"), batches=(1, 4, 8), blocks
                  log=print) -> list[PassResult]:
     """The refinement pass, fast (graph replay) vs eager reference, over the grid. `context` cached
     positions per row are treated as filled (their values do not change the time)."""
-    from ..model.cache import StaticKVCache
-    from ..model.model import Pattern
-    from ..runtime.buckets import BatchBuckets
-    from ..runtime.fast_engine import FastDenoiser
-    from ..runtime.fast_model import FastModel
-    from ..sampling import remask
-
     cfg = model.config
-    dev = model.diffusion_head.weight.device
     bandwidth = peak_bandwidth(device_name)
     emb = model.encoder.embed_tokens.weight
     matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2) - emb.numel()
-    max_len = context + 2 * max(blocks)
-    kv_itemsize = model.dtype.itemsize
+    ref_ms = _reference_pass_ms(model, batches, blocks, context, iters, log)
     results = []
-    ref_ms: dict[tuple[int, int], float] = {}
-    for batch in batches:                                 # the eager reference, once per shape
-        cache = StaticKVCache(cfg, batch, max_len, model.dtype, dev)
+    for precision in precisions:
+        # one variant at a time: its fused weights and captured graphs are freed before the next
+        for batch, block, ms, weight_bytes, fp8 in _fast_pass_ms(model, precision, batches, blocks, context,
+                                                                  iters, threshold):
+            nbytes = pass_bytes(weight_bytes, cfg, batch, block, context, model.dtype.itemsize)
+            flops = pass_flops(cfg, matmul_params, batch, block, context)
+            rate = peak_flops(device_name, fp8=fp8)
+            r = PassResult(precision, batch, block, ms, ref_ms[batch, block], nbytes, flops,
+                           nbytes / bandwidth * 1e3 if bandwidth else None,
+                           flops / rate * 1e3 if rate else None)
+            results.append(r)
+            bound = f", {r.bound_ms / ms:.0%} of the {r.bound_kind} bound" if r.bound_ms else ""
+            log(f"  {precision} batch {batch} block {block}: {ms:.3f} ms/pass "
+                f"(reference {r.reference_ms:.3f}, x{r.reference_ms / ms:.2f}){bound}")
+        if model.diffusion_head.weight.is_cuda:
+            torch.cuda.empty_cache()
+    return results
+
+
+def _reference_pass_ms(model, batches, blocks, context: int, iters: int, log) -> dict[tuple[int, int], float]:
+    """(batch, block) -> ms of the eager reference's refinement pass (forward over the cache + pick)."""
+    from ..model.cache import StaticKVCache
+    from ..model.model import Pattern
+    from ..sampling import remask
+
+    cfg, dev = model.config, model.diffusion_head.weight.device
+    out = {}
+    for batch in batches:
+        cache = StaticKVCache(cfg, batch, context + 2 * max(blocks), model.dtype, dev)
+        cache.lengths.fill_(context)
         for block in blocks:
-            cache.lengths.fill_(context)
             canvas = torch.randint(0, cfg.vocab_size, (batch, block), device=dev)
 
             def eager():
-                logits = model(canvas, cache=cache, pattern=Pattern.BIDIRECTIONAL, write_cache=False)
-                remask.pick(logits)
+                remask.pick(model(canvas, cache=cache, pattern=Pattern.BIDIRECTIONAL, write_cache=False))
 
             with torch.no_grad():
-                ref_ms[batch, block] = time_ms(eager, iters=max(5, iters // 2), device=dev.type)
-            log(f"  reference bf16 batch {batch} block {block}: {ref_ms[batch, block]:.3f} ms/pass")
-        del cache
-    for precision in precisions:
-        fast = FastModel(model, **FAST_VARIANTS[precision])
-        den = FastDenoiser(fast, max_len, buckets=BatchBuckets(tuple(batches)))
-        if fast.fp8 == "static":
-            den.calibrate(calibration_prompts(cfg, length=min(64, context)), max_new_tokens=2 * max(blocks))
-        for batch in batches:
-            den.reset(batch)
-            den.assume_context(context)
-            for block in blocks:
-                den.num_valid.fill_(block)
-                p = den.dlm_passes(block, threshold, block)
-                canvas, refining = p.buffers[0], p.buffers[1]
+                out[batch, block] = time_ms(eager, iters=max(5, iters // 2), device=dev.type)
+            log(f"  reference bf16 batch {batch} block {block}: {out[batch, block]:.3f} ms/pass")
+    return out
 
-                def replay():
-                    canvas.random_(0, cfg.vocab_size)     # no mask: a full pass, nothing committed
-                    refining.fill_(True)
-                    den.graphs.run(p.denoise_key, p.denoise, p.state)
 
-                with torch.no_grad():
-                    ms = time_ms(replay, iters=iters, device=dev.type)
-                nbytes = pass_bytes(fast.weight_bytes, cfg, batch, block, context, kv_itemsize)
-                flops = pass_flops(cfg, matmul_params, batch, block, context)
-                rate = peak_flops(device_name, fp8=fast.fp8 is not None)
-                r = PassResult(precision, batch, block, ms, ref_ms[batch, block], nbytes, flops,
-                               nbytes / bandwidth * 1e3 if bandwidth else None,
-                               flops / rate * 1e3 if rate else None)
-                results.append(r)
-                bound = f", {r.bound_ms / ms:.0%} of the {r.bound_kind} bound" if r.bound_ms else ""
-                log(f"  {precision} batch {batch} block {block}: {ms:.3f} ms/pass "
-                    f"(reference {r.reference_ms:.3f}, x{r.reference_ms / ms:.2f}){bound}")
-        del den, fast
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-    return results
+def _fast_pass_ms(model, precision: str, batches, blocks, context: int, iters: int, threshold: float):
+    """[(batch, block, ms, weight bytes, fp8?)] of the fast engine's captured refinement pass."""
+    from ..runtime.buckets import BatchBuckets
+    from ..runtime.fast_engine import FastDenoiser
+    from ..runtime.fast_model import FastModel
+
+    cfg, dev = model.config, model.diffusion_head.weight.device
+    fast = FastModel(model, **FAST_VARIANTS[precision])
+    den = FastDenoiser(fast, context + 2 * max(blocks), buckets=BatchBuckets(tuple(batches)))
+    if fast.fp8 == "static":
+        den.calibrate(calibration_prompts(cfg, length=min(64, context)), max_new_tokens=2 * max(blocks))
+    out = []
+    for batch in batches:
+        den.reset(batch)
+        den.assume_context(context)
+        for block in blocks:
+            den.num_valid.fill_(block)
+            p = den.dlm_passes(block, threshold, block)
+            canvas, refining = p.buffers[0], p.buffers[1]
+
+            def replay():
+                canvas.random_(0, cfg.vocab_size)     # no mask: a full pass, nothing committed
+                refining.fill_(True)
+                den.graphs.run(p.denoise_key, p.denoise, p.state)
+
+            with torch.no_grad():
+                out.append((batch, block, time_ms(replay, iters=iters, device=dev.type), fast.weight_bytes,
+                            fast.fp8 is not None))
+    return out
 
 
 def bench_modes(model, *, batches=(1, 4, 8), block: int = 32, context: int = 512, max_new_tokens: int = 64,
