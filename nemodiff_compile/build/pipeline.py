@@ -79,12 +79,10 @@ def build_engine(source: str | Path, *, output: Path | None = None, precision: s
     if recipe is not None:
         recipe.check()
         from ..quant.ptq import check_available
+        from .calibration import read_items
 
-        quant = _Quant(recipe, calib, _calib_items(calib))
+        quant = _Quant(recipe, calib, read_items(calib))
         check_available(recipe)
-        if remask != "none":
-            raise InvalidArgument(f"--remask {remask}: the quantized export has no remask stage yet; "
-                                  "build quantized graphs with --remask none")
     elif calib is not None:
         raise InvalidArgument(f"--calib {calib}: calibration applies to fp8, int8 and int4-awq builds only")
     if backend not in BACKENDS:
@@ -133,24 +131,28 @@ def _export_into(tmp: Path, source, *, precision: str, backend: str, buckets: Bu
     from ..model.checkpoint import CONFIG_NAME
 
     progress(f"loading {source} ({precision})")
-    model = load_reference(source, dtype=quant.recipe.float_dtype if quant else PRECISION_DTYPES[precision])
+    # a quantized build calibrates the model as stored (one copy in memory); the graph's float parts
+    # are cast to the recipe's float_dtype tensor by tensor while written
+    model = load_reference(source, dtype=None if quant else PRECISION_DTYPES[precision])
     cfg = model.config
     if buckets.max_context > cfg.max_position_embeddings:
         raise InvalidArgument(f"--max-context {buckets.max_context} exceeds the model's "
                               f"max_position_embeddings {cfg.max_position_embeddings}")
     folder = checkpoint_folder(source)
     quantization = None
+    remask_opts = remask_options(remask, mask_id=cfg.mask_token_id, threshold=remask_threshold)
     if quant is None:
         progress("exporting the denoiser step to ONNX (dynamo)")
-        spec = export_step(model, tmp, with_logits=with_logits,
-                           remask=remask_options(remask, mask_id=cfg.mask_token_id, threshold=remask_threshold))
+        spec = export_step(model, tmp, with_logits=with_logits, remask=remask_opts)
     else:
         from ..quant.export import quantize_step
+        from . import calibration
 
-        prompts = _calib_prompts(quant.items, folder, cfg, quant.calib)
-        spec, quantization = quantize_step(model, quant.recipe, prompts, tmp, with_logits=with_logits,
-                                           calib_source=str(quant.calib) if quant.calib else "builtin",
-                                           progress=progress)
+        prompts = calibration.token_prompts(quant.items, folder, cfg, quant.calib)
+        r = quant.recipe
+        loop = calibration.decoding_loop(prompts, r.calib_modes, r.calib_max_new_tokens, cfg.block_size)
+        spec, quantization = quantize_step(model, r, loop, tmp, with_logits=with_logits, remask=remask_opts,
+                                           calibration=calibration.record(prompts, quant.calib), progress=progress)
     (tmp / CONFIG_NAME).write_text(_json(cfg.to_hf()))
     for name in TOKENIZER_FILES:
         if folder is not None and (folder / name).is_file():
@@ -234,27 +236,6 @@ def _build_tensorrt(source, *, output: Path, precision: str, buckets: Buckets, w
         write_manifest(tmp, manifest)
     progress("validation skipped: TensorRT engines run only on their GPU (run `nemodiff-compile validate` there)")
     return output
-
-
-def _calib_items(calib: str | Path | None) -> list[dict]:
-    from ..quant.calib import read_prompts
-
-    return read_prompts(calib)
-
-
-def _calib_prompts(items: list[dict], folder: Path | None, cfg, calib) -> list[list[int]]:
-    """Token ids to calibrate on: the items through the checkpoint's tokenizer; random ids for the
-    built-in set on a model without one (random-weight presets)."""
-    from ..quant.calib import encode_prompts, random_prompts
-
-    tok = None
-    if folder is not None and (folder / "tokenizer.json").is_file():
-        from ..model.tokenizer import load_tokenizer
-
-        tok = load_tokenizer(folder)
-    if tok is None and calib is None:
-        return random_prompts(cfg)
-    return encode_prompts(items, tok, cfg, source=f"--calib {calib}" if calib else "built-in prompts")
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -99,13 +100,23 @@ def remask_options(variant: str | None, *, mask_id: int, threshold: float | None
 
 
 def export_step(model: NemotronLabsDiffusion, out_dir: str | Path, *, with_logits: bool = False,
-                remask: dict | None = None) -> IOSpec:
+                remask: dict | None = None, dtype: torch.dtype | None = None) -> IOSpec:
     """Write out_dir/model.onnx + model.onnx.data (external weights) atomically; return the I/O spec.
-    remask: see `remask_options` (None: no remask stage, the ONNX Runtime path)."""
-    from .checks import check_graph
+    remask: see `remask_options` (None: no remask stage, the ONNX Runtime path). dtype: the graph's
+    float dtype (default the model's; the weights are cast tensor by tensor while written)."""
+    graph, spec = trace_step(model, with_logits=with_logits, remask=remask, dtype=dtype)
+    save_step(graph, spec, model, out_dir)
+    return spec
 
-    model = model.eval()
-    spec = step_spec(model.config, _dtype_name(model.dtype), with_logits, with_lora=model.has_draft_lora,
+
+def trace_step(model: NemotronLabsDiffusion, *, with_logits: bool = False, remask: dict | None = None,
+               dtype: torch.dtype | None = None):
+    """The step graph (onnx_ir Model, weights not bound yet) and its I/O spec, traced by the dynamo
+    exporter from a meta-device twin of `model` in `dtype`: no weight is touched or copied."""
+    from .weights import meta_twin
+
+    twin = meta_twin(model.eval(), dtype or model.dtype)
+    spec = step_spec(twin.config, _dtype_name(twin.dtype), with_logits, with_lora=twin.has_draft_lora,
                      remask=remask)
     names = [t.name for t in spec.inputs]
     batch, block, cache = (torch.export.Dim(n, min=1) for n in DYNAMIC_DIMS)
@@ -113,33 +124,51 @@ def export_step(model: NemotronLabsDiffusion, out_dir: str | Path, *, with_logit
             "causal": None, "temperature": None, "gumbel_noise": {0: batch, 1: block},
             "past_keys": {1: batch, 3: cache}, "past_values": {1: batch, 3: cache}, "draft_lora": None,
             "canvas": {0: batch, 1: block}, "active": {0: batch}, "quota": {0: batch}}
-    args = example_inputs(model, remask=remask is not None)
+    args = example_inputs(twin, remask=remask is not None)
     shapes = tuple(dims[n] for n in names)
-    if remask is not None and not model.has_draft_lora:     # the absent draft_lora slot
+    if remask is not None and not twin.has_draft_lora:      # the absent draft_lora slot
         shapes = shapes[:8] + (None,) + shapes[8:]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")                     # the exporter's deprecation chatter
+        # optimize=False: the optimizer would fold constants it cannot read on the meta device;
+        # save_step runs it once the weights are bound.
+        prog = torch.onnx.export(
+            StepGraph(twin, with_logits, remask), args, dynamo=True, opset_version=OPSET,
+            input_names=names, output_names=spec.output_names(),
+            dynamic_shapes=shapes, optimize=False, verbose=False)
+    if prog is None:  # pragma: no cover
+        raise NemodiffError("torch.onnx.export returned no program")
+    _name_dynamic_dims(prog.model, spec)
+    return prog.model, spec
+
+
+def save_step(graph, spec: IOSpec, weights: torch.nn.Module, out_dir: str | Path, *,
+              rewrite: Callable[[object], None] | None = None) -> None:
+    """Bind `graph`'s initializers to `weights` (the live model, read lazily), optimize, apply
+    `rewrite(graph)` (e.g. the Q/DQ pass) and write out_dir/model.onnx + model.onnx.data atomically."""
+    import onnx_ir as ir
+    import onnxscript.optimizer
+
+    from .checks import check_graph
+    from .weights import bind, fold_transposes
+
+    bind(graph, weights)
+    fold_transposes(graph)
+    onnxscript.optimizer.optimize_ir(graph)
+    if rewrite is not None:
+        rewrite(graph)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export.", dir=out_dir))
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")            # the exporter's deprecation chatter
-            prog = torch.onnx.export(
-                StepGraph(model, with_logits, remask), args, dynamo=True, opset_version=OPSET,
-                input_names=names, output_names=spec.output_names(),
-                dynamic_shapes=shapes, optimize=True, verbose=False)
-        if prog is None:  # pragma: no cover
-            raise NemodiffError("torch.onnx.export returned no program")
-        _name_dynamic_dims(prog.model, spec)
-        # Saved straight from the exporter's IR, tensor by tensor into model.onnx.data: serializing
-        # `prog.model_proto` first would hold a second full copy of the weights in memory.
-        prog.save(str(tmp / ONNX_NAME), external_data=True)
+        # Written tensor by tensor: each lazy initializer is read, converted, written and dropped.
+        ir.save(graph, tmp / ONNX_NAME, external_data=WEIGHTS_NAME, alignment=64)
         check_graph(tmp / ONNX_NAME, spec)
         for name in (ONNX_NAME, WEIGHTS_NAME):
             os.chmod(tmp / name, 0o644)
             os.replace(tmp / name, out_dir / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return spec
 
 
 def _name_dynamic_dims(model, spec: IOSpec) -> None:

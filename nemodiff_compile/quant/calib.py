@@ -1,10 +1,5 @@
-"""Calibration prompts (built-in or --calib FILE), their hash, and the forward loop that runs the real
-decoding modes over them.
-
-The denoiser sees masked canvases in bidirectional refinement passes that an AR forward would never
-show it, so calibration runs the decode loops themselves: `dlm` (prefill, bidirectional denoise
-passes on partly masked blocks, causal commit passes) and `linear-spec` (bidirectional draft of a
-whole masked block, causal verify), through the same `TorchDenoiser` the reference runs.
+"""Calibration prompts (built-in or --calib FILE) and their hash. The forward loop that decodes them
+(the real decoding modes over the torch reference) is build/calibration.py's.
 
 --calib FILE: a .jsonl file, one JSON object per line with "text" (or "prompt") or "ids" (a list
 of token ids), or a plain text file, one prompt per line (blank lines ignored).
@@ -15,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import InvalidArgument
 
@@ -107,25 +102,3 @@ def random_prompts(cfg, count: int = 8) -> list[list[int]]:
 def prompts_hash(prompts: list[list[int]]) -> str:
     """sha256 of the token ids actually calibrated on (what the manifest records)."""
     return hashlib.sha256(json.dumps(prompts, separators=(",", ":")).encode()).hexdigest()
-
-
-def decoding_loop(prompts: list[list[int]], modes: tuple[str, ...], max_new_tokens: int, block_length: int,
-                  batch: int = 4) -> Callable[[Any], None]:
-    """The ModelOpt forward loop: `loop(model)` decodes every prompt in every mode (greedy, threshold
-    policy) so the quantizers see prefill, denoise, commit, draft and verify passes."""
-
-    def loop(model) -> None:
-        import torch
-
-        from ..runtime.torch_engine import TorchDenoiser
-        from ..sampling import loops
-
-        longest = max(map(len, prompts))
-        den = TorchDenoiser(model, longest + max_new_tokens + 2 * block_length)
-        with torch.no_grad():
-            for mode in modes:
-                for i in range(0, len(prompts), batch):
-                    loops.generate(den, prompts[i:i + batch], mode, max_new_tokens=max_new_tokens,
-                                   block_length=block_length)
-
-    return loop

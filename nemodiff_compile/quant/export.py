@@ -1,52 +1,51 @@
-"""Float model -> quantized ONNX step graph: export, calibrate with the real decoding modes, write Q/DQ.
+"""Float model -> quantized ONNX step graph, holding one copy of the model plus a layer's working set.
 
-    export_step (float graph, external weights, in a scratch folder)
-      -> ModelOpt calibration in place (prefill / denoise / commit / draft / verify passes)
-      -> write_qdq: native Q/DQ, weights stored quantized, one layer at a time
-      -> graph checks; the scratch float graph is deleted
+    trace_step    the step graph, traced from a weightless meta twin in the recipe's float dtype
+    calibrate     ModelOpt, in place on the model as loaded (prefill / denoise / commit / draft /
+                  verify passes of the caller's forward loop)
+    save_step     initializers bound lazily to the calibrated model; insert_qdq: native Q/DQ with
+                  weights stored quantized; written tensor by tensor (one layer's codes at a time)
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 from .recipe import ALWAYS_HIGH, Recipe
 
 
-def quantize_step(model, recipe: Recipe, prompts: list[list[int]], out_dir: Path, *, with_logits: bool,
-                  calib_source: str, progress: Callable[[str], None] = lambda msg: None):
-    """Write out_dir/model.onnx(+.data) quantized per `recipe`; return (IOSpec, manifest record)."""
-    from ..export.checks import check_graph
-    from ..export.onnx import export_step
-    from . import calib, ptq, qdq
+def quantize_step(model, recipe: Recipe, forward_loop: Callable[[Any], None], out_dir: Path, *,
+                  with_logits: bool, remask: dict | None = None, calibration: dict[str, Any],
+                  progress: Callable[[str], None] = lambda msg: None):
+    """Write out_dir/model.onnx(+.data) quantized per `recipe`, calibrating `model` in place with
+    `forward_loop(model)` (ModelOpt's contract: run the model over the calibration data).
+    calibration: what the manifest records about the data. Returns (IOSpec, manifest record)."""
+    import torch
+
+    from ..export.onnx import save_step, trace_step
+    from . import ptq, qdq
 
     ptq.check_available(recipe)
-    scratch = out_dir / ".float"
-    try:
-        progress("exporting the float denoiser step to ONNX (dynamo)")
-        spec = export_step(model, scratch, with_logits=with_logits)
-        cfg = model.config
-        modes = recipe.calib_modes
-        progress(f"calibrating with ModelOpt ({recipe.algorithm}) on {len(prompts)} prompts, modes {', '.join(modes)}")
-        loop = calib.decoding_loop(prompts, modes, recipe.calib_max_new_tokens, cfg.block_size)
-        names = ptq.calibrate(model, recipe, loop)
-        progress(f"writing Q/DQ for {len(names)} Linear layers ({recipe.weights} weights"
-                 f"{', ' + recipe.activations + ' activations' if recipe.activations else ', weight-only'})")
-        summary = qdq.write_qdq(scratch, out_dir, ptq.quantized_layers(model, recipe, names),
-                                float_dtype=recipe.float_dtype)
-        check_graph(out_dir / "model.onnx", spec)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    progress(f"tracing the denoiser step ({recipe.float_dtype} float parts)")
+    graph, spec = trace_step(model, with_logits=with_logits, remask=remask, dtype=getattr(torch, recipe.float_dtype))
+    progress(f"calibrating with ModelOpt ({recipe.algorithm}), modes {', '.join(recipe.calib_modes)}")
+    names = ptq.calibrate(model, recipe, forward_loop)
+    progress(f"writing Q/DQ for {len(names)} Linear layers ({recipe.weights} weights"
+             f"{', ' + recipe.activations + ' activations' if recipe.activations else ', weight-only'})")
+    quantized: list[str] = []
+
+    def rewrite(g) -> None:
+        quantized.extend(qdq.insert_qdq(g, ptq.quantized_layers(model, recipe, names), float_dtype=recipe.float_dtype))
+
+    save_step(graph, spec, model, out_dir, rewrite=rewrite)
     kept = [n for n in ptq.linear_names(model) if n not in set(names)]
     record: dict[str, Any] = {
         "recipe": recipe.to_json(),
-        "calibration": {"source": calib_source, "prompts": len(prompts), "sha256": calib.prompts_hash(prompts),
-                        "modes": list(modes), "max_new_tokens": recipe.calib_max_new_tokens},
+        "calibration": dict(calibration, modes=list(recipe.calib_modes), max_new_tokens=recipe.calib_max_new_tokens),
         "excluded_layers": kept + [p for p in ALWAYS_HIGH],
         "quantized_layers": len(names),
-        "graph": summary,
+        "graph": qdq.summarize(out_dir / "model.onnx", quantized),
         "thresholds": dict(recipe.thresholds),
     }
     return spec, record

@@ -28,8 +28,10 @@ class QuantizedLinear:
     """One Linear as the graph stores it: y = DQ(Q(x * pre_scale)) @ DQ(weight)."""
 
     name: str                          # module name, e.g. encoder.layers.0.self_attn.q_proj
-    weight: np.ndarray                 # [in, out] (transposed, as MatMul takes it) quantized codes:
-                                       #   uint8 bit patterns for fp8, int8, or int8 in [-7, 7] for int4
+    codes: Callable[[], np.ndarray]    # -> [in, out] (transposed, as MatMul takes it) quantized codes:
+                                       #   uint8 bit patterns for fp8, int8, or int8 in [-7, 7] for int4;
+                                       #   computed when the graph is written, one layer at a time
+    shape: tuple[int, int]             # [in, out]
     weight_type: str                   # ONNX element type: FLOAT8E4M3FN | INT8 | INT4
     weight_scale: np.ndarray           # float32 [out] (per channel, axis 1) or [in/block, out] (axis 0)
     block: int | None                  # block size along the input axis, None: per channel
@@ -125,26 +127,29 @@ def quantized_layers(model, recipe: Recipe, names: list[str]) -> Iterator[Quanti
 
 
 def quantized_linear(module, name: str, recipe: Recipe) -> QuantizedLinear:
+    """The calibrated state of one QuantLinear: scales now, codes when asked for."""
     import torch
 
     wq, iq = module.weight_quantizer, module.input_quantizer
-    w = module.weight.detach().float()                                          # [out, in], smoothed
     amax = None if wq.amax is None else wq.amax.detach().float()                # [out, 1] or [out * nb, 1]
     if amax is None or not bool(torch.isfinite(amax).all()):
         raise NemodiffError(f"{name}: calibration left no finite weight amax (did the calibration prompts run?)")
     onnx_type, qmax = FORMATS[recipe.weights]
-    out_f, in_f = w.shape
-    if recipe.weight_block is None:
+    out_f, in_f = module.weight.shape
+    b = recipe.weight_block
+    if b is None:
         scale = (amax.reshape(out_f) / qmax).clamp_min(1e-12)                    # [out]
-        codes = _codes(w / scale[:, None], recipe.weights, qmax)                # [out, in]
+        full = scale[:, None]                                                   # [out, 1]
         w_scale = scale.numpy()
     else:
-        b = recipe.weight_block
-        nb = math.ceil(in_f / b)
-        scale = (amax.reshape(out_f, nb) / qmax).clamp_min(1e-12)               # [out, nb]
+        scale = (amax.reshape(out_f, math.ceil(in_f / b)) / qmax).clamp_min(1e-12)   # [out, nb]
         full = scale.repeat_interleave(b, dim=1)[:, :in_f]                      # [out, in]
-        codes = _codes(w / full, recipe.weights, qmax)                          # [out, in]
         w_scale = np.ascontiguousarray(scale.numpy().T)                         # [nb, out]
+
+    def codes() -> np.ndarray:                                                  # [in, out]
+        w = module.weight.detach().float()                                      # [out, in], smoothed
+        return np.ascontiguousarray(_codes(w / full, recipe.weights, qmax).T)
+
     act_type = act_scale = None
     if recipe.activations is not None and _enabled(iq):
         a_type, a_max = FORMATS[recipe.activations]
@@ -156,8 +161,8 @@ def quantized_linear(module, name: str, recipe: Recipe) -> QuantizedLinear:
         act_type, act_scale = a_type, a_amax / a_max
     pqs = getattr(iq, "pre_quant_scale", None)
     pre = None if pqs is None else pqs.detach().float().reshape(in_f).numpy().astype(np.float32)
-    return QuantizedLinear(name, np.ascontiguousarray(codes.T), onnx_type, w_scale.astype(np.float32),
-                           recipe.weight_block, act_type, act_scale, pre)
+    return QuantizedLinear(name, codes, (in_f, out_f), onnx_type, w_scale.astype(np.float32), b,
+                           act_type, act_scale, pre)
 
 
 def _codes(x, fmt: str, qmax: float) -> np.ndarray:

@@ -144,6 +144,7 @@ def test_graph_computes_what_modelopt_calibrated(tmp_path):
     import torch
 
     from nemodiff_compile import load_reference
+    from nemodiff_compile.build.calibration import decoding_loop
     from nemodiff_compile.quant.export import quantize_step
     from nemodiff_compile.runtime.ort_engine import OrtDenoiser
     from nemodiff_compile.runtime.torch_engine import TorchDenoiser
@@ -151,7 +152,8 @@ def test_graph_computes_what_modelopt_calibrated(tmp_path):
     model, ref = load_reference("tiny"), load_reference("tiny")
     recipe = recipe_for("int8").with_(calib_modes=("dlm",), calib_max_new_tokens=16)
     prompts = [[1, 30, 31, 32, 33, 34], [1, 50, 51, 52]]
-    spec, record = quantize_step(model, recipe, prompts, tmp_path, with_logits=True, calib_source="test")
+    loop = decoding_loop(prompts, recipe.calib_modes, recipe.calib_max_new_tokens, model.config.block_size)
+    spec, record = quantize_step(model, recipe, loop, tmp_path, with_logits=True, calibration={"source": "test"})
     assert record["graph"]["qdq_nodes"] == {"QuantizeLinear": LINEARS, "DequantizeLinear": 2 * LINEARS}
     x = torch.tensor([[1, 60, 61, 62, 63, 64, 65, 66]])
     outs = []

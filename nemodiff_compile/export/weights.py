@@ -1,0 +1,125 @@
+"""The graph's weights, bound late: trace on the meta device, read each tensor from the live model
+only while it is written.
+
+`torch.onnx.export` of the real model holds the model plus a transposed copy of every Linear weight
+(the optimizer folds `Transpose(W)` into a new constant), and a quantized build would hold a float
+copy next to the calibrated one. Instead the step is traced from a weightless meta-device twin, and
+every initializer of the traced graph becomes an `onnx_ir.LazyTensor` that reads the live model's
+tensor (by its module path), casts it to the graph's dtype and transposes it where the graph wants
+W^T. `onnx_ir.save` evaluates the lazy tensors one at a time while it writes the external data file,
+so exporting holds one tensor's converted copy beyond the model itself.
+"""
+
+from __future__ import annotations
+
+import operator
+from functools import partial
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..errors import NemodiffError
+
+
+def meta_twin(model, dtype: torch.dtype):
+    """The model `load_reference(dtype=...)` would give, on the meta device: same config and draft
+    LoRA, no storage (a ModelOpt-calibrated model gives its float twin)."""
+    from ..model.checkpoint import meta_model
+
+    twin = meta_model(model.config).to(dtype)
+    if model.has_draft_lora:
+        attns = [layer.self_attn for layer in model.encoder.layers]
+        twin.set_draft_lora([torch.empty_like(a.lora_a, device="meta") for a in attns],
+                            [torch.empty_like(a.lora_b, device="meta") for a in attns], attns[0].lora_scale)
+    return twin.eval()
+
+
+def bind(graph_model, source: torch.nn.Module, prefix: str = "model.") -> int:
+    """Make every meta initializer of `graph_model` (onnx_ir) a lazy read of `source`'s tensor of the
+    same path (initializer "model.encoder.layers.0.mlp.up_proj.weight" -> source.encoder...), cast to
+    the initializer's dtype. Returns how many were bound."""
+    import onnx_ir as ir
+
+    n = 0
+    for name, value in graph_model.graph.initializers.items():
+        raw = getattr(value.const_value, "raw", None)
+        if not (isinstance(raw, torch.Tensor) and raw.is_meta):
+            continue
+        try:
+            tensor = operator.attrgetter(name.removeprefix(prefix))(source)
+        except AttributeError:
+            raise NemodiffError(f"graph initializer {name} has no tensor in the model") from None
+        if tuple(tensor.shape) != tuple(raw.shape):
+            raise NemodiffError(f"graph initializer {name}: model tensor is {list(tensor.shape)}, "
+                                f"the graph expects {list(raw.shape)}")
+        value.const_value = ir.LazyTensor(partial(to_ir, tensor, raw.dtype, name), dtype=value.dtype,
+                                          shape=value.shape, name=name)
+        n += 1
+    return n
+
+
+def fold_transposes(graph_model) -> int:
+    """Replace each `Transpose(initializer)` by a lazily transposed initializer (what the exporter's
+    optimizer does eagerly, holding both copies). Returns how many were folded."""
+    import onnx_ir as ir
+
+    graph = graph_model.graph
+    n = 0
+    for node in list(graph):
+        src = node.inputs[0] if node.op_type == "Transpose" and node.domain == "" else None
+        if src is None or not src.is_initializer() or not isinstance(src.const_value, ir.LazyTensor):
+            continue
+        perm = node.attributes["perm"].as_ints() if "perm" in node.attributes else None
+        lazy = src.const_value
+        shape = [lazy.shape[i] for i in perm] if perm else list(reversed(lazy.shape))
+        name = f"{src.name}.T"
+        out = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(lazy.dtype),
+                       const_value=ir.LazyTensor(partial(_transposed, lazy, perm), dtype=lazy.dtype,
+                                                 shape=ir.Shape(shape), name=name))
+        graph.register_initializer(out)
+        node.outputs[0].replace_all_uses_with(out)
+        graph.remove(node, safe=True)
+        if not src.uses():
+            graph.initializers.pop(src.name)
+        n += 1
+    return n
+
+
+def lazy_initializer(graph_model, name: str, fn: Callable[[], np.ndarray], dtype, shape):
+    """Register a new initializer `name` whose data is `fn()` (numpy, read as ONNX `dtype`), computed
+    only when the graph is written; returns its value."""
+    import onnx_ir as ir
+
+    lazy = ir.LazyTensor(lambda: ir.Tensor(fn(), dtype=dtype), dtype=dtype, shape=ir.Shape(shape), name=name)
+    out = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype), const_value=lazy)
+    graph_model.graph.register_initializer(out)
+    return out
+
+
+def to_ir(tensor: torch.Tensor, dtype: torch.dtype, name: str):
+    """One tensor of the live model as an onnx_ir tensor in `dtype` (a converted copy)."""
+    import onnx_ir as ir
+
+    t = tensor.detach().to("cpu", dtype).contiguous()
+    return ir.Tensor(numpy(t), name=name)
+
+
+def numpy(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as numpy, bfloat16 / float8 through ml_dtypes (numpy has neither)."""
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    if t.dtype == torch.float8_e4m3fn:
+        import ml_dtypes
+
+        return t.view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn)
+    return t.numpy()
+
+
+def _transposed(lazy, perm):
+    import onnx_ir as ir
+
+    arr = lazy.numpy()
+    return ir.Tensor(np.ascontiguousarray(np.transpose(arr, perm)), name=lazy.name)
