@@ -64,6 +64,19 @@ def trt_fp16_dir(rtx, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def fp8_remask_dir(tmp_path_factory):
+    """fp8 Q/DQ graph with the remask stage in standard ops (ONNX Runtime directory, short calibration)."""
+    pytest.importorskip("modelopt", reason="needs nvidia-modelopt (pip install -e '.[quant]')")
+    from nemodiff_compile.build.pipeline import Buckets, build_engine
+    from nemodiff_compile.quant import recipe_for
+
+    recipe = recipe_for("fp8").with_(calib_modes=("dlm",), calib_max_new_tokens=8)
+    out = tmp_path_factory.mktemp("quant-remask") / "tiny-fp8-remask"
+    return build_engine("tiny", output=out, precision="fp8", recipe=recipe, remask="onnx", validate=False,
+                        buckets=Buckets((1, 2), 128))
+
+
+@pytest.fixture(scope="session")
 def plugin_graph(tmp_path_factory):
     """The fp32 step graph with the nemodiff::Remask node (export only)."""
     pytest.importorskip("onnx")

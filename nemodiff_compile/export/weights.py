@@ -17,9 +17,29 @@ from functools import partial
 from typing import Callable
 
 import numpy as np
+import onnx_ir as ir
 import torch
 
 from ..errors import NemodiffError
+
+
+class Lazy(ir.LazyTensor):
+    """onnx_ir's LazyTensor, written straight from its array (the base class copies it to bytes
+    first); `source`: the model tensor and the dtype it is read as, where it is one."""
+
+    source: tuple[torch.Tensor, torch.dtype] | None = None
+
+    def tofile(self, file) -> None:
+        self._evaluate().tofile(file)
+
+
+def model_tensor(tensor: torch.Tensor, dtype: torch.dtype, name: str, perm: tuple[int, ...] | None = None) -> Lazy:
+    """A lazy initializer reading `tensor` as `dtype`, permuted by `perm` (None: as is)."""
+    shape = tensor.shape if perm is None else tuple(tensor.shape[i] for i in perm)
+    lazy = Lazy(partial(to_ir, tensor, dtype, name, perm), dtype=ir.DataType.from_numpy(_np_dtype(dtype)),
+                shape=ir.Shape(shape), name=name)
+    lazy.source = (tensor, dtype)
+    return lazy
 
 
 def meta_twin(model, dtype: torch.dtype):
@@ -39,8 +59,6 @@ def bind(graph_model, source: torch.nn.Module, prefix: str = "model.") -> int:
     """Make every meta initializer of `graph_model` (onnx_ir) a lazy read of `source`'s tensor of the
     same path (initializer "model.encoder.layers.0.mlp.up_proj.weight" -> source.encoder...), cast to
     the initializer's dtype. Returns how many were bound."""
-    import onnx_ir as ir
-
     n = 0
     for name, value in graph_model.graph.initializers.items():
         raw = getattr(value.const_value, "raw", None)
@@ -53,8 +71,7 @@ def bind(graph_model, source: torch.nn.Module, prefix: str = "model.") -> int:
         if tuple(tensor.shape) != tuple(raw.shape):
             raise NemodiffError(f"graph initializer {name}: model tensor is {list(tensor.shape)}, "
                                 f"the graph expects {list(raw.shape)}")
-        value.const_value = ir.LazyTensor(partial(to_ir, tensor, raw.dtype, name), dtype=value.dtype,
-                                          shape=value.shape, name=name)
+        value.const_value = model_tensor(tensor, raw.dtype, name)
         n += 1
     return n
 
@@ -62,21 +79,19 @@ def bind(graph_model, source: torch.nn.Module, prefix: str = "model.") -> int:
 def fold_transposes(graph_model) -> int:
     """Replace each `Transpose(initializer)` by a lazily transposed initializer (what the exporter's
     optimizer does eagerly, holding both copies). Returns how many were folded."""
-    import onnx_ir as ir
-
     graph = graph_model.graph
     n = 0
     for node in list(graph):
         src = node.inputs[0] if node.op_type == "Transpose" and node.domain == "" else None
-        if src is None or not src.is_initializer() or not isinstance(src.const_value, ir.LazyTensor):
+        source = getattr(src.const_value, "source", None) if src is not None and src.is_initializer() else None
+        if source is None:
             continue
+        tensor, dtype = source
         perm = node.attributes["perm"].as_ints() if "perm" in node.attributes else None
-        lazy = src.const_value
-        shape = [lazy.shape[i] for i in perm] if perm else list(reversed(lazy.shape))
+        perm = tuple(perm) if perm else tuple(reversed(range(tensor.dim())))
         name = f"{src.name}.T"
-        out = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(lazy.dtype),
-                       const_value=ir.LazyTensor(partial(_transposed, lazy, perm), dtype=lazy.dtype,
-                                                 shape=ir.Shape(shape), name=name))
+        lazy = model_tensor(tensor, dtype, name, perm)
+        out = ir.Value(name=name, shape=lazy.shape, type=ir.TensorType(lazy.dtype), const_value=lazy)
         graph.register_initializer(out)
         node.outputs[0].replace_all_uses_with(out)
         graph.remove(node, safe=True)
@@ -89,20 +104,19 @@ def fold_transposes(graph_model) -> int:
 def lazy_initializer(graph_model, name: str, fn: Callable[[], np.ndarray], dtype, shape):
     """Register a new initializer `name` whose data is `fn()` (numpy, read as ONNX `dtype`), computed
     only when the graph is written; returns its value."""
-    import onnx_ir as ir
-
-    lazy = ir.LazyTensor(lambda: ir.Tensor(fn(), dtype=dtype), dtype=dtype, shape=ir.Shape(shape), name=name)
+    lazy = Lazy(lambda: ir.Tensor(fn(), dtype=dtype), dtype=dtype, shape=ir.Shape(shape), name=name)
     out = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(dtype), const_value=lazy)
     graph_model.graph.register_initializer(out)
     return out
 
 
-def to_ir(tensor: torch.Tensor, dtype: torch.dtype, name: str):
-    """One tensor of the live model as an onnx_ir tensor in `dtype` (a converted copy)."""
-    import onnx_ir as ir
-
-    t = tensor.detach().to("cpu", dtype).contiguous()
-    return ir.Tensor(numpy(t), name=name)
+def to_ir(tensor: torch.Tensor, dtype: torch.dtype, name: str, perm: tuple[int, ...] | None = None):
+    """One tensor of the live model as an onnx_ir tensor in `dtype`, permuted by `perm`: one
+    converted copy (read from the model, never a second intermediate)."""
+    t = tensor.detach()
+    if perm is not None:
+        t = t.permute(perm)
+    return ir.Tensor(numpy(t.to("cpu", dtype).contiguous()), name=name)     # no copy when nothing changes
 
 
 def numpy(t: torch.Tensor) -> np.ndarray:
@@ -118,8 +132,5 @@ def numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def _transposed(lazy, perm):
-    import onnx_ir as ir
-
-    arr = lazy.numpy()
-    return ir.Tensor(np.ascontiguousarray(np.transpose(arr, perm)), name=lazy.name)
+def _np_dtype(dtype: torch.dtype) -> np.dtype:
+    return numpy(torch.empty(0, dtype=dtype)).dtype

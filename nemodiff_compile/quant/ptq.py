@@ -147,8 +147,8 @@ def quantized_linear(module, name: str, recipe: Recipe) -> QuantizedLinear:
         w_scale = np.ascontiguousarray(scale.numpy().T)                         # [nb, out]
 
     def codes() -> np.ndarray:                                                  # [in, out]
-        w = module.weight.detach().float()                                      # [out, in], smoothed
-        return np.ascontiguousarray(_codes(w / full, recipe.weights, qmax).T)
+        w = module.weight.detach().to(torch.float32, copy=True)                 # [out, in], smoothed
+        return _codes(w.div_(full), recipe.weights, qmax)
 
     act_type = act_scale = None
     if recipe.activations is not None and _enabled(iq):
@@ -166,10 +166,13 @@ def quantized_linear(module, name: str, recipe: Recipe) -> QuantizedLinear:
 
 
 def _codes(x, fmt: str, qmax: float) -> np.ndarray:
-    """x: float32 [out, in] already divided by its scale -> codes as numpy (fp8: uint8 bit patterns)."""
+    """x: float32 [out, in] already divided by its scale (overwritten) -> codes [in, out] as numpy
+    (fp8: uint8 bit patterns), the layout MatMul takes."""
     import torch
 
-    x = x.clamp(-qmax, qmax)
+    x = x.clamp_(-qmax, qmax)
     if fmt == "fp8":
-        return x.to(torch.float8_e4m3fn).view(torch.uint8).numpy()             # round to nearest even
-    return torch.round(x).to(torch.int8).numpy()                                # int8 / int4 in [-qmax, qmax]
+        c = x.to(torch.float8_e4m3fn).view(torch.uint8)                         # round to nearest even
+    else:
+        c = x.round_().to(torch.int8)                                           # int8 / int4 in [-qmax, qmax]
+    return c.t().contiguous().numpy()

@@ -35,12 +35,17 @@ def test_topk_rule_matches_sampling(k):
     assert torch.equal(commit_by_rank(conf, masked, None, quota), remask.commit_topk(conf, masked, quota))
 
 
-def test_exported_remask_stage_under_onnxruntime(trt_fp32_dir, tiny_cfg):
+@pytest.mark.parametrize("graph", ["trt_fp32_dir", "fp8_remask_dir"])
+def test_exported_remask_stage_under_onnxruntime(graph, request, tiny_cfg):
+    """fp32, and fp8 Q/DQ (the quantized export keeps the remask stage)."""
     ort = pytest.importorskip("onnxruntime")
     from nemodiff_compile.build.manifest import read_manifest
 
-    m = read_manifest(trt_fp32_dir)
-    sess = ort.InferenceSession(str(trt_fp32_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    folder = request.getfixturevalue(graph)
+    m = read_manifest(folder)
+    if m.quantization:
+        assert m.quantization["graph"]["qdq_nodes"]["QuantizeLinear"] == 6 * 7
+    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     c, B, L, S = tiny_cfg, 3, 16, 8
     rng = np.random.default_rng(0)
     mask_id = m.io_spec["extra"]["remask"]["mask_id"]
