@@ -4,10 +4,10 @@ only while it is written.
 `torch.onnx.export` of the real model holds the model plus a transposed copy of every Linear weight
 (the optimizer folds `Transpose(W)` into a new constant), and a quantized build would hold a float
 copy next to the calibrated one. Instead the step is traced from a weightless meta-device twin, and
-every initializer of the traced graph becomes an `onnx_ir.LazyTensor` that reads the live model's
-tensor (by its module path), casts it to the graph's dtype and transposes it where the graph wants
-W^T. `onnx_ir.save` evaluates the lazy tensors one at a time while it writes the external data file,
-so exporting holds one tensor's converted copy beyond the model itself.
+every initializer of the traced graph becomes a lazy tensor that reads the live model's tensor (by
+its module path), casts it to the graph's dtype and transposes it where the graph wants W^T.
+`onnx_ir.save` writes them one at a time into the external data file, each in chunks of 16 MiB, so
+exporting holds next to the model only a chunk (or, for a quantized layer, that layer's codes).
 """
 
 from __future__ import annotations
@@ -23,14 +23,25 @@ import torch
 from ..errors import NemodiffError
 
 
-class Lazy(ir.LazyTensor):
-    """onnx_ir's LazyTensor, written straight from its array (the base class copies it to bytes
-    first); `source`: the model tensor and the dtype it is read as, where it is one."""
+CHUNK_BYTES = 16 << 20                 # a model tensor is converted and written this much at a time
 
-    source: tuple[torch.Tensor, torch.dtype] | None = None
+
+class Lazy(ir.LazyTensor):
+    """onnx_ir's LazyTensor, written without a whole second copy: a model tensor (`source`: tensor,
+    dtype, perm) is converted and written in row chunks of about CHUNK_BYTES; anything else is
+    written straight from its array (the base class copies it to bytes first)."""
+
+    source: tuple[torch.Tensor, torch.dtype, tuple[int, ...] | None] | None = None
 
     def tofile(self, file) -> None:
-        self._evaluate().tofile(file)
+        if self.source is None:
+            self._evaluate().tofile(file)
+            return
+        tensor, dtype, perm = self.source
+        t = tensor.detach() if perm is None else tensor.detach().permute(perm)
+        row_bytes = (t[0].numel() if t.dim() else 1) * dtype.itemsize
+        for chunk in (t.split(max(1, CHUNK_BYTES // row_bytes)) if t.dim() else (t,)):
+            file.write(numpy(chunk.to("cpu", dtype).contiguous()).view(np.uint8).data)   # no bytes copy
 
 
 def model_tensor(tensor: torch.Tensor, dtype: torch.dtype, name: str, perm: tuple[int, ...] | None = None) -> Lazy:
@@ -38,7 +49,7 @@ def model_tensor(tensor: torch.Tensor, dtype: torch.dtype, name: str, perm: tupl
     shape = tensor.shape if perm is None else tuple(tensor.shape[i] for i in perm)
     lazy = Lazy(partial(to_ir, tensor, dtype, name, perm), dtype=ir.DataType.from_numpy(_np_dtype(dtype)),
                 shape=ir.Shape(shape), name=name)
-    lazy.source = (tensor, dtype)
+    lazy.source = (tensor, dtype, perm)
     return lazy
 
 
@@ -86,7 +97,9 @@ def fold_transposes(graph_model) -> int:
         source = getattr(src.const_value, "source", None) if src is not None and src.is_initializer() else None
         if source is None:
             continue
-        tensor, dtype = source
+        tensor, dtype, before = source
+        if before is not None:
+            continue
         perm = node.attributes["perm"].as_ints() if "perm" in node.attributes else None
         perm = tuple(perm) if perm else tuple(reversed(range(tensor.dim())))
         name = f"{src.name}.T"
@@ -111,12 +124,12 @@ def lazy_initializer(graph_model, name: str, fn: Callable[[], np.ndarray], dtype
 
 
 def to_ir(tensor: torch.Tensor, dtype: torch.dtype, name: str, perm: tuple[int, ...] | None = None):
-    """One tensor of the live model as an onnx_ir tensor in `dtype`, permuted by `perm`: one
-    converted copy (read from the model, never a second intermediate)."""
-    t = tensor.detach()
-    if perm is not None:
-        t = t.permute(perm)
-    return ir.Tensor(numpy(t.to("cpu", dtype).contiguous()), name=name)     # no copy when nothing changes
+    """One tensor of the live model as an onnx_ir tensor in `dtype`, permuted by `perm` (for the
+    optimizer's constant folding and tests; writing goes through `Lazy.tofile`)."""
+    t = tensor.detach() if perm is None else tensor.detach().permute(perm)
+    out = torch.empty(t.shape, dtype=dtype)
+    out.copy_(t)
+    return ir.Tensor(numpy(out), name=name)
 
 
 def numpy(t: torch.Tensor) -> np.ndarray:
