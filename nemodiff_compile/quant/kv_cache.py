@@ -51,6 +51,7 @@ class KVCacheCalibration:
         self.k_amax = [0.0] * num_layers
         self.v_amax = [0.0] * num_layers
         self.positions = 0                  # cached positions observed (summed over rows)
+        self.summary: dict[str, int] = {}   # Q/DQ nodes the graph pass added
         self._before = None
 
     # ---- calibration ----------------------------------------------------------------------------
@@ -116,7 +117,7 @@ class KVCacheCalibration:
         k, v = self.scales()
         return {"dtype": FP8_ONNX, "granularity": "per layer", "k_scale": k, "v_scale": v,
                 "k_amax": list(self.k_amax), "v_amax": list(self.v_amax), "positions": self.positions,
-                "qdq_nodes": dict(getattr(self, "summary", {}))}
+                "qdq_nodes": dict(self.summary)}
 
 
 def fp8_spec(spec):

@@ -6,7 +6,9 @@ static KV cache [layers, B, kv_heads, max_len, head_dim] goes in whole, the bloc
 into preallocated buffers and causal passes scatter them into the cache at each row's length (the
 same writes as `StaticKVCache`). Only token and confidence [B, L] are copied to the host. The cache
 dtype is the spec's: the graph's float dtype, or float8_e4m3fn (1 byte per element) for builds with
-an FP8 cache, whose graph dequantizes the cache and quantizes the block's K/V itself.
+an FP8 cache, whose graph dequantizes the cache and quantizes the block's K/V itself. (ORT 1.32's
+`session.run` rejects ml_dtypes float8 numpy arrays; binding by pointer with element type 17, as here,
+or `OrtValue.ortvalue_from_numpy_with_onnx_type(uint8 view, 17)` both work.)
 
 Graphs of models with a draft LoRA take a `draft_lora` flag; without one, `draft_lora=True` drafts
 with the base weights (linear-spec stays lossless; it may accept fewer drafts than with the LoRA).

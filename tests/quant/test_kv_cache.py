@@ -206,6 +206,17 @@ def test_generation_tracks_the_reference(kv_engine):
     assert not off, off                    # what fails, if anything, is per-pass cosine only
 
 
+def test_fp8_cache_graph_builds_a_tensorrt_plan(kv_engine, tmp_path):
+    """TensorRT (tensorrt_rtx here) parses the FP8 cache inputs/outputs and their DQ/Q and builds sm89."""
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is not installed")
+    from nemodiff_compile.build.tensorrt_builder import BuildOptions, build_plan
+
+    m = read_manifest(kv_engine)
+    plan, info = build_plan(kv_engine / "model.onnx", io_spec=m.io_spec, buckets=m.buckets, precision=PRECISION,
+                            target="sm89", options=BuildOptions(timing_cache_dir=tmp_path))
+    assert len(plan) > 0 and info.precision_check["passed"]
+
+
 def test_inspect_shows_the_kv_cache(kv_engine):
     r = run("inspect", kv_engine)
     assert r.exit_code == 0, r.output
