@@ -39,6 +39,9 @@ def _ints(text: str) -> tuple[int, ...]:
               help="Quantized builds: decoder layers at the start kept in float (default: the recipe's).")
 @click.option("--keep-last-layers", type=click.IntRange(min=0), default=None,
               help="Quantized builds: decoder layers at the end kept in float (default: the recipe's).")
+@click.option("--kv-cache", default=None, metavar="fp8|model",
+              help="Quantized builds: KV-cache dtype, fp8 (FLOAT8E4M3FN, per-layer scales calibrated with the "
+                   "weights) or model (the graph's float dtype). Default: the recipe's (model).")
 @click.option("--gpus", default=None, metavar="SM,...",
               help="TensorRT targets, e.g. sm90,sm89 (default: this GPU). On an existing TensorRT engine "
                    "directory, adds these targets.")
@@ -54,20 +57,27 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--version-compatible", is_flag=True, help="TensorRT version-compatible engines.")
 @user_errors
 def build(checkpoint, size, precision, backend, output, batch_sizes, max_context, block_length, with_logits,
-          no_validate, calib, keep_first_layers, keep_last_layers, gpus, remask, remask_threshold, workspace_mb,
-          tactic_mb, hardware_compatibility, version_compatible):
+          no_validate, calib, keep_first_layers, keep_last_layers, kv_cache, gpus, remask, remask_threshold,
+          workspace_mb, tactic_mb, hardware_compatibility, version_compatible):
     """Build an engine directory from a checkpoint (default: the embedded tiny model)."""
     from ..build.pipeline import Buckets, build_engine
     from ..errors import InvalidArgument
     from ..quant import is_quantized, recipe_for
+    from ..quant.recipe import KV_CACHE_DTYPES
 
+    if kv_cache is not None and kv_cache not in KV_CACHE_DTYPES:
+        raise InvalidArgument(f"--kv-cache {kv_cache}: expected one of {', '.join(KV_CACHE_DTYPES)}")
     source = resolve_source(checkpoint, size)
     buckets = Buckets(_ints(batch_sizes), max_context, block_length)
     recipe = None
     if is_quantized(precision):
-        recipe = recipe_for(precision, keep_first_layers=keep_first_layers, keep_last_layers=keep_last_layers)
+        recipe = recipe_for(precision, keep_first_layers=keep_first_layers, keep_last_layers=keep_last_layers,
+                            kv_cache=kv_cache)
     elif keep_first_layers is not None or keep_last_layers is not None:
         raise InvalidArgument(f"--keep-first-layers/--keep-last-layers apply to quantized builds, not {precision}")
+    elif kv_cache not in (None, "model"):
+        raise InvalidArgument(f"--kv-cache {kv_cache}: an fp8 KV cache is calibrated with the weights, so it "
+                              f"applies to quantized builds (fp8, int8, int4-awq), not {precision}")
     trt_options = None
     if backend == "tensorrt":
         from ..build.tensorrt_builder import BuildOptions

@@ -53,6 +53,11 @@ def inspect(engine_dir, as_json):
                    f"KV cache {r['kv_cache_dtype']}, float parts {r['float_dtype']}")
         click.echo(f"calibration {c['prompts']} prompts from {c['source']} (sha256 {c['sha256'][:16]}), "
                    f"modes {', '.join(c['modes'])}, {c['max_new_tokens']} new tokens")
+        kv = q.get("kv_cache")
+        if kv:
+            fmt = lambda xs: ", ".join(f"{x:.3g}" for x in xs)     # noqa: E731
+            click.echo(f"kv cache    {kv['dtype']} (1 byte per element), static scales {kv['granularity']} from "
+                       f"{kv['positions']} calibrated positions: K [{fmt(kv['k_scale'])}], V [{fmt(kv['v_scale'])}]")
         click.echo(f"quantized   {q['quantized_layers']} Linear layers; Q/DQ nodes {q['graph']['qdq_nodes']}")
         click.echo(f"excluded    {', '.join(q['excluded_layers'])}")
         click.echo("thresholds  " + ", ".join(f"{k}={v}" for k, v in q["thresholds"].items() if v is not None))

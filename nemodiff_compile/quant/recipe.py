@@ -27,6 +27,9 @@ CALIB_MODES = ("ar", "dlm", "linear-spec")
 # Layers that never take Q/DQ whatever the recipe says: the token embedding (a Gather, not a
 # MatMul) and the RMSNorms (no weights to quantize). Listed so the manifest says so.
 ALWAYS_HIGH = ("encoder.embed_tokens", "*norm*")
+# KV-cache dtypes: "model" the graph's float dtype; "fp8" FLOAT8E4M3FN with one static scale per layer
+# for K and one for V (quant/kv_cache.py)
+KV_CACHE_DTYPES = ("model", "fp8")
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,7 @@ class Recipe:
     exclude: tuple[str, ...] = ("diffusion_head",)   # fnmatch patterns on module names kept in float
     keep_first_layers: int = 0                  # decoder layers 0..n-1 stay in float
     keep_last_layers: int = 0                   # the last n decoder layers stay in float
-    kv_cache_dtype: str = "model"               # "model": the graph's float dtype (see README, Quantization)
+    kv_cache_dtype: str = "model"               # KV_CACHE_DTYPES: "model" (the graph's float dtype) | "fp8"
     float_dtype: str = "float32"                # dtype of everything that is not quantized
     calib_modes: tuple[str, ...] = ("dlm", "linear-spec")   # decoding modes run for calibration
     calib_max_new_tokens: int = 32
@@ -80,9 +83,9 @@ class Recipe:
         for m in self.calib_modes:
             if m not in CALIB_MODES:
                 raise InvalidArgument(f"recipe {self.name}: calibration mode {m!r} not in {', '.join(CALIB_MODES)}")
-        if self.kv_cache_dtype != "model":
-            raise InvalidArgument(f"recipe {self.name}: kv_cache_dtype {self.kv_cache_dtype!r}: only 'model' "
-                                  "(the graph's float dtype) is supported; the cache is a graph input/output")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise InvalidArgument(f"--kv-cache {self.kv_cache_dtype}: expected one of {', '.join(KV_CACHE_DTYPES)} "
+                                  f"(recipe {self.name})")
         if self.float_dtype not in ("float32", "float16", "bfloat16"):
             raise InvalidArgument(f"recipe {self.name}: float_dtype {self.float_dtype!r}")
         return self
@@ -125,8 +128,9 @@ RECIPES: dict[str, Recipe] = {
 
 
 def recipe_for(precision: str, *, keep_first_layers: int | None = None,
-               keep_last_layers: int | None = None) -> Recipe:
-    """The recipe of a --precision value, with the first/last-layer overrides applied and checked."""
+               keep_last_layers: int | None = None, kv_cache: str | None = None) -> Recipe:
+    """The recipe of a --precision value, with the first/last-layer and KV-cache overrides applied
+    and checked."""
     if precision not in RECIPES:
         raise InvalidArgument(f"--precision {precision}: no quantization recipe (expected one of "
                               f"{', '.join(RECIPES)})")
@@ -135,6 +139,8 @@ def recipe_for(precision: str, *, keep_first_layers: int | None = None,
         r = r.with_(keep_first_layers=keep_first_layers)
     if keep_last_layers is not None:
         r = r.with_(keep_last_layers=keep_last_layers)
+    if kv_cache is not None:
+        r = r.with_(kv_cache_dtype=kv_cache)
     return r.check()
 
 

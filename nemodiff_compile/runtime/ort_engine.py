@@ -4,7 +4,11 @@ Every buffer is a torch tensor bound to the session by pointer (IOBinding), in h
 execution provider and in device memory on the CUDA one, so nothing is copied to feed a pass: the
 static KV cache [layers, B, kv_heads, max_len, head_dim] goes in whole, the block's new K/V come back
 into preallocated buffers and causal passes scatter them into the cache at each row's length (the
-same writes as `StaticKVCache`). Only token and confidence [B, L] are copied to the host.
+same writes as `StaticKVCache`). Only token and confidence [B, L] are copied to the host. The cache
+dtype is the spec's: the graph's float dtype, or float8_e4m3fn (1 byte per element) for builds with
+an FP8 cache, whose graph dequantizes the cache and quantizes the block's K/V itself. (ORT 1.32's
+`session.run` rejects ml_dtypes float8 numpy arrays; binding by pointer with element type 17, as here,
+or `OrtValue.ortvalue_from_numpy_with_onnx_type(uint8 view, 17)` both work.)
 
 Graphs of models with a draft LoRA take a `draft_lora` flag; without one, `draft_lora=True` drafts
 with the base weights (linear-spec stays lossless; it may accept fewer drafts than with the LoRA).
@@ -19,17 +23,19 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import NemodiffError
-from ..model.cache import check_room, check_trim
+from ..model.cache import check_room, check_trim, scatter_positions
 from ..sampling import remask
 from ..sampling.denoiser import StepOut
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..export.spec import IOSpec
 
-# spec dtype name -> torch dtype; torch dtype -> ONNX TensorProto element type (what IOBinding takes)
+# spec dtype name -> torch dtype; torch dtype -> ONNX TensorProto element type (what IOBinding takes).
+# float8_e4m3fn: the KV cache of fp8-cache builds (quant/kv_cache.py), bound by pointer like the rest
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "int64": torch.int64, "bool": torch.bool}
-_ONNX = {torch.float32: 1, torch.int64: 7, torch.bool: 9, torch.float16: 10, torch.bfloat16: 16}
+          "int64": torch.int64, "bool": torch.bool, "float8_e4m3fn": torch.float8_e4m3fn}
+_ONNX = {torch.float32: 1, torch.int64: 7, torch.bool: 9, torch.float16: 10, torch.bfloat16: 16,
+         torch.float8_e4m3fn: 17}
 _MAX_SHAPES = 8   # (batch, block) output buffer sets kept: decode, block, verify, a few prompt lengths
 
 
@@ -132,8 +138,8 @@ class OrtDenoiser:
         if write:   # scatter the block's K/V at positions lengths[b] + 0..L-1, then advance by num_valid
             idx = feeds["cache_lengths"][:, None] + torch.arange(L, device=dev)          # [B, L]
             idx = idx[None, :, None, :, None].expand_as(out["new_keys"])                  # [layers, B, H, L, D]
-            self.k.scatter_(3, idx, out["new_keys"])
-            self.v.scatter_(3, idx, out["new_values"])
+            scatter_positions(self.k, idx, out["new_keys"])
+            scatter_positions(self.v, idx, out["new_values"])
             self._lengths = self._lengths + num_valid
         logits = out["logits"].clone() if self.return_logits else None
         return StepOut(out["token"].to("cpu", copy=True), out["confidence"].to("cpu", copy=True), logits)

@@ -33,12 +33,12 @@ import torch
 from ..build.profiles import batch_bucket, binding_shapes, output_shapes, profile_for, profiles_from_json
 from ..config import ModelConfig
 from ..errors import NemodiffError
-from ..model.cache import check_room, check_trim
+from ..model.cache import check_room, check_trim, scatter_positions
 from ..sampling import remask
 from ..sampling.denoiser import StepOut
 
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "int64": torch.int64, "bool": torch.bool}
+          "int64": torch.int64, "bool": torch.bool, "float8_e4m3fn": torch.float8_e4m3fn}   # fp8: FP8 KV cache
 
 
 @dataclass(frozen=True)
@@ -178,8 +178,8 @@ class TrtDenoiser:
             if write:
                 idx = bufs["cache_lengths"][:, None] + torch.arange(L, device=self.device)
                 idx = idx[None, :, None, :, None].expand_as(bufs["new_keys"])
-                self.k.scatter_(3, idx, bufs["new_keys"])
-                self.v.scatter_(3, idx, bufs["new_values"])
+                scatter_positions(self.k, idx, bufs["new_keys"])
+                scatter_positions(self.v, idx, bufs["new_values"])
             token = bufs["token"][:B].to("cpu", non_blocking=True)
             conf = bufs["confidence"][:B].to("cpu", non_blocking=True)
         self.stream.synchronize()

@@ -38,11 +38,18 @@ def test_high_precision_layers():
     assert not keep("encoder.layers.1.self_attn.q_proj") and not keep("encoder.layers.3.mlp.down_proj")
 
 
+def test_kv_cache_override():
+    assert recipe_for("int8", kv_cache="fp8").kv_cache_dtype == "fp8"
+    assert recipe_for("fp8").kv_cache_dtype == "model"             # the default stays the float cache
+    with pytest.raises(InvalidArgument, match="--kv-cache fp16: expected one of model, fp8"):
+        recipe_for("fp8", kv_cache="fp16")
+
+
 def test_bad_recipes_are_one_line():
     with pytest.raises(InvalidArgument, match="--precision fp4"):
         recipe_for("fp4")
     for kw, msg in [(dict(weights="int3"), "weights"), (dict(algorithm="gptq"), "algorithm"),
-                    (dict(kv_cache_dtype="fp8"), "kv_cache_dtype"), (dict(calib_modes=("beam",)), "calibration mode")]:
+                    (dict(kv_cache_dtype="int8"), "--kv-cache int8"), (dict(calib_modes=("beam",)), "calibration mode")]:
         with pytest.raises(InvalidArgument, match=msg):
             RECIPES["fp8"].with_(**kw).check()
 
