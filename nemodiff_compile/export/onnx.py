@@ -1,5 +1,9 @@
 """Export the denoiser step to ONNX with the dynamo exporter: one graph, one copy of the weights.
 
+`trace_step` traces it from a weightless meta-device twin of the model (any float dtype);
+`save_step` binds every initializer to the live model's tensor, read lazily and written tensor by
+tensor (export/weights.py), after an optional rewrite such as the quantizer's Q/DQ pass.
+
 The graph wraps `NemotronLabsDiffusion.step` with the mask built from its inputs and the token pick
 (argmax / Gumbel-max and max-softmax confidence) fused behind it, so only [batch, block] results and
 the block's K/V leave the step; logits are an extra output in validation builds.
