@@ -65,7 +65,7 @@ def main() -> None:
 
     model = copy.deepcopy(ref)
     names = ptq.linear_names(model)
-    prompts = calib.encode_prompts(calib.read_prompts(None), tok, ref.config)
+    prompts = calib.encode_prompts(calib.read_prompts(None), tok, ref.config, "built-in prompts")
     mtq.quantize(model, ptq.modelopt_config(recipe, names, ref.config.num_hidden_layers),
                  calib.decoding_loop(prompts, recipe.calib_modes, recipe.calib_max_new_tokens, ref.config.block_size))
     inputs = {n[: -len(".input_quantizer")]: q for n, q in model.named_modules()

@@ -24,14 +24,19 @@ from ._common import model_source, resolve_source, user_errors
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--mode", "modes", type=click.Choice(["ar", "dlm", "linear-spec"]), multiple=True,
               help="Modes to compare (default: all three).")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
+              help="Prompts to compare on instead of the built-in ones: a .jsonl file ({\"text\": ...} or "
+                   "{\"ids\": [...]} per line) or a text file, one prompt per line.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @user_errors
-def validate(engine_dir, reference, fast, checkpoint, size, precision, max_new_tokens, modes, as_json):
+def validate(engine_dir, reference, fast, checkpoint, size, precision, max_new_tokens, modes, prompts_file, as_json):
     """Compare an engine with the PyTorch reference pass by pass; exit 1 when it fails its tolerances."""
     modes = modes or ("ar", "dlm", "linear-spec")
     if fast:
         if engine_dir is not None:
             raise click.UsageError("--fast validates a model (--size/--checkpoint), not ENGINE_DIR")
+        if prompts_file is not None:
+            raise click.UsageError("--prompts goes with ENGINE_DIR (validate --fast uses the built-in prompts)")
         import torch
 
         from ..validate.fast import validate_fast
@@ -48,7 +53,7 @@ def validate(engine_dir, reference, fast, checkpoint, size, precision, max_new_t
     from ..validate.engine import validate_engine
 
     report = validate_engine(engine_dir, reference_source=reference, max_new_tokens=max_new_tokens,
-                             modes=modes)
+                             modes=modes, prompts_file=prompts_file)
     click.echo(json.dumps(report.to_json()) if as_json else report.to_table())
     sys.exit(0 if report.passed else 1)
 

@@ -12,7 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidArgument
+from ..prompts import encode_prompts, read_prompt_file
+
+__all__ = ["BUILTIN_PROMPTS", "read_prompts", "encode_prompts", "random_prompts", "prompts_hash"]
 
 # Built-in calibration prompts: the kinds of text the tiny model was trained on (stories, arithmetic,
 # counting, questions) and a few general ones, short and long.
@@ -30,64 +32,13 @@ BUILTIN_PROMPTS = (
     "Tom and Sam wanted to build a big castle out of sand.",
     "What is 5 + 8?",
 )
-MAX_PROMPT_TOKENS = 96
 
 
 def read_prompts(path: str | Path | None) -> list[dict[str, Any]]:
     """[{"text": str} or {"ids": [int]}] from --calib FILE, or the built-in set for None."""
     if path is None:
         return [{"text": t} for t in BUILTIN_PROMPTS]
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidArgument(f"--calib {path}: file not found")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InvalidArgument(f"--calib {path}: cannot read it as UTF-8 text ({e})") from None
-    items = []
-    jsonl = path.suffix.lower() in (".jsonl", ".json")
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        items.append(_jsonl_item(path, n, line) if jsonl else {"text": line.strip()})
-    if not items:
-        raise InvalidArgument(f"--calib {path}: no prompts in it")
-    return items
-
-
-def _jsonl_item(path: Path, n: int, line: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise InvalidArgument(f"--calib {path}:{n}: not JSON ({e.msg})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("text", obj.get("prompt")), str):
-        return {"text": obj.get("text", obj.get("prompt"))}
-    ids = obj.get("ids") if isinstance(obj, dict) else None
-    if isinstance(ids, list) and ids and all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        return {"ids": ids}
-    raise InvalidArgument(f"--calib {path}:{n}: expected an object with \"text\" (or \"prompt\") "
-                          "or \"ids\" (a list of token ids)")
-
-
-def encode_prompts(items: list[dict[str, Any]], tokenizer: Any, cfg, source: str = "--calib") -> list[list[int]]:
-    """Token ids per prompt (text through the tokenizer, raw, no chat template), cut to MAX_PROMPT_TOKENS."""
-    out = []
-    for i, item in enumerate(items):
-        if "ids" in item:
-            bad = [t for t in item["ids"] if not 0 <= t < cfg.vocab_size]
-            if bad:
-                raise InvalidArgument(f"{source}: prompt {i + 1} has token id {bad[0]} outside the vocabulary "
-                                      f"(0..{cfg.vocab_size - 1})")
-            ids = list(item["ids"])
-        else:
-            if tokenizer is None:
-                raise InvalidArgument(f"{source}: this model has no tokenizer; give prompts as {{\"ids\": [...]}} "
-                                      "lines in a .jsonl file")
-            from ..model.tokenizer import encode_prompt
-
-            ids = encode_prompt(tokenizer, item["text"], chat=i % 2 == 0)
-        out.append(ids[-MAX_PROMPT_TOKENS:])
-    return out
+    return read_prompt_file(path, "--calib")
 
 
 def random_prompts(cfg, count: int = 8) -> list[list[int]]:

@@ -67,13 +67,25 @@ def builtin_prompts(tok: Any, cfg, count: int) -> list[list[int]]:
 
 def validate_engine(engine_dir: str | Path, *, reference: Any = None, reference_source: str | Path | None = None,
                     quick: bool = False, max_new_tokens: int | None = None,
-                    modes: tuple[str, ...] = ("ar", "dlm", "linear-spec"), write: bool = True):
-    """Compare the engine with the reference per pass on the built-in prompts; record it in the manifest."""
+                    modes: tuple[str, ...] = ("ar", "dlm", "linear-spec"), write: bool = True,
+                    prompts_file: str | Path | None = None):
+    """Compare the engine with the reference per pass on the built-in prompts (or those of
+    `prompts_file`, a --prompts file: prompts.py); record it in the manifest."""
     from ..build.manifest import write_manifest
     from . import tolerances_for, validate
 
+    items = None
+    if prompts_file is not None:                 # read and checked before any model is loaded
+        from ..prompts import read_prompt_file
+
+        items = read_prompt_file(prompts_file, "--prompts")
     manifest, engine, ref, tok = open_pair(engine_dir, reference=reference, reference_source=reference_source)
-    prompts = builtin_prompts(tok, ref.config, 2 if quick else 4)
+    if items is None:
+        prompts = builtin_prompts(tok, ref.config, 2 if quick else 4)
+    else:
+        from ..prompts import encode_prompts
+
+        prompts = encode_prompts(items, tok, ref.config, f"--prompts {prompts_file}")
     q = manifest.quantization
     tol = tolerances_for(manifest.precision, q.get("thresholds") if q else None)
     report = validate(ref, engine, prompts, modes=modes, max_new_tokens=max_new_tokens or (16 if quick else 32),
@@ -84,6 +96,7 @@ def validate_engine(engine_dir: str | Path, *, reference: Any = None, reference_
             "passed": summary["passed"], "token_agreement": summary["token_agreement"],
             "passes_compared": summary["passes_compared"], "first_divergence": summary["first_divergence"],
             "tolerances": summary["tolerances"], "quick": quick, "prompts": len(prompts),
+            "prompts_source": str(prompts_file) if prompts_file is not None else "builtin",
             "per_mode": {k: {"token_agreement": v["token_agreement"], "commit_agreement": v["commit_agreement"],
                              "forced_token_agreement": v["forced_token_agreement"],
                              "logits_cosine_min": v["worst"]["logits_cosine_min"],

@@ -90,6 +90,22 @@ def test_validate_generate_inspect_bench(engine):
     assert b["engine_tokens_per_s"] > 0 and b["reference_tokens_per_s"] > 0 and b["speedup"] > 0
 
 
+def test_validate_on_a_prompt_file(engine, tmp_path):
+    """--prompts FILE replaces the built-in prompts (and the manifest says so); a bad file is one line."""
+    f = tmp_path / "prompts.jsonl"
+    f.write_text('{"ids": [1, 40, 41, 42]}\n{"ids": [1, 50, 51]}\n{"ids": [1, 60, 61, 62, 63]}\n')
+    r = run("validate", engine, "--prompts", f, "--json", "--max-new-tokens", "8", "--mode", "dlm")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["settings"]["prompts"] == 3
+    v = json.loads((engine / "manifest.json").read_text())["validation"]
+    assert v["prompts"] == 3 and v["prompts_source"] == str(f)
+    f.write_text('{"ids": [1, 99999999]}\n')
+    for args, msg in [((f,), "outside the vocabulary"), ((tmp_path / "none.txt",), "file not found")]:
+        r = CliRunner().invoke(cli, ["validate", str(engine), "--prompts", *map(str, args)])
+        assert r.exit_code == 2 and r.output.startswith("error: --prompts ") and msg in r.output, r.output
+        assert r.output.count("\n") == 1, r.output
+
+
 def test_validate_fails_on_a_broken_engine(engine, tmp_path):
     """Same graph, wrong weights: validate must exit 1 and name the first divergence."""
     import shutil

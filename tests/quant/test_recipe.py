@@ -73,12 +73,12 @@ def test_calib_files(tmp_path):
 
 
 def test_calib_ids_and_hash(tiny_cfg):
-    ids = calib.encode_prompts([{"ids": [1, 5, 6]}], None, tiny_cfg)
+    ids = calib.encode_prompts([{"ids": [1, 5, 6]}], None, tiny_cfg, "--calib f")
     assert ids == [[1, 5, 6]]
     with pytest.raises(InvalidArgument, match="outside the vocabulary"):
-        calib.encode_prompts([{"ids": [1, 10**6]}], None, tiny_cfg)
-    with pytest.raises(InvalidArgument, match="no tokenizer"):
-        calib.encode_prompts([{"text": "hi"}], None, tiny_cfg)
+        calib.encode_prompts([{"ids": [1, 10**6]}], None, tiny_cfg, "--calib f")
+    with pytest.raises(InvalidArgument, match="--calib f: this model has no tokenizer"):
+        calib.encode_prompts([{"text": "hi"}], None, tiny_cfg, "--calib f")
     assert calib.prompts_hash([[1, 2]]) != calib.prompts_hash([[1, 3]])
     assert calib.prompts_hash([[1, 2]]) == calib.prompts_hash([[1, 2]])
 

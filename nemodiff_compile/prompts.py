@@ -1,0 +1,71 @@
+"""Prompt files (`--calib FILE`, `validate --prompts FILE`) and their token ids. Stdlib only.
+
+A .jsonl (or .json) file: one JSON object per line with "text" (or "prompt") or "ids" (a list of
+token ids). Any other file: one prompt per line. Blank lines are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidArgument
+
+MAX_PROMPT_TOKENS = 96
+
+
+def read_prompt_file(path: str | Path, flag: str) -> list[dict[str, Any]]:
+    """[{"text": str} or {"ids": [int]}] from the file given to `flag` (named in every error)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidArgument(f"{flag} {path}: file not found")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidArgument(f"{flag} {path}: cannot read it as UTF-8 text ({e})") from None
+    items = []
+    jsonl = path.suffix.lower() in (".jsonl", ".json")
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        items.append(_jsonl_item(f"{flag} {path}:{n}", line) if jsonl else {"text": line.strip()})
+    if not items:
+        raise InvalidArgument(f"{flag} {path}: no prompts in it")
+    return items
+
+
+def _jsonl_item(where: str, line: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InvalidArgument(f"{where}: not JSON ({e.msg})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("text", obj.get("prompt")), str):
+        return {"text": obj.get("text", obj.get("prompt"))}
+    ids = obj.get("ids") if isinstance(obj, dict) else None
+    if isinstance(ids, list) and ids and all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        return {"ids": ids}
+    raise InvalidArgument(f"{where}: expected an object with \"text\" (or \"prompt\") "
+                          "or \"ids\" (a list of token ids)")
+
+
+def encode_prompts(items: list[dict[str, Any]], tokenizer: Any, cfg, source: str) -> list[list[int]]:
+    """Token ids per prompt, cut to the last MAX_PROMPT_TOKENS: ids as given; text through the
+    tokenizer, alternately with and without the chat template (as the built-in prompts)."""
+    out = []
+    for i, item in enumerate(items):
+        if "ids" in item:
+            bad = [t for t in item["ids"] if not 0 <= t < cfg.vocab_size]
+            if bad:
+                raise InvalidArgument(f"{source}: prompt {i + 1} has token id {bad[0]} outside the vocabulary "
+                                      f"(0..{cfg.vocab_size - 1})")
+            ids = list(item["ids"])
+        else:
+            if tokenizer is None:
+                raise InvalidArgument(f"{source}: this model has no tokenizer; give prompts as {{\"ids\": [...]}} "
+                                      "lines in a .jsonl file")
+            from .model.tokenizer import encode_prompt
+
+            ids = encode_prompt(tokenizer, item["text"], chat=i % 2 == 0)
+        out.append(ids[-MAX_PROMPT_TOKENS:])
+    return out
