@@ -59,12 +59,12 @@ def build_engine(source: str | Path, *, output: Path | None = None, precision: s
                  validate: bool = True, calib: str | Path | None = None, recipe: "Recipe | None" = None,
                  progress: Callable[[str], None] = lambda msg: None,
                  gpus: tuple[str, ...] | None = None, remask: str = "none", remask_threshold: float | None = 0.9,
-                 trt_options: "BuildOptions | None" = None) -> Path:
+                 trt_options: "BuildOptions | None" = None, calib_device: str = "auto") -> Path:
     """Export `source` (checkpoint folder or preset) into an engine directory and return its path.
 
     Quantized precisions (fp8, int8, int4-awq; nvfp4 where it can be calibrated) follow their recipe
     (`quant.recipe_for(precision)` unless `recipe` is given) and calibrate on `calib` (a --calib
-    file) or the built-in prompts.
+    file) or the built-in prompts, on `calib_device` (auto: cuda when available, else cpu).
     backend tensorrt: also one engine per GPU target in `gpus` (default: this machine's GPU);
     remask none | onnx | plugin: the remask stage in the graph (plugin: the nemodiff::Remask node,
     TensorRT only); remask_threshold None selects the top-k policy."""
@@ -81,10 +81,11 @@ def build_engine(source: str | Path, *, output: Path | None = None, precision: s
         from ..quant.ptq import check_available
         from .calibration import read_items
 
-        quant = _Quant(recipe, calib, read_items(calib))
+        quant = _Quant(recipe, calib, read_items(calib), _calib_device(calib_device))
         check_available(recipe)
-    elif calib is not None:
-        raise InvalidArgument(f"--calib {calib}: calibration applies to fp8, int8 and int4-awq builds only")
+    elif calib is not None or calib_device != "auto":
+        flag = f"--calib {calib}" if calib is not None else f"--calib-device {calib_device}"
+        raise InvalidArgument(f"{flag}: calibration applies to fp8, int8 and int4-awq builds only")
     if backend not in BACKENDS:
         raise InvalidArgument(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
     if backend == "auto":
@@ -120,6 +121,21 @@ class _Quant:
     recipe: "Recipe"
     calib: str | Path | None          # the --calib file, None for the built-in prompts
     items: list                       # its prompts, read and checked before anything is exported
+    device: str                       # where the model is loaded and calibrated: cpu | cuda
+
+
+def _calib_device(choice: str) -> str:
+    if choice not in ("auto", "cpu", "cuda"):
+        raise InvalidArgument(f"--calib-device {choice}: expected auto, cpu or cuda")
+    if choice == "cpu":
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if choice == "cuda":
+        raise InvalidArgument("--calib-device cuda: this machine has no CUDA GPU; use --calib-device cpu")
+    return "cpu"
 
 
 def _export_into(tmp: Path, source, *, precision: str, backend: str, buckets: Buckets, with_logits: bool,
@@ -130,10 +146,11 @@ def _export_into(tmp: Path, source, *, precision: str, backend: str, buckets: Bu
     from ..export.onnx import export_step, remask_options
     from ..model.checkpoint import CONFIG_NAME
 
-    progress(f"loading {source} ({precision})")
+    progress(f"loading {source} ({precision}{', calibrating on ' + quant.device if quant else ''})")
     # a quantized build calibrates the model as stored (one copy in memory); the graph's float parts
     # are cast to the recipe's float_dtype tensor by tensor while written
-    model = load_reference(source, dtype=None if quant else PRECISION_DTYPES[precision])
+    model = load_reference(source, dtype=None if quant else PRECISION_DTYPES[precision],
+                           device=quant.device if quant else "cpu")
     cfg = model.config
     if buckets.max_context > cfg.max_position_embeddings:
         raise InvalidArgument(f"--max-context {buckets.max_context} exceeds the model's "

@@ -42,6 +42,9 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--kv-cache", default=None, metavar="fp8|model",
               help="Quantized builds: KV-cache dtype, fp8 (FLOAT8E4M3FN, per-layer scales calibrated with the "
                    "weights) or model (the graph's float dtype). Default: the recipe's (model).")
+@click.option("--calib-device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Quantized builds: where the model is calibrated (auto: the GPU when there is one). The "
+                   "graph is written from it tensor by tensor either way.")
 @click.option("--gpus", default=None, metavar="SM,...",
               help="TensorRT targets, e.g. sm90,sm89 (default: this GPU). On an existing TensorRT engine "
                    "directory, adds these targets.")
@@ -57,7 +60,7 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--version-compatible", is_flag=True, help="TensorRT version-compatible engines.")
 @user_errors
 def build(checkpoint, size, precision, backend, output, batch_sizes, max_context, block_length, with_logits,
-          no_validate, calib, keep_first_layers, keep_last_layers, kv_cache, gpus, remask, remask_threshold,
+          no_validate, calib, keep_first_layers, keep_last_layers, kv_cache, calib_device, gpus, remask, remask_threshold,
           workspace_mb, tactic_mb, hardware_compatibility, version_compatible):
     """Build an engine directory from a checkpoint (default: the embedded tiny model)."""
     from ..build.pipeline import Buckets, build_engine
@@ -95,7 +98,7 @@ def build(checkpoint, size, precision, backend, output, batch_sizes, max_context
     out = build_engine(source, output=output, precision=precision, backend=backend, buckets=buckets,
                        with_logits=with_logits, validate=not no_validate, calib=calib, recipe=recipe,
                        gpus=targets, remask=remask, remask_threshold=_threshold(remask_threshold),
-                       trt_options=trt_options,
+                       trt_options=trt_options, calib_device=calib_device,
                        progress=lambda msg: click.echo(f"[build] {msg}", err=True))
     click.echo(str(out))
 

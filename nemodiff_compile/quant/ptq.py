@@ -131,7 +131,7 @@ def quantized_linear(module, name: str, recipe: Recipe) -> QuantizedLinear:
     import torch
 
     wq, iq = module.weight_quantizer, module.input_quantizer
-    amax = None if wq.amax is None else wq.amax.detach().float()                # [out, 1] or [out * nb, 1]
+    amax = None if wq.amax is None else wq.amax.detach().float().cpu()          # [out, 1] or [out * nb, 1]
     if amax is None or not bool(torch.isfinite(amax).all()):
         raise NemodiffError(f"{name}: calibration left no finite weight amax (did the calibration prompts run?)")
     onnx_type, qmax = FORMATS[recipe.weights]
@@ -148,7 +148,7 @@ def quantized_linear(module, name: str, recipe: Recipe) -> QuantizedLinear:
 
     def codes() -> np.ndarray:                                                  # [in, out]
         w = module.weight.detach().to(torch.float32, copy=True)                 # [out, in], smoothed
-        return _codes(w.div_(full), recipe.weights, qmax)
+        return _codes(w.div_(full.to(w.device)), recipe.weights, qmax)
 
     act_type = act_scale = None
     if recipe.activations is not None and _enabled(iq):
@@ -160,7 +160,7 @@ def quantized_linear(module, name: str, recipe: Recipe) -> QuantizedLinear:
             raise NemodiffError(f"{name}: calibration left activation amax {a_amax}")
         act_type, act_scale = a_type, a_amax / a_max
     pqs = getattr(iq, "pre_quant_scale", None)
-    pre = None if pqs is None else pqs.detach().float().reshape(in_f).numpy().astype(np.float32)
+    pre = None if pqs is None else pqs.detach().float().reshape(in_f).cpu().numpy().astype(np.float32)
     return QuantizedLinear(name, codes, (in_f, out_f), onnx_type, w_scale.astype(np.float32), b,
                            act_type, act_scale, pre)
 
@@ -175,4 +175,4 @@ def _codes(x, fmt: str, qmax: float) -> np.ndarray:
         c = x.to(torch.float8_e4m3fn).view(torch.uint8)                         # round to nearest even
     else:
         c = x.round_().to(torch.int8)                                           # int8 / int4 in [-qmax, qmax]
-    return c.t().contiguous().numpy()
+    return c.t().contiguous().cpu().numpy()

@@ -198,7 +198,13 @@ def test_bad_quant_flags_are_one_line(tmp_path):
         (("build", "--precision", "int8", "--calib", bad, "--output", tmp_path / "e"), "bad.jsonl:1"),
         (("build", "--precision", "fp32", "--calib", bad, "--output", tmp_path / "e"), "--calib"),
         (("build", "--precision", "fp32", "--keep-first-layers", "1", "--output", tmp_path / "e"), "--keep-first"),
+        (("build", "--precision", "fp32", "--calib-device", "cpu", "--output", tmp_path / "e"), "--calib-device cpu"),
     ]
+    import torch
+
+    if not torch.cuda.is_available():
+        cases.append((("build", "--precision", "fp8", "--calib-device", "cuda", "--output", tmp_path / "e"),
+                      "--calib-device cuda: this machine has no CUDA GPU"))
     for args, needle in cases:
         r = run(*args)
         assert r.exit_code == 2, (args, r.output)
