@@ -4,9 +4,10 @@ native ONNX Q/DQ graphs with weights stored quantized.
     from nemodiff_compile.quant import RECIPES, recipe_for
     recipe_for("fp8")            # -> Recipe (stdlib only; torch / modelopt load in quant.ptq)
 
-Modules: recipe (the recipes), calib (prompts, hash, decoding forward loop), ptq (ModelOpt
-calibration, per-layer codes and scales), qdq (the Q/DQ graph writer, trt:: -> native), export
-(the whole float -> quantized ONNX step).
+Modules: recipe (the recipes), calib (built-in prompts, hash), ptq (ModelOpt calibration, per-layer
+codes and scales), qdq (Q/DQ into the traced graph, trt:: -> native), kv_cache (the FP8 KV-cache
+option), export (the whole model -> quantized ONNX step). The calibration forward loop (the decode
+loops over the torch reference) is the caller's: build/calibration.py.
 """
 
 from .recipe import RECIPES, Recipe, is_quantized, recipe_for

@@ -96,7 +96,11 @@ class Recipe:
 # large next to a 7B+ model's), with room for other prompts:
 #   teacher-forced token / commit-decision agreement: measured >= 0.97 (fp8, int8), >= 0.95
 #     (int4-awq); stable, the main discriminator between a sound and a broken calibration
-#   min per-pass logit cosine: measured 0.983 (fp8), 0.955 (int8), 0.898 (int4-awq)
+#   min per-pass logit cosine: measured 0.983 / 0.962 (fp8), 0.955 / 0.944 (int8), 0.898 / 0.869
+#     (int4-awq) on the 4 built-in / 16 held-out prompts (docs/prompts/tiny-heldout.txt; a minimum
+#     falls as passes are added, hence fp8's bound 0.95, not the 0.97 first set from the built-in
+#     prompts alone); a deliberately broken recipe (test_broken_recipe_fails_the_gate) scores
+#     0.848 / 0.728 and teacher-forced token agreement 0.909 / 0.930
 #   free-running trajectory agreement pooled over prompts, per mode: measured 0.78-1.0 (fp8),
 #     0.70-1.0 (int8), 0.38-0.67 (int4-awq). The tiny model's many near-ties make one flipped argmax
 #     rewrite the rest of a row (a deliberately broken recipe scores in the same range), so this is
@@ -112,7 +116,7 @@ class Recipe:
 _COMMON = dict(logits_atol=None, logits_rtol=None, conf_atol=None, token_agreement=None)
 RECIPES: dict[str, Recipe] = {
     "fp8": Recipe("fp8", weights="fp8", weight_block=None, activations="fp8", algorithm="max",
-                  thresholds=dict(_COMMON, cosine_min=0.97, forced_token_agreement=0.95, commit_agreement=0.95,
+                  thresholds=dict(_COMMON, cosine_min=0.95, forced_token_agreement=0.95, commit_agreement=0.95,
                                   mean_token_agreement=0.7, tpf_drop_max=0.1)),
     "int8": Recipe("int8", weights="int8", weight_block=None, activations="int8", algorithm="smoothquant",
                    thresholds=dict(_COMMON, cosine_min=0.93, forced_token_agreement=0.95, commit_agreement=0.95,

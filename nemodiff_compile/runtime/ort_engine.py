@@ -56,7 +56,15 @@ class OrtDenoiser:
         # int4 weight-only graphs: ORT fuses DQ + MatMul into MatMulNBits, which by default (level 4)
         # quantizes the activations to int8 on the CPU; the graph says float activations, so compute them so
         opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
-        self.session = ort.InferenceSession(str(onnx_path), opts, providers=providers or ["CPUExecutionProvider"])
+        providers = providers or ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), opts, providers=providers)
+        except Exception as e:       # onnxruntime's pybind errors (NotImplemented, Fail, ...) have no common base
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            hint = (" (ONNX Runtime's CPU provider has no bfloat16 kernels for most ops: run bf16 engines on a "
+                    "GPU provider or build --backend tensorrt)" if spec.input("past_keys").dtype == "bfloat16" else "")
+            raise NemodiffError(f"{onnx_path}: ONNX Runtime ({', '.join(map(str, providers))}) cannot load this "
+                                f"graph: {first}{hint}") from None
         self.spec, self.config, self.max_len = spec, config, max_len
         self._check(onnx_path, return_logits)
         self.return_logits = return_logits

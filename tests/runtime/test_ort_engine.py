@@ -199,3 +199,23 @@ def test_draft_lora_is_switched_inside_the_graph(random_tiny, tmp_path_factory):
     drafts = [r.out_token for r in with_lora.trace if r.phase == "draft"]
     base_drafts = [r.out_token for r in base.trace if r.phase == "draft"]
     assert not torch.equal(drafts[0], base_drafts[0])           # ...but the drafts changed
+
+
+def test_a_graph_ort_cannot_load_is_one_line(tmp_path, tiny_cfg):
+    """ONNX Runtime's CPU provider has no bf16 Mul: opening such a graph is a NemodiffError naming the
+    file and what to do, not onnxruntime's traceback."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from nemodiff_compile.export.spec import step_spec
+
+    x = helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2])
+    g = helper.make_graph([helper.make_node("Mul", ["x", "x"], ["y"])], "g", [x], [y])
+    path = tmp_path / "bf16.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]), str(path))
+    spec = step_spec(tiny_cfg, "bfloat16", False, with_lora=False, remask=None)
+    with pytest.raises(NemodiffError, match=r"bf16.onnx: ONNX Runtime \(CPUExecutionProvider\) cannot load "
+                                            r"this graph: .*NOT_IMPLEMENTED.*no bfloat16 kernels") as e:
+        OrtDenoiser(path, spec, tiny_cfg, 16)
+    assert "\n" not in str(e.value)
