@@ -100,7 +100,7 @@ class Recipe:
 #     (int4-awq) on the 4 built-in / 16 held-out prompts (docs/prompts/tiny-heldout.txt; a minimum
 #     falls as passes are added, hence fp8's bound 0.95, not the 0.97 first set from the built-in
 #     prompts alone); a deliberately broken recipe (test_broken_recipe_fails_the_gate) scores
-#     0.848 / 0.728 and teacher-forced token agreement 0.909 / 0.930
+#     0.848 / 0.728 and teacher-forced token agreement 0.903 / 0.925
 #   free-running trajectory agreement pooled over prompts, per mode: measured 0.78-1.0 (fp8),
 #     0.70-1.0 (int8), 0.38-0.67 (int4-awq). The tiny model's many near-ties make one flipped argmax
 #     rewrite the rest of a row (a deliberately broken recipe scores in the same range), so this is
