@@ -41,7 +41,7 @@ class Lazy(ir.LazyTensor):
         t = tensor.detach() if perm is None else tensor.detach().permute(perm)
         row_bytes = (t[0].numel() if t.dim() else 1) * dtype.itemsize
         for chunk in (t.split(max(1, CHUNK_BYTES // row_bytes)) if t.dim() else (t,)):
-            file.write(numpy(chunk.to("cpu", dtype).contiguous()).view(np.uint8).data)   # no bytes copy
+            file.write(numpy(chunk.to("cpu", dtype).contiguous()).reshape(-1).view(np.uint8).data)  # no copy
 
 
 def model_tensor(tensor: torch.Tensor, dtype: torch.dtype, name: str, perm: tuple[int, ...] | None = None) -> Lazy:

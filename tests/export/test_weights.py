@@ -72,3 +72,21 @@ def test_a_graph_tensor_missing_from_the_model_is_one_line(tmp_path):
     other.encoder.layers[1].mlp.up_proj.weight = torch.nn.Parameter(torch.zeros(3, 3))
     with pytest.raises(NemodiffError, match=r"layers.1.mlp.up_proj.weight: model tensor is \[3, 3\]"):
         weights.bind(graph, other)
+
+
+@pytest.mark.parametrize("shape, dtype, perm", [((), torch.float32, None), ((5, 7), torch.float32, (1, 0)),
+                                                ((4, 3), torch.bfloat16, None), ((2, 3, 4), torch.float16, (2, 0, 1))])
+def test_chunked_writes_equal_the_evaluated_tensor(shape, dtype, perm, monkeypatch):
+    """What Lazy.tofile streams in chunks (2 rows here) is byte for byte what evaluating the tensor gives."""
+    import io
+
+    from nemodiff_compile.export import weights
+
+    monkeypatch.setattr(weights, "CHUNK_BYTES", 2 * 7 * 4)
+    t = torch.randn(shape, dtype=torch.bfloat16)
+    lazy = weights.model_tensor(t, dtype, "w", perm)
+    f = io.BytesIO()
+    lazy.tofile(f)
+    assert f.getvalue() == lazy.tobytes()
+    want = (t if perm is None else t.permute(perm)).to(dtype).contiguous()
+    assert f.getvalue() == want.reshape(-1).view(torch.uint8).numpy().tobytes()
