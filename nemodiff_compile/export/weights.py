@@ -47,7 +47,7 @@ class Lazy(ir.LazyTensor):
 def model_tensor(tensor: torch.Tensor, dtype: torch.dtype, name: str, perm: tuple[int, ...] | None = None) -> Lazy:
     """A lazy initializer reading `tensor` as `dtype`, permuted by `perm` (None: as is)."""
     shape = tensor.shape if perm is None else tuple(tensor.shape[i] for i in perm)
-    lazy = Lazy(partial(to_ir, tensor, dtype, name, perm), dtype=ir.DataType.from_numpy(_np_dtype(dtype)),
+    lazy = Lazy(partial(to_ir, tensor, dtype, name, perm), dtype=ir.DataType.from_numpy(np_dtype(dtype)),
                 shape=ir.Shape(shape), name=name)
     lazy.source = (tensor, dtype, perm)
     return lazy
@@ -145,5 +145,6 @@ def numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def _np_dtype(dtype: torch.dtype) -> np.dtype:
+def np_dtype(dtype: torch.dtype) -> np.dtype:
+    """The numpy dtype `numpy()` gives for a torch dtype (ml_dtypes for bfloat16 / float8)."""
     return numpy(torch.empty(0, dtype=dtype)).dtype

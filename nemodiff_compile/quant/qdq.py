@@ -55,12 +55,13 @@ def linear_matmuls(graph) -> dict:
 def insert_qdq(graph_model, layers: Iterable[QuantizedLinear], *, float_dtype: str = "float32") -> list[str]:
     """Put each layer's Q/DQ into `graph_model` (onnx_ir, in place); return the quantized names."""
     import onnx_ir as ir
+    import torch
 
-    from ..export.weights import lazy_initializer
+    from ..export.weights import lazy_initializer, np_dtype
 
     graph = graph_model.graph
     where = linear_matmuls(graph)
-    fdt = _float_np(float_dtype)
+    fdt = np_dtype(getattr(torch, float_dtype))
     fir = ir.DataType.from_numpy(fdt)
 
     def const(name: str, arr: np.ndarray, dtype=None):
@@ -159,17 +160,3 @@ def native_qdq(model) -> int:
         del model.opset_import[:]
         model.opset_import.extend(keep_ops)
     return n
-
-
-def _float_np(name: str):
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype({"float32": np.float32, "float16": np.float16}[name])
-
-
-def onnx_bytes(folder: Path) -> int:
-    """model.onnx + external data size on disk."""
-    return sum(p.stat().st_size for p in Path(folder).glob("model.onnx*"))
-

@@ -55,9 +55,9 @@ def open_pair(engine_dir: str | Path, *, reference: Any = None, reference_source
 def builtin_prompts(tok: Any, cfg, count: int) -> list[list[int]]:
     """`count` prompts of different lengths: encoded text when there is a tokenizer, else seeded ids."""
     if tok is not None:
-        from ..model.tokenizer import encode_prompt
+        from ..prompts import encode_prompts
 
-        return [encode_prompt(tok, t, chat=i % 2 == 0) for i, t in enumerate(TEXT_PROMPTS[:count])]
+        return encode_prompts([{"text": t} for t in TEXT_PROMPTS[:count]], tok, cfg, "built-in prompts")
     import random
 
     rng = random.Random(0)
