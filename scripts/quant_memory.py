@@ -36,6 +36,7 @@ def rss_mb(field: str = "VmRSS") -> float:
 
 def child(args) -> None:
     """The measured process: build the quantized engine, print phases and the peak as JSON."""
+    from nemodiff_compile.build_config import BuildConfig
     from nemodiff_compile.pipeline import build_engine
     from nemodiff_compile.quant import recipe_for
 
@@ -56,8 +57,9 @@ def child(args) -> None:
 
     progress("start (libraries imported, nothing loaded)")
     start = time.time()
-    build_engine(Path(args.checkpoint), output=Path(args.output), precision=args.precision, recipe=recipe,
-                 calib=args.calib, validate=False, progress=progress)
+    build_engine(BuildConfig.of(source=args.checkpoint, output=args.output, backend="onnxruntime",
+                                precision=args.precision, calib=args.calib, validate=False),
+                 recipe=recipe, progress=progress)
     progress("done")
     print(json.dumps({"phases": phases, "peak_mb": rss_mb("VmHWM"), "seconds": time.time() - start}))
 
