@@ -210,7 +210,10 @@ class BuildConfig(_Node):
     @classmethod
     def of(cls, **flat: Any) -> "BuildConfig":
         """BuildConfig from flat keys (see the module docstring); a key left out keeps its default."""
-        return _build(cls, _nest(flat))
+        tree: dict[str, Any] = {}
+        for path, value in _flat_pairs(flat):
+            _put(tree, path, value)
+        return _build(cls, tree)
 
     def flat(self) -> dict[str, Any]:
         return {leaf.key: leaf.get(self) for leaf in leaves()}
@@ -236,11 +239,8 @@ class BuildConfig(_Node):
         except ValueError as e:             # tomllib.TOMLDecodeError
             raise InvalidArgument(f"--config {path}: not valid TOML ({e})") from None
         tree = _read_tree(cls, data, str(path), ())
-        for keys, value in _nest(overrides or {}, flat_paths=True):
-            node = tree
-            for k in keys[:-1]:
-                node = node.setdefault(k, {})
-            node[keys[-1]] = value
+        for keys, value in _flat_pairs(overrides or {}):
+            _put(tree, keys, value)
         return _build(cls, tree, str(path))
 
 
@@ -394,8 +394,8 @@ def _read_tree(cls: type, data: Any, where: str, prefix: tuple[str, ...]) -> dic
     return out
 
 
-def _nest(flat: dict[str, Any], *, flat_paths: bool = False):
-    """Flat keys -> a tree of checked values (or, flat_paths, a list of (path, value))."""
+def _flat_pairs(flat: dict[str, Any]) -> list[tuple[tuple[str, ...], Any]]:
+    """Flat keys -> (path in the tree, checked value); errors name the flag."""
     by_key = _by_key()
     pairs = []
     for k, v in flat.items():
@@ -403,15 +403,13 @@ def _nest(flat: dict[str, Any], *, flat_paths: bool = False):
         if leaf is None:
             raise InvalidArgument(f"unknown build option {k!r} (expected one of {', '.join(by_key)})")
         pairs.append((leaf.path, _coerce(leaf.meta, v)))
-    if flat_paths:
-        return pairs
-    tree: dict[str, Any] = {}
-    for path, v in pairs:
-        node = tree
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = v
-    return tree
+    return pairs
+
+
+def _put(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for name in path[:-1]:
+        tree = tree.setdefault(name, {})
+    tree[path[-1]] = value
 
 
 def _build(cls: type, tree: dict[str, Any], where: str | None = None):

@@ -48,8 +48,8 @@ def build_engine(config: BuildConfig, *, recipe: "Recipe | None" = None,
     """Build `config` (build_config.BuildConfig) into an engine directory and return its path.
 
     Quantized precisions (fp8, int8, int4-awq; nvfp4 where it can be calibrated) follow their recipe
-    (`quant.recipe_for(precision)` with the config's layer and KV-cache overrides, unless `recipe`
-    is given) and calibrate on the config's --calib file or the built-in prompts.
+    (`quant.recipe_for(precision)`, or `recipe` when given, with the config's layer and KV-cache
+    overrides) and calibrate on the config's --calib file or the built-in prompts.
     backend auto: TensorRT where a usable `tensorrt` module and a CUDA GPU are present, else ONNX
     Runtime (choose_backend; the manifest's backend_choice says which and why). backend tensorrt:
     also one engine per GPU target (default: this machine's GPU)."""
@@ -60,10 +60,17 @@ def build_engine(config: BuildConfig, *, recipe: "Recipe | None" = None,
     config.for_backend(backend)              # the rules that depend on the backend, once it is known
     _check_source(config.source)
     quant = None
+    if recipe is not None and not is_quantized(config.precision):
+        raise InvalidArgument(f"recipe {recipe.name}: recipes apply to quantized precisions, not {config.precision}")
     if is_quantized(config.precision):
         q = config.quantization
-        recipe = recipe or recipe_for(config.precision, keep_first_layers=q.keep_first_layers,
-                                      keep_last_layers=q.keep_last_layers, kv_cache=q.kv_cache)
+        if recipe is None:
+            recipe = recipe_for(config.precision, keep_first_layers=q.keep_first_layers,
+                                keep_last_layers=q.keep_last_layers, kv_cache=q.kv_cache)
+        else:                                # the config's overrides apply to a given recipe too
+            overrides = {"keep_first_layers": q.keep_first_layers, "keep_last_layers": q.keep_last_layers,
+                         "kv_cache_dtype": q.kv_cache}
+            recipe = recipe.with_(**{k: v for k, v in overrides.items() if v is not None})
         recipe.check()
         from .quant.ptq import check_available
         from .quant.calibration import read_items

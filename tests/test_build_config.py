@@ -237,6 +237,8 @@ def test_manifest_holds_the_config_verbatim(tiny_engine):
     assert m.backend_choice == {"asked": "onnxruntime", "chosen": "onnxruntime",
                                 "reason": "--backend onnxruntime was asked for"}
     assert m.buckets == {"batch_sizes": [1, 4], "max_context": 1024, "block_length": m.model_config["block_size"]}
+    r = cli_run("inspect", tiny_engine)
+    assert "backend     asked onnxruntime, chose onnxruntime: --backend onnxruntime was asked for" in r.output
 
 
 def test_older_manifest_without_build_config_still_reads(tmp_path):
@@ -250,3 +252,12 @@ def test_older_manifest_without_build_config_still_reads(tmp_path):
     (tmp_path / MANIFEST_NAME).write_text(json.dumps(d))
     m = read_manifest(tmp_path)
     assert m.build_config is None and m.backend_choice is None and m.precision == "fp32"
+
+
+def test_a_recipe_needs_a_quantized_precision(tmp_path):
+    from nemodiff_compile.pipeline import build_engine
+    from nemodiff_compile.quant import recipe_for
+
+    with pytest.raises(InvalidArgument, match="^recipe fp8: recipes apply to quantized precisions, not fp32$"):
+        build_engine(BuildConfig.of(backend="onnxruntime", output=tmp_path / "e"), recipe=recipe_for("fp8"))
+    assert not (tmp_path / "e").exists()
