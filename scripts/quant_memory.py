@@ -2,7 +2,7 @@
 """Peak host RSS of a quantized build against the checkpoint's size.
 
 Writes a random-weight checkpoint of a few hundred MB (bf16 on disk), then runs
-`build_engine(..., precision=P, validate=False)` on it in a fresh child process and reports the
+`build_engine(BuildConfig.of(precision=P, validate=False, ...))` on it in a fresh child process and reports the
 child's peak RSS (VmHWM), the RSS at each build phase, and the ratio peak / checkpoint bytes, both
 whole and above the baseline of the process with its libraries imported (torch, ModelOpt, onnx,
 onnxscript: about 0.5 GiB, whatever the model). Prints a table and, last, one JSON line.
