@@ -261,3 +261,23 @@ def test_a_recipe_needs_a_quantized_precision(tmp_path):
     with pytest.raises(InvalidArgument, match="^recipe fp8: recipes apply to quantized precisions, not fp32$"):
         build_engine(BuildConfig.of(backend="onnxruntime", output=tmp_path / "e"), recipe=recipe_for("fp8"))
     assert not (tmp_path / "e").exists()
+
+
+def test_what_a_rebuild_compares():
+    """pipeline._changes: [] reuses the directory's graph; anything else rebuilds it (and is printed)."""
+    from nemodiff_compile.artifact.manifest import Manifest
+    from nemodiff_compile.pipeline import _changes
+
+    old = BuildConfig.of(backend="auto", gpus="sm89", precision="fp16", output="a")
+    m = Manifest(backend="tensorrt", precision="fp16", source="tiny", model_config={}, weights_sha256="0",
+                 io_spec={}, buckets={}, artifacts={}, tool_versions={}, build_config=old.to_json())
+    trt = {"asked": "tensorrt", "chosen": "tensorrt", "reason": ""}
+    same = BuildConfig.of(backend="tensorrt", gpus="sm86", precision="fp16", output="b", validate=False)
+    assert _changes(m, same, trt, None) == []                 # auto chose tensorrt there: the same build
+    assert _changes(m, BuildConfig.of(backend="tensorrt", gpus="sm86", precision="fp16", workspace_mb=64),
+                    trt, None) == ["tensorrt.workspace_mb unset -> 64"]
+    m.build_config = None
+    assert _changes(m, same, trt, None) == ["its manifest has no build_config (an older nemodiff-compile built it)"]
+    m.build_config = {"shapes": {"batch_sizes": "x"}}
+    assert _changes(m, same, trt, None)[0].startswith("its build_config is unreadable here (its manifest's "
+                                                      "build_config: shapes.batch_sizes = 'x'")
