@@ -19,6 +19,7 @@ from typing import Any, Iterator, Sequence
 
 from .errors import InvalidArgument, NemodiffError
 from .decoding import loops
+from .decoding.arguments import check_generation, check_token_ids
 
 Prompt = str | Sequence[int]
 
@@ -48,15 +49,26 @@ class Session:
 
     @classmethod
     def open(cls, engine_dir: str | Path, *, providers: list[str] | None = None,
-             threads: int | None = None, max_len: int | None = None) -> "Session":
-        """Open a built engine directory (checks its manifest first)."""
+             threads: int | None = None, max_len: int | None = None, verify: str = "size") -> "Session":
+        """Open a built engine directory (checks its manifest first). verify: "size" (default: every
+        artifact's size, a stat per file) or "sha256" (also re-hash every byte: seconds per GB, see the
+        README). An engine directory swapped by a build while it is opened is opened again, so a
+        session never mixes two builds (fsutil.read_stable)."""
+        from .fsutil import read_stable
+
+        if verify not in ("size", "sha256"):
+            raise InvalidArgument(f"verify {verify!r}: expected 'size' or 'sha256'")
+        return read_stable(engine_dir, lambda: cls._open(Path(engine_dir), providers, threads, max_len,
+                                                         verify == "sha256"))
+
+    @classmethod
+    def _open(cls, engine_dir: Path, providers, threads, max_len, deep: bool) -> "Session":
         from .artifact.manifest import read_manifest
         from .config import ModelConfig
         from .artifact.spec import IOSpec
         from .backends.ort import OrtDenoiser
 
-        engine_dir = Path(engine_dir)
-        manifest = read_manifest(engine_dir)
+        manifest = read_manifest(engine_dir, deep=deep)
         cfg = ModelConfig.from_hf(manifest.model_config, source=f"{engine_dir}/manifest.json")
         spec = IOSpec.from_json(manifest.io_spec)
         if manifest.backend == "tensorrt":      # the plan for this GPU, or a refusal naming what to build
@@ -103,7 +115,10 @@ class Session:
 
     @property
     def config(self):
-        return self.denoiser.config
+        den = self.denoiser
+        if den is None:
+            raise NemodiffError("session is closed")
+        return den.config
 
     def encode(self, prompt: Prompt, chat: bool = True) -> list[int]:
         if isinstance(prompt, str):
@@ -112,7 +127,7 @@ class Session:
             from .model.tokenizer import encode_prompt
 
             return encode_prompt(self.tokenizer, prompt, chat=chat)
-        return [int(t) for t in prompt]
+        return check_token_ids(prompt, self.config.vocab_size, "prompt")
 
     def decode(self, ids: Sequence[int]) -> str | None:
         if self.tokenizer is None:
@@ -125,6 +140,9 @@ class Session:
                  chat: bool = True, on_tokens=None, **knobs) -> Result:
         """Generate for one prompt or a batch (text or token ids). knobs: block_length, threshold,
         steps, temperature, seed, trace (see sampling.loops). on_tokens(row, ids) streams tokens."""
+        check_generation(max_new_tokens=max_new_tokens, **{k: v for k, v in knobs.items()
+                                                            if k in ("block_length", "steps", "threshold",
+                                                                     "temperature", "seed")})
         batch = [prompts] if isinstance(prompts, str) or _is_ids(prompts) else list(prompts)
         ids = [self.encode(p, chat) for p in batch]
         with self._lock:

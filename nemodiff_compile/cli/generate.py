@@ -22,13 +22,14 @@ DEMO_PROMPTS = ("Once upon a time, Mia", "What is 3 + 4?")
 @click.option("--prompt-ids", "prompt_ids", multiple=True,
               help="Prompt as comma-separated token ids (for checkpoints without a tokenizer); repeatable.")
 @click.option("--mode", type=click.Choice(["ar", "dlm", "linear-spec"]), default="dlm", show_default=True)
-@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--block-length", type=click.IntRange(min=2), default=None, help="Default: the config's block_size.")
-@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None,
-              help="Commit threshold (dlm default 0.9; linear-spec draft default 0 = one draft pass).")
-@click.option("--steps", type=click.IntRange(min=1), default=None,
-              help="dlm: fixed passes per block (LLaDA schedule) instead of the threshold rule.")
-@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True)
+# bounds checked by decoding/arguments.py (the Python API's, with the flags' names), not by click
+@click.option("--max-new-tokens", default=64, show_default=True, type=int, help="At least 1.")
+@click.option("--block-length", type=int, default=None, help="At least 2. Default: the config's block_size.")
+@click.option("--threshold", type=float, default=None,
+              help="Commit threshold in [0, 1] (dlm default 0.9; linear-spec draft default 0 = one draft pass).")
+@click.option("--steps", type=int, default=None,
+              help="dlm: fixed passes per block (LLaDA schedule, at least 1) instead of the threshold rule.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="At least 0 (0: greedy).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--chat/--raw", default=True, show_default=True,
               help="Wrap the prompt in the tokenizer's chat template (when it has one).")
@@ -43,8 +44,11 @@ def generate(checkpoint, size, engine, prompts, prompt_ids, mode, max_new_tokens
              steps, temperature, seed, chat, dtype, lora, as_json):
     """Generate text in AR, block-diffusion or linear self-speculation mode, with the PyTorch
     reference (default) or a built engine (--engine)."""
+    from ..decoding.arguments import CLI, check_generation, check_room, check_token_ids
     from ..errors import NemodiffError
 
+    check_generation(max_new_tokens=max_new_tokens, block_length=block_length, steps=steps, threshold=threshold,
+                     temperature=temperature, seed=seed, names=CLI)
     if steps is not None and threshold is not None:
         raise NemodiffError("--steps and --threshold are two policies: give one")
     if steps is not None and mode != "dlm":
@@ -54,6 +58,8 @@ def generate(checkpoint, size, engine, prompts, prompt_ids, mode, max_new_tokens
     ids = [_parse_ids(s) for s in prompt_ids]
     session = _open(engine, checkpoint, size, dtype, lora, seed)
     with session:
+        vocab = session.config.vocab_size
+        ids = [check_token_ids(p, vocab, f"--prompt-ids {text}") for p, text in zip(ids, prompt_ids)]
         if prompts or not ids:
             if session.tokenizer is None:
                 raise NemodiffError("this model has no tokenizer; pass --prompt-ids instead of --prompt")
@@ -61,6 +67,9 @@ def generate(checkpoint, size, engine, prompts, prompt_ids, mode, max_new_tokens
         blen = block_length or session.config.block_size
         if engine is None:        # size the reference's cache to the request (an engine's is its bucket)
             session.denoiser.max_len = max(map(len, ids)) + max_new_tokens + 2 * blen
+        check_room(max(map(len, ids)), mode=mode, max_new_tokens=max_new_tokens, block_length=blen,
+                   max_len=session.denoiser.max_len, names=CLI,
+                   backend=f"the engine {engine}" if engine is not None else "the reference")
         start = time.perf_counter()
         result = session.generate(ids, mode=mode, max_new_tokens=max_new_tokens, block_length=blen,
                                   temperature=temperature, seed=seed, threshold=threshold, steps=steps)

@@ -15,14 +15,19 @@ PRECISION_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.
 
 @click.command()
 @model_source
-@click.option("--context", default=4096, show_default=True, help="Tokens per sequence for the KV-cache estimate.")
-@click.option("--batch", default=1, show_default=True, help="Sequences for the KV-cache estimate.")
+@click.option("--context", default=4096, show_default=True, type=int,
+              help="Tokens per sequence for the KV-cache estimate (at least 1).")
+@click.option("--batch", default=1, show_default=True, type=int, help="Sequences for the KV-cache estimate (at least 1).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @user_errors
 def info(checkpoint, size, context, batch, as_json):
     """Show a model's config, parameter count and memory estimate per precision."""
     from ..config import ModelConfig, preset
+    from ..errors import InvalidArgument
 
+    for flag, value in (("--context", context), ("--batch", batch)):
+        if value < 1:
+            raise InvalidArgument(f"{flag} {value}: expected an integer >= 1")
     source = resolve_source(checkpoint, size)
     folder = checkpoint_folder(source)
     cfg = ModelConfig.from_file(folder / "config.json") if folder else preset(source)

@@ -22,6 +22,7 @@ import torch
 
 from . import remask
 from ..errors import InvalidArgument
+from .arguments import check_generation, check_room, check_token_ids
 from .denoiser import Denoiser
 
 MODES = ("ar", "dlm", "linear-spec")
@@ -121,17 +122,24 @@ class _Run:
                           self.row_nfe.tolist(), self.trace or [])
 
 
-def _prefill(run: _Run, prompts: list[list[int]], room: int) -> torch.Tensor:
-    """Causal pass over the right-padded prompts; returns the first new token [B]."""
-    if not prompts or any(len(p) == 0 for p in prompts):
+def _prefill(run: _Run, prompts: list[list[int]], room: int, *, mode: str = "ar",
+             block_length: int = 1) -> torch.Tensor:
+    """Causal pass over the right-padded prompts; returns the first new token [B]. Token ids are
+    checked against the vocabulary and the cache room (`room` positions past the longest prompt)
+    against max_len first (decoding/arguments.py)."""
+    if not prompts:
         raise InvalidArgument("every prompt needs at least one token")
+    cfg = run.den.config
+    prompts = [check_token_ids(p, cfg.vocab_size, f"prompt {i}" if len(prompts) > 1 else "prompt")
+               for i, p in enumerate(prompts)]
     B = len(prompts)
     n = torch.tensor([len(p) for p in prompts])                                     # [B]
-    need = int(n.max()) + room
-    if need > run.den.max_len:
-        raise InvalidArgument(f"prompt ({int(n.max())}) + generation ({room}) needs {need} cache positions, "
-                         f"the backend has {run.den.max_len}: raise max_len or lower max_new_tokens")
-    cfg = run.den.config
+    if int(n.max()) + room > run.den.max_len:
+        check_room(int(n.max()), mode=mode, max_new_tokens=run.max_new_tokens, block_length=block_length,
+                   max_len=run.den.max_len)
+        raise InvalidArgument(f"prompt ({int(n.max())}) + generation ({room}) needs {int(n.max()) + room} "
+                              f"cache positions, the backend has {run.den.max_len}: raise max_len or lower "
+                              "max_new_tokens")
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_ids[0]   # never attended to
     ids = torch.full((B, int(n.max())), pad_id, dtype=torch.long)
     for b, p in enumerate(prompts):
@@ -156,7 +164,7 @@ def ar_generate(den: Denoiser, prompts: list[list[int]], *, max_new_tokens: int,
     """Causal decoding, one token per pass; each row stops at its first EOS."""
     run = _Run(den, len(prompts), temperature=temperature, seed=seed, trace=trace,
                max_new_tokens=max_new_tokens, on_tokens=on_tokens)
-    tok = _prefill(run, prompts, max_new_tokens)                                     # [B]
+    tok = _prefill(run, prompts, max_new_tokens, mode="ar")                          # [B]
     for i in range(max_new_tokens):
         active = ~run.done
         for b in active.nonzero()[:, 0].tolist():
@@ -204,7 +212,7 @@ def diffusion_generate(den: Denoiser, prompts: list[list[int]], *, max_new_token
     mask_id, eos = cfg.mask_token_id, cfg.eos_ids
     run = _Run(den, B, temperature=temperature, seed=seed, trace=trace,
                max_new_tokens=max_new_tokens, on_tokens=on_tokens)
-    seed_tok = _prefill(run, prompts, n_blocks * blen)                               # [B]
+    seed_tok = _prefill(run, prompts, n_blocks * blen, mode="dlm", block_length=blen)  # [B]
     for k in range(n_blocks):
         active = ~run.done
         blk = torch.full((B, blen), mask_id, dtype=torch.long)                       # [B, blen]
@@ -259,7 +267,7 @@ def linear_spec_generate(den: Denoiser, prompts: list[list[int]], *, max_new_tok
         raise InvalidArgument(f"block_length must be at least 2, got {blen}")
     run = _Run(den, B, temperature=temperature, seed=seed, trace=trace,
                max_new_tokens=max_new_tokens, on_tokens=on_tokens)
-    seed_tok = _prefill(run, prompts, max_new_tokens + blen)                         # [B]
+    seed_tok = _prefill(run, prompts, max_new_tokens + blen, mode="linear-spec", block_length=blen)
     for b in range(B):
         run.emit(b, [int(seed_tok[b])])
     k = 0
@@ -301,6 +309,8 @@ def generate(den: Denoiser, prompts: list[list[int]], mode: str, *, threshold: f
     asks for the fixed-steps schedule; linear-spec drafts in one pass (threshold 0)."""
     if mode not in MODES:
         raise InvalidArgument(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    check_generation(max_new_tokens=kw.get("max_new_tokens"), block_length=block_length, steps=steps,
+                     threshold=threshold, temperature=kw.get("temperature", 0.0), seed=kw.get("seed", 0))
     if steps is not None and (mode != "dlm" or threshold is not None):
         raise InvalidArgument("steps (the fixed-steps schedule) is a dlm policy and excludes threshold")
     if mode == "ar":
