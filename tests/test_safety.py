@@ -368,8 +368,8 @@ def test_overlapping_builds_and_a_reader_never_see_a_missing_or_mixed_engine(eng
         stop.set()
         t.join()
     assert a.returncode == 0 and b.returncode == 0, (err_a[-2000:], err_b[-2000:])
-    assert "waiting for another build" in err_b, err_b
     assert failures == [], failures[:3]
+    assert "waiting for another build" in err_b, err_b
     assert ([1, 4], True) in seen and ([1, 2], True) in seen, sorted(set(map(str, seen)))   # the old one, a's
     with Session.open(engine, verify="sha256") as s:                 # b's, whole
         assert s.manifest.buckets["batch_sizes"] == [1] and "logits" not in s.manifest.io_spec["outputs"]
