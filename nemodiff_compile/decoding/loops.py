@@ -29,9 +29,6 @@ from .denoiser import Denoiser
 from .policy import MODES, DecodePolicy
 from .refine import BlockRefiner
 
-__all__ = ["MODES", "DecodePolicy", "Generation", "PassRecord", "generate", "ar_generate", "diffusion_generate",
-           "linear_spec_generate"]
-
 
 @dataclass
 class PassRecord:

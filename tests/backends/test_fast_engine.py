@@ -104,6 +104,16 @@ def test_device_loop_equals_reference_loop(trained, kw, check_every):
     assert got.device_passes >= got.nfe_by_phase["denoise"] > 0 and got.nfe == ref.nfe
 
 
+def test_the_loop_hands_only_greedy_untraced_blocks_to_the_refiner(trained):
+    den = FastDenoiser(trained, MAX_LEN, graphs=FakeGraphs())
+    device = loops.generate(den, PROMPTS[:1], "dlm", max_new_tokens=16)
+    assert device.device_passes >= device.nfe_by_phase["denoise"] > 0
+    for kw in (dict(trace=True), dict(device_refine=False), dict(temperature=1.0)):
+        g = loops.generate(den, PROMPTS[:1], "dlm", max_new_tokens=16, **kw)
+        assert g.device_passes == 0 and (kw.get("temperature") or g.tokens == device.tokens)
+    assert TorchDenoiser(trained, MAX_LEN).block_refiner(loops.DecodePolicy()) is None
+
+
 def test_graph_bookkeeping(trained):
     pool = FakeGraphs()
     den = FastDenoiser(trained, MAX_LEN, graphs=pool)
