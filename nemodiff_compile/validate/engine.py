@@ -17,25 +17,12 @@ def open_pair(engine_dir: str | Path, *, reference: Any = None, reference_source
               max_len: int | None = None, threads: int | None = None):
     """(manifest, engine Denoiser, reference Denoiser, tokenizer or None) for an engine directory."""
     from .. import PRESETS, load_reference
-    from ..artifact.manifest import read_manifest
     from ..build_config import PRECISION_DTYPES
-    from ..config import ModelConfig
-    from ..artifact.spec import IOSpec
-    from ..backends.ort import OrtDenoiser
     from ..backends.eager import TorchDenoiser
+    from ..backends.open import open_engine
 
-    engine_dir = Path(engine_dir)
-    manifest = read_manifest(engine_dir)
-    cfg = ModelConfig.from_hf(manifest.model_config, source=f"{engine_dir}/manifest.json")
-    spec = IOSpec.from_json(manifest.io_spec)
-    max_len = max_len or manifest.buckets["max_context"]
-    if manifest.backend == "tensorrt":
-        from ..backends.trt import TrtDenoiser
-
-        engine = TrtDenoiser(engine_dir, manifest, cfg, max_len)
-    else:
-        engine = OrtDenoiser(engine_dir / "model.onnx", spec, cfg, max_len, threads=threads,
-                             return_logits="logits" in spec.output_names())
+    e = open_engine(engine_dir, max_len=max_len, threads=threads, return_logits=None)
+    manifest, cfg = e.manifest, e.config
     if reference is None:
         source = reference_source or manifest.source
         if not Path(str(source)).exists() and str(source).lower() not in PRESETS:
@@ -44,12 +31,7 @@ def open_pair(engine_dir: str | Path, *, reference: Any = None, reference_source
     if reference.config.replace(dtype=cfg.dtype).to_hf() != cfg.to_hf():          # dtype aside
         raise NemodiffError(f"{engine_dir}: the reference model's config differs from the engine's: "
                             "rebuild the engine from this checkpoint")
-    tok = None
-    if (engine_dir / "tokenizer.json").is_file():
-        from ..model.tokenizer import load_tokenizer
-
-        tok = load_tokenizer(engine_dir)
-    return manifest, engine, TorchDenoiser(reference, max_len, return_logits=True), tok
+    return manifest, e.denoiser, TorchDenoiser(reference, e.denoiser.max_len, return_logits=True), e.tokenizer
 
 
 def builtin_prompts(tok: Any, cfg, count: int) -> list[list[int]]:
