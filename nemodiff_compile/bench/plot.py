@@ -68,6 +68,7 @@ def plot_sweep(rows: list[dict[str, Any]], path: str | Path, *, size: tuple[int,
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
             ax.grid(True, alpha=0.3)
+            ax.margins(x=0.12, y=0.1)                  # room for the labels at the edges
             if i == 0 and j == 0:
                 ax.legend(loc="best", fontsize=8)
     if title:

@@ -22,7 +22,8 @@ Per setting, over all prompts (run `batch` rows at a time, temperature 0):
   nll                  mean NLL per token of each continuation under the model (bench/quality.py)
   accuracy             with task prompts: answers parsed from the text are right (bench/tasks.py)
 The first run of a setting is traced (the figures above, and the warm-up); the timed runs are not,
-and a denoiser with a device-resident block loop (`generate_dlm`, the fast engine) runs dlm through it.
+and a denoiser with a device-resident block loop (`generate_dlm`, the fast engine) runs dlm through it
+(after one untimed run of its own; it commits the same tokens as the traced loop).
 """
 
 from __future__ import annotations
@@ -234,6 +235,9 @@ def run_sweep(den, settings: list[Setting], prompts: list[list[int]], *, judge, 
     for s in settings:
         row = SweepRow(s)
         gens = [_generate(den, c, s, max_new_tokens, trace=True) for c in chunks]     # figures + warm-up
+        if _device_loop(den, s):                          # its own warm-up: graph captures
+            for c in chunks:
+                _generate(den, c, s, max_new_tokens, trace=False)
         for _ in range(repeats):
             t0 = time.perf_counter()
             for c in chunks:
@@ -267,13 +271,16 @@ def room(s: Setting, max_new_tokens: int, block_size: int) -> int:
 def _check_room(den, s: Setting, longest: int, max_new: int) -> None:
     need = room(s, max_new, den.config.block_size)
     if longest + need > den.max_len:
-        raise InvalidArgument(f"{s.label}: the longest prompt ({longest}) + generation ({need}) needs "
-                              f"{longest + need} cache positions, the engine has {den.max_len}: "
-                              "lower --max-new-tokens or the block length")
+        raise InvalidArgument(f"--max-new-tokens {max_new}: {s.label} needs {longest + need} cache positions "
+                              f"(longest prompt {longest} + generation {need}), the engine has {den.max_len}")
+
+
+def _device_loop(den, s: Setting) -> bool:
+    return s.mode == "dlm" and hasattr(den, "generate_dlm")
 
 
 def _generate(den, prompts: list[list[int]], s: Setting, max_new_tokens: int, *, trace: bool):
-    if not trace and s.mode == "dlm" and hasattr(den, "generate_dlm"):    # the device-resident loop
+    if not trace and _device_loop(den, s):                                 # the device-resident loop
         return den.generate_dlm(prompts, max_new_tokens=max_new_tokens, **s.knobs())
     return loops.generate(den, prompts, s.mode, max_new_tokens=max_new_tokens, trace=trace, **s.knobs())
 
