@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nemodiff_compile.tiny.tasks import SEED, task_prompts  # noqa: E402
+from tinylm.tasks import SEED, task_prompts  # noqa: E402
 
 
 def tasks_jsonl(per_task: int = 8, seed: int = SEED) -> str:

@@ -36,7 +36,7 @@ from typing import Any, Callable, Sequence
 
 from ..errors import InvalidArgument
 from ..model.tokenizer import decode
-from ..sampling import loops
+from ..decoding import loops
 from .quality import causal_nll
 from .tasks import Task, accuracy
 

@@ -63,7 +63,7 @@ def build(checkpoint, size, precision, backend, output, batch_sizes, max_context
           no_validate, calib, keep_first_layers, keep_last_layers, kv_cache, calib_device, gpus, remask, remask_threshold,
           workspace_mb, tactic_mb, hardware_compatibility, version_compatible):
     """Build an engine directory from a checkpoint (default: the embedded tiny model)."""
-    from ..build.pipeline import Buckets, build_engine
+    from ..pipeline import Buckets, build_engine
     from ..errors import InvalidArgument
     from ..quant import is_quantized, recipe_for
     from ..quant.recipe import KV_CACHE_DTYPES
@@ -83,7 +83,7 @@ def build(checkpoint, size, precision, backend, output, batch_sizes, max_context
                               f"applies to quantized builds (fp8, int8, int4-awq), not {precision}")
     trt_options = None
     if backend == "tensorrt":
-        from ..build.tensorrt_builder import BuildOptions
+        from ..trt.builder import BuildOptions
 
         mb = 1 << 20
         trt_options = BuildOptions(workspace_bytes=workspace_mb and workspace_mb * mb,
@@ -92,7 +92,7 @@ def build(checkpoint, size, precision, backend, output, batch_sizes, max_context
                                    version_compatible=version_compatible)
     targets = None
     if gpus is not None:
-        from ..build.targets import parse_targets
+        from ..artifact.targets import parse_targets
 
         targets = parse_targets(gpus)
     out = build_engine(source, output=output, precision=precision, backend=backend, buckets=buckets,

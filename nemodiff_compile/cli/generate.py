@@ -87,13 +87,13 @@ def generate(checkpoint, size, engine, prompts, prompt_ids, mode, max_new_tokens
 
 def _open(engine, checkpoint, size, dtype, lora, seed):
     """A Session over the engine directory, or over the eager reference of --checkpoint/--size."""
-    from ..runtime.session import Session
+    from ..session import Session
 
     if engine is not None:
         return Session.open(engine)
     from .. import checkpoint_folder, load_reference
     from ..model.tokenizer import load_tokenizer
-    from ..runtime.torch_engine import TorchDenoiser
+    from ..backends.eager import TorchDenoiser
 
     source = resolve_source(checkpoint, size)
     folder = checkpoint_folder(source)

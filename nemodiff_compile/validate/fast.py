@@ -1,4 +1,4 @@
-"""Validate the fast torch engine (runtime/fast_engine.py) against the eager reference with the same
+"""Validate the fast torch engine (backends/fast.py) against the eager reference with the same
 per-pass shadow comparison as engine directories. On a GPU the engine replays its captured passes
 (no logits leave the graph, so token, confidence and commit decisions are compared); on the CPU it
 runs the same arithmetic eagerly."""
@@ -19,7 +19,7 @@ CALIBRATION_TEXTS = ("The weather today is", "Write a list of three fruits:", "W
 def validate_fast(source: str | Path, *, precision: str = "bf16", device: str | None = None,
                   quick: bool = False, max_new_tokens: int | None = None,
                   modes: tuple[str, ...] = ("ar", "dlm", "linear-spec"), max_len: int = 256):
-    from ..runtime.torch_engine import TorchDenoiser
+    from ..backends.eager import TorchDenoiser
     from . import tolerances_for, validate
     from .engine import builtin_prompts
 
@@ -37,8 +37,8 @@ def open_fast(source: str | Path, *, precision: str = "bf16", device: str | None
 
     from .. import checkpoint_folder, load_reference
     from ..errors import InvalidArgument
-    from ..runtime.buckets import BatchBuckets
-    from ..runtime.fast_engine import FastDenoiser
+    from ..artifact.buckets import BatchBuckets
+    from ..backends.fast import FastDenoiser
     from .engine import builtin_prompts
 
     if precision not in FAST_PRECISIONS:

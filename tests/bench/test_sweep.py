@@ -13,7 +13,7 @@ from nemodiff_compile.bench.sweep import parse_sweep, plan_sweep
 from nemodiff_compile.bench.tasks import RULES, Task, accuracy, check, read_tasks
 from nemodiff_compile.cli import cli
 from nemodiff_compile.errors import InvalidArgument
-from nemodiff_compile.tiny.tasks import task_prompts
+from tinylm.tasks import task_prompts
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = ROOT / "docs" / "prompts" / "tiny-tasks.jsonl"
