@@ -177,12 +177,14 @@ def test_cli_sweep_json_lines_plot_and_lossless_linear_spec(tiny_engine, tmp_pat
     assert Image.open(png).size == (400, 300)
 
 
-def test_fast_engine_sweep_on_the_cpu():
+def test_fast_engine_sweep_on_the_cpu(tmp_path):
     """bench-gpu --sweep's code (the fast engine's device loop for timed dlm runs) on the CPU."""
     from nemodiff_compile.validate.fast import sweep_fast
 
-    rep = sweep_fast("tiny", ("threshold=1.0", "block-length=4"), precision="fp32", device="cpu", max_new_tokens=8, batch=2,
-                     repeats=1)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("What is 3 + 4?\nCount from 5:\n")
+    rep = sweep_fast("tiny", ("threshold=1.0", "block-length=4"), precision="fp32", device="cpu", max_new_tokens=8,
+                     batch=2, repeats=1, prompts_file=prompts)
     ar, t1 = rep.to_json_lines()
     assert t1["commits_per_pass"]["max"] == 1 and t1["tokens_per_forward"] < 1 <= ar["tokens_per_forward"]
-    assert t1["nll"] >= ar["nll"] - 1e-6 and "fast engine fp32" in t1["engine"]
+    assert t1["nll"] >= ar["nll"] - 1e-6 and "fast engine fp32" in t1["engine"] and t1["prompts"] == 2
