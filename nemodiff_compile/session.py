@@ -19,7 +19,8 @@ from typing import Any, Iterator, Sequence
 
 from .errors import InvalidArgument, NemodiffError
 from .decoding import loops
-from .decoding.arguments import check_generation, check_token_ids
+from .decoding.arguments import check_token_ids
+from .decoding.policy import DecodePolicy, check_bounds
 
 Prompt = str | Sequence[int]
 
@@ -52,38 +53,11 @@ class Session:
              threads: int | None = None, max_len: int | None = None, verify: str = "size") -> "Session":
         """Open a built engine directory (checks its manifest first). verify: "size" (default: every
         artifact's size, a stat per file) or "sha256" (also re-hash every byte: seconds per GB, see the
-        README). An engine directory swapped by a build while it is opened is opened again, so a
-        session never mixes two builds (fsutil.read_stable)."""
-        from .fsutil import read_stable
+        README). A directory a build swaps while it is opened is opened again (never a mix of two builds)."""
+        from .backends.open import open_engine
 
-        if verify not in ("size", "sha256"):
-            raise InvalidArgument(f"verify {verify!r}: expected 'size' or 'sha256'")
-        return read_stable(engine_dir, lambda: cls._open(Path(engine_dir), providers, threads, max_len,
-                                                         verify == "sha256"))
-
-    @classmethod
-    def _open(cls, engine_dir: Path, providers, threads, max_len, deep: bool) -> "Session":
-        from .artifact.manifest import read_manifest
-        from .config import ModelConfig
-        from .artifact.spec import IOSpec
-        from .backends.ort import OrtDenoiser
-
-        manifest = read_manifest(engine_dir, deep=deep)
-        cfg = ModelConfig.from_hf(manifest.model_config, source=f"{engine_dir}/manifest.json")
-        spec = IOSpec.from_json(manifest.io_spec)
-        if manifest.backend == "tensorrt":      # the plan for this GPU, or a refusal naming what to build
-            from .backends.trt import TrtDenoiser
-
-            den = TrtDenoiser(engine_dir, manifest, cfg, max_len)
-        else:
-            den = OrtDenoiser(engine_dir / "model.onnx", spec, cfg, max_len or manifest.buckets["max_context"],
-                              providers=providers, threads=threads)
-        tok = None
-        if (engine_dir / "tokenizer.json").is_file():
-            from .model.tokenizer import load_tokenizer
-
-            tok = load_tokenizer(engine_dir)
-        return cls(den, tok, manifest)
+        engine = open_engine(engine_dir, providers=providers, threads=threads, max_len=max_len, verify=verify)
+        return cls(engine.denoiser, engine.tokenizer, engine.manifest)
 
     @classmethod
     def from_model(cls, source: str | Path, *, fp8: str | None = None, max_len: int = 2048,
@@ -137,27 +111,20 @@ class Session:
         return decode(self.tokenizer, ids)
 
     def generate(self, prompts: Prompt | Sequence[Prompt], *, mode: str = "dlm", max_new_tokens: int = 64,
-                 chat: bool = True, on_tokens=None, **knobs) -> Result:
-        """Generate for one prompt or a batch (text or token ids). knobs: block_length, threshold,
-        steps, temperature, seed, trace (see sampling.loops). on_tokens(row, ids) streams tokens."""
-        check_generation(max_new_tokens=max_new_tokens, **{k: v for k, v in knobs.items()
-                                                            if k in ("block_length", "steps", "threshold",
-                                                                     "temperature", "seed")})
+                 chat: bool = True, on_tokens=None, trace: bool = False, policy: DecodePolicy | None = None,
+                 **knobs) -> Result:
+        """Generate for one prompt or a batch (text or token ids). The decoding policy: `policy`, or `mode`
+        and its knobs (block_length, threshold, steps, temperature, seed: decoding/policy.py).
+        on_tokens(row, ids) streams tokens; trace keeps every pass (host passes only)."""
+        check_bounds(max_new_tokens=max_new_tokens)
+        policy = DecodePolicy.of(policy or mode, knobs)
         batch = [prompts] if isinstance(prompts, str) or _is_ids(prompts) else list(prompts)
         ids = [self.encode(p, chat) for p in batch]
         with self._lock:
             if self._closed:
                 raise NemodiffError("session is closed")
-            if _device_loop(self.denoiser, mode, knobs):     # the fast engine's graph-replayed blocks
-                threshold, steps = knobs.get("threshold"), knobs.get("steps")
-                if threshold is None and steps is None:
-                    threshold = loops.DEFAULT_THRESHOLD["dlm"]
-                g = self.denoiser.generate_dlm(ids, max_new_tokens=max_new_tokens, on_tokens=on_tokens,
-                                               block_length=knobs.get("block_length"), threshold=threshold,
-                                               steps=steps)
-            else:
-                g = loops.generate(self.denoiser, ids, mode, max_new_tokens=max_new_tokens,
-                                   on_tokens=on_tokens, **knobs)
+            g = loops.generate(self.denoiser, ids, policy, max_new_tokens=max_new_tokens, trace=trace,
+                               on_tokens=on_tokens)
         return Result([Completion(t, self.decode(t), f) for t, f in zip(g.tokens, g.finish)], g)
 
     def stream(self, prompt: Prompt, **kw) -> Iterator[str | list[int]]:
@@ -210,11 +177,3 @@ class Session:
 def _is_ids(p: Any) -> bool:
     return isinstance(p, Sequence) and not isinstance(p, str) and (len(p) == 0 or isinstance(p[0], int))
 
-
-def _device_loop(den: Any, mode: str, knobs: dict) -> bool:
-    """Greedy dlm on an engine with a device-resident block loop (it gives the host loop's tokens);
-    anything else (sampling, tracing, invalid knob mixes for loops.generate to reject) goes the
-    generic way."""
-    return (mode == "dlm" and hasattr(den, "generate_dlm") and not knobs.get("temperature")
-            and set(knobs) <= {"block_length", "threshold", "steps", "temperature", "seed"}
-            and (knobs.get("steps") is None or knobs.get("threshold") is None))

@@ -22,7 +22,7 @@ DEMO_PROMPTS = ("Once upon a time, Mia", "What is 3 + 4?")
 @click.option("--prompt-ids", "prompt_ids", multiple=True,
               help="Prompt as comma-separated token ids (for checkpoints without a tokenizer); repeatable.")
 @click.option("--mode", type=click.Choice(["ar", "dlm", "linear-spec"]), default="dlm", show_default=True)
-# bounds checked by decoding/arguments.py (the Python API's, with the flags' names), not by click
+# bounds: decoding/policy.check_bounds (the Python API's, with the flags' names), not click's ranges
 @click.option("--max-new-tokens", default=64, show_default=True, type=int, help="At least 1.")
 @click.option("--block-length", type=int, default=None, help="At least 2. Default: the config's block_size.")
 @click.option("--threshold", type=float, default=None,
@@ -44,15 +44,14 @@ def generate(checkpoint, size, engine, prompts, prompt_ids, mode, max_new_tokens
              steps, temperature, seed, chat, dtype, lora, as_json):
     """Generate text in AR, block-diffusion or linear self-speculation mode, with the PyTorch
     reference (default) or a built engine (--engine)."""
-    from ..decoding.arguments import CLI, check_generation, check_room, check_token_ids
+    from ..decoding.arguments import check_room, check_token_ids
+    from ..decoding.policy import CLI, DecodePolicy, check_bounds
     from ..errors import NemodiffError
 
-    check_generation(max_new_tokens=max_new_tokens, block_length=block_length, steps=steps, threshold=threshold,
-                     temperature=temperature, seed=seed, names=CLI)
-    if steps is not None and threshold is not None:
-        raise NemodiffError("--steps and --threshold are two policies: give one")
-    if steps is not None and mode != "dlm":
-        raise NemodiffError("--steps applies to --mode dlm only")
+    check_bounds(max_new_tokens=max_new_tokens, block_length=block_length, steps=steps, threshold=threshold,
+                 temperature=temperature, seed=seed, names=CLI)
+    policy = DecodePolicy(mode, block_length=block_length, threshold=threshold, steps=steps,
+                          temperature=temperature, seed=seed)                 # checked before anything loads
     if engine is not None and (checkpoint is not None or size is not None):
         raise NemodiffError("--engine runs a built engine: drop --checkpoint/--size")
     ids = [_parse_ids(s) for s in prompt_ids]
@@ -64,15 +63,15 @@ def generate(checkpoint, size, engine, prompts, prompt_ids, mode, max_new_tokens
             if session.tokenizer is None:
                 raise NemodiffError("this model has no tokenizer; pass --prompt-ids instead of --prompt")
             ids += [session.encode(t, chat) for t in prompts or DEMO_PROMPTS]
-        blen = block_length or session.config.block_size
+        policy = policy.resolve(session.config)
+        blen = policy.block_length or session.config.block_size
         if engine is None:        # size the reference's cache to the request (an engine's is its bucket)
             session.denoiser.max_len = max(map(len, ids)) + max_new_tokens + 2 * blen
         check_room(max(map(len, ids)), mode=mode, max_new_tokens=max_new_tokens, block_length=blen,
                    max_len=session.denoiser.max_len, names=CLI,
                    backend=f"the engine {engine}" if engine is not None else "the reference")
         start = time.perf_counter()
-        result = session.generate(ids, mode=mode, max_new_tokens=max_new_tokens, block_length=blen,
-                                  temperature=temperature, seed=seed, threshold=threshold, steps=steps)
+        result = session.generate(ids, policy=policy, max_new_tokens=max_new_tokens)
         seconds = time.perf_counter() - start
     g = result.generation
     n_tokens = sum(len(t) for t in g.tokens)

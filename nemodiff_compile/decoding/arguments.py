@@ -1,43 +1,16 @@
-"""Bounds on what a generation is asked for: one policy for the CLI, the Python API (Session and the
-loops) and the server, with the same messages. Stdlib only.
-
-Each message names the argument the way its caller spells it: `API` (keywords: max_new_tokens) for
-Python callers, `CLI` (flags: --max-new-tokens) for the command line; the bounds and the rest of the
-sentence are the same.
+"""What a generation's prompts must satisfy: token ids inside the vocabulary, prompt + generation inside
+the cache. Checked where ids enter (the CLI's --prompt-ids, Session prompts, the loops' prefill), with
+the same sentences; names as in policy.py (`API` keywords or `CLI` flags). Stdlib only.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 import operator
 from typing import Mapping, Sequence
 
 from ..errors import InvalidArgument
-
-API = {"max_new_tokens": "max_new_tokens", "block_length": "block_length", "steps": "steps",
-       "threshold": "threshold", "temperature": "temperature", "seed": "seed", "prompt": "prompt",
-       "max_len": "raise the backend's max_len (Session.open(max_len=N) up to the engine's --max-context)"}
-CLI = {"max_new_tokens": "--max-new-tokens", "block_length": "--block-length", "steps": "--steps",
-       "threshold": "--threshold", "temperature": "--temperature", "seed": "--seed", "prompt": "--prompt-ids",
-       "max_len": "rebuild the engine with a larger --max-context"}
-
-
-def check_generation(*, max_new_tokens, block_length=None, steps=None, threshold=None, temperature=0.0,
-                     seed=0, names: Mapping[str, str] = API) -> None:
-    """InvalidArgument (one line) for a value out of bounds: max_new_tokens >= 1, block_length >= 2,
-    steps >= 1, threshold in [0, 1], temperature >= 0 (finite), seed an integer."""
-    _int(names["max_new_tokens"], max_new_tokens, 1)
-    if block_length is not None:
-        _int(names["block_length"], block_length, 2)
-    if steps is not None:
-        _int(names["steps"], steps, 1)
-    if threshold is not None and not (_real(threshold) and 0.0 <= threshold <= 1.0):
-        raise InvalidArgument(f"{names['threshold']} {threshold!r}: expected a number in [0, 1]")
-    if not (_real(temperature) and 0.0 <= temperature < math.inf):
-        raise InvalidArgument(f"{names['temperature']} {temperature!r}: expected a number >= 0")
-    if not _integer(seed):
-        raise InvalidArgument(f"{names['seed']} {seed!r}: expected an integer")
+from .policy import API
 
 
 def check_token_ids(ids: Sequence, vocab_size: int, what: str) -> list[int]:
@@ -84,16 +57,3 @@ def check_room(prompt_len: int, *, mode: str, max_new_tokens: int, block_length:
         raise InvalidArgument(f"{names['max_new_tokens']} {max_new_tokens}: the prompt ({prompt_len}) and the "
                               f"generation ({need}) need {prompt_len + need} cache positions, {backend} has "
                               f"{max_len}; expected {names['max_new_tokens']} <= {fit}, or {names['max_len']}")
-
-
-def _int(name: str, value, minimum: int) -> None:
-    if not _integer(value) or value < minimum:
-        raise InvalidArgument(f"{name} {value!r}: expected an integer >= {minimum}")
-
-
-def _integer(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _real(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isnan(v)
