@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -149,8 +150,10 @@ def _export_into(tmp: Path, source, *, precision: str, backend: str, buckets: Bu
     progress(f"loading {source} ({precision}{', calibrating on ' + quant.device if quant else ''})")
     # a quantized build calibrates the model as stored (one copy in memory); the graph's float parts
     # are cast to the recipe's float_dtype tensor by tensor while written
+    start = time.perf_counter()
     model = load_reference(source, dtype=None if quant else PRECISION_DTYPES[precision],
                            device=quant.device if quant else "cpu")
+    progress(f"loaded in {time.perf_counter() - start:.1f} s")
     cfg = model.config
     if buckets.max_context > cfg.max_position_embeddings:
         raise InvalidArgument(f"--max-context {buckets.max_context} exceeds the model's "
@@ -160,7 +163,9 @@ def _export_into(tmp: Path, source, *, precision: str, backend: str, buckets: Bu
     remask_opts = remask_options(remask, mask_id=cfg.mask_token_id, threshold=remask_threshold)
     if quant is None:
         progress("exporting the denoiser step to ONNX (dynamo)")
+        start = time.perf_counter()
         spec = export_step(model, tmp, with_logits=with_logits, remask=remask_opts)
+        progress(f"exported in {time.perf_counter() - start:.1f} s")
     else:
         from ..quant.export import quantize_step
         from . import calibration

@@ -33,13 +33,15 @@ def _ints(ctx, param, value: str) -> tuple[int, ...]:
 @click.option("--no-modes", is_flag=True, help="Skip whole generations (passes only).")
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the report here.")
 @user_errors
-def bench_gpu(checkpoint, size, precision, batch, block, context, iters, no_modes, json_out):
+def bench_gpu(model, size, random_weights, precision, batch, block, context, iters, no_modes, json_out):
     """Time refinement passes (CUDA graph + fused remask) and generations against the eager reference.
 
-    Defaults to the 8B geometry with seeded random weights (timing only)."""
+    Defaults to the 8B geometry with seeded random weights (timing only, nothing downloaded)."""
     from ..bench.gpu import gpu_report, report_table
 
-    source = resolve_source(checkpoint, size or "8b")
+    if model is None and size is None:          # the timing default: 8B geometry, random weights
+        size, random_weights = "8b", True
+    source = resolve_source(model, size, random_weights)
     report = gpu_report(source, precisions=tuple(precision.split(",")), batches=batch, blocks=block,
                         context=context, iters=iters, modes=not no_modes, log=click.echo)
     click.echo(report_table(report))

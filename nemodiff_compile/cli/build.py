@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ._common import model_source, resolve_source, user_errors
+from ._common import model_ref, model_source, user_errors
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -58,10 +58,12 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.option("--hardware-compatibility", type=click.Choice(["NONE", "AMPERE_PLUS", "SAME_COMPUTE_CAPABILITY"]),
               default="NONE", show_default=True, help="TensorRT hardware compatibility level.")
 @click.option("--version-compatible", is_flag=True, help="TensorRT version-compatible engines.")
+@click.option("--no-resource-check", is_flag=True,
+              help="Build even when the resource plan says this machine cannot hold the build.")
 @user_errors
-def build(checkpoint, size, precision, backend, output, batch_sizes, max_context, block_length, with_logits,
+def build(model, size, random_weights, precision, backend, output, batch_sizes, max_context, block_length, with_logits,
           no_validate, calib, keep_first_layers, keep_last_layers, kv_cache, calib_device, gpus, remask, remask_threshold,
-          workspace_mb, tactic_mb, hardware_compatibility, version_compatible):
+          workspace_mb, tactic_mb, hardware_compatibility, version_compatible, no_resource_check):
     """Build an engine directory from a checkpoint (default: the embedded tiny model)."""
     from ..build.pipeline import Buckets, build_engine
     from ..errors import InvalidArgument
@@ -70,7 +72,7 @@ def build(checkpoint, size, precision, backend, output, batch_sizes, max_context
 
     if kv_cache is not None and kv_cache not in KV_CACHE_DTYPES:
         raise InvalidArgument(f"--kv-cache {kv_cache}: expected one of {', '.join(KV_CACHE_DTYPES)}")
-    source = resolve_source(checkpoint, size)
+    ref = model_ref(model, size, random_weights)
     buckets = Buckets(_ints(batch_sizes), max_context, block_length)
     recipe = None
     if is_quantized(precision):
@@ -95,12 +97,54 @@ def build(checkpoint, size, precision, backend, output, batch_sizes, max_context
         from ..build.targets import parse_targets
 
         targets = parse_targets(gpus)
+    from ..build.pipeline import default_output
+
+    output = output or default_output(ref.name, precision, "onnxruntime" if backend == "auto" else backend)
+    _check_resources(ref, precision=precision, backend=backend, buckets=buckets, validate=not no_validate,
+                     recipe=recipe, calib_device=calib_device, output=output, targets=len(targets or ()) or 1,
+                     enforce=not no_resource_check)
+    source = ref.fetch(echo=_say)
     out = build_engine(source, output=output, precision=precision, backend=backend, buckets=buckets,
                        with_logits=with_logits, validate=not no_validate, calib=calib, recipe=recipe,
                        gpus=targets, remask=remask, remask_threshold=_threshold(remask_threshold),
                        trt_options=trt_options, calib_device=calib_device,
-                       progress=lambda msg: click.echo(f"[build] {msg}", err=True))
+                       progress=_say)
     click.echo(str(out))
+
+
+def _say(msg: str) -> None:
+    click.echo(f"[build] {msg}", err=True)
+
+
+def _check_resources(ref, *, precision, backend, buckets, validate, recipe, calib_device, output, targets,
+                     enforce) -> None:
+    """State the resource plan, then refuse (one line, exit 2) when this machine cannot hold it."""
+    from ..errors import NemodiffError
+    from ..hub import cache_dir
+    from ..resources import plan_build, probe, refusal
+
+    cfg, real = ref.config()
+    cached = ref.cached()
+    cache = cache_dir() if ref.kind == "hub" else None
+    machine = probe(output, cache)
+    device = calib_device if calib_device != "auto" else ("cuda" if machine.gpu_free else "cpu")
+    plan = plan_build(cfg, precision=precision, backend="onnxruntime" if backend == "auto" else backend,
+                      calib_device=device, batch_sizes=buckets.batch_sizes, max_context=buckets.max_context,
+                      validate=validate, random_weights=ref.kind == "random", download=not cached,
+                      output=output, cache=cache, recipe=recipe, gpu_targets=targets,
+                      tensorrt_on_gpu=machine.gpu_name is not None)
+    _say(f"model {ref.repo_id or ref.folder or ref.flag}"
+         + ("" if real else f" (not downloaded: planned from the published {ref.size} geometry)"))
+    for line in plan.lines():
+        _say(line)
+    _say(f"machine: {machine.describe()}")
+    why = refusal(plan, machine, cfg=cfg, batch_sizes=buckets.batch_sizes, max_context=buckets.max_context,
+                  validate=validate, quantized=recipe is not None)
+    _say(f"plan: {'does not fit: ' + why.removeprefix('resource plan: ') if why else 'fits this machine'}")
+    if not cached and not real:            # neither cached nor reachable: the download command
+        raise ref.missing()
+    if why and enforce:
+        raise NemodiffError(why + " (or --no-resource-check to try anyway)")
 
 
 def _threshold(text: str) -> float | None:

@@ -7,6 +7,10 @@
 
 A session owns one engine (one static KV cache); generations are serialised by a lock, so one
 session can be shared by several threads. Open one session per concurrent stream you want.
+
+Instruct checkpoints: `generate(..., enable_thinking=True, max_thinking_tokens=N)` renders the chat
+template's thinking switch and forces `</think>` after N generated tokens; None takes the
+checkpoint's generation_config.json defaults (thinking off when it has none).
 """
 
 from __future__ import annotations
@@ -41,8 +45,12 @@ class Result:
 
 
 class Session:
-    def __init__(self, denoiser: loops.Denoiser, tokenizer: Any = None, manifest: Any = None):
+    def __init__(self, denoiser: loops.Denoiser, tokenizer: Any = None, manifest: Any = None,
+                 defaults: Any = None):
+        from ..model.generation_config import GenerationDefaults
+
         self.denoiser, self.tokenizer, self.manifest = denoiser, tokenizer, manifest
+        self.defaults = defaults or GenerationDefaults()
         self._lock = threading.Lock()
         self._closed = False
 
@@ -71,7 +79,9 @@ class Session:
             from ..model.tokenizer import load_tokenizer
 
             tok = load_tokenizer(engine_dir)
-        return cls(den, tok, manifest)
+        from ..model.generation_config import GenerationDefaults
+
+        return cls(den, tok, manifest, GenerationDefaults.read(engine_dir))
 
     @classmethod
     def from_model(cls, source: str | Path, *, fp8: str | None = None, max_len: int = 2048,
@@ -94,7 +104,9 @@ class Session:
             from ..model.tokenizer import load_tokenizer
 
             tok = load_tokenizer(folder)
-        session = cls(den, tok)
+        from ..model.generation_config import GenerationDefaults
+
+        session = cls(den, tok, defaults=GenerationDefaults.read(folder))
         if fp8 == "static":
             if not calibration:
                 raise InvalidArgument("fp8='static' needs calibration prompts to set its scales")
@@ -105,13 +117,14 @@ class Session:
     def config(self):
         return self.denoiser.config
 
-    def encode(self, prompt: Prompt, chat: bool = True) -> list[int]:
+    def encode(self, prompt: Prompt, chat: bool = True, **template_kwargs) -> list[int]:
+        """Token ids of a prompt; template_kwargs (e.g. enable_thinking) go to the chat template."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidArgument("this engine has no tokenizer: pass token ids")
             from ..model.tokenizer import encode_prompt
 
-            return encode_prompt(self.tokenizer, prompt, chat=chat)
+            return encode_prompt(self.tokenizer, prompt, chat=chat, **template_kwargs)
         return [int(t) for t in prompt]
 
     def decode(self, ids: Sequence[int]) -> str | None:
@@ -122,11 +135,19 @@ class Session:
         return decode(self.tokenizer, ids)
 
     def generate(self, prompts: Prompt | Sequence[Prompt], *, mode: str = "dlm", max_new_tokens: int = 64,
-                 chat: bool = True, on_tokens=None, **knobs) -> Result:
+                 chat: bool = True, on_tokens=None, enable_thinking: bool | None = None,
+                 max_thinking_tokens: int | None = None, **knobs) -> Result:
         """Generate for one prompt or a batch (text or token ids). knobs: block_length, threshold,
-        steps, temperature, seed, trace (see sampling.loops). on_tokens(row, ids) streams tokens."""
+        steps, temperature, seed, trace (see sampling.loops). on_tokens(row, ids) streams tokens.
+        enable_thinking: the chat template's thinking switch; max_thinking_tokens: the thinking
+        budget (needs thinking on); None: generation_config.json's defaults."""
+        from ..model.generation_config import thinking_setup
+
+        template_kwargs, budget = thinking_setup(self.tokenizer, self.defaults, enable_thinking, max_thinking_tokens)
+        if budget is not None:
+            knobs["thinking"] = budget
         batch = [prompts] if isinstance(prompts, str) or _is_ids(prompts) else list(prompts)
-        ids = [self.encode(p, chat) for p in batch]
+        ids = [self.encode(p, chat, **template_kwargs) for p in batch]
         with self._lock:
             if self._closed:
                 raise NemodiffError("session is closed")

@@ -10,6 +10,9 @@ Accounting, the same in every mode:
   row_nfe[b]     passes run while row b was still generating
   tokens[b]      the row's generated ids, through its first EOS (included), at most max_new_tokens
   tokens per forward (TPF) = len(tokens[b]) / row_nfe[b], averaged over rows
+
+Thinking budget (instruct models, `thinking=ThinkingBudget(...)`): the closing tag is forced at
+generated index max_tokens in every mode (thinking.py says how each loop does it).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from . import remask
 from ..errors import InvalidArgument
 from .denoiser import Denoiser
+from .thinking import ThinkingBudget
 
 MODES = ("ar", "dlm", "linear-spec")
 
@@ -64,7 +68,7 @@ class _Run:
     output (cut at its first EOS and at max_new_tokens, streamed to `on_tokens` as it grows)."""
 
     def __init__(self, den: Denoiser, batch: int, *, temperature: float, seed: int, trace: bool,
-                 max_new_tokens: int, on_tokens: OnTokens | None):
+                 max_new_tokens: int, on_tokens: OnTokens | None, thinking: ThinkingBudget | None = None):
         self.den, self.temperature = den, temperature
         self.eos = den.config.eos_ids
         self.max_new_tokens, self.on_tokens = max_new_tokens, on_tokens
@@ -74,6 +78,8 @@ class _Run:
         self.rows: list[list[int]] = [[] for _ in range(batch)]
         self.finish: list[str | None] = [None] * batch
         self.trace: list[PassRecord] | None = [] if trace else None
+        self.thinking = thinking
+        self.thought = [thinking is None] * batch          # rows that closed their thinking
 
     @property
     def done(self) -> torch.Tensor:
@@ -112,8 +118,22 @@ class _Run:
                 break
         if self.finish[b] is None and len(row) == self.max_new_tokens:
             self.finish[b] = "length"
+        if not self.thought[b] and self.thinking.end_id in new:
+            self.thought[b] = True
         if new and self.on_tokens is not None:
             self.on_tokens(b, new)
+
+    def think(self, b: int, tokens: list[int]) -> list[int]:
+        """Tokens about to be emitted to row b, with the thinking budget's closing tag forced."""
+        return tokens if self.thought[b] else self.thinking.cut(len(self.rows[b]), tokens)
+
+    def think_block(self, blk: torch.Tensor, active: torch.Tensor) -> None:
+        """Put the closing tag into the block [B, L] of each row that reaches its budget there."""
+        for b in active.nonzero()[:, 0].tolist():
+            if not self.thought[b]:
+                pos = self.thinking.block_position(len(self.rows[b]), blk.shape[1])
+                if pos is not None:
+                    blk[b, pos] = self.thinking.end_id
 
     def result(self) -> Generation:
         return Generation([list(r) for r in self.rows], [f or "length" for f in self.finish],
@@ -152,14 +172,15 @@ def _eos_mask(t: torch.Tensor, eos: tuple[int, ...] | torch.Tensor) -> torch.Ten
 
 def ar_generate(den: Denoiser, prompts: list[list[int]], *, max_new_tokens: int,
                 temperature: float = 0.0, seed: int = 0, trace: bool = False,
-                on_tokens: OnTokens | None = None) -> Generation:
+                on_tokens: OnTokens | None = None, thinking: ThinkingBudget | None = None) -> Generation:
     """Causal decoding, one token per pass; each row stops at its first EOS."""
     run = _Run(den, len(prompts), temperature=temperature, seed=seed, trace=trace,
-               max_new_tokens=max_new_tokens, on_tokens=on_tokens)
+               max_new_tokens=max_new_tokens, on_tokens=on_tokens, thinking=thinking)
     tok = _prefill(run, prompts, max_new_tokens)                                     # [B]
     for i in range(max_new_tokens):
         active = ~run.done
         for b in active.nonzero()[:, 0].tolist():
+            tok[b] = run.think(b, [int(tok[b])])[0]
             run.emit(b, [int(tok[b])])
         if bool(run.done.all()):
             break
@@ -187,7 +208,8 @@ def dlm_policy(block_size: int, block_length: int | None, threshold: float | Non
 def diffusion_generate(den: Denoiser, prompts: list[list[int]], *, max_new_tokens: int,
                        block_length: int | None = None, threshold: float | None = 0.9,
                        steps: int | None = None, temperature: float = 0.0, seed: int = 0,
-                       trace: bool = False, on_tokens: OnTokens | None = None) -> Generation:
+                       trace: bool = False, on_tokens: OnTokens | None = None,
+                       thinking: ThinkingBudget | None = None) -> Generation:
     """Block diffusion with a causal prefix cache (upstream `generate`, causal_context=True).
 
     Each block starts as [seed, MASK x (B-1)] where the seed is the AR prediction of the previous
@@ -203,12 +225,14 @@ def diffusion_generate(den: Denoiser, prompts: list[list[int]], *, max_new_token
     n_blocks = math.ceil(max_new_tokens / blen)
     mask_id, eos = cfg.mask_token_id, cfg.eos_ids
     run = _Run(den, B, temperature=temperature, seed=seed, trace=trace,
-               max_new_tokens=max_new_tokens, on_tokens=on_tokens)
+               max_new_tokens=max_new_tokens, on_tokens=on_tokens, thinking=thinking)
     seed_tok = _prefill(run, prompts, n_blocks * blen)                               # [B]
     for k in range(n_blocks):
         active = ~run.done
         blk = torch.full((B, blen), mask_id, dtype=torch.long)                       # [B, blen]
         blk[:, 0] = seed_tok
+        if thinking is not None:
+            run.think_block(blk, active)
         if threshold is None:
             quota = remask.even_split((blk == mask_id).sum(1), steps)                # [B, steps]
         refining = active.clone()
@@ -245,7 +269,7 @@ def _eos_complete(blk: torch.Tensor, masked: torch.Tensor, eos: tuple[int, ...] 
 def linear_spec_generate(den: Denoiser, prompts: list[list[int]], *, max_new_tokens: int,
                          block_length: int | None = None, threshold: float = 0.0,
                          temperature: float = 0.0, seed: int = 0, trace: bool = False,
-                         on_tokens: OnTokens | None = None) -> Generation:
+                         on_tokens: OnTokens | None = None, thinking: ThinkingBudget | None = None) -> Generation:
     """Draft a block bidirectionally (draft LoRA on), verify it causally (LoRA off), keep the
     agreeing prefix plus the verifier's next token, and trim the rejected K/V.
 
@@ -258,9 +282,10 @@ def linear_spec_generate(den: Denoiser, prompts: list[list[int]], *, max_new_tok
     if blen < 2:
         raise InvalidArgument(f"block_length must be at least 2, got {blen}")
     run = _Run(den, B, temperature=temperature, seed=seed, trace=trace,
-               max_new_tokens=max_new_tokens, on_tokens=on_tokens)
+               max_new_tokens=max_new_tokens, on_tokens=on_tokens, thinking=thinking)
     seed_tok = _prefill(run, prompts, max_new_tokens + blen)                         # [B]
     for b in range(B):
+        seed_tok[b] = run.think(b, [int(seed_tok[b])])[0]
         run.emit(b, [int(seed_tok[b])])
     k = 0
     while not bool(run.done.all()):
@@ -284,6 +309,11 @@ def linear_spec_generate(den: Denoiser, prompts: list[list[int]], *, max_new_tok
         verify = run.step("verify", blk, active, block=k).token                     # [B, blen]
         agree = (verify[:, :-1] == blk[:, 1:]).long()                                # [B, blen-1]
         n_acc = torch.cumprod(agree, dim=1).sum(1)                                   # [B] accepted drafts
+        if thinking is not None:               # a round reaching the budget: cut, the tag is the bonus
+            for b in active.nonzero()[:, 0].tolist():
+                keep = run.think(b, verify[b, : int(n_acc[b]) + 1].tolist())
+                n_acc[b] = len(keep) - 1
+                verify[b, n_acc[b]] = keep[-1]
         den.trim(torch.where(active, start + n_acc + 1, start))                      # keep seed + accepted
         seed_tok = verify[torch.arange(B), n_acc]                                    # bonus token
         for b in active.nonzero()[:, 0].tolist():
