@@ -119,6 +119,7 @@ def plan_build(cfg: ModelConfig, *, precision: str, backend: str = "onnxruntime"
     if quantized and calib_device == "cuda":
         host_model = 0                    # mapped one tensor at a time on its way to the device
         gpu = checkpoint + logits + CUDA_CONTEXT
+        logits = 0                        # ... and the calibration activations live there too
         notes.append("calibration on the GPU: the weights live there, the host streams them")
     else:
         host_model = checkpoint if quantized else n * DTYPE_BYTES[PRECISION_DTYPE[precision]]
@@ -178,8 +179,10 @@ def refusal(plan: Plan, machine: Machine, *, cfg: ModelConfig, batch_sizes: tupl
     for path, need in _disk_needs(plan).items():
         free = machine.disk_free.get(path)
         if free is not None and need > free:
-            fix = ("--output on a disk with more room" if path == _existing(plan.output)
-                   else "HF_HUB_CACHE on a disk with more room")
+            out = path == str(_existing(plan.output))
+            cache = bool(plan.download and plan.cache) and path == str(_existing(Path(plan.cache)))
+            fix = " or ".join(n for n, hit in (("--output", out), ("HF_HUB_CACHE", cache)) if hit) + \
+                " on a disk with more room"
             return (f"resource plan: this build writes {_gib(need)} under {path} and only {_gib(free)} is "
                     f"free there: free space, or use {fix}")
     return None
