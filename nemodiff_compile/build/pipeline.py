@@ -69,33 +69,8 @@ def build_engine(source: str | Path, *, output: Path | None = None, precision: s
     backend tensorrt: also one engine per GPU target in `gpus` (default: this machine's GPU);
     remask none | onnx | plugin: the remask stage in the graph (plugin: the nemodiff::Remask node,
     TensorRT only); remask_threshold None selects the top-k policy."""
-    from ..quant import is_quantized, recipe_for
-
-    if recipe is None and is_quantized(precision):
-        recipe = recipe_for(precision)
-    if recipe is None and precision not in PRECISION_DTYPES:
-        raise InvalidArgument(f"--precision {precision}: expected one of {', '.join(PRECISION_DTYPES)}, "
-                              "fp8, int8, int4-awq or nvfp4")
-    quant = None
-    if recipe is not None:
-        recipe.check()
-        from ..quant.ptq import check_available
-        from .calibration import read_items
-
-        quant = _Quant(recipe, calib, read_items(calib), _calib_device(calib_device))
-        check_available(recipe)
-    elif calib is not None or calib_device != "auto":
-        flag = f"--calib {calib}" if calib is not None else f"--calib-device {calib_device}"
-        raise InvalidArgument(f"{flag}: calibration applies to fp8, int8 and int4-awq builds only")
-    if backend not in BACKENDS:
-        raise InvalidArgument(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        backend = "onnxruntime"
-    if gpus and backend != "tensorrt":
-        raise InvalidArgument("--gpus: only TensorRT engines are per GPU; add --backend tensorrt")
-    if remask == "plugin" and backend != "tensorrt":
-        raise InvalidArgument("--remask plugin: the nemodiff::Remask node runs only in TensorRT; add "
-                              "--backend tensorrt, or use --remask onnx")
+    quant, backend = check_options(precision=precision, backend=backend, calib=calib, recipe=recipe, gpus=gpus,
+                                   remask=remask, calib_device=calib_device)
     output = Path(output or default_output(source, precision, backend))
     if backend == "tensorrt":
         return _build_tensorrt(source, output=output, precision=precision, buckets=buckets,
@@ -115,6 +90,41 @@ def build_engine(source: str | Path, *, output: Path | None = None, precision: s
         # a quantized build calibrated `model` in place: the reference is then a fresh float copy
         validate_engine(output, reference=None if quant else model, quick=True)
     return output
+
+
+def check_options(*, precision: str, backend: str, calib=None, recipe: "Recipe | None" = None, gpus=None,
+                  remask: str = "none", calib_device: str = "auto", load: bool = True) -> tuple["_Quant | None", str]:
+    """The build options checked (one-line InvalidArgument) before anything is loaded: the
+    quantization to run (None for float precisions) and the backend ("auto" resolved).
+    load=False: look for ModelOpt without importing it (seconds saved before a plan is stated)."""
+    from ..quant import is_quantized, recipe_for
+
+    if recipe is None and is_quantized(precision):
+        recipe = recipe_for(precision)
+    if recipe is None and precision not in PRECISION_DTYPES:
+        raise InvalidArgument(f"--precision {precision}: expected one of {', '.join(PRECISION_DTYPES)}, "
+                              "fp8, int8, int4-awq or nvfp4")
+    quant = None
+    if recipe is not None:
+        recipe.check()
+        from ..quant.ptq import check_available
+        from .calibration import read_items
+
+        quant = _Quant(recipe, calib, read_items(calib), _calib_device(calib_device))
+        check_available(recipe, load=load)
+    elif calib is not None or calib_device != "auto":
+        flag = f"--calib {calib}" if calib is not None else f"--calib-device {calib_device}"
+        raise InvalidArgument(f"{flag}: calibration applies to fp8, int8 and int4-awq builds only")
+    if backend not in BACKENDS:
+        raise InvalidArgument(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        backend = "onnxruntime"
+    if gpus and backend != "tensorrt":
+        raise InvalidArgument("--gpus: only TensorRT engines are per GPU; add --backend tensorrt")
+    if remask == "plugin" and backend != "tensorrt":
+        raise InvalidArgument("--remask plugin: the nemodiff::Remask node runs only in TensorRT; add "
+                              "--backend tensorrt, or use --remask onnx")
+    return quant, backend
 
 
 @dataclass(frozen=True)

@@ -97,12 +97,15 @@ def build(model, size, random_weights, precision, backend, output, batch_sizes, 
         from ..build.targets import parse_targets
 
         targets = parse_targets(gpus)
-    from ..build.pipeline import default_output
+    from ..build.pipeline import check_options, default_output
 
-    output = output or default_output(ref.name, precision, "onnxruntime" if backend == "auto" else backend)
-    _check_resources(ref, precision=precision, backend=backend, buckets=buckets, validate=not no_validate,
-                     recipe=recipe, calib_device=calib_device, output=output, targets=len(targets or ()) or 1,
-                     enforce=not no_resource_check)
+    # bad flags are one line before anything else is said (build_engine checks them again)
+    quant, resolved = check_options(precision=precision, backend=backend, calib=calib, recipe=recipe, gpus=targets,
+                                    remask=remask, calib_device=calib_device, load=False)
+    output = output or default_output(ref.name, precision, resolved)
+    _check_resources(ref, precision=precision, backend=resolved, buckets=buckets, validate=not no_validate,
+                     recipe=recipe or (quant and quant.recipe), calib_device=quant.device if quant else "cpu",
+                     output=output, targets=len(targets or ()) or 1, enforce=not no_resource_check)
     source = ref.fetch(echo=_say)
     out = build_engine(source, output=output, precision=precision, backend=backend, buckets=buckets,
                        with_logits=with_logits, validate=not no_validate, calib=calib, recipe=recipe,
@@ -127,9 +130,7 @@ def _check_resources(ref, *, precision, backend, buckets, validate, recipe, cali
     cached = ref.cached()
     cache = cache_dir() if ref.kind == "hub" else None
     machine = probe(output, cache)
-    device = calib_device if calib_device != "auto" else ("cuda" if machine.gpu_free else "cpu")
-    plan = plan_build(cfg, precision=precision, backend="onnxruntime" if backend == "auto" else backend,
-                      calib_device=device, batch_sizes=buckets.batch_sizes, max_context=buckets.max_context,
+    plan = plan_build(cfg, precision=precision, backend=backend, calib_device=calib_device, batch_sizes=buckets.batch_sizes, max_context=buckets.max_context,
                       validate=validate, random_weights=ref.kind == "random", download=not cached,
                       output=output, cache=cache, recipe=recipe, gpu_targets=targets,
                       tensorrt_on_gpu=machine.gpu_name is not None)
