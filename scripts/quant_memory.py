@@ -36,7 +36,7 @@ def rss_mb(field: str = "VmRSS") -> float:
 
 def child(args) -> None:
     """The measured process: build the quantized engine, print phases and the peak as JSON."""
-    from nemodiff_compile.build.pipeline import build_engine
+    from nemodiff_compile.pipeline import build_engine
     from nemodiff_compile.quant import recipe_for
 
     phases = []

@@ -27,7 +27,7 @@ def random_tiny(tiny_cfg):
 def tiny_engine(tmp_path_factory):
     """The embedded tiny model built into an engine directory (with logits, not validated)."""
     pytest.importorskip("onnxruntime")
-    from nemodiff_compile.build.pipeline import build_engine
+    from nemodiff_compile.pipeline import build_engine
 
     out = tmp_path_factory.mktemp("engines") / "tiny-fp32"
     return build_engine("tiny", output=out, with_logits=True, validate=False)
@@ -44,7 +44,7 @@ def rtx():
 
 
 def _trt_build(tmp_path_factory, name, **kw):
-    from nemodiff_compile.build.pipeline import Buckets, build_engine
+    from nemodiff_compile.pipeline import Buckets, build_engine
 
     out = tmp_path_factory.mktemp("trt") / name
     return build_engine("tiny", output=out, backend="tensorrt", gpus=("sm89",), validate=False,
@@ -67,7 +67,7 @@ def trt_fp16_dir(rtx, tmp_path_factory):
 def fp8_remask_dir(tmp_path_factory):
     """fp8 Q/DQ graph with the remask stage in standard ops (ONNX Runtime directory, short calibration)."""
     pytest.importorskip("modelopt", reason="needs nvidia-modelopt (pip install -e '.[quant]')")
-    from nemodiff_compile.build.pipeline import Buckets, build_engine
+    from nemodiff_compile.pipeline import Buckets, build_engine
     from nemodiff_compile.quant import recipe_for
 
     recipe = recipe_for("fp8").with_(calib_modes=("dlm",), calib_max_new_tokens=8)

@@ -94,7 +94,7 @@ def test_cache_layout_is_huggingface_hubs(hf_cache):
 @needs_tiny
 def test_model_id_resolves_to_its_snapshot_and_builds(hf_cache, tmp_path):
     pytest.importorskip("onnxruntime")
-    from nemodiff_compile.build.pipeline import _weights_hash
+    from nemodiff_compile.pipeline import _weights_hash
 
     snap = put_in_cache(hf_cache, "nvidia-test/tiny-nld", TINY_ASSET)
     out = tmp_path / "engine"

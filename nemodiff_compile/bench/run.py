@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidArgument
-from ..sampling import loops
-from ..sampling.denoiser import Denoiser
+from ..decoding import loops
+from ..decoding.denoiser import Denoiser
 from .memory import PeakMemory
 from .timing import TimingDenoiser
 

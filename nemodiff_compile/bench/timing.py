@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from ..sampling.denoiser import Denoiser, StepOut
+from ..decoding.denoiser import Denoiser, StepOut
 
 
 class TimingDenoiser:

@@ -65,7 +65,7 @@ def build(model, size, random_weights, precision, backend, output, batch_sizes, 
           no_validate, calib, keep_first_layers, keep_last_layers, kv_cache, calib_device, gpus, remask, remask_threshold,
           workspace_mb, tactic_mb, hardware_compatibility, version_compatible, no_resource_check):
     """Build an engine directory from a checkpoint (default: the embedded tiny model)."""
-    from ..build.pipeline import Buckets, build_engine
+    from ..pipeline import Buckets, build_engine
     from ..errors import InvalidArgument
     from ..quant import is_quantized, recipe_for
     from ..quant.recipe import KV_CACHE_DTYPES
@@ -85,7 +85,7 @@ def build(model, size, random_weights, precision, backend, output, batch_sizes, 
                               f"applies to quantized builds (fp8, int8, int4-awq), not {precision}")
     trt_options = None
     if backend == "tensorrt":
-        from ..build.tensorrt_builder import BuildOptions
+        from ..trt.builder import BuildOptions
 
         mb = 1 << 20
         trt_options = BuildOptions(workspace_bytes=workspace_mb and workspace_mb * mb,
@@ -94,10 +94,10 @@ def build(model, size, random_weights, precision, backend, output, batch_sizes, 
                                    version_compatible=version_compatible)
     targets = None
     if gpus is not None:
-        from ..build.targets import parse_targets
+        from ..artifact.targets import parse_targets
 
         targets = parse_targets(gpus)
-    from ..build.pipeline import check_options, default_output
+    from ..pipeline import check_options, default_output
 
     # bad flags are one line before anything else is said (build_engine checks them again)
     quant, resolved = check_options(precision=precision, backend=backend, calib=calib, recipe=recipe, gpus=targets,

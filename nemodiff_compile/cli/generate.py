@@ -99,13 +99,13 @@ def generate(model, size, random_weights, engine, prompts, prompt_ids, mode, max
 
 def _open(engine, model, size, random_weights, dtype, lora, seed):
     """A Session over the engine directory, or over the eager reference of --model/--size."""
-    from ..runtime.session import Session
+    from ..session import Session
 
     if engine is not None:
         return Session.open(engine)
     from .. import checkpoint_folder, load_reference
     from ..model.tokenizer import load_tokenizer
-    from ..runtime.torch_engine import TorchDenoiser
+    from ..backends.eager import TorchDenoiser
 
     from ..model.generation_config import GenerationDefaults
 

@@ -70,7 +70,7 @@ def info(model, size, random_weights, context, batch, calib_device, as_json):
 
 def _plans(ref, cfg, cached, calib_device):
     """The build plan of each precision (default buckets) and whether this machine holds it."""
-    from ..build.pipeline import default_output
+    from ..pipeline import default_output
     from ..hub import cache_dir
     from ..quant import is_quantized, recipe_for
     from ..resources import plan_build, probe, refusal

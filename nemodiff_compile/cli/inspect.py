@@ -16,7 +16,7 @@ from ._common import user_errors
 @user_errors
 def inspect(engine_dir, as_json):
     """Show an engine directory's manifest, I/O and sizes (checks it first)."""
-    from ..build.manifest import read_manifest
+    from ..artifact.manifest import read_manifest
 
     m = read_manifest(engine_dir)
     if as_json:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..plugins.remask.spec import REMASK
+from ..kernels.remask.spec import REMASK
 
 
 def commit_by_rank(conf: torch.Tensor, masked: torch.Tensor, threshold: float | None,
@@ -27,7 +27,7 @@ def commit_by_rank(conf: torch.Tensor, masked: torch.Tensor, threshold: float | 
 
 
 def remask_plugin_node(logits, canvas, active, quota, noise, opts: dict):
-    """One `nemodiff::Remask` node (name/version/namespace from plugins/remask/spec.py); noise is
+    """One `nemodiff::Remask` node (name/version/namespace from kernels/remask/spec.py); noise is
     already temperature-scaled, so the node's temperature attribute is 1."""
     threshold = opts["threshold"]
     attrs = {"mask_id": int(opts["mask_id"]), "policy": opts["policy"],

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, InvalidArgument
-from ..sampling.thinking import ThinkingBudget
+from ..decoding.thinking import ThinkingBudget
 
 GENERATION_CONFIG = "generation_config.json"
 END_THINK = "</think>"

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from ..errors import InvalidArgument
-from ..sampling import loops
-from ..sampling.denoiser import Denoiser
+from ..decoding import loops
+from ..decoding.denoiser import Denoiser
 from . import metrics
 from .shadow import ShadowDenoiser, ShadowPass
 from .tolerances import TOLERANCES, Tolerances

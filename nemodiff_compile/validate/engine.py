@@ -17,12 +17,12 @@ def open_pair(engine_dir: str | Path, *, reference: Any = None, reference_source
               max_len: int | None = None, threads: int | None = None):
     """(manifest, engine Denoiser, reference Denoiser, tokenizer or None) for an engine directory."""
     from .. import PRESETS, load_reference
-    from ..build.manifest import read_manifest
-    from ..build.pipeline import PRECISION_DTYPES
+    from ..artifact.manifest import read_manifest
+    from ..build_config import PRECISION_DTYPES
     from ..config import ModelConfig
-    from ..export.spec import IOSpec
-    from ..runtime.ort_engine import OrtDenoiser
-    from ..runtime.torch_engine import TorchDenoiser
+    from ..artifact.spec import IOSpec
+    from ..backends.ort import OrtDenoiser
+    from ..backends.eager import TorchDenoiser
 
     engine_dir = Path(engine_dir)
     manifest = read_manifest(engine_dir)
@@ -30,7 +30,7 @@ def open_pair(engine_dir: str | Path, *, reference: Any = None, reference_source
     spec = IOSpec.from_json(manifest.io_spec)
     max_len = max_len or manifest.buckets["max_context"]
     if manifest.backend == "tensorrt":
-        from ..runtime.trt_engine import TrtDenoiser
+        from ..backends.trt import TrtDenoiser
 
         engine = TrtDenoiser(engine_dir, manifest, cfg, max_len)
     else:
@@ -71,7 +71,7 @@ def validate_engine(engine_dir: str | Path, *, reference: Any = None, reference_
                     prompts_file: str | Path | None = None):
     """Compare the engine with the reference per pass on the built-in prompts (or those of
     `prompts_file`, a --prompts file: prompts.py); record it in the manifest."""
-    from ..build.manifest import write_manifest
+    from ..artifact.manifest import write_manifest
     from . import tolerances_for, validate
 
     items = None

@@ -1,4 +1,4 @@
-"""Validate the fast torch engine (runtime/fast_engine.py) against the eager reference with the same
+"""Validate the fast torch engine (backends/fast.py) against the eager reference with the same
 per-pass shadow comparison as engine directories. On a GPU the engine replays its captured passes
 (no logits leave the graph, so token, confidence and commit decisions are compared); on the CPU it
 runs the same arithmetic eagerly."""
@@ -23,8 +23,8 @@ def validate_fast(source: str | Path, *, precision: str = "bf16", device: str | 
 
     from .. import checkpoint_folder, load_reference
     from ..errors import InvalidArgument
-    from ..runtime.fast_engine import FastDenoiser
-    from ..runtime.torch_engine import TorchDenoiser
+    from ..backends.fast import FastDenoiser
+    from ..backends.eager import TorchDenoiser
     from . import tolerances_for, validate
     from .engine import builtin_prompts
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..sampling.denoiser import Denoiser, StepOut
+from ..decoding.denoiser import Denoiser, StepOut
 from . import metrics
 
 

@@ -112,7 +112,7 @@ def test_validate_fails_on_a_broken_engine(engine, tmp_path):
 
     import torch
 
-    from nemodiff_compile.build.manifest import file_digest, read_manifest, write_manifest
+    from nemodiff_compile.artifact.manifest import file_digest, read_manifest, write_manifest
 
     broken = tmp_path / "broken"
     shutil.copytree(engine, broken)

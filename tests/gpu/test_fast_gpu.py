@@ -8,9 +8,9 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 from nemodiff_compile import load_reference  # noqa: E402
-from nemodiff_compile.runtime.fast_engine import FastDenoiser  # noqa: E402
-from nemodiff_compile.runtime.torch_engine import TorchDenoiser  # noqa: E402
-from nemodiff_compile.sampling import loops  # noqa: E402
+from nemodiff_compile.backends.fast import FastDenoiser  # noqa: E402
+from nemodiff_compile.backends.eager import TorchDenoiser  # noqa: E402
+from nemodiff_compile.decoding import loops  # noqa: E402
 
 PROMPTS = [[1, 40, 41, 42, 43, 44, 45], [1, 50, 51], [1, 60, 61, 62, 63, 64, 65, 66, 67, 68]]
 MAX_LEN = 128

@@ -15,7 +15,7 @@ def test_calibrating_on_the_gpu_writes_the_cpu_graph(tmp_path):
     identical; the activation scales come from GPU arithmetic, so they agree to rounding."""
     from onnx import numpy_helper
 
-    from nemodiff_compile.build.pipeline import build_engine
+    from nemodiff_compile.pipeline import build_engine
     from nemodiff_compile.quant import recipe_for
 
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -66,7 +66,7 @@ def thinking_checkpoint(tmp_path_factory):
 
 def test_session_and_cli_take_the_checkpoints_defaults(thinking_checkpoint, tok):
     from nemodiff_compile.cli import cli
-    from nemodiff_compile.runtime.session import Session
+    from nemodiff_compile.session import Session
 
     with Session.from_model(thinking_checkpoint, max_len=128) as s:
         r = s.generate("What is 3 + 4?", mode="ar", max_new_tokens=12)

@@ -14,7 +14,7 @@ pytest.importorskip("modelopt")
 onnx = pytest.importorskip("onnx")
 
 from nemodiff_compile import TINY_ASSET  # noqa: E402
-from nemodiff_compile.build.manifest import read_manifest  # noqa: E402
+from nemodiff_compile.artifact.manifest import read_manifest  # noqa: E402
 from nemodiff_compile.cli import cli  # noqa: E402
 from nemodiff_compile.quant import recipe_for  # noqa: E402
 
@@ -39,7 +39,7 @@ def engines(tmp_path_factory):
             return built[precision]
         out = root / f"tiny-{precision}"
         if precision == "fp8":
-            from nemodiff_compile.build.pipeline import build_engine
+            from nemodiff_compile.pipeline import build_engine
 
             build_engine("tiny", output=out, precision="fp8", with_logits=True)
         elif precision == "int8":
@@ -144,10 +144,10 @@ def test_graph_computes_what_modelopt_calibrated(tmp_path):
     import torch
 
     from nemodiff_compile import load_reference
-    from nemodiff_compile.build.calibration import decoding_loop
+    from nemodiff_compile.quant.calibration import decoding_loop
     from nemodiff_compile.quant.export import quantize_step
-    from nemodiff_compile.runtime.ort_engine import OrtDenoiser
-    from nemodiff_compile.runtime.torch_engine import TorchDenoiser
+    from nemodiff_compile.backends.ort import OrtDenoiser
+    from nemodiff_compile.backends.eager import TorchDenoiser
 
     model, ref = load_reference("tiny"), load_reference("tiny")
     recipe = recipe_for("int8").with_(calib_modes=("dlm",), calib_max_new_tokens=16)
@@ -174,7 +174,7 @@ def test_graph_computes_what_modelopt_calibrated(tmp_path):
 def test_broken_recipe_fails_the_gate(tmp_path):
     """int4 per-channel round-to-nearest weights with int8 activations, diffusion head included,
     judged by fp8's bounds: validate must say FAILED (and the CLI exits 1)."""
-    from nemodiff_compile.build.pipeline import build_engine
+    from nemodiff_compile.pipeline import build_engine
     from nemodiff_compile.validate.engine import validate_engine
 
     broken = recipe_for("fp8").with_(weights="int4", weight_block=None, activations="int8", exclude=(),
@@ -217,8 +217,8 @@ def test_quantized_graph_builds_a_tensorrt_plan(engines, precision, tmp_path):
     """The ONNX Runtime engine's Q/DQ graph, parsed and built by TensorRT (tensorrt_rtx here) for sm89:
     every quantized projection must reach its GEMM through DQ (a Gemm's transB shuffle in between)."""
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is not installed")
-    from nemodiff_compile.build.manifest import read_manifest
-    from nemodiff_compile.build.tensorrt_builder import BuildOptions, build_plan
+    from nemodiff_compile.artifact.manifest import read_manifest
+    from nemodiff_compile.trt.builder import BuildOptions, build_plan
 
     d = engines(precision)
     m = read_manifest(d)

@@ -1,0 +1,1 @@
+"""Backend-independent decoding: the `Denoiser` contract, commit rules and the AR / block-diffusion / linear-spec loops."""
