@@ -135,6 +135,12 @@ def test_published_size_not_cached_offline_is_one_line(hf_cache):
     plan = "\n".join(lines[:-1])
     assert "plan: 13.51 B parameters, checkpoint 25.2 GiB" in plan and "host RAM" in plan and "GPU memory" in plan
     assert seconds < 30, seconds                   # no download attempt, no retries
+    # no HF_HUB_OFFLINE, but no Hub either (nothing listens there): the download fails at once, same line
+    env = {"HF_HUB_CACHE": str(hf_cache), "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": ""}
+    r = _cli(env, "generate", "--size", "8b")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --size 8b:") and "the download failed" in last and "`hf download" in last
 
 
 @needs_tiny

@@ -104,7 +104,7 @@ def build(model, size, random_weights, precision, backend, output, batch_sizes, 
                                     remask=remask, calib_device=calib_device, load=False)
     output = output or default_output(ref.name, precision, resolved)
     _check_resources(ref, precision=precision, backend=resolved, buckets=buckets, validate=not no_validate,
-                     recipe=recipe or (quant and quant.recipe), calib_device=quant.device if quant else "cpu",
+                     recipe=recipe, calib_device=quant.device if quant else "cpu",
                      output=output, targets=len(targets or ()) or 1, enforce=not no_resource_check)
     source = ref.fetch(echo=_say)
     out = build_engine(source, output=output, precision=precision, backend=backend, buckets=buckets,
@@ -130,9 +130,9 @@ def _check_resources(ref, *, precision, backend, buckets, validate, recipe, cali
     cached = ref.cached()
     cache = cache_dir() if ref.kind == "hub" else None
     machine = probe(output, cache)
-    plan = plan_build(cfg, precision=precision, backend=backend, calib_device=calib_device, batch_sizes=buckets.batch_sizes, max_context=buckets.max_context,
-                      validate=validate, random_weights=ref.kind == "random", download=not cached,
-                      output=output, cache=cache, recipe=recipe, gpu_targets=targets,
+    plan = plan_build(cfg, precision=precision, backend=backend, calib_device=calib_device,
+                      batch_sizes=buckets.batch_sizes, max_context=buckets.max_context, validate=validate,
+                      random_weights=ref.kind == "random", download=not cached, output=output, cache=cache, recipe=recipe, gpu_targets=targets,
                       tensorrt_on_gpu=machine.gpu_name is not None)
     _say(f"model {ref.repo_id or ref.folder or ref.flag}"
          + ("" if real else f" (not downloaded: planned from the published {ref.size} geometry)"))

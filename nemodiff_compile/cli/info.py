@@ -1,6 +1,7 @@
 """`nemodiff-compile info`: config, parameter count, memory per precision, and the resource plan of
-a build on this machine. No torch needed, and no download (a published checkpoint not yet in the
-cache is described from its published geometry, with the command that downloads it)."""
+a build on this machine. No torch, and no weights downloaded (a checkpoint not yet in the cache is
+described from its config.json, fetched alone, or offline from its published geometry, with the
+command that downloads it)."""
 
 from __future__ import annotations
 
