@@ -132,8 +132,8 @@ def _check_resources(ref, *, precision, backend, buckets, validate, recipe, cali
     machine = probe(output, cache)
     plan = plan_build(cfg, precision=precision, backend=backend, calib_device=calib_device,
                       batch_sizes=buckets.batch_sizes, max_context=buckets.max_context, validate=validate,
-                      random_weights=ref.kind == "random", download=not cached, output=output, cache=cache, recipe=recipe, gpu_targets=targets,
-                      tensorrt_on_gpu=machine.gpu_name is not None)
+                      random_weights=ref.kind == "random", download=not cached, output=output, cache=cache,
+                      recipe=recipe, gpu_targets=targets, tensorrt_on_gpu=machine.gpu_name is not None)
     _say(f"model {ref.repo_id or ref.folder or ref.flag}"
          + ("" if real else f" (not downloaded: planned from the published {ref.size} geometry)"))
     for line in plan.lines():
