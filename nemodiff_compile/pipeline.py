@@ -8,7 +8,9 @@
                                its own entry in manifest["engines"] (artifact/targets.py picks one at load)
 
 `--backend tensorrt --gpus sm89` on an existing TensorRT engine directory adds (or rebuilds) those
-targets from the directory's own model.onnx, keeping the others; the directory is replaced atomically.
+targets from the directory's own model.onnx, keeping the others, when every other field of the
+build configuration equals the one in its manifest; otherwise the whole directory is rebuilt with the
+new configuration (the progress line says what changed). The directory is replaced atomically.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .build_config import BACKENDS, PRECISION_DTYPES
+from .build_config import PRECISION_DTYPES, BuildConfig
 from .errors import InvalidArgument
 from .fsutil import atomic_dir
 from .artifact.manifest import Manifest, file_digest, write_manifest
 
 if TYPE_CHECKING:  # pragma: no cover  (the builder and quant/ are imported late)
+    from .artifact.targets import DeviceInfo
     from .quant.recipe import Recipe
     from .trt.builder import BuildOptions
 
@@ -34,53 +37,34 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "generation_config.json")
 
 
-@dataclass(frozen=True)
-class Buckets:
-    """The shapes the runtime will bind: TensorRT profiles are made from these."""
+def default_output(source: str, precision: str, backend: str) -> Path:
+    from .config import PRESETS
 
-    batch_sizes: tuple[int, ...] = (1, 4)
-    max_context: int = 1024          # KV cache positions per row (prompt + generation)
-    block_length: int | None = None  # default: the config's block_size
-
-    def to_json(self, block_default: int) -> dict:
-        return {"batch_sizes": list(self.batch_sizes), "max_context": self.max_context,
-                "block_length": self.block_length or block_default}
-
-
-def default_output(source: str | Path, precision: str, backend: str) -> Path:
-    name = Path(source).name if isinstance(source, Path) else str(source)
+    name = source.lower() if source.lower() in PRESETS else Path(source).name
     return Path("engines") / f"{name}-{precision}-{backend}"
 
 
-def build_engine(source: str | Path, *, output: Path | None = None, precision: str = "fp32",
-                 backend: str = "onnxruntime", buckets: Buckets = Buckets(), with_logits: bool = False,
-                 validate: bool = True, calib: str | Path | None = None, recipe: "Recipe | None" = None,
-                 progress: Callable[[str], None] = lambda msg: None,
-                 gpus: tuple[str, ...] | None = None, remask: str = "none", remask_threshold: float | None = 0.9,
-                 trt_options: "BuildOptions | None" = None, calib_device: str = "auto") -> Path:
-    """Export `source` (checkpoint folder or preset) into an engine directory and return its path.
+def build_engine(config: BuildConfig, *, recipe: "Recipe | None" = None,
+                 progress: Callable[[str], None] = lambda msg: None) -> Path:
+    """Build `config` (build_config.BuildConfig) into an engine directory and return its path.
 
     Quantized precisions (fp8, int8, int4-awq; nvfp4 where it can be calibrated) follow their recipe
-    (`quant.recipe_for(precision)` unless `recipe` is given) and calibrate on `calib` (a --calib
-    file) or the built-in prompts, on `calib_device` (auto: cuda when available, else cpu).
-    backend tensorrt: also one engine per GPU target in `gpus` (default: this machine's GPU);
-    remask none | onnx | plugin: the remask stage in the graph (plugin: the nemodiff::Remask node,
-    TensorRT only); remask_threshold None selects the top-k policy."""
-    quant, backend = check_options(precision=precision, backend=backend, calib=calib, recipe=recipe, gpus=gpus,
-                                   remask=remask, calib_device=calib_device)
-    output = Path(output or default_output(source, precision, backend))
+    (`quant.recipe_for(precision)`, or `recipe` when given, with the config's layer and KV-cache
+    overrides) and calibrate on the config's --calib file or the built-in prompts.
+    backend auto: TensorRT where a usable `tensorrt` module and a CUDA GPU are present, else ONNX
+    Runtime (choose_backend; the manifest's backend_choice says which and why). backend tensorrt:
+    also one engine per GPU target (default: this machine's GPU)."""
+    choice, quant = prepare(config, recipe=recipe)
+    backend = choice["chosen"]
+    output = Path(config.output or default_output(config.source, config.precision, backend))
     if backend == "tensorrt":
-        return _build_tensorrt(source, output=output, precision=precision, buckets=buckets,
-                               with_logits=with_logits, progress=progress, gpus=gpus, remask=remask,
-                               remask_threshold=remask_threshold, options=trt_options, quant=quant)
+        return _build_tensorrt(config, choice, output=output, progress=progress, quant=quant)
 
     with atomic_dir(output) as tmp:
-        model = _export_into(tmp, source, precision=precision, backend=backend, buckets=buckets,
-                             with_logits=with_logits, remask=remask, remask_threshold=remask_threshold,
-                             progress=progress, quant=quant)
-    if validate and remask != "none":
+        model = _export_into(tmp, config, choice, progress=progress, quant=quant)
+    if config.validate and config.remask.stage != "none":
         progress("validation skipped: the decode loops drive graphs without the remask stage")
-    elif validate:
+    elif config.validate:
         progress("validating against the PyTorch reference")
         from .validate.engine import validate_engine
 
@@ -89,39 +73,85 @@ def build_engine(source: str | Path, *, output: Path | None = None, precision: s
     return output
 
 
-def check_options(*, precision: str, backend: str, calib=None, recipe: "Recipe | None" = None, gpus=None,
-                  remask: str = "none", calib_device: str = "auto", load: bool = True) -> tuple["_Quant | None", str]:
-    """The build options checked (one-line InvalidArgument) before anything is loaded: the
-    quantization to run (None for float precisions) and the backend ("auto" resolved).
-    load=False: look for ModelOpt without importing it (seconds saved before a plan is stated)."""
+def prepare(config: BuildConfig, *, recipe: "Recipe | None" = None, load: bool = True,
+            check_source: bool = True) -> tuple[dict[str, str], "_Quant | None"]:
+    """Everything `build_engine` checks before it loads anything (one-line InvalidArgument): the
+    backend choice (choose_backend) and the quantization to run (None for float precisions).
+    load=False looks for ModelOpt without importing it (the CLI states its resource plan first);
+    check_source=False skips the source (not fetched yet)."""
     from .quant import is_quantized, recipe_for
 
-    if recipe is None and is_quantized(precision):
-        recipe = recipe_for(precision)
-    if recipe is None and precision not in PRECISION_DTYPES:
-        raise InvalidArgument(f"--precision {precision}: expected one of {', '.join(PRECISION_DTYPES)}, "
-                              "fp8, int8, int4-awq or nvfp4")
+    choice = choose_backend(config.backend)
+    backend = choice["chosen"]
+    config.for_backend(backend)              # the rules that depend on the backend, once it is known
+    if check_source:
+        _check_source(config.source)
     quant = None
-    if recipe is not None:
+    if recipe is not None and not is_quantized(config.precision):
+        raise InvalidArgument(f"recipe {recipe.name}: recipes apply to quantized precisions, not {config.precision}")
+    if is_quantized(config.precision):
+        q = config.quantization
+        if recipe is None:
+            recipe = recipe_for(config.precision, keep_first_layers=q.keep_first_layers,
+                                keep_last_layers=q.keep_last_layers, kv_cache=q.kv_cache)
+        else:                                # the config's overrides apply to a given recipe too
+            overrides = {"keep_first_layers": q.keep_first_layers, "keep_last_layers": q.keep_last_layers,
+                         "kv_cache_dtype": q.kv_cache}
+            recipe = recipe.with_(**{k: v for k, v in overrides.items() if v is not None})
         recipe.check()
-        from .quant.calibration import read_items
         from .quant.ptq import check_available
+        from .quant.calibration import read_items
 
-        quant = _Quant(recipe, calib, read_items(calib), _calib_device(calib_device))
+        quant = _Quant(recipe, q.calib, read_items(q.calib), _calib_device(q.calib_device))
         check_available(recipe, load=load)
-    elif calib is not None or calib_device != "auto":
-        flag = f"--calib {calib}" if calib is not None else f"--calib-device {calib_device}"
-        raise InvalidArgument(f"{flag}: calibration applies to fp8, int8 and int4-awq builds only")
-    if backend not in BACKENDS:
-        raise InvalidArgument(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        backend = "onnxruntime"
-    if gpus and backend != "tensorrt":
-        raise InvalidArgument("--gpus: only TensorRT engines are per GPU; add --backend tensorrt")
-    if remask == "plugin" and backend != "tensorrt":
-        raise InvalidArgument("--remask plugin: the nemodiff::Remask node runs only in TensorRT; add "
-                              "--backend tensorrt, or use --remask onnx")
-    return quant, backend
+    return choice, quant
+
+
+def choose_backend(asked: str) -> dict[str, str]:
+    """{"asked", "chosen", "reason"}: auto -> tensorrt where the datacenter `tensorrt` module imports
+    and a CUDA GPU is visible (tensorrt_rtx does not count: it cannot run plans here), else onnxruntime."""
+    if asked != "auto":
+        return {"asked": asked, "chosen": asked, "reason": f"--backend {asked} was asked for"}
+    version, why_not = _datacenter_tensorrt()
+    if version is None:
+        return {"asked": "auto", "chosen": "onnxruntime", "reason": why_not}
+    device = _cuda_device()
+    if device is None:
+        return {"asked": "auto", "chosen": "onnxruntime",
+                "reason": f"tensorrt {version} is installed but no CUDA GPU is visible"}
+    return {"asked": "auto", "chosen": "tensorrt",
+            "reason": f"tensorrt {version} and a CUDA GPU ({device.name}, {device.target}) are present"}
+
+
+def _datacenter_tensorrt() -> tuple[str | None, str]:
+    """(version, "") when the `tensorrt` module imports and has a Builder; else (None, why not)."""
+    from .backends.trt_shim import TensorRTUnavailable, load
+
+    try:
+        trt = load(("tensorrt",))
+    except TensorRTUnavailable:
+        import importlib.util
+
+        rtx = " (tensorrt_rtx is, but it builds ahead of time only: its plans need their GPU)" \
+            if importlib.util.find_spec("tensorrt_rtx") else ""
+        return None, f"no usable tensorrt module is installed{rtx}"
+    if not trt.has("Builder"):
+        return None, f"the tensorrt module ({trt.version}) has no Builder"
+    return trt.version, ""
+
+
+def _cuda_device() -> "DeviceInfo | None":
+    from .artifact.targets import current_device
+
+    return current_device()
+
+
+def _check_source(source: str) -> None:
+    from .config import PRESETS
+
+    if source.lower() not in PRESETS and not Path(source).is_dir():
+        raise InvalidArgument(f"--checkpoint {source}: not a folder (expected a Hugging Face checkpoint folder "
+                              f"or a preset: {', '.join(PRESETS)})")
 
 
 @dataclass(frozen=True)
@@ -133,8 +163,7 @@ class _Quant:
 
 
 def _calib_device(choice: str) -> str:
-    if choice not in ("auto", "cpu", "cuda"):
-        raise InvalidArgument(f"--calib-device {choice}: expected auto, cpu or cuda")
+    """auto | cpu | cuda (checked by BuildConfig) -> where calibration runs on this machine."""
     if choice == "cpu":
         return "cpu"
     import torch
@@ -146,14 +175,15 @@ def _calib_device(choice: str) -> str:
     return "cpu"
 
 
-def _export_into(tmp: Path, source, *, precision: str, backend: str, buckets: Buckets, with_logits: bool,
-                 remask: str, remask_threshold, progress: Callable[[str], None], quant: _Quant | None = None):
+def _export_into(tmp: Path, config: BuildConfig, choice: dict[str, str], *, progress: Callable[[str], None],
+                 quant: _Quant | None = None):
     """Fill `tmp` with the step graph (quantized when `quant` is given), config, tokenizer and
     manifest; return the loaded reference."""
     from . import checkpoint_folder, load_reference
     from .export.onnx import export_step, remask_options
     from .model.checkpoint import CONFIG_NAME
 
+    source, precision, shapes = config.source, config.precision, config.shapes
     progress(f"loading {source} ({precision}{', calibrating on ' + quant.device if quant else ''})")
     # a quantized build calibrates the model as stored (one copy in memory); the graph's float parts
     # are cast to the recipe's float_dtype tensor by tensor while written
@@ -162,16 +192,16 @@ def _export_into(tmp: Path, source, *, precision: str, backend: str, buckets: Bu
                            device=quant.device if quant else "cpu")
     progress(f"loaded in {time.perf_counter() - start:.1f} s")
     cfg = model.config
-    if buckets.max_context > cfg.max_position_embeddings:
-        raise InvalidArgument(f"--max-context {buckets.max_context} exceeds the model's "
+    if shapes.max_context > cfg.max_position_embeddings:
+        raise InvalidArgument(f"--max-context {shapes.max_context} exceeds the model's "
                               f"max_position_embeddings {cfg.max_position_embeddings}")
     folder = checkpoint_folder(source)
     quantization = None
-    remask_opts = remask_options(remask, mask_id=cfg.mask_token_id, threshold=remask_threshold)
+    remask_opts = remask_options(config.remask.stage, mask_id=cfg.mask_token_id, threshold=config.remask.threshold)
     if quant is None:
         progress("exporting the denoiser step to ONNX (dynamo)")
         start = time.perf_counter()
-        spec = export_step(model, tmp, with_logits=with_logits, remask=remask_opts)
+        spec = export_step(model, tmp, with_logits=config.with_logits, remask=remask_opts)
         progress(f"exported in {time.perf_counter() - start:.1f} s")
     else:
         from .quant.export import quantize_step
@@ -180,7 +210,7 @@ def _export_into(tmp: Path, source, *, precision: str, backend: str, buckets: Bu
         prompts = calibration.token_prompts(quant.items, folder, cfg, quant.calib)
         r = quant.recipe
         loop = calibration.decoding_loop(prompts, r.calib_modes, r.calib_max_new_tokens, cfg.block_size)
-        spec, quantization = quantize_step(model, r, loop, tmp, with_logits=with_logits, remask=remask_opts,
+        spec, quantization = quantize_step(model, r, loop, tmp, with_logits=config.with_logits, remask=remask_opts,
                                            calibration=calibration.record(prompts, quant.calib), progress=progress)
     (tmp / CONFIG_NAME).write_text(_json(cfg.to_hf()))
     for name in TOKENIZER_FILES:
@@ -188,11 +218,12 @@ def _export_into(tmp: Path, source, *, precision: str, backend: str, buckets: Bu
             shutil.copyfile(folder / name, tmp / name)
     progress("hashing artifacts")
     artifacts = {p.name: file_digest(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    backend = choice["chosen"]
     manifest = Manifest(
-        backend=backend, precision=precision, source=str(source), model_config=cfg.to_hf(),
+        backend=backend, precision=precision, source=source, model_config=cfg.to_hf(),
         weights_sha256=_weights_hash(folder, source), io_spec=spec.to_json(),
-        buckets=buckets.to_json(cfg.block_size), artifacts=artifacts, tool_versions=_tool_versions(),
-        quantization=quantization,
+        buckets=shapes.to_manifest(cfg.block_size), artifacts=artifacts, tool_versions=_tool_versions(),
+        quantization=quantization, build_config=config.to_json(), backend_choice=choice,
     )
     if backend == "tensorrt":
         manifest.requires = {}            # the plans are checked per GPU at load (artifact/targets.py)
@@ -200,51 +231,49 @@ def _export_into(tmp: Path, source, *, precision: str, backend: str, buckets: Bu
     return model
 
 
-def _build_tensorrt(source, *, output: Path, precision: str, buckets: Buckets, with_logits: bool,
-                    progress: Callable[[str], None], gpus, remask: str, remask_threshold, options,
-                    quant: _Quant | None = None) -> Path:
-    """Export once (or reuse the directory's graph when adding targets), then one plan per target."""
-    from .artifact.manifest import EngineError, MANIFEST_NAME, read_manifest
+def _build_tensorrt(config: BuildConfig, choice: dict[str, str], *, output: Path,
+                    progress: Callable[[str], None], quant: _Quant | None = None) -> Path:
+    """Export once (or reuse the directory's graph when only targets are added), then one plan per target."""
+    from .artifact.manifest import MANIFEST_NAME, read_manifest
     from .artifact.targets import current_device, engine_file_name
-    from .trt.builder import BuildOptions, build_plan, resolve_target
+    from .trt.builder import build_plan, resolve_target
     from .backends.trt_shim import load
 
     trt = load()
-    options = options or BuildOptions()
-    existing = None
-    if (output / MANIFEST_NAME).is_file():
-        try:
-            existing = read_manifest(output)
-        except EngineError:
-            existing = None
-    reuse = (existing is not None and existing.backend == "tensorrt" and existing.precision == precision
-             and existing.source == str(source) and gpus is not None
-             and existing.io_spec.get("extra", {}).get("remask", {}).get("variant", "none") == remask)
+    options = _trt_options(config)
+    gpus = config.tensorrt.gpus
     device = current_device()
     targets = [resolve_target(trt, t, device) for t in (gpus or [None])]     # refuse before exporting
-    if remask == "plugin" and not trt.can_build_plugins:
+    if config.remask.stage == "plugin" and not trt.can_build_plugins:
         from .trt.builder import TrtBuildError
 
         raise TrtBuildError(f"--remask plugin: the graph would need nemodiff::Remask/1, and {trt.flavor} "
                             f"{trt.version} cannot build plugin layers (no INetworkDefinition.add_plugin_v3): "
                             "use --remask onnx, or build with the tensorrt module")
+    existing = _existing_manifest(output)
+    reuse = False
+    if existing is not None and gpus is not None:        # adding targets: only onto the same configuration
+        changes = _changes(existing, config, choice, quant)
+        reuse = not changes
+        dropped = ", ".join(e["target"] for e in existing.engines if e["target"] not in targets)
+        if changes:
+            progress(f"rebuilding {output} with the new configuration ({'; '.join(changes)})"
+                     + (f"; its other targets ({dropped}) are dropped" if dropped else ""))
     with atomic_dir(output) as tmp:
         if reuse:
-            progress(f"adding {', '.join(gpus)} to {output}")
+            progress(f"adding {', '.join(gpus)} to {output} (same configuration: its graph is reused)")
             for f in output.iterdir():
                 if f.is_file() and f.name != MANIFEST_NAME:
                     _link_or_copy(f, tmp / f.name)
             manifest = existing
         else:
-            _export_into(tmp, source, precision=precision, backend="tensorrt", buckets=buckets,
-                         with_logits=with_logits, remask=remask, remask_threshold=remask_threshold,
-                         progress=progress, quant=quant)
+            _export_into(tmp, config, choice, progress=progress, quant=quant)
             manifest = read_manifest(tmp)
         manifest.tool_versions[trt.flavor] = trt.version
         for target in targets:
             data, info = build_plan(tmp / "model.onnx", io_spec=manifest.io_spec, buckets=manifest.buckets,
-                                    precision=precision, target=target, options=options, progress=progress,
-                                    trt=trt, device=device)
+                                    precision=config.precision, target=target, options=options,
+                                    progress=progress, trt=trt, device=device)
             name = engine_file_name(info.target, info.trt_module, info.trt_version)
             (tmp / name).write_bytes(data)
             on_device = device is not None and device.target == info.target
@@ -260,11 +289,50 @@ def _build_tensorrt(source, *, output: Path, precision: str, buckets: Buckets, w
                      "bytes": len(data), "timing_cache": info.timing_cache}
             manifest.engines = [e for e in manifest.engines if e["file"] != name] + [entry]
             progress(f"{name}: {len(data):,} bytes in {info.build_seconds:.1f} s")
+        held = tuple(dict.fromkeys(e["target"] for e in manifest.engines))
+        manifest.build_config = config.with_targets(held).to_json()
+        manifest.backend_choice = choice
         manifest.artifacts = {p.name: file_digest(p) for p in sorted(tmp.iterdir())
                               if p.is_file() and p.name != MANIFEST_NAME}
         write_manifest(tmp, manifest)
     progress("validation skipped: TensorRT engines run only on their GPU (run `nemodiff-compile validate` there)")
     return output
+
+
+def _trt_options(config: BuildConfig) -> "BuildOptions":
+    from .trt.builder import BuildOptions
+
+    t, mb = config.tensorrt, 1 << 20
+    return BuildOptions(workspace_bytes=t.workspace_mb and t.workspace_mb * mb,
+                        tactic_bytes=t.tactic_mb and t.tactic_mb * mb,
+                        hardware_compatibility=t.hardware_compatibility, version_compatible=t.version_compatible)
+
+
+def _existing_manifest(output: Path) -> Manifest | None:
+    from .artifact.manifest import MANIFEST_NAME, EngineError, read_manifest
+
+    if not (output / MANIFEST_NAME).is_file():
+        return None
+    try:
+        return read_manifest(output)
+    except EngineError:
+        return None
+
+
+def _changes(existing: Manifest, config: BuildConfig, choice: dict[str, str], quant: _Quant | None) -> list[str]:
+    """What differs between the directory's build and `config`, targets, output and validate left out
+    ([] when its graph can be reused). Backends compare as chosen (auto -> what it chose)."""
+    if existing.build_config is None:
+        return ["its manifest has no build_config (an older nemodiff-compile built it)"]
+    try:
+        old = BuildConfig.from_json(existing.build_config, where="its manifest's build_config")
+    except InvalidArgument as e:
+        return [f"its build_config is unreadable here ({e})"]
+    changes = config.for_backend(choice["chosen"]).differences(old.for_backend(existing.backend))
+    old_recipe = (existing.quantization or {}).get("recipe")
+    if quant is not None and old_recipe != quant.recipe.to_json():
+        changes.append("quantization recipe")
+    return changes
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

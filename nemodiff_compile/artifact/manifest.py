@@ -34,7 +34,7 @@ class Manifest:
     precision: str                            # fp32 | fp16 | bf16 | ...
     source: str                               # checkpoint folder or preset the engine was built from
     model_config: dict[str, Any]              # the checkpoint's config.json
-    weights_sha256: str                       # of the source weights as loaded (see build.pipeline)
+    weights_sha256: str                       # of the source weights as loaded (see pipeline.py)
     io_spec: dict[str, Any]                   # export.spec.IOSpec.to_json()
     buckets: dict[str, Any]                   # batch_sizes, max_context, block_length
     artifacts: dict[str, dict[str, Any]]      # file name -> {"bytes": n, "sha256": hex}
@@ -45,6 +45,11 @@ class Manifest:
     # quantized builds: recipe, calibration set (source, count, sha256), excluded layers, Q/DQ
     # counts and the validate thresholds (quant.export.quantize_step); None for float builds
     quantization: dict[str, Any] | None = None
+    # build_config.BuildConfig.to_json() as asked (tensorrt.gpus: every target the directory holds);
+    # None in manifests written before it existed
+    build_config: dict[str, Any] | None = None
+    # {"asked": "auto" | backend, "chosen": backend, "reason": why}; None in older manifests
+    backend_choice: dict[str, str] | None = None
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     format_version: int = FORMAT_VERSION
 

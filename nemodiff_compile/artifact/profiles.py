@@ -56,7 +56,7 @@ def output_shapes(io_spec: Mapping[str, Any], *, batch: int, block: int, cache_l
 
 
 def make_profiles(io_spec: Mapping[str, Any], buckets: Mapping[str, Any]) -> list[Profile]:
-    """buckets: Buckets.to_json() (batch_sizes, max_context, block_length)."""
+    """buckets: the manifest's (build_config.Shapes.to_manifest(): batch_sizes, max_context, block_length)."""
     max_ctx, block = int(buckets["max_context"]), int(buckets["block_length"])
     sizes = sorted(set(int(b) for b in buckets["batch_sizes"]))
     if not sizes or sizes[0] < 1:

@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..build_config import HW_LEVELS
 from ..errors import InvalidArgument, NemodiffError
 from . import precision as precision_check
 from ..artifact.profiles import make_profiles
 from ..artifact.targets import DeviceInfo, current_device, parse_target
 from ..backends.trt_shim import Trt, load
 
-HW_LEVELS = ("NONE", "AMPERE_PLUS", "SAME_COMPUTE_CAPABILITY")
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ def test_bad_flags_are_one_line_exit_2(tmp_path):
 def engine(tmp_path_factory):
     pytest.importorskip("onnxruntime")
     out = tmp_path_factory.mktemp("cli") / "tiny-fp32"
-    r = run("build", "--output", out, "--with-logits")
+    r = run("build", "--output", out, "--with-logits", "--backend", "onnxruntime")
     assert r.exit_code == 0, r.output
     return out
 

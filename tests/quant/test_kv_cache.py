@@ -140,7 +140,7 @@ def kv_engine(tmp_path_factory):
         pytest.skip("needs the trained tiny checkpoint")
     out = tmp_path_factory.mktemp("kvfp8") / f"tiny-{PRECISION}-kvfp8"
     r = run("build", "--precision", PRECISION, "--kv-cache", "fp8", "--with-logits", "--no-validate",
-            "--output", out)
+            "--backend", "onnxruntime", "--output", out)
     assert r.exit_code == 0, r.output
     return out
 

@@ -39,20 +39,24 @@ def engines(tmp_path_factory):
             return built[precision]
         out = root / f"tiny-{precision}"
         if precision == "fp8":
+            from nemodiff_compile.build_config import BuildConfig
             from nemodiff_compile.pipeline import build_engine
 
-            build_engine("tiny", output=out, precision="fp8", with_logits=True)
+            build_engine(BuildConfig.of(source="tiny", output=out, backend="onnxruntime", precision="fp8",
+                                        with_logits=True))
         elif precision == "int8":
             calib = root / "calib.jsonl"
             calib.write_text("".join(json.dumps({"text": t}) + "\n" for t in (
                 "Once upon a time, a cat sat on a mat.", "What is 2 + 2?", "Count from 3:",
                 "Tom had a big red ball and he liked to play with it.")) + json.dumps({"ids": [1, 40, 41, 42]}) + "\n")
-            r = run("build", "--precision", "int8", "--calib", calib, "--with-logits", "--output", out)
+            r = run("build", "--precision", "int8", "--calib", calib, "--with-logits", "--backend", "onnxruntime",
+                    "--output", out)
             assert r.exit_code == 0, r.output
         else:
             calib = root / "calib.txt"
             calib.write_text("Lily saw a bird in the tree.\nWhat is 6 + 1?\nCount from 7:\nThe dog ran to the park.\n")
-            r = run("build", "--precision", precision, "--calib", calib, "--with-logits", "--output", out)
+            r = run("build", "--precision", precision, "--calib", calib, "--with-logits", "--backend", "onnxruntime",
+                    "--output", out)
             assert r.exit_code == 0, r.output
         built[precision] = out
         return out
@@ -174,13 +178,14 @@ def test_graph_computes_what_modelopt_calibrated(tmp_path):
 def test_broken_recipe_fails_the_gate(tmp_path):
     """int4 per-channel round-to-nearest weights with int8 activations, diffusion head included,
     judged by fp8's bounds: validate must say FAILED (and the CLI exits 1)."""
+    from nemodiff_compile.build_config import BuildConfig
     from nemodiff_compile.pipeline import build_engine
     from nemodiff_compile.validate.engine import validate_engine
 
     broken = recipe_for("fp8").with_(weights="int4", weight_block=None, activations="int8", exclude=(),
                                      calib_max_new_tokens=16)
-    out = build_engine("tiny", output=tmp_path / "broken", precision="fp8", recipe=broken, with_logits=True,
-                       validate=False)
+    out = build_engine(BuildConfig.of(source="tiny", output=tmp_path / "broken", backend="onnxruntime",
+                                      precision="fp8", with_logits=True, validate=False), recipe=broken)
     report = validate_engine(out, quick=True)
     assert not report.passed
     assert any("cosine" in f or "agreement" in f for f in report.failures), report.failures

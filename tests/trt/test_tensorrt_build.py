@@ -40,17 +40,71 @@ def test_fp16_engine_directory(trt_fp16_dir):
 def test_gpus_adds_targets_keeping_the_others(trt_fp16_dir, tmp_path):
     import shutil
 
-    from nemodiff_compile.pipeline import Buckets, build_engine
+    from nemodiff_compile.build_config import BuildConfig
+    from nemodiff_compile.pipeline import build_engine
 
     d = tmp_path / "multi"
     shutil.copytree(trt_fp16_dir, d)
     onnx_before = (d / "model.onnx").stat().st_mtime_ns
-    build_engine("tiny", output=d, backend="tensorrt", precision="fp16", gpus=("sm86",), validate=False,
-                 remask="onnx", remask_threshold=None, buckets=Buckets((1, 2), 128))
+    build_engine(BuildConfig.of(source="tiny", output=d, backend="tensorrt", precision="fp16", gpus=("sm86",),
+                                validate=False, remask="onnx", remask_threshold=None, batch_sizes=(1, 2),
+                                max_context=128))
     m = read_manifest(d, deep=True)
     assert sorted(e["target"] for e in m.engines) == ["sm86", "sm89"]
     assert (d / "model.onnx").stat().st_mtime_ns == onnx_before          # the graph was reused, not re-exported
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_changed_configuration_rebuilds_instead_of_reusing(trt_fp16_dir, tmp_path):
+    """The reuse case of issue 11: new shapes on an existing TensorRT directory with --gpus rebuild the
+    whole directory with them (and say so), instead of adding a target to the old buckets."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from nemodiff_compile.cli import cli
+
+    d = tmp_path / "t"
+    shutil.copytree(trt_fp16_dir, d)
+    onnx_before = (d / "model.onnx").stat().st_mtime_ns
+    r = CliRunner().invoke(cli, ["build", "--backend", "tensorrt", "--precision", "fp16", "--remask", "onnx",
+                                 "--remask-threshold", "topk", "--gpus", "sm86", "--batch-sizes", "1,4",
+                                 "--max-context", "64", "--output", str(d)])
+    assert r.exit_code == 0, r.output
+    assert (f"[build] rebuilding {d} with the new configuration (shapes.batch_sizes [1, 2] -> [1, 4]; "
+            "shapes.max_context 128 -> 64); its other targets (sm89) are dropped") in r.output
+    m = read_manifest(d, deep=True)
+    assert [e["target"] for e in m.engines] == ["sm86"]                 # the sm89 plan had the old shapes
+    assert m.buckets["batch_sizes"] == [1, 4] and m.buckets["max_context"] == 64
+    assert [p["batch"] for p in m.engines[0]["profiles"]] == [1, 4]
+    assert m.build_config["shapes"]["batch_sizes"] == [1, 4] and m.build_config["tensorrt"]["gpus"] == ["sm86"]
+    assert (d / "model.onnx").stat().st_mtime_ns != onnx_before          # re-exported
+
+
+def test_auto_adds_a_target_where_tensorrt_and_a_gpu_are_present(trt_fp16_dir, tmp_path, monkeypatch):
+    """--backend auto with the datacenter module and a GPU (detection faked) is tensorrt: it compares as
+    tensorrt, so the same configuration plus a target reuses the graph; the manifest says why."""
+    import shutil
+
+    from nemodiff_compile import pipeline
+    from nemodiff_compile.artifact.targets import DeviceInfo
+    from nemodiff_compile.build_config import BuildConfig
+
+    monkeypatch.setattr(pipeline, "_datacenter_tensorrt", lambda: ("10.13.0", ""))
+    monkeypatch.setattr(pipeline, "_cuda_device", lambda: DeviceInfo("NVIDIA L40S", (8, 9)))
+    d = tmp_path / "t"
+    shutil.copytree(trt_fp16_dir, d)
+    onnx_before = (d / "model.onnx").stat().st_mtime_ns
+    said = []
+    pipeline.build_engine(BuildConfig.of(source="tiny", output=d, backend="auto", precision="fp16", gpus="sm86",
+                                         validate=False, remask="onnx", remask_threshold="topk",
+                                         batch_sizes=(1, 2), max_context=128), progress=said.append)
+    assert f"adding sm86 to {d} (same configuration: its graph is reused)" in said
+    m = read_manifest(d, deep=True)
+    assert (d / "model.onnx").stat().st_mtime_ns == onnx_before
+    assert m.backend_choice == {"asked": "auto", "chosen": "tensorrt",
+                                "reason": "tensorrt 10.13.0 and a CUDA GPU (NVIDIA L40S, sm89) are present"}
+    assert m.build_config["backend"] == "auto" and m.build_config["tensorrt"]["gpus"] == ["sm89", "sm86"]
 
 
 def test_mislabeled_graph_fails_the_precision_check(trt_fp32_dir):
@@ -159,7 +213,7 @@ def test_rtx_parser_resolves_our_registered_creator(rtx, plugin_graph):
     path, _ = plugin_graph
     code = (
         "import tensorrt_rtx as trt\n"
-        "from nemodiff_compile.build import trt_shim\n"
+        "from nemodiff_compile.backends import trt_shim\n"
         "from nemodiff_compile.kernels.registry import register_plugins, graph_plugin_ids\n"
         "t = trt_shim.load(('tensorrt_rtx',))\n"
         f"register_plugins(t, graph_plugin_ids({str(path)!r}))\n"
@@ -184,12 +238,13 @@ def test_manifest_entry_is_json(trt_fp32_dir):
 
 
 def test_pipeline_plugin_variant_on_rtx_fails_atomically(rtx, tmp_path):
-    from nemodiff_compile.pipeline import Buckets, build_engine
+    from nemodiff_compile.build_config import BuildConfig
+    from nemodiff_compile.pipeline import build_engine
     from nemodiff_compile.trt.builder import TrtBuildError
 
     with pytest.raises(TrtBuildError, match="nemodiff::Remask/1"):
-        build_engine("tiny", output=tmp_path / "p", backend="tensorrt", gpus=("sm89",), remask="plugin",
-                     validate=False, buckets=Buckets((1,), 64))
+        build_engine(BuildConfig.of(source="tiny", output=tmp_path / "p", backend="tensorrt", gpus=("sm89",),
+                                    remask="plugin", validate=False, batch_sizes=(1,), max_context=64))
     assert list(tmp_path.iterdir()) == []
 
 
