@@ -23,6 +23,7 @@ from typing import Any, Iterator, Sequence
 
 from .errors import InvalidArgument, NemodiffError
 from .decoding import loops
+from .decoding.policy import DecodePolicy
 
 Prompt = str | Sequence[int]
 
@@ -58,30 +59,12 @@ class Session:
     def open(cls, engine_dir: str | Path, *, providers: list[str] | None = None,
              threads: int | None = None, max_len: int | None = None) -> "Session":
         """Open a built engine directory (checks its manifest first)."""
-        from .artifact.manifest import read_manifest
-        from .config import ModelConfig
-        from .artifact.spec import IOSpec
-        from .backends.ort import OrtDenoiser
+        from .backends.open import open_engine
 
-        engine_dir = Path(engine_dir)
-        manifest = read_manifest(engine_dir)
-        cfg = ModelConfig.from_hf(manifest.model_config, source=f"{engine_dir}/manifest.json")
-        spec = IOSpec.from_json(manifest.io_spec)
-        if manifest.backend == "tensorrt":      # the plan for this GPU, or a refusal naming what to build
-            from .backends.trt import TrtDenoiser
-
-            den = TrtDenoiser(engine_dir, manifest, cfg, max_len)
-        else:
-            den = OrtDenoiser(engine_dir / "model.onnx", spec, cfg, max_len or manifest.buckets["max_context"],
-                              providers=providers, threads=threads)
-        tok = None
-        if (engine_dir / "tokenizer.json").is_file():
-            from .model.tokenizer import load_tokenizer
-
-            tok = load_tokenizer(engine_dir)
         from .model.generation_config import GenerationDefaults
 
-        return cls(den, tok, manifest, GenerationDefaults.read(engine_dir))
+        engine = open_engine(engine_dir, providers=providers, threads=threads, max_len=max_len)
+        return cls(engine.denoiser, engine.tokenizer, engine.manifest, GenerationDefaults.read(engine_dir))
 
     @classmethod
     def from_model(cls, source: str | Path, *, fp8: str | None = None, max_len: int = 2048,
@@ -135,32 +118,25 @@ class Session:
         return decode(self.tokenizer, ids)
 
     def generate(self, prompts: Prompt | Sequence[Prompt], *, mode: str = "dlm", max_new_tokens: int = 64,
-                 chat: bool = True, on_tokens=None, enable_thinking: bool | None = None,
-                 max_thinking_tokens: int | None = None, **knobs) -> Result:
-        """Generate for one prompt or a batch (text or token ids). knobs: block_length, threshold,
-        steps, temperature, seed, trace (see sampling.loops). on_tokens(row, ids) streams tokens.
+                 chat: bool = True, on_tokens=None, trace: bool = False, policy: DecodePolicy | None = None,
+                 enable_thinking: bool | None = None, max_thinking_tokens: int | None = None,
+                 **knobs) -> Result:
+        """Generate for one prompt or a batch (text or token ids). The decoding policy: `policy`, or `mode`
+        and its knobs (block_length, threshold, steps, temperature, seed: decoding/policy.py).
+        on_tokens(row, ids) streams tokens; trace keeps every pass (host passes only).
         enable_thinking: the chat template's thinking switch; max_thinking_tokens: the thinking
         budget (needs thinking on); None: generation_config.json's defaults."""
         from .model.generation_config import thinking_setup
 
+        policy = DecodePolicy.of(policy or mode, knobs)
         template_kwargs, budget = thinking_setup(self.tokenizer, self.defaults, enable_thinking, max_thinking_tokens)
-        if budget is not None:
-            knobs["thinking"] = budget
         batch = [prompts] if isinstance(prompts, str) or _is_ids(prompts) else list(prompts)
         ids = [self.encode(p, chat, **template_kwargs) for p in batch]
         with self._lock:
             if self._closed:
                 raise NemodiffError("session is closed")
-            if _device_loop(self.denoiser, mode, knobs):     # the fast engine's graph-replayed blocks
-                threshold, steps = knobs.get("threshold"), knobs.get("steps")
-                if threshold is None and steps is None:
-                    threshold = loops.DEFAULT_THRESHOLD["dlm"]
-                g = self.denoiser.generate_dlm(ids, max_new_tokens=max_new_tokens, on_tokens=on_tokens,
-                                               block_length=knobs.get("block_length"), threshold=threshold,
-                                               steps=steps)
-            else:
-                g = loops.generate(self.denoiser, ids, mode, max_new_tokens=max_new_tokens,
-                                   on_tokens=on_tokens, **knobs)
+            g = loops.generate(self.denoiser, ids, policy, max_new_tokens=max_new_tokens, trace=trace,
+                               on_tokens=on_tokens, thinking=budget)
         return Result([Completion(t, self.decode(t), f) for t, f in zip(g.tokens, g.finish)], g)
 
     def stream(self, prompt: Prompt, **kw) -> Iterator[str | list[int]]:
@@ -213,11 +189,3 @@ class Session:
 def _is_ids(p: Any) -> bool:
     return isinstance(p, Sequence) and not isinstance(p, str) and (len(p) == 0 or isinstance(p[0], int))
 
-
-def _device_loop(den: Any, mode: str, knobs: dict) -> bool:
-    """Greedy dlm on an engine with a device-resident block loop (it gives the host loop's tokens);
-    anything else (sampling, tracing, invalid knob mixes for loops.generate to reject) goes the
-    generic way."""
-    return (mode == "dlm" and hasattr(den, "generate_dlm") and not knobs.get("temperature")
-            and set(knobs) <= {"block_length", "threshold", "steps", "temperature", "seed"}
-            and (knobs.get("steps") is None or knobs.get("threshold") is None))

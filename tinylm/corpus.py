@@ -232,10 +232,15 @@ def qa(r: random.Random) -> str:
     return " ".join("Q: {} A: {}".format(*qa_pair(r)) for _ in range(r.randint(1, 3)))
 
 
+def echo_words(r: random.Random) -> str:
+    """3 to 8 random words (names, animals, colors, objects, foods, days, numbers) for a copying task."""
+    pool = GIRLS + BOYS + ANIMALS + COLORS + OBJECTS + FOODS + DAYS + [str(i) for i in range(20)]
+    return " ".join(r.choice(pool) for _ in range(r.randint(3, 8)))
+
+
 def echo(r: random.Random) -> str:
     """A short random word list said twice: pure copying, which teaches the model to reuse its context."""
-    pool = GIRLS + BOYS + ANIMALS + COLORS + OBJECTS + FOODS + DAYS + [str(i) for i in range(20)]
-    words = " ".join(r.choice(pool) for _ in range(r.randint(3, 8)))
+    words = echo_words(r)
     return f"Say it twice: {words}. {words}."
 
 
@@ -247,6 +252,13 @@ def chat_text(turns: list[tuple[str, str]]) -> str:
     for user, assistant in turns:
         out.append(f"{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n{assistant}{IM_END}")
     return "\n".join(out)
+
+
+def repeat_sentence(r: random.Random) -> str:
+    """One short sentence for the chat copying task ("Repeat after me: ...")."""
+    c = _cast(r)
+    return r.choice([f"{c.name} has a {c.color} {c.obj}.", f"The {c.animal} is in {c.place}.",
+                     f"{c.name} and {c.friend} like {c.food}s.", ", ".join(_seq(DAYS, r.randrange(7), 3)) + "."])
 
 
 def chat_turn(r: random.Random) -> tuple[str, str]:
@@ -272,9 +284,7 @@ def chat_turn(r: random.Random) -> tuple[str, str]:
     if kind < 0.82:
         return qa_pair(r)
     if kind < 0.92:  # plain copying: the answer repeats part of the request
-        c = _cast(r)
-        said = r.choice([f"{c.name} has a {c.color} {c.obj}.", f"The {c.animal} is in {c.place}.",
-                         f"{c.name} and {c.friend} like {c.food}s.", ", ".join(_seq(DAYS, r.randrange(7), 3)) + "."])
+        said = repeat_sentence(r)
         return f"Repeat after me: {said}", said
     return r.choice(GREETINGS)
 

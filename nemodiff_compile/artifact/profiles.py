@@ -76,15 +76,6 @@ def make_profiles(io_spec: Mapping[str, Any], buckets: Mapping[str, Any]) -> lis
     return out
 
 
-def batch_bucket(batch: int, batch_sizes) -> int:
-    """Smallest bucket >= batch, or a refusal naming the flag to rebuild with."""
-    fits = [b for b in sorted(batch_sizes) if b >= batch]
-    if not fits:
-        raise InvalidArgument(f"batch {batch} exceeds the engine's largest batch bucket {max(batch_sizes)}: "
-                              f"rebuild with --batch-sizes including {batch}")
-    return fits[0]
-
-
 def profile_for(profiles: list[Profile], shapes: Mapping[str, Shape]) -> int:
     """Index of the first profile containing every input shape."""
     for i, p in enumerate(profiles):

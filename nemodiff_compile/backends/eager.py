@@ -8,39 +8,26 @@ from ..model.cache import StaticKVCache
 from ..model.model import NemotronLabsDiffusion, Pattern
 from ..decoding import remask
 from ..decoding.denoiser import StepOut
+from .base import BackendDenoiser
 
 
-class TorchDenoiser:
+class TorchDenoiser(BackendDenoiser):
     def __init__(self, model: NemotronLabsDiffusion, max_len: int, *, return_logits: bool = False):
         self.model = model.eval()
-        self.config = model.config
-        self.max_len = max_len
-        self.return_logits = return_logits
-        self.device = model.diffusion_head.weight.device
+        super().__init__(model.config, max_len, model.diffusion_head.weight.device, return_logits=return_logits)
         self.cache: StaticKVCache | None = None
 
-    def reset(self, batch: int) -> None:
-        """Empty `batch` rows; (re)allocates when the batch or `max_len` (which callers may change
-        between generations to fit the request) differs from the cache's."""
-        if self.cache is None or self.cache.batch != batch or self.cache.max_len != self.max_len:
-            self.cache = StaticKVCache(self.config, batch, self.max_len, self.model.dtype, self.device)
-        self.cache.reset()
+    def _allocate(self, rows: int) -> None:
+        self.cache = StaticKVCache(self.config, rows, self.max_len, self.model.dtype, self.device)
 
-    def lengths(self) -> torch.Tensor:
-        return self.cache.lengths.cpu()
-
-    def trim(self, lengths: torch.Tensor) -> None:
-        self.cache.trim(lengths.to(self.device))
+    def _set_lengths(self, lengths: torch.Tensor) -> None:
+        super()._set_lengths(lengths)
+        self.cache.lengths.copy_(lengths)            # the model reads and advances the cache's own copy
 
     @torch.no_grad()
-    def step(self, tokens, *, causal, write, num_valid=None, draft_lora=False, temperature=0.0,
-             generator=None) -> StepOut:
+    def _pass(self, tokens, *, causal, write, num_valid, draft_lora, temperature, noise) -> StepOut:
         logits = self.model(tokens.to(self.device), cache=self.cache,
                             pattern=Pattern.CAUSAL if causal else Pattern.BIDIRECTIONAL,
-                            write_cache=write, draft_lora=draft_lora,
-                            num_valid=None if num_valid is None else num_valid.to(self.device))
-        noise = None
-        if temperature > 0:
-            noise = remask.gumbel_noise(logits.shape, generator).to(self.device)
-        token, conf = remask.pick(logits, temperature, noise)
+                            write_cache=write, draft_lora=draft_lora, num_valid=num_valid.to(self.device))
+        token, conf = remask.pick(logits, temperature, None if noise is None else noise.to(self.device))
         return StepOut(token.cpu(), conf.cpu(), logits if self.return_logits else None)

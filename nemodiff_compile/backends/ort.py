@@ -23,23 +23,20 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import NemodiffError
-from ..model.cache import check_room, check_trim, scatter_positions
-from ..decoding import remask
 from ..decoding.denoiser import StepOut
+from .base import TORCH_DTYPES, BackendDenoiser, scatter_block
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..artifact.spec import IOSpec
 
-# spec dtype name -> torch dtype; torch dtype -> ONNX TensorProto element type (what IOBinding takes).
-# float8_e4m3fn: the KV cache of fp8-cache builds (quant/kv_cache.py), bound by pointer like the rest
-_TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "int64": torch.int64, "bool": torch.bool, "float8_e4m3fn": torch.float8_e4m3fn}
+# torch dtype -> ONNX TensorProto element type (what IOBinding takes); float8_e4m3fn: the KV cache of
+# fp8-cache builds (quant/kv_cache.py), bound by pointer like the rest
 _ONNX = {torch.float32: 1, torch.int64: 7, torch.bool: 9, torch.float16: 10, torch.bfloat16: 16,
          torch.float8_e4m3fn: 17}
 _MAX_SHAPES = 8   # (batch, block) output buffer sets kept: decode, block, verify, a few prompt lengths
 
 
-class OrtDenoiser:
+class OrtDenoiser(BackendDenoiser):
     def __init__(self, onnx_path: str | Path, spec: "IOSpec", config: ModelConfig, max_len: int, *,
                  providers: list | None = None, threads: int | None = None, return_logits: bool = False,
                  fuse: bool = True):
@@ -65,18 +62,16 @@ class OrtDenoiser:
                     "GPU provider or build --backend tensorrt)" if spec.input("past_keys").dtype == "bfloat16" else "")
             raise NemodiffError(f"{onnx_path}: ONNX Runtime ({', '.join(map(str, providers))}) cannot load this "
                                 f"graph: {first}{hint}") from None
-        self.spec, self.config, self.max_len = spec, config, max_len
+        self.spec, self.config = spec, config
         self._check(onnx_path, return_logits)
-        self.return_logits = return_logits
+        device = torch.device("cpu")
         if self.session.get_providers()[0] == "CUDAExecutionProvider":
             dev_id = self.session.get_provider_options()["CUDAExecutionProvider"].get("device_id", 0)
-            self.device = torch.device("cuda", int(dev_id))
-        else:
-            self.device = torch.device("cpu")
-        self.kv_dtype = _TORCH[spec.input("past_keys").dtype]
+            device = torch.device("cuda", int(dev_id))
+        super().__init__(config, max_len, device, return_logits=return_logits)
+        self.kv_dtype = TORCH_DTYPES[spec.input("past_keys").dtype]
         self.io = self.session.io_binding()
         self.k = self.v = None                                   # [layers, B, kv_heads, max_len, D]
-        self._lengths = torch.zeros(0, dtype=torch.long)         # [B] on the host
         self._bufs: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self._flags = {c: torch.tensor(c, device=self.device) for c in (False, True)}   # 0-d bool inputs
         self._temperature = torch.zeros((), device=self.device)
@@ -96,39 +91,15 @@ class OrtDenoiser:
             raise NemodiffError(f"{path} was exported without logits: export it with with_logits=True "
                                 "to return them")
 
-    # ---- cache --------------------------------------------------------------------------------
+    def _allocate(self, rows: int) -> None:
+        self.k, self.v = self.kv_cache(rows, self.kv_dtype)
+        self._bufs.clear()
 
-    def reset(self, batch: int) -> None:
-        if self.k is None or self.k.shape[1] != batch:
-            c = self.config
-            shape = (c.num_hidden_layers, batch, c.num_key_value_heads, self.max_len, c.head_dim)
-            self.k = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
-            self.v = torch.zeros_like(self.k)
-            self._bufs.clear()
-        self._lengths = torch.zeros(batch, dtype=torch.long)
-
-    def lengths(self) -> torch.Tensor:
-        return self._lengths.clone()
-
-    def trim(self, lengths: torch.Tensor) -> None:
-        lengths = lengths.to("cpu", torch.long)
-        check_trim(self._lengths, lengths)
-        self._lengths = lengths.clone()
-
-    # ---- one pass -----------------------------------------------------------------------------
-
-    def step(self, tokens, *, causal, write, num_valid=None, draft_lora=False, temperature=0.0,
-             generator=None) -> StepOut:
+    def _pass(self, tokens, *, causal, write, num_valid, draft_lora, temperature, noise) -> StepOut:
         B, L = tokens.shape
-        if write and not causal:
-            raise ValueError("the KV cache only holds causal K/V: bidirectional passes cannot write it")
-        check_room(self._lengths, L, self.max_len)
-        num_valid = torch.full((B,), L) if num_valid is None else num_valid.to("cpu", torch.long)
         dev, out = self.device, self._buffers(B, L)
-        if temperature > 0:   # the same draw as TorchDenoiser (float64 on the host), fed as float32
-            noise = remask.gumbel_noise((B, L, self.config.vocab_size), generator).to(dev, torch.float32)
-        else:
-            noise = out["zeros"]                                                       # [B, L, V]
+        # the host draw fed as float32; zeros at temperature 0
+        noise = out["zeros"] if noise is None else noise.to(dev, torch.float32)                     # [B, L, V]
         self._temperature.fill_(float(temperature))
         feeds = {"input_ids": tokens.to(dev, torch.long).contiguous(),                 # [B, L]
                  "cache_lengths": self._lengths.to(dev), "num_valid": num_valid.to(dev),  # [B]
@@ -143,12 +114,8 @@ class OrtDenoiser:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)     # torch's writes land before ORT reads; ORT syncs at the end of Run
         self.session.run_with_iobinding(self.io)
-        if write:   # scatter the block's K/V at positions lengths[b] + 0..L-1, then advance by num_valid
-            idx = feeds["cache_lengths"][:, None] + torch.arange(L, device=dev)          # [B, L]
-            idx = idx[None, :, None, :, None].expand_as(out["new_keys"])                  # [layers, B, H, L, D]
-            scatter_positions(self.k, idx, out["new_keys"])
-            scatter_positions(self.v, idx, out["new_values"])
-            self._lengths = self._lengths + num_valid
+        if write:   # the block's K/V at positions lengths[b] + 0..L-1
+            scatter_block(self.k, self.v, feeds["cache_lengths"], out["new_keys"], out["new_values"])
         logits = out["logits"].clone() if self.return_logits else None
         return StepOut(out["token"].to("cpu", copy=True), out["confidence"].to("cpu", copy=True), logits)
 
@@ -158,7 +125,7 @@ class OrtDenoiser:
             if len(self._bufs) >= _MAX_SHAPES:
                 self._bufs.pop(next(iter(self._bufs)))
             dims = {"batch": B, "block": L}
-            bufs = {t.name: torch.empty([dims.get(d, d) for d in t.shape], dtype=_TORCH[t.dtype],
+            bufs = {t.name: torch.empty([dims.get(d, d) for d in t.shape], dtype=TORCH_DTYPES[t.dtype],
                                         device=self.device) for t in self.spec.outputs}
             bufs["zeros"] = torch.zeros(B, L, self.config.vocab_size, device=self.device)
             self._bufs[(B, L)] = bufs

@@ -244,8 +244,8 @@ def bench_modes(model, *, batches=(1, 4, 8), block: int = 32, context: int = 512
     for batch in batches:
         prompts = torch.randint(0, cfg.vocab_size, (batch, context), generator=g).tolist()
         runs = {
-            ("dlm", "engine"): lambda: fast.generate_dlm(prompts, max_new_tokens=max_new_tokens,
-                                                         block_length=block, threshold=threshold),
+            ("dlm", "engine"): lambda: loops.diffusion_generate(fast, prompts, max_new_tokens=max_new_tokens,
+                                                                block_length=block, threshold=threshold),
             ("dlm", "reference"): lambda: loops.diffusion_generate(ref, prompts, max_new_tokens=max_new_tokens,
                                                                    block_length=block, threshold=threshold),
             ("ar", "engine"): lambda: loops.ar_generate(fast, prompts, max_new_tokens=max_new_tokens),

@@ -49,12 +49,11 @@ def generate(model, size, random_weights, engine, prompts, prompt_ids, mode, max
              steps, temperature, seed, chat, dtype, lora, thinking, max_thinking_tokens, as_json):
     """Generate text in AR, block-diffusion or linear self-speculation mode, with the PyTorch
     reference (default) or a built engine (--engine)."""
+    from ..decoding.policy import DecodePolicy
     from ..errors import NemodiffError
 
-    if steps is not None and threshold is not None:
-        raise NemodiffError("--steps and --threshold are two policies: give one")
-    if steps is not None and mode != "dlm":
-        raise NemodiffError("--steps applies to --mode dlm only")
+    policy = DecodePolicy(mode, block_length=block_length, threshold=threshold, steps=steps,
+                          temperature=temperature, seed=seed)                 # checked before anything loads
     if engine is not None and (model is not None or size is not None or random_weights):
         raise NemodiffError("--engine runs a built engine: drop --model/--size")
     ids = [_parse_ids(s) for s in prompt_ids]
@@ -67,12 +66,12 @@ def generate(model, size, random_weights, engine, prompts, prompt_ids, mode, max
             if session.tokenizer is None:
                 raise NemodiffError("this model has no tokenizer; pass --prompt-ids instead of --prompt")
             ids += [session.encode(t, chat, **template_kwargs) for t in prompts or DEMO_PROMPTS]
-        blen = block_length or session.config.block_size
+        policy = policy.resolve(session.config)
+        blen = policy.block_length or session.config.block_size
         if engine is None:        # size the reference's cache to the request (an engine's is its bucket)
             session.denoiser.max_len = max(map(len, ids)) + max_new_tokens + 2 * blen
         start = time.perf_counter()
-        result = session.generate(ids, mode=mode, max_new_tokens=max_new_tokens, block_length=blen,
-                                  temperature=temperature, seed=seed, threshold=threshold, steps=steps,
+        result = session.generate(ids, policy=policy, max_new_tokens=max_new_tokens,
                                   enable_thinking=thinking, max_thinking_tokens=max_thinking_tokens)
         seconds = time.perf_counter() - start
     g = result.generation

@@ -1,17 +1,23 @@
 """The contract the decode loops are written against: one compiled or eager step over a static KV cache.
 
-Every backend (the eager torch reference, ONNX Runtime, TensorRT) implements `Denoiser`; the loops in
-`loops.py` never see anything else, so one loop drives them all.
+Every backend (the eager torch reference, ONNX Runtime, TensorRT, the fast engine) implements `Denoiser`
+(the backends through `backends/base.py`); the loops in `loops.py` never see anything else, so one loop
+drives them all. A class declares that it implements the contract by subclassing `Denoiser`, which also
+gives it the default of the one optional capability, `block_refiner` (see `refine.py`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from ..config import ModelConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .policy import DecodePolicy
+    from .refine import BlockRefiner
 
 
 @dataclass
@@ -42,3 +48,8 @@ class Denoiser(Protocol):
         causal: causal attention inside the block (else bidirectional); write: append the block's K/V
         (causal passes only) and advance lengths by num_valid [B] (default L).
         """
+
+    def block_refiner(self, policy: "DecodePolicy") -> "BlockRefiner | None":
+        """The backend's device-resident block refinement for `policy` (a resolved greedy dlm policy),
+        or None: the loop then runs the block's passes through `step`."""
+        return None

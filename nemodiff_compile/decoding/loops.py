@@ -10,9 +10,13 @@ Accounting, the same in every mode:
   row_nfe[b]     passes run while row b was still generating
   tokens[b]      the row's generated ids, through its first EOS (included), at most max_new_tokens
   tokens per forward (TPF) = len(tokens[b]) / row_nfe[b], averaged over rows
+  device_passes  refinement passes a backend's device block refiner ran (refine.py): the nfe above counts
+                 the passes the host loop would run, the surplus ran after every row had stopped
+The policy (mode, block length, commit rule, temperature, seed) is one `DecodePolicy` (policy.py).
 
-Thinking budget (instruct models, `thinking=ThinkingBudget(...)`): the closing tag is forced at
-generated index max_tokens in every mode (thinking.py says how each loop does it).
+Thinking budget (instruct models, `thinking=ThinkingBudget(...)`, a request's option beside the
+policy): the closing tag is forced at generated index max_tokens in every mode (thinking.py says how
+each loop does it).
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ import torch
 from . import remask
 from ..errors import InvalidArgument
 from .denoiser import Denoiser
+from .policy import MODES, DecodePolicy
+from .refine import BlockRefiner
 from .thinking import ThinkingBudget
-
-MODES = ("ar", "dlm", "linear-spec")
 
 
 @dataclass
@@ -53,6 +57,8 @@ class Generation:
     nfe_by_phase: dict[str, int]
     row_nfe: list[int]
     trace: list[PassRecord] = field(default_factory=list, repr=False)
+    device_passes: int = 0             # refinement passes a device block refiner ran (>= the denoise passes
+                                       # it counted in nfe: it reads its done flag every check_every passes)
 
     @property
     def tokens_per_forward(self) -> float:
@@ -67,13 +73,14 @@ class _Run:
     """Bookkeeping shared by the loops: pass counting, tracing, the noise generator, and each row's
     output (cut at its first EOS and at max_new_tokens, streamed to `on_tokens` as it grows)."""
 
-    def __init__(self, den: Denoiser, batch: int, *, temperature: float, seed: int, trace: bool,
+    def __init__(self, den: Denoiser, batch: int, policy: DecodePolicy, *, trace: bool,
                  max_new_tokens: int, on_tokens: OnTokens | None, thinking: ThinkingBudget | None = None):
-        self.den, self.temperature = den, temperature
+        self.den, self.temperature = den, policy.temperature
         self.eos = den.config.eos_ids
         self.max_new_tokens, self.on_tokens = max_new_tokens, on_tokens
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(policy.seed)
         self.nfe_by_phase: dict[str, int] = {}
+        self.device_passes = 0
         self.row_nfe = torch.zeros(batch, dtype=torch.long)
         self.rows: list[list[int]] = [[] for _ in range(batch)]
         self.finish: list[str | None] = [None] * batch
@@ -98,6 +105,16 @@ class _Run:
             self.trace.append(PassRecord(phase, block, index, tokens.clone(), out.token.clone(),
                                          out.conf.clone(), logits=logits))
         return out
+
+    def refine(self, refiner: BlockRefiner, blk: torch.Tensor, active: torch.Tensor,
+               quota: torch.Tensor | None, policy: DecodePolicy) -> torch.Tensor:
+        """A block's refinement passes on the backend's device; counted as the host passes would be."""
+        out = refiner.refine(blk, active.clone(), quota, policy)
+        if out.nfe:
+            self.nfe_by_phase["denoise"] = self.nfe_by_phase.get("denoise", 0) + out.nfe
+        self.row_nfe += out.row_nfe
+        self.device_passes += out.executed
+        return out.canvas
 
     def note_commit(self, committed: torch.Tensor) -> None:
         if self.trace is not None:
@@ -138,7 +155,7 @@ class _Run:
     def result(self) -> Generation:
         return Generation([list(r) for r in self.rows], [f or "length" for f in self.finish],
                           sum(self.nfe_by_phase.values()), dict(self.nfe_by_phase),
-                          self.row_nfe.tolist(), self.trace or [])
+                          self.row_nfe.tolist(), self.trace or [], self.device_passes)
 
 
 def _prefill(run: _Run, prompts: list[list[int]], room: int) -> torch.Tensor:
@@ -161,21 +178,24 @@ def _prefill(run: _Run, prompts: list[list[int]], room: int) -> torch.Tensor:
     return out.token[torch.arange(B), n - 1]
 
 
-def _eos_mask(t: torch.Tensor, eos: tuple[int, ...] | torch.Tensor) -> torch.Tensor:
-    """eos: the ids as a tuple, or already a tensor on t's device (graph-captured callers)."""
-    if not isinstance(eos, torch.Tensor):
-        eos = torch.tensor(eos, dtype=t.dtype, device=t.device)
-    return (t[..., None] == eos).any(-1)                  # a handful of ids: no sort, no host sync
+def _policy(mode: str, policy: DecodePolicy | None, knobs: dict, cfg) -> DecodePolicy:
+    """The loop's policy: given, or made of keywords; resolved against the model's config."""
+    policy = DecodePolicy.of(policy or mode, knobs).resolve(cfg)
+    if policy.mode != mode:
+        raise InvalidArgument(f"the {mode} loop got a {policy.mode} policy")
+    return policy
 
 
 # ---- AR -------------------------------------------------------------------------------------------
 
-def ar_generate(den: Denoiser, prompts: list[list[int]], *, max_new_tokens: int,
-                temperature: float = 0.0, seed: int = 0, trace: bool = False,
-                on_tokens: OnTokens | None = None, thinking: ThinkingBudget | None = None) -> Generation:
-    """Causal decoding, one token per pass; each row stops at its first EOS."""
-    run = _Run(den, len(prompts), temperature=temperature, seed=seed, trace=trace,
-               max_new_tokens=max_new_tokens, on_tokens=on_tokens, thinking=thinking)
+def ar_generate(den: Denoiser, prompts: list[list[int]], policy: DecodePolicy | None = None, *,
+                max_new_tokens: int, trace: bool = False, on_tokens: OnTokens | None = None,
+                thinking: ThinkingBudget | None = None, **knobs) -> Generation:
+    """Causal decoding, one token per pass; each row stops at its first EOS.
+    policy: a DecodePolicy("ar", ...), or its fields as keywords (temperature, seed)."""
+    policy = _policy("ar", policy, knobs, den.config)
+    run = _Run(den, len(prompts), policy, trace=trace, max_new_tokens=max_new_tokens, on_tokens=on_tokens,
+               thinking=thinking)
     tok = _prefill(run, prompts, max_new_tokens)                                     # [B]
     for i in range(max_new_tokens):
         active = ~run.done
@@ -190,65 +210,42 @@ def ar_generate(den: Denoiser, prompts: list[list[int]], *, max_new_tokens: int,
 
 # ---- block diffusion --------------------------------------------------------------------------------
 
-def dlm_policy(block_size: int, block_length: int | None, threshold: float | None,
-               steps: int | None) -> tuple[int, int | None]:
-    """Check a block-diffusion policy -> (block length, steps: the fixed-steps budget or None)."""
-    blen = block_length or block_size
-    if blen < 2:
-        raise InvalidArgument(f"block_length must be at least 2, got {blen}")
-    if threshold is None:
-        steps = steps or blen
-        if not 1 <= steps <= blen:
-            raise InvalidArgument(f"steps must be between 1 and block_length ({blen}), got {steps}")
-    elif not 0.0 <= threshold <= 1.0:
-        raise InvalidArgument(f"threshold must be in [0, 1], got {threshold}")
-    return blen, steps
-
-
-def diffusion_generate(den: Denoiser, prompts: list[list[int]], *, max_new_tokens: int,
-                       block_length: int | None = None, threshold: float | None = 0.9,
-                       steps: int | None = None, temperature: float = 0.0, seed: int = 0,
-                       trace: bool = False, on_tokens: OnTokens | None = None,
-                       thinking: ThinkingBudget | None = None) -> Generation:
+def diffusion_generate(den: Denoiser, prompts: list[list[int]], policy: DecodePolicy | None = None, *,
+                       max_new_tokens: int, trace: bool = False, on_tokens: OnTokens | None = None,
+                       thinking: ThinkingBudget | None = None, **knobs) -> Generation:
     """Block diffusion with a causal prefix cache (upstream `generate`, causal_context=True).
+    policy: a DecodePolicy("dlm", ...), or its fields as keywords (block_length, threshold, steps, ...).
 
     Each block starts as [seed, MASK x (B-1)] where the seed is the AR prediction of the previous
     causal pass. Bidirectional refinement passes read the cache and commit masked positions:
-      threshold policy (threshold set): top-1 plus every masked position with confidence >= threshold;
-      fixed-steps policy (threshold None): `steps` passes (default block_length) committing an even
-      split of the block's masks per pass, the LLaDA schedule, a hard budget on passes per block.
+      threshold policy: top-1 plus every masked position with confidence >= threshold;
+      fixed-steps policy (steps set): `steps` passes committing an even split of the block's masks
+      per pass, the LLaDA schedule, a hard budget on passes per block.
     A row stops refining once its block has no mask left, or has an EOS with no mask before it.
     Then a causal commit pass writes the block's K/V and its last position gives the next seed.
+    Greedy untraced blocks go to the backend's device block refiner where it has one (`refine.py`).
     """
     cfg, B = den.config, len(prompts)
-    blen, steps = dlm_policy(cfg.block_size, block_length, threshold, steps)
+    policy = _policy("dlm", policy, knobs, cfg)
+    blen = policy.block_length
     n_blocks = math.ceil(max_new_tokens / blen)
-    mask_id, eos = cfg.mask_token_id, cfg.eos_ids
-    run = _Run(den, B, temperature=temperature, seed=seed, trace=trace,
-               max_new_tokens=max_new_tokens, on_tokens=on_tokens, thinking=thinking)
+    run = _Run(den, B, policy, trace=trace, max_new_tokens=max_new_tokens, on_tokens=on_tokens,
+               thinking=thinking)
     seed_tok = _prefill(run, prompts, n_blocks * blen)                               # [B]
+    refiner = den.block_refiner(policy) if policy.device_refine and policy.greedy and not trace else None
     for k in range(n_blocks):
         active = ~run.done
-        blk = torch.full((B, blen), mask_id, dtype=torch.long)                       # [B, blen]
+        blk = torch.full((B, blen), cfg.mask_token_id, dtype=torch.long)             # [B, blen]
         blk[:, 0] = seed_tok
         if thinking is not None:
             run.think_block(blk, active)
-        if threshold is None:
-            quota = remask.even_split((blk == mask_id).sum(1), steps)                # [B, steps]
-        refining = active.clone()
-        for s in range(blen):
-            masked = blk == mask_id
-            refining &= masked.any(1) & ~_eos_complete(blk, masked, eos)
-            if not bool(refining.any()) or (threshold is None and s >= steps):
-                break
-            out = run.step("denoise", blk, refining, block=k, index=s)
-            masked &= refining[:, None]
-            if threshold is None:
-                commit = remask.commit_topk(out.conf, masked, quota[:, s])
-            else:
-                commit = remask.commit_threshold(out.conf, masked, threshold)
-            run.note_commit(commit)
-            blk = torch.where(commit, out.token, blk)
+        quota = None
+        if policy.steps is not None:
+            quota = remask.even_split((blk == cfg.mask_token_id).sum(1), policy.steps)   # [B, steps]
+        if refiner is not None:
+            blk = run.refine(refiner, blk, active, quota, policy)
+        else:
+            blk = _refine_on_host(run, blk, active, quota, policy, k)
         seed_tok = run.step("commit", blk, active, block=k).token[:, -1]
         for b in active.nonzero()[:, 0].tolist():
             run.emit(b, blk[b].tolist())
@@ -257,32 +254,45 @@ def diffusion_generate(den: Denoiser, prompts: list[list[int]], *, max_new_token
     return run.result()
 
 
-def _eos_complete(blk: torch.Tensor, masked: torch.Tensor, eos: tuple[int, ...] | torch.Tensor) -> torch.Tensor:
-    """[B] bool: the block holds an EOS with no mask before its first EOS (the row is finished)."""
-    is_eos = _eos_mask(blk, eos)
-    before_first = torch.cumsum(is_eos.long(), dim=1) == 0
-    return is_eos.any(1) & ~(masked & before_first).any(1)
+def _refine_on_host(run: _Run, blk: torch.Tensor, active: torch.Tensor, quota: torch.Tensor | None,
+                    policy: DecodePolicy, k: int) -> torch.Tensor:
+    """The refinement passes of block k, one `step` each (the rules of refine.py)."""
+    mask_id = run.den.config.mask_token_id
+    refining = active.clone()
+    for s in range(policy.passes):
+        masked = blk == mask_id
+        refining &= masked.any(1) & ~remask.eos_complete(blk, masked, run.eos)
+        if not bool(refining.any()):
+            break
+        out = run.step("denoise", blk, refining, block=k, index=s)
+        masked &= refining[:, None]
+        if quota is not None:
+            commit = remask.commit_topk(out.conf, masked, quota[:, s])
+        else:
+            commit = remask.commit_threshold(out.conf, masked, policy.threshold)
+        run.note_commit(commit)
+        blk = torch.where(commit, out.token, blk)
+    return blk
 
 
 # ---- linear self-speculation ----------------------------------------------------------------------
 
-def linear_spec_generate(den: Denoiser, prompts: list[list[int]], *, max_new_tokens: int,
-                         block_length: int | None = None, threshold: float = 0.0,
-                         temperature: float = 0.0, seed: int = 0, trace: bool = False,
-                         on_tokens: OnTokens | None = None, thinking: ThinkingBudget | None = None) -> Generation:
+def linear_spec_generate(den: Denoiser, prompts: list[list[int]], policy: DecodePolicy | None = None, *,
+                         max_new_tokens: int, trace: bool = False, on_tokens: OnTokens | None = None,
+                         thinking: ThinkingBudget | None = None, **knobs) -> Generation:
     """Draft a block bidirectionally (draft LoRA on), verify it causally (LoRA off), keep the
     agreeing prefix plus the verifier's next token, and trim the rejected K/V.
+    policy: a DecodePolicy("linear-spec", ...), or its fields as keywords (block_length, threshold, ...).
 
     With threshold 0 one draft pass fills every mask; with threshold > 0 drafting repeats, each pass
     committing masks with confidence >= threshold (or the most confident one if none passes).
     At temperature 0 the output equals greedy AR decoding of the base model.
     """
     cfg, B = den.config, len(prompts)
-    blen = block_length or cfg.block_size
-    if blen < 2:
-        raise InvalidArgument(f"block_length must be at least 2, got {blen}")
-    run = _Run(den, B, temperature=temperature, seed=seed, trace=trace,
-               max_new_tokens=max_new_tokens, on_tokens=on_tokens, thinking=thinking)
+    policy = _policy("linear-spec", policy, knobs, cfg)
+    blen, threshold = policy.block_length, policy.threshold
+    run = _Run(den, B, policy, trace=trace, max_new_tokens=max_new_tokens, on_tokens=on_tokens,
+               thinking=thinking)
     seed_tok = _prefill(run, prompts, max_new_tokens + blen)                         # [B]
     for b in range(B):
         seed_tok[b] = run.think(b, [int(seed_tok[b])])[0]
@@ -322,21 +332,15 @@ def linear_spec_generate(den: Denoiser, prompts: list[list[int]], *, max_new_tok
     return run.result()
 
 
-DEFAULT_THRESHOLD = {"dlm": 0.9, "linear-spec": 0.0}
+_LOOPS = {"ar": ar_generate, "dlm": diffusion_generate, "linear-spec": linear_spec_generate}
 
 
-def generate(den: Denoiser, prompts: list[list[int]], mode: str, *, threshold: float | None = None,
-             steps: int | None = None, block_length: int | None = None, **kw) -> Generation:
-    """Dispatch on mode with the per-mode defaults: dlm uses the threshold rule (0.9) unless `steps`
-    asks for the fixed-steps schedule; linear-spec drafts in one pass (threshold 0)."""
-    if mode not in MODES:
-        raise InvalidArgument(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if steps is not None and (mode != "dlm" or threshold is not None):
-        raise InvalidArgument("steps (the fixed-steps schedule) is a dlm policy and excludes threshold")
-    if mode == "ar":
-        return ar_generate(den, prompts, **kw)
-    if threshold is None and steps is None:
-        threshold = DEFAULT_THRESHOLD[mode]
-    if mode == "dlm":
-        return diffusion_generate(den, prompts, block_length=block_length, threshold=threshold, steps=steps, **kw)
-    return linear_spec_generate(den, prompts, block_length=block_length, threshold=threshold, **kw)
+def generate(den: Denoiser, prompts: list[list[int]], policy: DecodePolicy | str, *, max_new_tokens: int,
+             trace: bool = False, on_tokens: OnTokens | None = None, thinking: ThinkingBudget | None = None,
+             **knobs) -> Generation:
+    """Decode with `policy`: a DecodePolicy, or a mode name with the policy's fields as keywords
+    (block_length, threshold, steps, temperature, seed, ...; their defaults: policy.py).
+    thinking: the instruct models' thinking budget (thinking.py), None for none."""
+    policy = DecodePolicy.of(policy, knobs)
+    return _LOOPS[policy.mode](den, prompts, policy, max_new_tokens=max_new_tokens, trace=trace,
+                               on_tokens=on_tokens, thinking=thinking)

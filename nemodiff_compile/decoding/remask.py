@@ -63,3 +63,17 @@ def even_split(num_masked: torch.Tensor, steps: int) -> torch.Tensor:
     base = num_masked[:, None] // steps
     rem = num_masked[:, None] % steps
     return base + (torch.arange(steps, device=num_masked.device)[None, :] < rem).long()
+
+
+def eos_mask(t: torch.Tensor, eos: tuple[int, ...] | torch.Tensor) -> torch.Tensor:
+    """[...] bool: t is one of the EOS ids (a tuple, or already a tensor on t's device for graph-captured callers)."""
+    if not isinstance(eos, torch.Tensor):
+        eos = torch.tensor(eos, dtype=t.dtype, device=t.device)
+    return (t[..., None] == eos).any(-1)                  # a handful of ids: no sort, no host sync
+
+
+def eos_complete(blk: torch.Tensor, masked: torch.Tensor, eos: tuple[int, ...] | torch.Tensor) -> torch.Tensor:
+    """[B] bool: the block holds an EOS with no mask before its first EOS (the row is finished)."""
+    is_eos = eos_mask(blk, eos)
+    before_first = torch.cumsum(is_eos.long(), dim=1) == 0
+    return is_eos.any(1) & ~(masked & before_first).any(1)

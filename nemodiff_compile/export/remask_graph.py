@@ -1,6 +1,6 @@
 """The remask stage inside the exported step: the commit rule in standard ops, or the plugin node.
 
-`commit_by_rank` is the rule of `sampling.remask` (threshold: top-1 masked + masked with conf >=
+`commit_by_rank` is the rule of `decoding.remask` (threshold: top-1 masked + masked with conf >=
 threshold; top-k: the quota[b] most confident masked; ties to the lower position) written without
 sort, TopK or ArgMax, whose tie order TensorRT does not promise: each position's rank is the number
 of positions ahead of it, counted pairwise over the block ([B, L, L] booleans; L is the block length).

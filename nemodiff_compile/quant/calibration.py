@@ -4,7 +4,7 @@ The denoiser sees masked canvases in bidirectional refinement passes that an AR 
 show it, so calibration runs the decode loops themselves over the torch reference: `dlm` (prefill,
 bidirectional denoise passes on partly masked blocks, causal commit passes), `linear-spec`
 (bidirectional draft of a whole masked block, causal verify) and `ar`, through the same
-`TorchDenoiser` and `sampling.loops` that every backend is checked against.
+`TorchDenoiser` and `decoding.loops` that every backend is checked against.
 """
 
 from __future__ import annotations

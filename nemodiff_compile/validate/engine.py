@@ -17,25 +17,12 @@ def open_pair(engine_dir: str | Path, *, reference: Any = None, reference_source
               max_len: int | None = None, threads: int | None = None):
     """(manifest, engine Denoiser, reference Denoiser, tokenizer or None) for an engine directory."""
     from .. import PRESETS, load_reference
-    from ..artifact.manifest import read_manifest
     from ..build_config import PRECISION_DTYPES
-    from ..config import ModelConfig
-    from ..artifact.spec import IOSpec
-    from ..backends.ort import OrtDenoiser
     from ..backends.eager import TorchDenoiser
+    from ..backends.open import open_engine
 
-    engine_dir = Path(engine_dir)
-    manifest = read_manifest(engine_dir)
-    cfg = ModelConfig.from_hf(manifest.model_config, source=f"{engine_dir}/manifest.json")
-    spec = IOSpec.from_json(manifest.io_spec)
-    max_len = max_len or manifest.buckets["max_context"]
-    if manifest.backend == "tensorrt":
-        from ..backends.trt import TrtDenoiser
-
-        engine = TrtDenoiser(engine_dir, manifest, cfg, max_len)
-    else:
-        engine = OrtDenoiser(engine_dir / "model.onnx", spec, cfg, max_len, threads=threads,
-                             return_logits="logits" in spec.output_names())
+    e = open_engine(engine_dir, max_len=max_len, threads=threads, return_logits=None)
+    manifest, cfg = e.manifest, e.config
     if reference is None:
         source = reference_source or manifest.source
         if not Path(str(source)).exists() and str(source).lower() not in PRESETS:
@@ -44,12 +31,7 @@ def open_pair(engine_dir: str | Path, *, reference: Any = None, reference_source
     if reference.config.replace(dtype=cfg.dtype).to_hf() != cfg.to_hf():          # dtype aside
         raise NemodiffError(f"{engine_dir}: the reference model's config differs from the engine's: "
                             "rebuild the engine from this checkpoint")
-    tok = None
-    if (engine_dir / "tokenizer.json").is_file():
-        from ..model.tokenizer import load_tokenizer
-
-        tok = load_tokenizer(engine_dir)
-    return manifest, engine, TorchDenoiser(reference, max_len, return_logits=True), tok
+    return manifest, e.denoiser, TorchDenoiser(reference, e.denoiser.max_len, return_logits=True), e.tokenizer
 
 
 def builtin_prompts(tok: Any, cfg, count: int) -> list[list[int]]:
@@ -118,3 +100,33 @@ def bench_engine(engine_dir: str | Path, *, batch: int = 1, mode: str = "dlm", m
     prompts = (builtin_prompts(tok, ref.config, 4) * batch)[:batch]
     return bench({"engine": engine, "reference": ref}, prompts, mode=mode, max_new_tokens=max_new_tokens,
                  repeats=repeats, warmup=warmup)
+
+
+def sweep_engine(engine_dir: str | Path, specs: tuple[str, ...], *, mode: str = "dlm", max_new_tokens: int = 64,
+                 batch: int = 1, repeats: int = 3, threads: int | None = None,
+                 tasks_file: str | Path | None = None, prompts_file: str | Path | None = None, log=None):
+    """`bench DIR --sweep ...`: the engine over a grid of decode settings (bench/sweep.py), judged by
+    the reference it was built from. Prompts: --tasks (scored answers), --prompts, or the built-in ones."""
+    from ..bench.sweep import parse_sweep, plan_sweep, run_sweep
+    from ..bench.tasks import encode_tasks, read_tasks
+    from ..prompts import encode_prompts, read_prompt_file
+
+    if tasks_file is not None and prompts_file is not None:
+        raise NemodiffError("give --tasks or --prompts, not both")
+    axes = parse_sweep(specs)
+    plan_sweep(axes, mode=mode)                          # spec and files checked before any model loads
+    tasks = read_tasks(tasks_file) if tasks_file is not None else None
+    items = read_prompt_file(prompts_file, "--prompts") if prompts_file is not None else None
+    manifest, engine, ref, tok = open_pair(engine_dir, threads=threads)
+    ref.return_logits = engine.return_logits = False
+    settings = plan_sweep(axes, mode=mode, block_size=ref.config.block_size)
+    if tasks is not None:
+        prompts, source = encode_tasks(tasks, tok, f"--tasks {tasks_file}"), f"tasks {tasks_file}"
+    elif items is not None:
+        prompts, source = encode_prompts(items, tok, ref.config, f"--prompts {prompts_file}"), f"prompts {prompts_file}"
+    else:
+        prompts, source = builtin_prompts(tok, ref.config, len(TEXT_PROMPTS)), "built-in"
+    info = dict(engine=f"{Path(engine_dir).name} ({manifest.backend}, {manifest.precision})", prompt_source=source,
+                judge=f"the reference ({ref.model.dtype}) causal pass".replace("torch.", ""))
+    return run_sweep(engine, settings, prompts, judge=ref.model, max_new_tokens=max_new_tokens, batch=batch,
+                     repeats=repeats, tasks=tasks, tokenizer=tok, info=info, log=log)

@@ -31,7 +31,7 @@ class ShadowPass:
     lengths_ok: bool                   # cache lengths equal after this pass (and after a following trim)
 
 
-class ShadowDenoiser:
+class ShadowDenoiser(Denoiser):
     def __init__(self, reference: Denoiser, engine: Denoiser, *, logits_atol: float | None = None,
                  logits_rtol: float | None = None):
         self.reference, self.engine = reference, engine

@@ -2,8 +2,8 @@
 
 import pytest
 
-from nemodiff_compile.artifact.profiles import (batch_bucket, binding_shapes, make_profiles, profile_for,
-                                             profiles_from_json)
+from nemodiff_compile.artifact.buckets import BatchBuckets
+from nemodiff_compile.artifact.profiles import binding_shapes, make_profiles, profile_for, profiles_from_json
 from nemodiff_compile.artifact.targets import (DeviceInfo, engine_file_name, parse_target, parse_targets,
                                             select_engine)
 from nemodiff_compile.errors import InvalidArgument, NemodiffError
@@ -34,7 +34,7 @@ def test_one_profile_per_batch_bucket(spec, tiny_cfg):
 @pytest.mark.parametrize("batch,block", [(1, 1), (1, 16), (3, 16), (4, 256), (2, 37)])
 def test_every_runtime_shape_is_inside_a_profile(spec, batch, block):
     profiles = make_profiles(spec, BUCKETS)
-    bucket = batch_bucket(batch, BUCKETS["batch_sizes"])
+    bucket = BatchBuckets.built(BUCKETS["batch_sizes"]).pick(batch)
     shapes = binding_shapes(spec, batch=bucket, block=block, cache_len=256)
     assert profiles[profile_for(profiles, shapes)].batch == bucket
 
@@ -42,7 +42,7 @@ def test_every_runtime_shape_is_inside_a_profile(spec, batch, block):
 def test_shapes_outside_the_profiles_are_refused(spec):
     profiles = make_profiles(spec, BUCKETS)
     with pytest.raises(InvalidArgument, match="--batch-sizes including 5"):
-        batch_bucket(5, BUCKETS["batch_sizes"])
+        BatchBuckets.built(BUCKETS["batch_sizes"]).pick(5)
     with pytest.raises(InvalidArgument, match="no optimization profile"):
         profile_for(profiles, binding_shapes(spec, batch=4, block=300, cache_len=256))
     with pytest.raises(InvalidArgument, match="--block-length 512 exceeds --max-context 256"):

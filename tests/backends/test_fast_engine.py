@@ -98,23 +98,35 @@ def test_linear_spec_with_draft_lora(with_lora):
 def test_device_loop_equals_reference_loop(trained, kw, check_every):
     ref = loops.diffusion_generate(TorchDenoiser(trained, MAX_LEN), PROMPTS, max_new_tokens=48, **kw)
     den = FastDenoiser(trained, MAX_LEN, graphs=FakeGraphs())
-    got = den.generate_dlm(PROMPTS, max_new_tokens=48, check_every=check_every, **kw)
+    got = loops.diffusion_generate(den, PROMPTS, max_new_tokens=48, check_every=check_every, **kw)
     _same(got, ref)
     assert den.executed >= got.nfe                       # wasted passes are counted apart
+    assert got.device_passes >= got.nfe_by_phase["denoise"] > 0 and got.nfe == ref.nfe
+
+
+def test_the_loop_hands_only_greedy_untraced_blocks_to_the_refiner(trained):
+    den = FastDenoiser(trained, MAX_LEN, graphs=FakeGraphs())
+    device = loops.generate(den, PROMPTS[:1], "dlm", max_new_tokens=16)
+    assert device.device_passes >= device.nfe_by_phase["denoise"] > 0
+    for kw in (dict(trace=True), dict(device_refine=False), dict(temperature=1.0)):
+        g = loops.generate(den, PROMPTS[:1], "dlm", max_new_tokens=16, **kw)
+        assert g.device_passes == 0 and (kw.get("temperature") or g.tokens == device.tokens)
+    assert TorchDenoiser(trained, MAX_LEN).block_refiner(loops.DecodePolicy()) is None
 
 
 def test_graph_bookkeeping(trained):
     pool = FakeGraphs()
     den = FastDenoiser(trained, MAX_LEN, graphs=pool)
-    first = den.generate_dlm(PROMPTS[:2], max_new_tokens=32)          # bucket 2
+    dlm = lambda prompts: loops.diffusion_generate(den, prompts, max_new_tokens=32)  # noqa: E731
+    first = dlm(PROMPTS[:2])                                          # bucket 2
     keys = set(pool.graphs)
     assert pool.captures == len(keys) == pool.recorded
-    assert {k[0] for k in keys} >= {"denoise", "commit"}
-    again = den.generate_dlm(PROMPTS[:2], max_new_tokens=32)          # same bucket: replay only
+    assert {k[0] for k in keys} >= {"denoise", "step"}                # refinement; commit passes
+    again = dlm(PROMPTS[:2])                                          # same bucket: replay only
     assert pool.captures == len(keys) and again.tokens == first.tokens
-    den.generate_dlm(PROMPTS[:1], max_new_tokens=32)                  # bucket 1: new buffers, recapture
+    dlm(PROMPTS[:1])                                                  # bucket 1: new buffers, recapture
     assert den.bucket == 1 and pool.captures > len(keys)
-    den.generate_dlm(PROMPTS, max_new_tokens=32)                      # 3 rows pad to bucket 4
+    dlm(PROMPTS)                                                      # 3 rows pad to bucket 4
     assert den.bucket == 4
 
 
@@ -167,10 +179,10 @@ def test_static_fp8_needs_and_uses_calibration(random_tiny, trained):
     assert all(lin.x_scale is not None and float(lin.x_scale) > 0 and lin.amax is None for lin in lins)
     assert lins[0].in_scale is not None                              # producers now emit FP8 inputs
     ref = loops.generate(TorchDenoiser(trained, MAX_LEN), PROMPTS, "dlm", max_new_tokens=32)
-    got = loops.generate(den, PROMPTS, "dlm", max_new_tokens=32)
+    got = loops.generate(den, PROMPTS, "dlm", max_new_tokens=32, device_refine=False)   # host passes
     agree = sum(a == b for r, g in zip(ref.tokens, got.tokens) for a, b in zip(r, g))
     assert agree / sum(len(r) for r in ref.tokens) > 0.8
-    dev = den.generate_dlm(PROMPTS, max_new_tokens=32)               # the device loop, same numbers
+    dev = loops.generate(den, PROMPTS, "dlm", max_new_tokens=32)     # the device loop, same numbers
     assert dev.tokens == got.tokens
     with pytest.raises(InvalidArgument, match="static FP8"):
         FastDenoiser(trained, MAX_LEN).calibrate(PROMPTS)
@@ -182,7 +194,8 @@ def test_session_from_model_uses_the_device_loop(trained):
     with Session.from_model("tiny", max_len=MAX_LEN) as s:
         assert isinstance(s.denoiser, FastDenoiser) and s.tokenizer is not None
         res = s.generate("What is 3 + 4?", mode="dlm", max_new_tokens=32)
-        assert s.denoiser.executed >= res.generation.nfe > 0          # generate_dlm ran
+        assert s.denoiser.executed >= res.generation.nfe > 0
+        assert res.generation.device_passes >= res.generation.nfe_by_phase["denoise"] > 0   # the device refiner ran
         ref = loops.diffusion_generate(TorchDenoiser(trained, MAX_LEN), [s.encode("What is 3 + 4?")],
                                        max_new_tokens=32, threshold=0.9)
         assert res.completions[0].tokens == ref.tokens[0] and res.text

@@ -5,12 +5,12 @@ import torch
 
 from nemodiff_compile.backends.eager import TorchDenoiser
 from nemodiff_compile.decoding import loops, remask
-from nemodiff_compile.decoding.denoiser import StepOut
+from nemodiff_compile.decoding.denoiser import Denoiser, StepOut
 
 PROMPTS = [[1, 40, 41, 42, 43, 44, 45], [1, 50, 51], [1, 60, 61, 62, 63, 64, 65, 66, 67, 68, 69]]
 
 
-class NoCacheDenoiser:
+class NoCacheDenoiser(Denoiser):
     """The same contract without a KV cache: every pass re-runs the whole history of each row with
     an explicit block-causal mask (history causal, block causal or bidirectional over everything)."""
 

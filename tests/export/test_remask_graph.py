@@ -1,4 +1,4 @@
-"""The remask stage in standard ops: the same commit sets as sampling.remask (ties, none above threshold,
+"""The remask stage in standard ops: the same commit sets as decoding.remask (ties, none above threshold,
 all committed, inactive rows), and the exported graph's commits agree with the rule applied to its own
 token/confidence outputs under ONNX Runtime."""
 

@@ -58,3 +58,16 @@ def test_closed_session_refuses(tiny_engine):
     s.close()
     with pytest.raises(NemodiffError, match="closed"):
         s.generate(PROMPTS[0], max_new_tokens=4)
+
+
+def test_a_decode_policy_or_its_knobs(session):
+    from nemodiff_compile.decoding.policy import DecodePolicy
+
+    policy = DecodePolicy("dlm", steps=4, block_length=8)
+    a = session.generate(PROMPTS[0], policy=policy, max_new_tokens=8)
+    b = session.generate(PROMPTS[0], mode="dlm", steps=4, block_length=8, max_new_tokens=8)
+    assert a.completions[0].tokens == b.completions[0].tokens and a.generation.nfe_by_phase["denoise"] == 4
+    with pytest.raises(NemodiffError, match="not both"):
+        session.generate(PROMPTS[0], policy=policy, seed=1)
+    with pytest.raises(NemodiffError, match="excludes threshold"):
+        session.generate(PROMPTS[0], steps=4, threshold=0.5)

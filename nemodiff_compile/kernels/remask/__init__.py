@@ -1,7 +1,7 @@
 """`nemodiff::Remask`: one refinement pass's sampling and commit rule, fused over the vocabulary.
 
     spec.py           the op's id (name, version, namespace) and I/O, shared by exporter/builder/runtime
-    reference.py      the torch reference, composed from sampling.remask (the truth)
+    reference.py      the torch reference, composed from decoding.remask (the truth)
     triton_kernel.py  the Triton implementation (CUDA, or the CPU interpreter with TRITON_INTERPRET=1)
 
 `pick` and `remask` below dispatch: the Triton kernel for CUDA tensors where Triton imports, the

@@ -1,6 +1,6 @@
 """The one table that names the remask op for the ONNX exporter, the TensorRT builder and the runtime.
 
-Semantics (the same as `sampling.loops.diffusion_generate` applies per pass):
+Semantics (the same as `decoding.loops.diffusion_generate` applies per pass):
   inputs   logits [B, L, V] float, canvas [B, L] int64 (mask_id where still masked),
            active [B] bool (rows still refining), quota [B] int64 (top-k policy: commits this pass),
            noise [B, L, V] float (optional, Gumbel noise for temperature > 0)

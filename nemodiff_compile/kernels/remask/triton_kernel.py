@@ -89,7 +89,7 @@ def _commit(canvas_ptr, token_ptr, conf_ptr, active_ptr, quota_ptr, out_ptr, com
 
 def pick(logits: torch.Tensor, temperature: float = 0.0, noise: torch.Tensor | None = None,
          *, out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, L, V] -> token [B, L] int64, conf [B, L] float32 (`sampling.remask.pick`)."""
+    """logits [B, L, V] -> token [B, L] int64, conf [B, L] float32 (`decoding.remask.pick`)."""
     B, L, V = logits.shape
     logits = logits.contiguous()
     if temperature > 0 and noise is None:
