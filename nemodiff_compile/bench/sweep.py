@@ -136,6 +136,42 @@ def plan_sweep(axes: dict[str, tuple], *, mode: str = "dlm", block_size: int | N
     return out
 
 
+@dataclass
+class SweepInputs:
+    """A sweep's spec and prompt source, read and checked before any model loads."""
+
+    axes: dict[str, tuple]
+    tasks: list | None = None               # bench.tasks.Task per prompt (--tasks), scored by their answers
+    items: list | None = None               # --prompts file items
+    where: str = "built-in"
+
+    @classmethod
+    def read(cls, specs: Sequence[str], *, mode: str, tasks_file=None, prompts_file=None) -> "SweepInputs":
+        from ..prompts import read_prompt_file
+        from .tasks import read_tasks
+
+        if tasks_file is not None and prompts_file is not None:
+            raise InvalidArgument("give --tasks or --prompts, not both")
+        axes = parse_sweep(specs)
+        plan_sweep(axes, mode=mode)
+        if tasks_file is not None:
+            return cls(axes, tasks=read_tasks(tasks_file), where=f"--tasks {tasks_file}")
+        if prompts_file is not None:
+            return cls(axes, items=read_prompt_file(prompts_file, "--prompts"), where=f"--prompts {prompts_file}")
+        return cls(axes)
+
+    def prompts(self, tok, cfg) -> tuple[list[list[int]], str]:
+        """(token ids per prompt, the source as the report names it)."""
+        from ..prompts import TEXT_PROMPTS, builtin_prompts, encode_prompts
+        from .tasks import encode_tasks
+
+        if self.tasks is not None:
+            return encode_tasks(self.tasks, tok, self.where), self.where.replace("--tasks ", "tasks ")
+        if self.items is not None:
+            return encode_prompts(self.items, tok, cfg, self.where), self.where.replace("--prompts ", "prompts ")
+        return builtin_prompts(tok, cfg, len(TEXT_PROMPTS)), "built-in"
+
+
 # ---- measuring ------------------------------------------------------------------------------------
 
 @dataclass
