@@ -87,7 +87,8 @@ def main() -> int:
             msg, now = line[8:], time.perf_counter() - start
             if msg.startswith(("plan", "machine", "model ")):
                 plan.append(msg)
-            elif re.match(r"^[\w ]+: [\d.]+(/[\d.]+)? ", msg) and stages:    # a progress bar's plain line
+            elif stages and (re.match(r"^[\w ]+: [\d.]+(/[\d.]+)? ", msg)       # a progress bar's plain line
+                             or re.match(r"^\w+ in [\d.]+ s$", msg)):            # "loaded in 90.8 s"
                 stages[-1]["progress"] = msg
             else:                                                           # a new stage
                 if stages:
