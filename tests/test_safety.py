@@ -112,8 +112,8 @@ def test_output_that_is_not_an_engine_is_refused_before_any_work(tmp_path, engin
         (["--output", foreign], "has a manifest.json that nemodiff-compile did not write"),
         (["--output", engine], "also holds my-notes.md"),
         (["--output", link], "a symbolic link"),
-        (["--checkpoint", ckpt, "--output", ckpt], "the source checkpoint folder would be replaced"),
-        (["--checkpoint", ckpt, "--output", ckpt.parent], "a folder holding the source checkpoint"),
+        (["--model", ckpt, "--output", ckpt], "the source checkpoint folder would be replaced"),
+        (["--model", ckpt, "--output", ckpt.parent], "a folder holding the source checkpoint"),
         (["--output", "."], "the current folder would be replaced"),
         (["--output", ".."], "a folder holding the current folder"),
         (["--output", afile / "engine"], "notes.txt is a file, not a folder"),
@@ -133,7 +133,7 @@ def test_hints_name_the_engines_own_build_and_never_a_folder_to_delete(engine, t
     m["source"], m["precision"] = "/models/nld-8b", "fp8"           # an edited manifest: what can be read
     (engine / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(EngineError, match=r"checksum mismatch\); rebuild it with `nemodiff-compile build "
-                                          r"--checkpoint /models/nld-8b --precision fp8 --backend onnxruntime "
+                                          r"--model /models/nld-8b --precision fp8 --backend onnxruntime "
                                           rf"--output {engine}`"):
         read_manifest(engine)
     user = tmp_path / "mine"
@@ -282,7 +282,7 @@ def test_an_altered_weights_file_is_named(engine):
 
 def _build(ckpt: Path, out: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "nemodiff_compile", "build", "--checkpoint", str(ckpt),
+    return subprocess.Popen([sys.executable, "-m", "nemodiff_compile", "build", "--model", str(ckpt),
                              "--backend", "onnxruntime", "--output", str(out), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 

@@ -100,10 +100,11 @@ def rebuild_hint(engine_dir: Path, raw: Any) -> str:
 
     if isinstance(raw, dict) and all(isinstance(raw.get(k), str) for k in ("source", "precision", "backend")):
         src = raw["source"]
-        given = f"--size {src}" if src.lower() in PRESETS else f"--checkpoint {shlex.quote(src)}"
+        given = (f"--size {src.lower()}" + ("" if src.lower() == "tiny" else " --random-weights")
+                 if src.lower() in PRESETS else f"--model {shlex.quote(src)}")
         return (f"rebuild it with `nemodiff-compile build {given} --precision {raw['precision']} "
                 f"--backend {raw['backend']} --output {shlex.quote(str(engine_dir))}`")
-    return ("build the engine again into another folder (`nemodiff-compile build --checkpoint SOURCE "
+    return ("build the engine again into another folder (`nemodiff-compile build --model SOURCE "
             "--precision P --output NEW_DIR`)")
 
 
