@@ -62,7 +62,7 @@ def build_engine(config: BuildConfig, *, recipe: "Recipe | None" = None,
     choice, quant = prepare(config, recipe=recipe)
     backend = choice["chosen"]
     output = check_output_path(config, backend)          # before anything is loaded or written
-    _check_shapes(config)
+    check_shapes(config)
     check = _output_check(config.source)
     if backend == "tensorrt":
         return _build_tensorrt(config, choice, output=output, progress=progress, quant=quant, check=check)
@@ -170,18 +170,20 @@ def _output_check(source: str) -> Callable[[Path], None]:
     return lambda out: check_output(out, source_folder=folder)
 
 
-def _check_shapes(config: BuildConfig) -> None:
-    """The cache must hold a prompt and one block (the model's block_size when --block-length is not given)."""
+def check_shapes(config: BuildConfig, model_config=None) -> None:
+    """The cache must hold a prompt and one block: --block-length when given (BuildConfig checks it),
+    else the block_size of `model_config` (default: read from the source's config.json or preset)."""
     from . import checkpoint_folder
     from .config import ModelConfig, preset
 
     if config.shapes.block_length is not None:
-        return                               # checked by BuildConfig
-    folder = checkpoint_folder(config.source)
-    if folder is not None and not (folder / "config.json").is_file():
-        return                               # not a checkpoint folder: the loader says so, with its name
-    cfg = ModelConfig.from_file(folder / "config.json") if folder else preset(config.source)
-    check_context(config.shapes.max_context, cfg.block_size, given=False)
+        return
+    if model_config is None:
+        folder = checkpoint_folder(config.source)
+        if folder is not None and not (folder / "config.json").is_file():
+            return                           # not a checkpoint folder: the loader says so, with its name
+        model_config = ModelConfig.from_file(folder / "config.json") if folder else preset(config.source)
+    check_context(config.shapes.max_context, model_config.block_size, given=False)
 
 
 def _check_source(source: str) -> None:

@@ -7,7 +7,8 @@ A build puts its engine directory at `--output`, replacing what is there only wh
     file its manifest does not list (a file put into an engine directory is never deleted).
 Anything else is refused in one line naming `--output` and what was found: an existing file, a
 symbolic link, any other folder, the source checkpoint folder or a folder holding it, the current
-folder or a folder holding it.
+folder or a folder holding it, a path under a file, a location this process cannot write (the build
+finds out again when it takes its lock: fsutil.atomic_dir).
 """
 
 from __future__ import annotations
@@ -39,6 +40,14 @@ def check_output(out: str | Path, *, source_folder: str | Path | None = None) ->
             what = "the source checkpoint folder" if where == src else f"a folder holding the source checkpoint ({src})"
             raise InvalidArgument(f"{shown}: {what} would be replaced by the engine directory; give another path "
                                   "for the engine")
+    base = Path(os.path.abspath(out)).parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise InvalidArgument(f"{shown}: {base} is a file, not a folder; give a path in a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise InvalidArgument(f"{shown}: cannot write in {base} (permission denied or read-only); "
+                              "give a location you can write to")
     if out.is_symlink():
         raise InvalidArgument(f"{shown}: a symbolic link (to {os.readlink(out)}); give the folder it points to, "
                               "or a new path")
