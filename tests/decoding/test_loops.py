@@ -164,3 +164,35 @@ def test_streamed_chunks_add_up_to_the_result(den, mode):
     assert all(len(t) == 13 for t in g.tokens)
     if mode == "dlm":                      # whole blocks stream at once (the last one cut to 13)
         assert [len(c) for c in chunks[0]] == [4, 4, 4, 1]
+
+
+class CertainDenoiser:
+    """`den` with every confidence exactly 1.0 (what bf16 reaches on a peaked output)."""
+
+    def __init__(self, den):
+        self.den, self.config, self.max_len = den, den.config, den.max_len
+
+    def reset(self, batch):
+        self.den.reset(batch)
+
+    def lengths(self):
+        return self.den.lengths()
+
+    def trim(self, lengths):
+        self.den.trim(lengths)
+
+    def block_refiner(self, policy):
+        return None
+
+    def step(self, tokens, **kw):
+        out = self.den.step(tokens, **kw)
+        return StepOut(out.token, torch.ones_like(out.conf))
+
+
+def test_confidence_equal_to_the_threshold_commits_in_the_loops(den):
+    """Threshold 1.0 with confidences of exactly 1.0: one pass fills a block (>=, not >)."""
+    sure = CertainDenoiser(den)
+    g = loops.diffusion_generate(sure, PROMPTS[:2], max_new_tokens=16, block_length=8, threshold=1.0)
+    assert g.nfe_by_phase == {"prefill": 1, "denoise": 2, "commit": 2}
+    g = loops.linear_spec_generate(sure, PROMPTS[:1], max_new_tokens=8, block_length=8, threshold=1.0)
+    assert g.nfe_by_phase["draft"] == g.nfe_by_phase["verify"]            # one draft pass per block

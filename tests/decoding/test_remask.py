@@ -59,3 +59,15 @@ def test_pick_confidence_uses_raw_logits():
     freq = torch.bincount(tok, minlength=3).float() / 4000        # Gumbel-max samples softmax(logits)
     torch.testing.assert_close(freq, torch.softmax(logits[0], -1), atol=0.03, rtol=0)
     assert torch.allclose(conf, torch.softmax(logits, -1)[0][tok])
+
+
+def test_confidence_equal_to_the_threshold_commits():
+    """conf == threshold commits (>=, not >): 1.0 is reached in bf16, 0.5 and 0.25 are exact."""
+    masked = torch.tensor([[True, True, True, False, True]])
+    for t in (1.0, 0.5, 0.25):
+        conf = torch.tensor([[t, t, t, t, t / 2]])
+        assert remask.commit_threshold(conf, masked, t).tolist() == [[True, True, True, False, False]]
+    one = torch.softmax(torch.tensor([[[0.0, 200.0, 0.0]] * 4]).bfloat16(), -1)     # one-hot in bf16
+    tok, conf = remask.pick(torch.log(one.float() + 1e-30))
+    assert conf.eq(1.0).all()
+    assert remask.commit_threshold(conf, torch.ones(1, 4, dtype=torch.bool), 1.0).all()
