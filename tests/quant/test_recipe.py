@@ -108,7 +108,58 @@ def test_trt_qdq_nodes_become_native():
     onnx.checker.check_model(m)
     x = np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)
     y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    np.testing.assert_allclose(y, x @ w, atol=0.5)           # fp8 rounding of x, nothing more
+    import torch
+
+    x8 = (torch.from_numpy(x / 0.01).to(torch.float8_e4m3fn).float() * 0.01).numpy()   # x through e4m3
+    assert np.abs(x8 - x).max() > 1e-3                       # the pair rounds: doing nothing would show
+    np.testing.assert_allclose(y, x8 @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_trt_int4_weight_dequant_becomes_native_and_dequantizes():
+    """A blocked int4 weight DQ (trt::TRT_INT4DequantizeLinear, axis 0, block 4) rewritten to the
+    standard op computes x @ (codes * scale per block), not x @ the float weights it approximates."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto as T, helper as h, numpy_helper as nh
+
+    from nemodiff_compile.quant.qdq import native_qdq
+
+    rng = np.random.default_rng(2)
+    K, N, blk = 8, 3, 4
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    scale = (np.abs(w).reshape(K // blk, blk, N).max(1) / 7).astype(np.float32)          # [K/blk, N]
+    codes = np.clip(np.round(w / np.repeat(scale, blk, 0)), -8, 7).astype(np.int8)      # [K, N] in int4 range
+    deq = codes.astype(np.float32) * np.repeat(scale, blk, 0)
+    nodes = [h.make_node("TRT_INT4DequantizeLinear", ["wq", "ws"], ["wd"], domain="trt", axis=0, block_size=blk,
+                         junk=1),
+             h.make_node("MatMul", ["x", "wd"], ["y"])]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [2, K])],
+                     [h.make_tensor_value_info("y", T.FLOAT, [2, N])],
+                     [h.make_tensor("wq", T.INT4, [K, N], codes.flatten().tolist()), nh.from_array(scale, "ws")])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 21), h.make_opsetid("trt", 1)])
+    m.ir_version = 10
+    assert native_qdq(m) == 1
+    dq = m.graph.node[0]
+    assert (dq.op_type, dq.domain) == ("DequantizeLinear", "") and len(dq.input) == 2      # no zero point added
+    assert {a.name: a.i for a in dq.attribute} == {"axis": 0, "block_size": blk}          # unknown attrs dropped
+    assert [o.domain for o in m.opset_import] == [""]
+    onnx.checker.check_model(m)
+    x = rng.standard_normal((2, K)).astype(np.float32)
+    y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ deq, rtol=1e-5, atol=1e-5)
+    assert np.abs(x @ deq - x @ w).max() > 1e-2                 # int4 rounding is visible: the DQ did work
+
+
+def test_unknown_custom_quantize_op_is_refused():
+    onnx = pytest.importorskip("onnx")
+    from onnx import helper as h
+
+    from nemodiff_compile.errors import NemodiffError
+    from nemodiff_compile.quant.qdq import native_qdq
+
+    g = h.make_graph([h.make_node("MyQuantizeLinear", ["x"], ["y"], domain="acme")], "g", [], [])
+    with pytest.raises(NemodiffError, match="acme::MyQuantizeLinear has no native ONNX equivalent"):
+        native_qdq(h.make_model(g))
 
 
 def test_recipe_thresholds_become_tolerances():
