@@ -131,3 +131,44 @@ def test_version_tuple():
     assert mf._version_tuple("2.13.0+cpu") == (2, 13, 0)
     assert mf._version_tuple("1.9") < mf._version_tuple("1.18")
     assert mf._version_tuple("1.2.3.4") == (1, 2, 3)
+    assert mf._version_tuple("3.dev0") == (3, 0, 0) and mf._version_tuple("7") == (7, 0, 0)
+
+
+def test_refusals_name_the_file_and_the_rebuild(engine, tmp_path, monkeypatch):
+    rebuild = f"rebuild it with `nemodiff-compile build --output {engine}`"
+    with pytest.raises(EngineError, match="nope: engine directory not found"):
+        read_manifest(tmp_path / "nope")
+    _require(engine, onnxruntime="1.18")
+    _fake_versions(monkeypatch, onnxruntime="1.9")
+    with pytest.raises(EngineError) as e:
+        read_manifest(engine)
+    assert str(e.value) == (f"{engine / 'manifest.json'}: needs onnxruntime >= 1.18, found 1.9: upgrade onnxruntime "
+                            f"or {rebuild} under this one")
+    (engine / "manifest.json").unlink()
+    with pytest.raises(EngineError) as e:
+        read_manifest(engine)
+    assert str(e.value) == f"{engine / 'manifest.json'}: missing; {engine} is not an engine directory ({rebuild})"
+
+
+def test_checksum_ignores_key_order_and_the_file_is_readable(engine):
+    path = engine / "manifest.json"
+    text = path.read_text()
+    assert '\n  "backend": "onnxruntime",\n' in text                     # indented, one field a line
+    raw = json.loads(text)
+    path.write_text(json.dumps(dict(reversed(list(raw.items())))))      # same content, other key order
+    assert read_manifest(engine).backend == "onnxruntime"
+
+
+def test_manifest_is_written_beside_itself_then_renamed(engine, monkeypatch):
+    """Atomic: the temp file is in the engine directory (a rename across file systems is a copy)."""
+    import os
+
+    moves = []
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (moves.append((a, b)), real(a, b)))
+    write_manifest(engine, read_manifest(engine))
+    ((src, dst),) = moves
+    assert os.path.dirname(src) == str(engine) and dst == engine / "manifest.json"
+    assert os.path.basename(src).startswith(".manifest.")
+    assert sorted(p.name for p in engine.iterdir()) == ["manifest.json", "w.bin"]
+    assert oct(os.stat(dst).st_mode & 0o777) == "0o644"
