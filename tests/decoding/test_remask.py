@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from nemodiff_compile.decoding import remask
@@ -71,3 +72,36 @@ def test_confidence_equal_to_the_threshold_commits():
     tok, conf = remask.pick(torch.log(one.float() + 1e-30))
     assert conf.eq(1.0).all()
     assert remask.commit_threshold(conf, torch.ones(1, 4, dtype=torch.bool), 1.0).all()
+
+
+def test_topk_ties_over_a_long_row_go_to_the_lower_positions():
+    """Many equal confidences (an unstable sort would scatter the picks): the k lowest positions."""
+    conf = torch.full((2, 4096), 0.5)
+    masked = torch.ones(2, 4096, dtype=torch.bool)
+    masked[1, :3] = False
+    got = remask.commit_topk(conf, masked, torch.tensor([5, 2]))
+    assert got[0].nonzero()[:, 0].tolist() == [0, 1, 2, 3, 4]
+    assert got[1].nonzero()[:, 0].tolist() == [3, 4]
+
+
+def test_gumbel_noise_is_seeded_float64_gumbel():
+    a = remask.gumbel_noise((20000,), torch.Generator().manual_seed(3))
+    b = remask.gumbel_noise((20000,), torch.Generator().manual_seed(3))
+    assert a.dtype == torch.float64 and torch.equal(a, b)
+    assert abs(float(a.mean()) - 0.5772) < 0.03 and abs(float(a.var()) - 1.6449) < 0.1   # Euler gamma, pi^2/6
+    with pytest.raises(ValueError, match="^temperature > 0 needs Gumbel noise$"):
+        remask.pick(torch.zeros(1, 3), temperature=1.0)
+
+
+def test_eos_mask_and_eos_complete():
+    M, E = 9, 2
+    blk = torch.tensor([[5, E, M, 7],        # EOS with no mask before it: complete
+                        [M, E, 5, 5],        # a mask before the first EOS: not yet
+                        [5, 6, M, M],        # no EOS: not complete
+                        [5, 6, 7, 3]])       # second EOS id
+    masked = blk == M
+    assert remask.eos_mask(blk, (E, 3)).tolist() == [[False, True, False, False], [False, True, False, False],
+                                                     [False, False, False, False], [False, False, False, True]]
+    assert torch.equal(remask.eos_mask(blk, torch.tensor([E, 3])), remask.eos_mask(blk, (E, 3)))
+    assert remask.eos_complete(blk, masked, (E, 3)).tolist() == [True, False, False, True]
+    assert remask.eos_complete(blk, masked, (E,)).tolist() == [True, False, False, False]
