@@ -185,3 +185,37 @@ def test_tpf_drop_and_pooled_agreement_gates():
     assert _judge_mode(m, tol) == []
     m.matched = 10                                                    # pooled trajectory agreement 0.5
     assert [f for f in _judge_mode(m, tol) if "over all prompts 0.5000 < 0.7" in f]
+
+
+def test_native_nodes_are_kept_and_rewritten_nodes_keep_their_options():
+    """Standard Q/DQ nodes (domain "" or "ai.onnx") before the custom ones are left alone; every
+    unnamed custom FP8 quantize gets its own zero point; `saturate` survives the rewrite."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto as T, helper as h, numpy_helper as nh
+
+    from nemodiff_compile.quant.qdq import native_qdq
+
+    nodes = [h.make_node("QuantizeLinear", ["x", "s8", "zp8"], ["xq0"]),
+             h.make_node("DequantizeLinear", ["xq0", "s8", "zp8"], ["x0"], domain="ai.onnx"),
+             h.make_node("TRT_FP8QuantizeLinear", ["x0", "s"], ["xq1"], domain="trt", saturate=1),
+             h.make_node("TRT_FP8DequantizeLinear", ["xq1", "s"], ["x1"], domain="trt"),
+             h.make_node("TRT_FP8QuantizeLinear", ["x1", "s"], ["xq2"], domain="trt"),
+             h.make_node("TRT_FP8DequantizeLinear", ["xq2", "s"], ["y"], domain="trt")]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [2, 8])],
+                     [h.make_tensor_value_info("y", T.FLOAT, [2, 8])],
+                     [nh.from_array(np.array(0.01, np.float32), "s"), nh.from_array(np.array(0.05, np.float32), "s8"),
+                      nh.from_array(np.array(0, np.int8), "zp8")])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 21), h.make_opsetid("trt", 1)])
+    m.ir_version = 10
+    assert native_qdq(m) == 4
+    assert [n.domain for n in m.graph.node] == ["", "ai.onnx", "", "", "", ""]
+    assert [a.name for a in m.graph.node[2].attribute] == ["saturate"]
+    names = [t.name for t in m.graph.initializer]
+    assert len(names) == len(set(names)) == 5                       # two new zero points, distinct
+    m.graph.node[1].domain = ""                                     # "ai.onnx" is the same domain; ORT spells it ""
+    onnx.checker.check_model(m)
+    x = np.random.default_rng(3).standard_normal((2, 8)).astype(np.float32)
+    y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    x0 = np.clip(np.round(x / 0.05), -128, 127) * 0.05                # the int8 pair ran
+    np.testing.assert_allclose(y, x0, rtol=1 / 16, atol=1e-6)
