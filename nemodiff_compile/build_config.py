@@ -152,8 +152,9 @@ class TensorRT(_Node):
 
 @dataclass(frozen=True)
 class BuildConfig(_Node):
-    source: str = _leaf("tiny", "--checkpoint/--size", "Model",
-                        "Checkpoint folder or preset (tiny, 3b, 8b, 14b).", "source")
+    source: str = _leaf("tiny", "--size/--model", "Model",
+                        "Checkpoint folder, Hugging Face id, or preset (tiny; 3b, 8b, 14b: the published "
+                        "geometry with random weights).", "source")
     precision: str = _leaf("fp32", "--precision", "Precision & quantization",
                            "Precision of the graph; fp8, int8, int4-awq and nvfp4 are quantized (calibrated).",
                            "choice", choices=PRECISIONS)

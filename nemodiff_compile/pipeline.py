@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -53,12 +54,38 @@ def build_engine(config: BuildConfig, *, recipe: "Recipe | None" = None,
     backend auto: TensorRT where a usable `tensorrt` module and a CUDA GPU are present, else ONNX
     Runtime (choose_backend; the manifest's backend_choice says which and why). backend tensorrt:
     also one engine per GPU target (default: this machine's GPU)."""
+    choice, quant = prepare(config, recipe=recipe)
+    backend = choice["chosen"]
+    output = Path(config.output or default_output(config.source, config.precision, backend))
+    if backend == "tensorrt":
+        return _build_tensorrt(config, choice, output=output, progress=progress, quant=quant)
+
+    with atomic_dir(output) as tmp:
+        model = _export_into(tmp, config, choice, progress=progress, quant=quant)
+    if config.validate and config.remask.stage != "none":
+        progress("validation skipped: the decode loops drive graphs without the remask stage")
+    elif config.validate:
+        progress("validating against the PyTorch reference")
+        from .validate.engine import validate_engine
+
+        # a quantized build calibrated `model` in place: the reference is then a fresh float copy
+        validate_engine(output, reference=None if quant else model, quick=True)
+    return output
+
+
+def prepare(config: BuildConfig, *, recipe: "Recipe | None" = None, load: bool = True,
+            check_source: bool = True) -> tuple[dict[str, str], "_Quant | None"]:
+    """Everything `build_engine` checks before it loads anything (one-line InvalidArgument): the
+    backend choice (choose_backend) and the quantization to run (None for float precisions).
+    load=False looks for ModelOpt without importing it (the CLI states its resource plan first);
+    check_source=False skips the source (not fetched yet)."""
     from .quant import is_quantized, recipe_for
 
     choice = choose_backend(config.backend)
     backend = choice["chosen"]
     config.for_backend(backend)              # the rules that depend on the backend, once it is known
-    _check_source(config.source)
+    if check_source:
+        _check_source(config.source)
     quant = None
     if recipe is not None and not is_quantized(config.precision):
         raise InvalidArgument(f"recipe {recipe.name}: recipes apply to quantized precisions, not {config.precision}")
@@ -76,22 +103,8 @@ def build_engine(config: BuildConfig, *, recipe: "Recipe | None" = None,
         from .quant.calibration import read_items
 
         quant = _Quant(recipe, q.calib, read_items(q.calib), _calib_device(q.calib_device))
-        check_available(recipe)
-    output = Path(config.output or default_output(config.source, config.precision, backend))
-    if backend == "tensorrt":
-        return _build_tensorrt(config, choice, output=output, progress=progress, quant=quant)
-
-    with atomic_dir(output) as tmp:
-        model = _export_into(tmp, config, choice, progress=progress, quant=quant)
-    if config.validate and config.remask.stage != "none":
-        progress("validation skipped: the decode loops drive graphs without the remask stage")
-    elif config.validate:
-        progress("validating against the PyTorch reference")
-        from .validate.engine import validate_engine
-
-        # a quantized build calibrated `model` in place: the reference is then a fresh float copy
-        validate_engine(output, reference=None if quant else model, quick=True)
-    return output
+        check_available(recipe, load=load)
+    return choice, quant
 
 
 def choose_backend(asked: str) -> dict[str, str]:
@@ -174,8 +187,10 @@ def _export_into(tmp: Path, config: BuildConfig, choice: dict[str, str], *, prog
     progress(f"loading {source} ({precision}{', calibrating on ' + quant.device if quant else ''})")
     # a quantized build calibrates the model as stored (one copy in memory); the graph's float parts
     # are cast to the recipe's float_dtype tensor by tensor while written
+    start = time.perf_counter()
     model = load_reference(source, dtype=None if quant else PRECISION_DTYPES[precision],
                            device=quant.device if quant else "cpu")
+    progress(f"loaded in {time.perf_counter() - start:.1f} s")
     cfg = model.config
     if shapes.max_context > cfg.max_position_embeddings:
         raise InvalidArgument(f"--max-context {shapes.max_context} exceeds the model's "
@@ -185,7 +200,9 @@ def _export_into(tmp: Path, config: BuildConfig, choice: dict[str, str], *, prog
     remask_opts = remask_options(config.remask.stage, mask_id=cfg.mask_token_id, threshold=config.remask.threshold)
     if quant is None:
         progress("exporting the denoiser step to ONNX (dynamo)")
+        start = time.perf_counter()
         spec = export_step(model, tmp, with_logits=config.with_logits, remask=remask_opts)
+        progress(f"exported in {time.perf_counter() - start:.1f} s")
     else:
         from .quant.export import quantize_step
         from .quant import calibration

@@ -7,6 +7,10 @@
 
 A session owns one engine (one static KV cache); generations are serialised by a lock, so one
 session can be shared by several threads. Open one session per concurrent stream you want.
+
+Instruct checkpoints: `generate(..., enable_thinking=True, max_thinking_tokens=N)` renders the chat
+template's thinking switch and forces `</think>` after N generated tokens; None takes the
+checkpoint's generation_config.json defaults (thinking off when it has none).
 """
 
 from __future__ import annotations
@@ -42,8 +46,12 @@ class Result:
 
 
 class Session:
-    def __init__(self, denoiser: loops.Denoiser, tokenizer: Any = None, manifest: Any = None):
+    def __init__(self, denoiser: loops.Denoiser, tokenizer: Any = None, manifest: Any = None,
+                 defaults: Any = None):
+        from .model.generation_config import GenerationDefaults
+
         self.denoiser, self.tokenizer, self.manifest = denoiser, tokenizer, manifest
+        self.defaults = defaults or GenerationDefaults()
         self._lock = threading.Lock()
         self._closed = False
 
@@ -53,8 +61,10 @@ class Session:
         """Open a built engine directory (checks its manifest first)."""
         from .backends.open import open_engine
 
+        from .model.generation_config import GenerationDefaults
+
         engine = open_engine(engine_dir, providers=providers, threads=threads, max_len=max_len)
-        return cls(engine.denoiser, engine.tokenizer, engine.manifest)
+        return cls(engine.denoiser, engine.tokenizer, engine.manifest, GenerationDefaults.read(engine_dir))
 
     @classmethod
     def from_model(cls, source: str | Path, *, fp8: str | None = None, max_len: int = 2048,
@@ -77,7 +87,9 @@ class Session:
             from .model.tokenizer import load_tokenizer
 
             tok = load_tokenizer(folder)
-        session = cls(den, tok)
+        from .model.generation_config import GenerationDefaults
+
+        session = cls(den, tok, defaults=GenerationDefaults.read(folder))
         if fp8 == "static":
             if not calibration:
                 raise InvalidArgument("fp8='static' needs calibration prompts to set its scales")
@@ -88,13 +100,14 @@ class Session:
     def config(self):
         return self.denoiser.config
 
-    def encode(self, prompt: Prompt, chat: bool = True) -> list[int]:
+    def encode(self, prompt: Prompt, chat: bool = True, **template_kwargs) -> list[int]:
+        """Token ids of a prompt; template_kwargs (e.g. enable_thinking) go to the chat template."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidArgument("this engine has no tokenizer: pass token ids")
             from .model.tokenizer import encode_prompt
 
-            return encode_prompt(self.tokenizer, prompt, chat=chat)
+            return encode_prompt(self.tokenizer, prompt, chat=chat, **template_kwargs)
         return [int(t) for t in prompt]
 
     def decode(self, ids: Sequence[int]) -> str | None:
@@ -106,18 +119,24 @@ class Session:
 
     def generate(self, prompts: Prompt | Sequence[Prompt], *, mode: str = "dlm", max_new_tokens: int = 64,
                  chat: bool = True, on_tokens=None, trace: bool = False, policy: DecodePolicy | None = None,
+                 enable_thinking: bool | None = None, max_thinking_tokens: int | None = None,
                  **knobs) -> Result:
         """Generate for one prompt or a batch (text or token ids). The decoding policy: `policy`, or `mode`
         and its knobs (block_length, threshold, steps, temperature, seed: decoding/policy.py).
-        on_tokens(row, ids) streams tokens; trace keeps every pass (host passes only)."""
+        on_tokens(row, ids) streams tokens; trace keeps every pass (host passes only).
+        enable_thinking: the chat template's thinking switch; max_thinking_tokens: the thinking
+        budget (needs thinking on); None: generation_config.json's defaults."""
+        from .model.generation_config import thinking_setup
+
         policy = DecodePolicy.of(policy or mode, knobs)
+        template_kwargs, budget = thinking_setup(self.tokenizer, self.defaults, enable_thinking, max_thinking_tokens)
         batch = [prompts] if isinstance(prompts, str) or _is_ids(prompts) else list(prompts)
-        ids = [self.encode(p, chat) for p in batch]
+        ids = [self.encode(p, chat, **template_kwargs) for p in batch]
         with self._lock:
             if self._closed:
                 raise NemodiffError("session is closed")
             g = loops.generate(self.denoiser, ids, policy, max_new_tokens=max_new_tokens, trace=trace,
-                               on_tokens=on_tokens)
+                               on_tokens=on_tokens, thinking=budget)
         return Result([Completion(t, self.decode(t), f) for t, f in zip(g.tokens, g.finish)], g)
 
     def stream(self, prompt: Prompt, **kw) -> Iterator[str | list[int]]:

@@ -37,10 +37,16 @@ DEMO_PROMPTS = ("Once upon a time, Mia", "What is 3 + 4?")
 @click.option("--lora", type=click.Choice(["toggle", "merge", "off"]), default=None,
               help="Reference only. Draft LoRA (linear_spec_lora/): on for drafts only (toggle), "
                    "folded in (merge), or unused.")
+@click.option("--thinking/--no-thinking", default=None,
+              help="Instruct models: the chat template's thinking switch (enable_thinking). "
+                   "Default: the checkpoint's generation_config.json, else off.")
+@click.option("--max-thinking-tokens", type=click.IntRange(min=0), default=None,
+              help="Thinking budget: after this many generated tokens the closing </think> is forced "
+                   "(needs thinking on). Default: the checkpoint's generation_config.json, else none.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @user_errors
-def generate(checkpoint, size, engine, prompts, prompt_ids, mode, max_new_tokens, block_length, threshold,
-             steps, temperature, seed, chat, dtype, lora, as_json):
+def generate(model, size, random_weights, engine, prompts, prompt_ids, mode, max_new_tokens, block_length, threshold,
+             steps, temperature, seed, chat, dtype, lora, thinking, max_thinking_tokens, as_json):
     """Generate text in AR, block-diffusion or linear self-speculation mode, with the PyTorch
     reference (default) or a built engine (--engine)."""
     from ..decoding.policy import DecodePolicy
@@ -48,21 +54,25 @@ def generate(checkpoint, size, engine, prompts, prompt_ids, mode, max_new_tokens
 
     policy = DecodePolicy(mode, block_length=block_length, threshold=threshold, steps=steps,
                           temperature=temperature, seed=seed)                 # checked before anything loads
-    if engine is not None and (checkpoint is not None or size is not None):
-        raise NemodiffError("--engine runs a built engine: drop --checkpoint/--size")
+    if engine is not None and (model is not None or size is not None or random_weights):
+        raise NemodiffError("--engine runs a built engine: drop --model/--size")
     ids = [_parse_ids(s) for s in prompt_ids]
-    session = _open(engine, checkpoint, size, dtype, lora, seed)
+    session = _open(engine, model, size, random_weights, dtype, lora, seed)
     with session:
+        from ..model.generation_config import thinking_setup
+
+        template_kwargs, budget = thinking_setup(session.tokenizer, session.defaults, thinking, max_thinking_tokens)
         if prompts or not ids:
             if session.tokenizer is None:
                 raise NemodiffError("this model has no tokenizer; pass --prompt-ids instead of --prompt")
-            ids += [session.encode(t, chat) for t in prompts or DEMO_PROMPTS]
+            ids += [session.encode(t, chat, **template_kwargs) for t in prompts or DEMO_PROMPTS]
         policy = policy.resolve(session.config)
         blen = policy.block_length or session.config.block_size
         if engine is None:        # size the reference's cache to the request (an engine's is its bucket)
             session.denoiser.max_len = max(map(len, ids)) + max_new_tokens + 2 * blen
         start = time.perf_counter()
-        result = session.generate(ids, policy=policy, max_new_tokens=max_new_tokens)
+        result = session.generate(ids, policy=policy, max_new_tokens=max_new_tokens,
+                                  enable_thinking=thinking, max_thinking_tokens=max_thinking_tokens)
         seconds = time.perf_counter() - start
     g = result.generation
     n_tokens = sum(len(t) for t in g.tokens)
@@ -73,7 +83,9 @@ def generate(checkpoint, size, engine, prompts, prompt_ids, mode, max_new_tokens
               "row_nfe": g.row_nfe, "tokens_per_forward": round(g.tokens_per_forward, 4),
               "generated_tokens": n_tokens, "seconds": round(seconds, 4),
               "tokens_per_second": round(n_tokens / seconds, 2) if seconds > 0 else None,
-              "block_length": blen, "threshold": threshold, "steps": steps, "temperature": temperature}
+              "block_length": blen, "threshold": threshold, "steps": steps, "temperature": temperature,
+              "enable_thinking": template_kwargs["enable_thinking"],
+              "max_thinking_tokens": budget.max_tokens if budget else None}
     if as_json:
         click.echo(json.dumps(report))
         return
@@ -84,8 +96,8 @@ def generate(checkpoint, size, engine, prompts, prompt_ids, mode, max_new_tokens
                f"tokens/forward {g.tokens_per_forward:.2f}, {report['tokens_per_second']} tokens/s", err=True)
 
 
-def _open(engine, checkpoint, size, dtype, lora, seed):
-    """A Session over the engine directory, or over the eager reference of --checkpoint/--size."""
+def _open(engine, model, size, random_weights, dtype, lora, seed):
+    """A Session over the engine directory, or over the eager reference of --model/--size."""
     from ..session import Session
 
     if engine is not None:
@@ -94,11 +106,14 @@ def _open(engine, checkpoint, size, dtype, lora, seed):
     from ..model.tokenizer import load_tokenizer
     from ..backends.eager import TorchDenoiser
 
-    source = resolve_source(checkpoint, size)
+    from ..model.generation_config import GenerationDefaults
+
+    source = resolve_source(model, size, random_weights)
     folder = checkpoint_folder(source)
     tok = load_tokenizer(folder) if folder and (folder / "tokenizer.json").is_file() else None
     model = load_reference(source, dtype=dtype, seed=seed, lora=lora)
-    return Session(TorchDenoiser(model, max_len=model.config.max_position_embeddings), tok)
+    return Session(TorchDenoiser(model, max_len=model.config.max_position_embeddings), tok,
+                   defaults=GenerationDefaults.read(folder))
 
 
 def _parse_ids(text: str) -> list[int]:
