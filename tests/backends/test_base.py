@@ -141,6 +141,9 @@ def test_what_the_base_hands_a_backend(tiny_cfg):
     with pytest.raises(ValueError) as e:
         r.step(torch.zeros(3, 1, dtype=torch.long), causal=False, write=True)
     assert str(e.value) == "the KV cache only holds causal K/V: bidirectional passes cannot write it"
+    r.check_pass(3, 2)                                               # a refiner's guard: a read-only pass
+    with pytest.raises(ValueError, match="cannot write"):
+        r.check_pass(3, 2, write=True)                               # causal defaults to False
     b = Recorder(tiny_cfg, 16, buckets=BatchBuckets((1, 4)), return_logits=True)
     b.reset(3)
     assert (b.batch, b.bucket, b.allocated, b.return_logits) == (3, 4, [4], True)
