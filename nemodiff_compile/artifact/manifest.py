@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shlex
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -157,10 +158,12 @@ def _check_tools(path: Path, manifest: Manifest, rebuild: str) -> None:
                               f"or {rebuild} under this one")
 
 
-def _version_tuple(v: str) -> tuple[int, ...]:
+def _version_tuple(v: str) -> tuple[int, int, int]:
+    """"1.18.0rc1" -> (1, 18, 0); "1.18" -> (1, 18, 0), so it equals "1.18.0". Numbers, not strings:
+    "1.9" < "1.18". (Pre-release tags are ignored: 1.18.0rc1 counts as 1.18.0.)"""
     out = []
-    for part in v.split(".")[:3]:
-        digits = "".join(c for c in part if c.isdigit())
+    for part in (v.split(".") + ["0", "0"])[:3]:
+        digits = re.match(r"\d*", part).group()                       # leading digits: "0rc1" -> 0
         out.append(int(digits or 0))
     return tuple(out)
 

@@ -71,3 +71,26 @@ def test_drive_reads_the_done_flag_every_check_every_passes():
     assert drive(lambda: None, lambda: False, 7, 3) == 7                    # never past the budget
     reads.clear()
     assert drive(lambda: None, lambda: reads.append(1) or True, 3, 3) == 3 and reads == []   # no read at the end
+
+
+def test_boundaries_and_messages():
+    """Each bound at its edge (accepted) and one past it (refused with the exact sentence)."""
+    from nemodiff_compile.decoding.policy import DecodePolicy
+    from nemodiff_compile.errors import InvalidArgument
+
+    for ok in (dict(threshold=1.0), dict(threshold=0.0), dict(block_length=2), dict(block_length=2, threshold=None, steps=1),
+               dict(block_length=4, threshold=None, steps=4), dict(check_every=1), dict(mode="ar", block_length=1),
+               dict(threshold=None, steps=2)):
+        DecodePolicy(**ok)
+    bad = [(dict(mode="beam"), "mode must be one of ar, dlm, linear-spec, got 'beam'"),
+           (dict(mode="ar", steps=2), "steps (the fixed-steps schedule) is a dlm policy and excludes threshold"),
+           (dict(threshold=1.01), "threshold must be in [0, 1], got 1.01"),
+           (dict(block_length=1), "block_length must be at least 2, got 1"),
+           (dict(block_length=4, threshold=None, steps=5), "steps must be between 1 and block_length (4), got 5"),
+           (dict(threshold=None, steps=0), "steps must be between 1 and block_length (the model's block size), got 0"),
+           (dict(temperature=-0.5), "temperature must be >= 0, got -0.5"),
+           (dict(check_every=0), "check_every must be at least 1, got 0")]
+    for kw, msg in bad:
+        with pytest.raises(InvalidArgument) as e:
+            DecodePolicy(**kw)
+        assert str(e.value) == msg, kw
