@@ -77,8 +77,8 @@ class DecodePolicy:
             raise InvalidArgument(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.steps is not None and (self.mode != "dlm" or self.threshold is not None):
             raise InvalidArgument("steps (the fixed-steps schedule) is a dlm policy and excludes threshold")
-        check_bounds(block_length=self.block_length, steps=self.steps, threshold=self.threshold,
-                     temperature=self.temperature, seed=self.seed)
+        check_bounds(block_length=None if self.mode == "ar" else self.block_length,     # AR ignores it
+                     steps=self.steps, threshold=self.threshold, temperature=self.temperature, seed=self.seed)
         if self.threshold is None and self.steps is None and self.mode != "ar":
             object.__setattr__(self, "threshold", DEFAULT_THRESHOLD[self.mode])
         if self.steps is not None and not 1 <= self.steps <= (self.block_length or self.steps):
