@@ -10,7 +10,12 @@
 `--backend tensorrt --gpus sm89` on an existing TensorRT engine directory adds (or rebuilds) those
 targets from the directory's own model.onnx, keeping the others, when every other field of the
 build configuration equals the one in its manifest; otherwise the whole directory is rebuilt with the
-new configuration (the progress line says what changed). The directory is replaced atomically.
+new configuration (the progress line says what changed).
+
+The output is checked before anything is loaded (artifact/output.py: only a path that does not exist,
+an empty folder or an engine directory this tool wrote is ever replaced). The engine is written and
+validated in a partial folder beside it and swapped in atomically (fsutil.atomic_dir: one build of an
+output at a time, partial folders of killed builds swept, SIGTERM handled like Ctrl-C).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .build_config import PRECISION_DTYPES, BuildConfig
+from .build_config import PRECISION_DTYPES, BuildConfig, check_context
 from .errors import InvalidArgument
 from .fsutil import atomic_dir
 from .artifact.manifest import Manifest, file_digest, write_manifest
@@ -56,20 +61,30 @@ def build_engine(config: BuildConfig, *, recipe: "Recipe | None" = None,
     also one engine per GPU target (default: this machine's GPU)."""
     choice, quant = prepare(config, recipe=recipe)
     backend = choice["chosen"]
-    output = Path(config.output or default_output(config.source, config.precision, backend))
+    output = check_output_path(config, backend)          # before anything is loaded or written
+    check_shapes(config)
+    check = _output_check(config.source)
     if backend == "tensorrt":
-        return _build_tensorrt(config, choice, output=output, progress=progress, quant=quant)
+        return _build_tensorrt(config, choice, output=output, progress=progress, quant=quant, check=check)
 
-    with atomic_dir(output) as tmp:
+    with atomic_dir(output, label="--output", check=check, on_wait=progress) as tmp:
         model = _export_into(tmp, config, choice, progress=progress, quant=quant)
-    if config.validate and config.remask.stage != "none":
-        progress("validation skipped: the decode loops drive graphs without the remask stage")
-    elif config.validate:
-        progress("validating against the PyTorch reference")
-        from .validate.engine import validate_engine
+        if config.validate and config.remask.stage != "none":
+            progress("validation skipped: the decode loops drive graphs without the remask stage")
+        elif config.validate:                # before the swap: an engine is published with its result
+            progress("validating against the PyTorch reference")
+            from .validate.engine import validate_engine
 
-        # a quantized build calibrated `model` in place: the reference is then a fresh float copy
-        validate_engine(output, reference=None if quant else model, quick=True)
+            # a quantized build calibrated `model` in place: the reference is then a fresh float copy
+            validate_engine(tmp, reference=None if quant else model, quick=True)
+    return output
+
+
+def check_output_path(config: BuildConfig, backend: str) -> Path:
+    """The engine directory's path (--output, or the default for this source/precision/backend), refused
+    in one line when a build must not replace what is there (artifact/output.py)."""
+    output = Path(config.output or default_output(config.source, config.precision, backend))
+    _output_check(config.source)(output)
     return output
 
 
@@ -144,6 +159,31 @@ def _cuda_device() -> "DeviceInfo | None":
     from .artifact.targets import current_device
 
     return current_device()
+
+
+def _output_check(source: str) -> Callable[[Path], None]:
+    """check(output): refuses (one line) an output a build must not replace (artifact/output.py)."""
+    from . import checkpoint_folder
+    from .artifact.output import check_output
+
+    folder = checkpoint_folder(source)
+    return lambda out: check_output(out, source_folder=folder)
+
+
+def check_shapes(config: BuildConfig, model_config=None) -> None:
+    """The cache must hold a prompt and one block: --block-length when given (BuildConfig checks it),
+    else the block_size of `model_config` (default: read from the source's config.json or preset)."""
+    from . import checkpoint_folder
+    from .config import ModelConfig, preset
+
+    if config.shapes.block_length is not None:
+        return
+    if model_config is None:
+        folder = checkpoint_folder(config.source)
+        if folder is not None and not (folder / "config.json").is_file():
+            return                           # not a checkpoint folder: the loader says so, with its name
+        model_config = ModelConfig.from_file(folder / "config.json") if folder else preset(config.source)
+    check_context(config.shapes.max_context, model_config.block_size, given=False)
 
 
 def _check_source(source: str) -> None:
@@ -232,7 +272,8 @@ def _export_into(tmp: Path, config: BuildConfig, choice: dict[str, str], *, prog
 
 
 def _build_tensorrt(config: BuildConfig, choice: dict[str, str], *, output: Path,
-                    progress: Callable[[str], None], quant: _Quant | None = None) -> Path:
+                    progress: Callable[[str], None], quant: _Quant | None = None,
+                    check: Callable[[Path], None] | None = None) -> Path:
     """Export once (or reuse the directory's graph when only targets are added), then one plan per target."""
     from .artifact.manifest import MANIFEST_NAME, read_manifest
     from .artifact.targets import current_device, engine_file_name
@@ -250,16 +291,16 @@ def _build_tensorrt(config: BuildConfig, choice: dict[str, str], *, output: Path
         raise TrtBuildError(f"--remask plugin: the graph would need nemodiff::Remask/1, and {trt.flavor} "
                             f"{trt.version} cannot build plugin layers (no INetworkDefinition.add_plugin_v3): "
                             "use --remask onnx, or build with the tensorrt module")
-    existing = _existing_manifest(output)
-    reuse = False
-    if existing is not None and gpus is not None:        # adding targets: only onto the same configuration
-        changes = _changes(existing, config, choice, quant)
-        reuse = not changes
-        dropped = ", ".join(e["target"] for e in existing.engines if e["target"] not in targets)
-        if changes:
-            progress(f"rebuilding {output} with the new configuration ({'; '.join(changes)})"
-                     + (f"; its other targets ({dropped}) are dropped" if dropped else ""))
-    with atomic_dir(output) as tmp:
+    with atomic_dir(output, label="--output", check=check, on_wait=progress) as tmp:
+        existing = _existing_manifest(output)            # read under the lock: no other build changes it
+        reuse = False
+        if existing is not None and gpus is not None:    # adding targets: only onto the same configuration
+            changes = _changes(existing, config, choice, quant)
+            reuse = not changes
+            dropped = ", ".join(e["target"] for e in existing.engines if e["target"] not in targets)
+            if changes:
+                progress(f"rebuilding {output} with the new configuration ({'; '.join(changes)})"
+                         + (f"; its other targets ({dropped}) are dropped" if dropped else ""))
         if reuse:
             progress(f"adding {', '.join(gpus)} to {output} (same configuration: its graph is reused)")
             for f in output.iterdir():

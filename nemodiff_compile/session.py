@@ -23,7 +23,8 @@ from typing import Any, Iterator, Sequence
 
 from .errors import InvalidArgument, NemodiffError
 from .decoding import loops
-from .decoding.policy import DecodePolicy
+from .decoding.arguments import check_token_ids
+from .decoding.policy import DecodePolicy, check_bounds
 
 Prompt = str | Sequence[int]
 
@@ -57,13 +58,15 @@ class Session:
 
     @classmethod
     def open(cls, engine_dir: str | Path, *, providers: list[str] | None = None,
-             threads: int | None = None, max_len: int | None = None) -> "Session":
-        """Open a built engine directory (checks its manifest first)."""
+             threads: int | None = None, max_len: int | None = None, verify: str = "size") -> "Session":
+        """Open a built engine directory (checks its manifest first). verify: "size" (default: every
+        artifact's size, a stat per file) or "sha256" (also re-hash every byte: seconds per GB, see the
+        README). A directory a build swaps while it is opened is opened again (never a mix of two builds)."""
         from .backends.open import open_engine
 
         from .model.generation_config import GenerationDefaults
 
-        engine = open_engine(engine_dir, providers=providers, threads=threads, max_len=max_len)
+        engine = open_engine(engine_dir, providers=providers, threads=threads, max_len=max_len, verify=verify)
         return cls(engine.denoiser, engine.tokenizer, engine.manifest, GenerationDefaults.read(engine_dir))
 
     @classmethod
@@ -98,7 +101,10 @@ class Session:
 
     @property
     def config(self):
-        return self.denoiser.config
+        den = self.denoiser
+        if den is None:
+            raise NemodiffError("session is closed")
+        return den.config
 
     def encode(self, prompt: Prompt, chat: bool = True, **template_kwargs) -> list[int]:
         """Token ids of a prompt; template_kwargs (e.g. enable_thinking) go to the chat template."""
@@ -108,7 +114,7 @@ class Session:
             from .model.tokenizer import encode_prompt
 
             return encode_prompt(self.tokenizer, prompt, chat=chat, **template_kwargs)
-        return [int(t) for t in prompt]
+        return check_token_ids(prompt, self.config.vocab_size, "prompt")
 
     def decode(self, ids: Sequence[int]) -> str | None:
         if self.tokenizer is None:
@@ -128,6 +134,7 @@ class Session:
         budget (needs thinking on); None: generation_config.json's defaults."""
         from .model.generation_config import thinking_setup
 
+        check_bounds(max_new_tokens=max_new_tokens)
         policy = DecodePolicy.of(policy or mode, knobs)
         template_kwargs, budget = thinking_setup(self.tokenizer, self.defaults, enable_thinking, max_thinking_tokens)
         batch = [prompts] if isinstance(prompts, str) or _is_ids(prompts) else list(prompts)

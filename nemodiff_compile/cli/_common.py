@@ -13,7 +13,8 @@ from ..errors import NemodiffError
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Turn a NemodiffError into one line on stderr and exit status 2 (no traceback)."""
+    """Turn a NemodiffError into one line on stderr and exit status 2 (no traceback); Ctrl-C, and
+    SIGTERM during a build (fsutil.atomic_dir), into one line and 128 + the signal's number."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -22,6 +23,13 @@ def user_errors(fn: Callable) -> Callable:
         except NemodiffError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt as e:
+            import signal
+
+            signum = getattr(e, "signum", signal.SIGINT)
+            click.echo(f"error: interrupted ({signal.Signals(signum).name}); nothing was left half-written",
+                       err=True)
+            sys.exit(128 + signum)
 
     return wrapper
 

@@ -93,11 +93,13 @@ def build(config_file, print_config, no_resource_check, model, size, random_weig
         click.echo(json.dumps(config.to_json(), indent=2))
         return
     ref = ref or _ref_of(config.source)
-    from ..pipeline import build_engine, default_output, prepare
+    from ..pipeline import build_engine, check_output_path, check_shapes, default_output, prepare
 
     choice, quant = prepare(config, load=False, check_source=False)     # bad options: one line, first
     if config.output is None:
         config = replace(config, output=str(default_output(ref.name, config.precision, choice["chosen"])))
+    check_output_path(config, choice["chosen"])      # what --output would replace: before any download
+    check_shapes(config, ref.config()[0])
     _check_resources(ref, config, backend=choice["chosen"], quant=quant, enforce=not no_resource_check)
     source = ref.fetch(echo=_say)
     config = replace(config, source=_source_text(source))

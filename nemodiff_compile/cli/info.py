@@ -19,14 +19,20 @@ PRECISION_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.
 
 @click.command()
 @model_source
-@click.option("--context", default=4096, show_default=True, help="Tokens per sequence for the KV-cache estimate.")
-@click.option("--batch", default=1, show_default=True, help="Sequences for the KV-cache estimate.")
+@click.option("--context", default=4096, show_default=True, type=int,
+              help="Tokens per sequence for the KV-cache estimate (at least 1).")
+@click.option("--batch", default=1, show_default=True, type=int, help="Sequences for the KV-cache estimate (at least 1).")
 @click.option("--calib-device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where a quantized build would calibrate (for the build plan).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @user_errors
 def info(model, size, random_weights, context, batch, calib_device, as_json):
     """Show a model's config, parameter count, memory per precision and what a build needs here."""
+    from ..errors import InvalidArgument
+
+    for flag, value in (("--context", context), ("--batch", batch)):
+        if value < 1:
+            raise InvalidArgument(f"{flag} {value}: expected an integer >= 1")
     ref = model_ref(model, size, random_weights)
     cfg, real = ref.config()
     cached = ref.cached()

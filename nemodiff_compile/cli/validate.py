@@ -32,7 +32,8 @@ from ._sweep import check_outputs, emit, no_sweep_flags, sweep_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @user_errors
 def validate(engine_dir, reference, fast, model, size, random_weights, precision, max_new_tokens, modes, prompts_file, as_json):
-    """Compare an engine with the PyTorch reference pass by pass; exit 1 when it fails its tolerances."""
+    """Compare an engine with the PyTorch reference pass by pass; exit 1 when it fails its tolerances.
+    The engine's files are re-hashed against its manifest first (exit 2 naming an altered file)."""
     modes = modes or ("ar", "dlm", "linear-spec")
     if fast:
         if engine_dir is not None:
@@ -52,10 +53,14 @@ def validate(engine_dir, reference, fast, model, size, random_weights, precision
         raise click.UsageError("give ENGINE_DIR, or --fast with --size/--model")
     if model is not None or size is not None or random_weights or precision is not None:
         raise click.UsageError("--size/--model/--random-weights/--precision go with --fast")
+    from ..artifact.manifest import read_manifest
     from ..validate.engine import validate_engine
 
+    read_manifest(engine_dir, deep=True)     # re-hash every artifact first: an altered file is named, not run
     report = validate_engine(engine_dir, reference_source=reference, max_new_tokens=max_new_tokens,
                              modes=modes, prompts_file=prompts_file)
+    if getattr(report, "not_recorded", None):
+        click.echo(f"note: the result is not recorded in the manifest: {report.not_recorded}", err=True)
     click.echo(json.dumps(report.to_json()) if as_json else report.to_table())
     sys.exit(0 if report.passed else 1)
 

@@ -29,8 +29,9 @@ import torch
 
 from . import remask
 from ..errors import InvalidArgument
+from .arguments import check_room, check_token_ids
 from .denoiser import Denoiser
-from .policy import MODES, DecodePolicy
+from .policy import MODES, DecodePolicy, check_bounds
 from .refine import BlockRefiner
 from .thinking import ThinkingBudget
 
@@ -75,7 +76,8 @@ class _Run:
 
     def __init__(self, den: Denoiser, batch: int, policy: DecodePolicy, *, trace: bool,
                  max_new_tokens: int, on_tokens: OnTokens | None, thinking: ThinkingBudget | None = None):
-        self.den, self.temperature = den, policy.temperature
+        check_bounds(max_new_tokens=max_new_tokens)
+        self.den, self.policy, self.temperature = den, policy, policy.temperature
         self.eos = den.config.eos_ids
         self.max_new_tokens, self.on_tokens = max_new_tokens, on_tokens
         self.generator = torch.Generator().manual_seed(policy.seed)
@@ -159,16 +161,22 @@ class _Run:
 
 
 def _prefill(run: _Run, prompts: list[list[int]], room: int) -> torch.Tensor:
-    """Causal pass over the right-padded prompts; returns the first new token [B]."""
-    if not prompts or any(len(p) == 0 for p in prompts):
+    """Causal pass over the right-padded prompts; returns the first new token [B]. The token ids are
+    checked against the vocabulary and the prompt + `room` positions against the cache first
+    (arguments.py: the message blames the prompt, block_length or max_new_tokens)."""
+    if not prompts:
         raise InvalidArgument("every prompt needs at least one token")
+    cfg = run.den.config
+    prompts = [check_token_ids(p, cfg.vocab_size, f"prompt {i}" if len(prompts) > 1 else "prompt")
+               for i, p in enumerate(prompts)]
     B = len(prompts)
     n = torch.tensor([len(p) for p in prompts])                                     # [B]
     need = int(n.max()) + room
     if need > run.den.max_len:
+        check_room(int(n.max()), mode=run.policy.mode, max_new_tokens=run.max_new_tokens,
+                   block_length=run.policy.block_length or 1, max_len=run.den.max_len)
         raise InvalidArgument(f"prompt ({int(n.max())}) + generation ({room}) needs {need} cache positions, "
-                         f"the backend has {run.den.max_len}: raise max_len or lower max_new_tokens")
-    cfg = run.den.config
+                              f"the backend has {run.den.max_len}: raise max_len or lower max_new_tokens")
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_ids[0]   # never attended to
     ids = torch.full((B, int(n.max())), pad_id, dtype=torch.long)
     for b, p in enumerate(prompts):

@@ -36,8 +36,10 @@ def validate_engine(engine_dir: str | Path, *, reference: Any = None, reference_
                     modes: tuple[str, ...] = ("ar", "dlm", "linear-spec"), write: bool = True,
                     prompts_file: str | Path | None = None):
     """Compare the engine with the reference per pass on the built-in prompts (or those of
-    `prompts_file`, a --prompts file: prompts.py); record it in the manifest."""
+    `prompts_file`, a --prompts file: prompts.py); record it in the manifest (only in the directory it
+    ran on: not when a build has replaced the directory meanwhile)."""
     from ..artifact.manifest import write_manifest
+    from ..fsutil import read_stable_at, update_if_same
     from . import tolerances_for, validate
 
     items = None
@@ -45,7 +47,8 @@ def validate_engine(engine_dir: str | Path, *, reference: Any = None, reference_
         from ..prompts import read_prompt_file
 
         items = read_prompt_file(prompts_file, "--prompts")
-    manifest, engine, ref, tok = open_pair(engine_dir, reference=reference, reference_source=reference_source)
+    (manifest, engine, ref, tok), opened = read_stable_at(      # never a mix of two builds swapped in meanwhile
+        engine_dir, lambda: open_pair(engine_dir, reference=reference, reference_source=reference_source))
     if items is None:
         prompts = builtin_prompts(tok, ref.config, 2 if quick else 4)
     else:
@@ -70,7 +73,11 @@ def validate_engine(engine_dir: str | Path, *, reference: Any = None, reference_
                          for k, v in summary["per_mode"].items()},
             "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        write_manifest(Path(engine_dir), manifest)
+        try:
+            same = update_if_same(engine_dir, opened, lambda: write_manifest(Path(engine_dir), manifest))
+            report.not_recorded = None if same else f"{engine_dir} was rebuilt while it was validated"
+        except (NemodiffError, OSError) as e:               # a read-only engine directory: still report
+            report.not_recorded = f"cannot write {engine_dir}/manifest.json ({getattr(e, 'strerror', None) or e})"
     return report
 
 

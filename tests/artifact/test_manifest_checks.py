@@ -135,7 +135,8 @@ def test_version_tuple():
 
 
 def test_refusals_name_the_file_and_the_rebuild(engine, tmp_path, monkeypatch):
-    rebuild = f"rebuild it with `nemodiff-compile build --output {engine}`"
+    rebuild = (f"rebuild it with `nemodiff-compile build --model x --precision fp32 --backend onnxruntime "
+               f"--output {engine}`")
     with pytest.raises(EngineError, match="nope: engine directory not found"):
         read_manifest(tmp_path / "nope")
     _require(engine, onnxruntime="1.18")
@@ -147,7 +148,8 @@ def test_refusals_name_the_file_and_the_rebuild(engine, tmp_path, monkeypatch):
     (engine / "manifest.json").unlink()
     with pytest.raises(EngineError) as e:
         read_manifest(engine)
-    assert str(e.value) == f"{engine / 'manifest.json'}: missing; {engine} is not an engine directory ({rebuild})"
+    assert str(e.value) == (f"{engine / 'manifest.json'}: missing; {engine} is not an engine directory "
+                            "(give a folder that `nemodiff-compile build` wrote)")     # never "build over it"
 
 
 def test_checksum_ignores_key_order_and_the_file_is_readable(engine):

@@ -25,12 +25,12 @@ def test_defaults_resolved_once(tiny_cfg):
     (dict(mode="beam"), "mode must be one of"),
     (dict(steps=3, threshold=0.5), "excludes threshold"),
     (dict(mode="linear-spec", steps=3), "is a dlm policy"),
-    (dict(threshold=1.5), "threshold must be in"),
-    (dict(mode="linear-spec", threshold=-0.1), "threshold must be in"),
-    (dict(block_length=1), "block_length must be at least 2"),
+    (dict(threshold=1.5), r"threshold 1.5: expected a number in \[0, 1\]"),
+    (dict(mode="linear-spec", threshold=-0.1), "threshold -0.1: expected a number in"),
+    (dict(block_length=1), "block_length 1: expected an integer >= 2"),
     (dict(block_length=8, steps=9), r"between 1 and block_length \(8\)"),
-    (dict(steps=0), "steps must be between 1"),
-    (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(steps=0), "steps 0: expected an integer >= 1"),
+    (dict(temperature=-1.0), "temperature -1.0: expected a number >= 0"),
     (dict(check_every=0), "check_every must be at least 1"),
 ])
 def test_refusals(kw, match):
@@ -84,11 +84,11 @@ def test_boundaries_and_messages():
         DecodePolicy(**ok)
     bad = [(dict(mode="beam"), "mode must be one of ar, dlm, linear-spec, got 'beam'"),
            (dict(mode="ar", steps=2), "steps (the fixed-steps schedule) is a dlm policy and excludes threshold"),
-           (dict(threshold=1.01), "threshold must be in [0, 1], got 1.01"),
-           (dict(block_length=1), "block_length must be at least 2, got 1"),
-           (dict(block_length=4, threshold=None, steps=5), "steps must be between 1 and block_length (4), got 5"),
-           (dict(threshold=None, steps=0), "steps must be between 1 and block_length (the model's block size), got 0"),
-           (dict(temperature=-0.5), "temperature must be >= 0, got -0.5"),
+           (dict(threshold=1.01), "threshold 1.01: expected a number in [0, 1]"),      # policy.check_bounds
+           (dict(block_length=1), "block_length 1: expected an integer >= 2"),
+           (dict(block_length=4, threshold=None, steps=5), "steps 5: expected an integer between 1 and block_length (4)"),
+           (dict(threshold=None, steps=0), "steps 0: expected an integer >= 1"),
+           (dict(temperature=-0.5), "temperature -0.5: expected a number >= 0"),
            (dict(check_every=0), "check_every must be at least 1, got 0")]
     for kw, msg in bad:
         with pytest.raises(InvalidArgument) as e:
