@@ -255,10 +255,17 @@ def _chunk(kind: str, rid: str, model: str, text: str, finish: str | None = None
 
 def run(engine_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int | None = None,
         max_queue: int = 64, threads: int | None = None, log_level: str = "info") -> None:
-    """Open the engine and serve it until SIGINT / SIGTERM (then drain and exit)."""
+    """Open the engine and serve it until SIGINT / SIGTERM, then drain: uvicorn stops accepting and waits for the
+    open connections, the session finishes what is queued, and this returns (exit status 0)."""
+    import signal
+
     import uvicorn
 
     metrics = Metrics()
     session = Session.open(engine_dir, threads=threads, max_batch=max_batch, max_queue=max_queue, observer=metrics)
     app = create_app(session, model_name=Path(engine_dir).name, metrics=metrics)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    # uvicorn handles the signal while it runs and re-raises it once it has shut down; handled here, the
+    # re-raised signal ends nothing, so a drained shutdown exits 0 instead of dying by the signal
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()
