@@ -229,6 +229,10 @@ class Session:
             self._closed = True
         self.scheduler.close(drain=drain)
 
+    def __del__(self):                      # an unclosed session's scheduler thread stops with it
+        if not getattr(self, "_closed", True) and getattr(self, "scheduler", None) is not None:
+            self.scheduler.close(drain=False, timeout=0)
+
     def _check_open(self) -> None:
         if self._closed:
             raise NemodiffError("session is closed")

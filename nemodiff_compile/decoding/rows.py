@@ -17,7 +17,10 @@ rules and EOS test of `remask`, the seed and acceptance rules, the emit rule and
 `loops._Run` (tokens through the first EOS, at most max_new_tokens; NFE by phase; `Generation`). So a
 row's tokens, NFE and tokens per forward are those of `loops.generate` on its prompt alone, whatever
 passes it shares with other rows (tests/decoding/test_scheduler.py holds them equal), provided the backend
-computes each row of a batch as it would alone (the ONNX Runtime engine does: the same tests).
+computes each row of a batch as it would alone. The ONNX Runtime engine does, up to float rounding: its cache
+window (the longest row's length, backends/ort.py) sets the summation order of the attention, so a row's
+confidences in a batch agree with its solo run's to ~1e-6 and a greedy choice could only differ on a tie that
+close (none in the tests).
 
 A row's sampling noise is drawn from its own generator (seeded by its policy), for the passes it takes
 part in only: the draws of `loops.generate` on the prompt alone.

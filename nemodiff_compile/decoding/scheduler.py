@@ -227,6 +227,8 @@ class Scheduler:
             except Exception as e:                   # the engine failed: fail its rows, restart them
                 with self._cond:
                     self._fail_running(e)
+                    for req in joiners:              # joiners the failed regroup did not place
+                        req._finish(e)
                     self._fresh = True
 
     def _drop_cancelled(self) -> None:

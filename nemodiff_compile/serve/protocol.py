@@ -30,7 +30,7 @@ class _Common(BaseModel):
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     n: Literal[1] | None = None

@@ -44,7 +44,9 @@ class NemodiffReplica:
                  threads: int | None = None):
         from ..session import Session
         from .metrics import Metrics
+        from .server import host_threads
 
+        host_threads()
         self.metrics = Metrics()
         self.model_name = Path(engine_dir).name
         self.session = Session.open(engine_dir, threads=threads, max_batch=max_batch, max_queue=max_queue,

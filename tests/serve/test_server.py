@@ -256,3 +256,14 @@ def _until(cond, timeout: float = 30.0) -> None:
         if time.monotonic() > end:
             raise TimeoutError("condition not met")
         time.sleep(0.02)
+
+
+def test_serve_cli_refuses_bad_input(tmp_path):
+    from click.testing import CliRunner
+
+    from nemodiff_compile.cli import cli
+
+    r = CliRunner().invoke(cli, ["serve", str(tmp_path / "missing")])
+    assert r.exit_code == 2 and "engine directory not found" in r.output and len(r.output.strip().splitlines()) == 1
+    r = CliRunner().invoke(cli, ["serve", str(tmp_path), "--port", "0"])
+    assert r.exit_code == 2 and "--port" in r.output
