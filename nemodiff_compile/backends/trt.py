@@ -118,6 +118,9 @@ class TrtDenoiser(BackendDenoiser):
         self._bufs.clear()
         self.graphs.clear()               # captured graphs hold the old cache's addresses
 
+    def _kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k, self.v
+
     def _pass(self, tokens, *, causal, write, num_valid, draft_lora, temperature, noise) -> StepOut:
         B, L = tokens.shape
         binding = self.plan.plan(B, L)
