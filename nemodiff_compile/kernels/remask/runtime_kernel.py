@@ -28,6 +28,7 @@ def run_remask(plugin, input_desc, output_desc, inputs, outputs, stream) -> None
     import torch
 
     logits, canvas, active, quota, noise = (_tensor(p, d) for p, d in zip(inputs, input_desc))
+    active = active != 0                                   # INT32 at the plugin boundary (no BOOL there)
     outs = [_tensor(p, d) for p, d in zip(outputs, output_desc)]
     threshold = plugin.threshold if plugin.policy == "threshold" else None
     with torch.cuda.stream(torch.cuda.ExternalStream(int(stream))):
@@ -35,4 +36,4 @@ def run_remask(plugin, input_desc, output_desc, inputs, outputs, stream) -> None
         res = fn(logits, canvas, active, quota, mask_id=plugin.mask_id, threshold=threshold,
                  temperature=plugin.temperature, noise=noise)
         for dst, src in zip(outs, res):
-            dst.copy_(src.to(dst.dtype))
+            dst.copy_(src.to(dst.dtype))                   # commit: bool -> INT32 0/1
