@@ -83,9 +83,7 @@ def build_engine(config: BuildConfig, *, recipe: "Recipe | None" = None,
 
     with atomic_dir(output) as tmp:
         model = _export_into(tmp, config, choice, progress=progress, quant=quant)
-    if config.validate and config.remask.stage != "none":
-        progress("validation skipped: the decode loops drive graphs without the remask stage")
-    elif config.validate:
+    if config.validate:               # remask-stage graphs too: their refinement loop is validated as well
         progress("validating against the PyTorch reference")
         from .validate.engine import validate_engine
 

@@ -61,7 +61,7 @@ def validate(engine_dir, reference, fast, checkpoint, size, precision, max_new_t
 
 
 @click.command()
-@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.argument("engine_dirs", metavar="ENGINE_DIR...", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--mode", type=click.Choice(["ar", "dlm", "linear-spec"]), default=None,
               help="Mode to time [default: dlm]; with --sweep, the mode swept when the spec has no mode= axis.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
@@ -74,11 +74,15 @@ def validate(engine_dir, reference, fast, checkpoint, size, precision, max_new_t
               help="With --sweep: also write its JSON lines to this file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (with --sweep: one line per setting).")
 @user_errors
-def bench(engine_dir, mode, batch, max_new_tokens, repeats, threads, sweep, tasks_file, prompts_file, plot,
+def bench(engine_dirs, mode, batch, max_new_tokens, repeats, threads, sweep, tasks_file, prompts_file, plot,
           plot_size, json_out, as_json):
-    """Time the engine and the PyTorch reference side by side on the same prompts; with --sweep, the
-    engine over a grid of decode settings: tokens per forward, NFE, tokens/s and quality per setting."""
+    """Time engines (one, or several builds of the same model, e.g. --remask none / onnx / plugin) and the
+    PyTorch reference side by side on the same prompts; with --sweep, one engine over a grid of decode
+    settings: tokens per forward, NFE, tokens/s and quality per setting."""
+    engine_dir = engine_dirs[0]
     if sweep:
+        if len(engine_dirs) > 1:
+            raise InvalidArgument("--sweep takes one ENGINE_DIR")
         from ..validate.engine import sweep_engine
 
         if mode is not None and any(s.strip().lower().startswith("mode=") for s in sweep):
@@ -92,6 +96,6 @@ def bench(engine_dir, mode, batch, max_new_tokens, repeats, threads, sweep, task
     no_sweep_flags(tasks_file=tasks_file, prompts_file=prompts_file, plot=plot, plot_size=plot_size, json_out=json_out)
     from ..validate.engine import bench_engine
 
-    report = bench_engine(engine_dir, batch=batch, mode=mode or "dlm", max_new_tokens=max_new_tokens,
+    report = bench_engine(list(engine_dirs), batch=batch, mode=mode or "dlm", max_new_tokens=max_new_tokens,
                           repeats=repeats, threads=threads)
     click.echo(json.dumps(report.to_json()) if as_json else report.to_table())
