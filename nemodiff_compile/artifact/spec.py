@@ -25,8 +25,9 @@ Graphs exported with the remask stage (`remask="onnx"` standard ops, or `remask=
   canvas         [batch, block]                                int64   the block (mask_id where masked);
                                                                        refinement passes bind input_ids to it
   active         [batch]                                       bool    rows that may refine in this block
-  quota          [batch, block]                                int64   fixed-steps schedule: commits of pass s
-                                                                       at [:, s] (zeros past the last step)
+  quota          [batch, block]                                int64   per pass s at [:, s]: >= 0 commit that
+                                                                       many (fixed-steps schedule), -1 the
+                                                                       threshold rule
   row_nfe        [batch]                                       int64   passes each row has refined in so far
   -> canvas_out  [batch, block]                                int64   canvas with this pass's commits
   -> commit      [batch, block]                                bool    positions committed by this pass
@@ -34,8 +35,8 @@ Graphs exported with the remask stage (`remask="onnx"` standard ops, or `remask=
   -> done        []                                            bool    no row of canvas_out refines any more
 A row refines in a pass when it is active, its block has a mask, and no EOS precedes its first mask
 (refine.py's rule); its pass index is its row_nfe (rows stop for good), so quota[b, row_nfe[b]] is its
-fixed-steps quota. Passes that are not refinement passes bind active all False (nothing commits).
-The policy (threshold value or top-k), mask_id and the EOS ids are fixed at export, in `extra["remask"]`.
+quota. Passes that are not refinement passes bind active all False (nothing commits). The threshold
+(or "topk": none), mask_id and the EOS ids are fixed at export, in `extra["remask"]`.
 """
 
 from __future__ import annotations

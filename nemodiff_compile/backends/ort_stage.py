@@ -58,7 +58,7 @@ class OrtStage:
         return self._bufs[key][0]
 
     def run(self, bufs: LoopBuffers, parity: int) -> None:
-        _, bindings, options = self._bufs[(self.den.bucket, bufs.feeds[0]["canvas"].shape[1])]
+        _, bindings, options = self._bufs[(bufs.rows, bufs.block)]
         self.den.session.run_with_iobinding(bindings[parity], options[parity])
 
     def step_options(self):

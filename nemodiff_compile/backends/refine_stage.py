@@ -17,9 +17,10 @@ Per block:
 The buffers of a (bucket, block length) are allocated once and never move, so a backend may bind them
 once per parity and replay a captured CUDA graph per (bucket, block, parity).
 
-Which policies a graph serves: its commit rule is fixed at export (`extra["remask"]`): a threshold graph
-serves greedy dlm policies with exactly that threshold, a top-k graph every fixed-steps policy (the
-schedule is an input). `stage_serves` says so; for any other policy `block_refiner` returns None and
+Which policies a graph serves: every greedy fixed-steps policy (the schedule is the `quota` input), and
+greedy threshold policies with exactly the threshold fixed at export (`--remask-threshold`, recorded in
+`extra["remask"]`; a graph built with `--remask-threshold topk` has none). The host feeds quota -1 to
+ask for the threshold rule. `stage_serves` says so; for any other policy `block_refiner` returns None and
 the decode loop runs the block's passes on the host through `step` (same tokens, one host read per pass).
 """
 
@@ -40,11 +41,12 @@ STAGE_OUTPUTS = ("canvas_out", "commit", "row_nfe_out", "done")
 
 
 def stage_serves(stage: dict[str, Any] | None, policy: DecodePolicy) -> bool:
-    """Whether a graph's remask stage (spec.extra["remask"]) runs `policy`'s refinement passes exactly."""
+    """Whether a graph's remask stage (spec.extra["remask"]) runs `policy`'s refinement passes exactly:
+    every fixed-steps policy (the schedule is an input), and the threshold it was exported with."""
     if stage is None or policy.mode != "dlm" or not policy.greedy:
         return False
     if policy.steps is not None:
-        return stage["policy"] == "topk"
+        return True
     return stage["policy"] == "threshold" and float(stage["threshold"]) == float(policy.threshold)
 
 
@@ -61,6 +63,8 @@ def idle_stage_feeds(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
 @dataclass
 class LoopBuffers:
     """Every tensor one refinement pass binds, for one (bucket, block length); allocated once."""
+    rows: int                                                          # the bucket
+    block: int                                                         # canvas positions
     feeds: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]     # parity -> graph input name -> tensor
     outputs: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]   # parity -> graph output name -> tensor
 
@@ -91,7 +95,7 @@ def loop_buffers(spec, *, rows: int, block: int, vocab: int, device: torch.devic
         f = {"input_ids": canvas[p], "canvas": canvas[p], "row_nfe": row_nfe[p], **shared}
         feeds.append({t.name: f[t.name] for t in spec.inputs})
         outputs.append({**scratch, "canvas_out": canvas[1 - p], "row_nfe_out": row_nfe[1 - p]})
-    return LoopBuffers(tuple(feeds), tuple(outputs))
+    return LoopBuffers(rows, block, tuple(feeds), tuple(outputs))
 
 
 class StagePasses(Protocol):
@@ -130,9 +134,11 @@ class StageRefiner:
             n0.zero_()
             f["active"].zero_()
             f["active"][:B].copy_(refining)
-            f["quota"].zero_()
-            if quota is not None:                               # pass s commits quota[:, s]
+            if quota is not None:                               # pass s commits quota[:, s] (top-k rule)
+                f["quota"].zero_()
                 f["quota"][:B, : quota.shape[1]].copy_(quota)
+            else:                                               # -1: the graph's threshold rule
+                f["quota"].fill_(-1)
             lengths = torch.zeros(P, dtype=torch.long)
             lengths[:B] = be.lengths()
             f["cache_lengths"].copy_(lengths)

@@ -219,7 +219,7 @@ class TrtDenoiser(BackendDenoiser):
         return self._loops[key]
 
     def stage_pass(self, bufs: LoopBuffers, parity: int) -> None:
-        key = ("stage", self.bucket, bufs.feeds[0]["canvas"].shape[1], parity)
+        key = ("stage", bufs.rows, bufs.block, parity)
         self._run(key, self._bound[key])
 
     def on_stream(self):

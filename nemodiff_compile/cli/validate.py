@@ -29,9 +29,14 @@ from ._sweep import check_outputs, emit, no_sweep_flags, sweep_options
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
               help="Prompts to compare on instead of the built-in ones: a .jsonl file ({\"text\": ...} or "
                    "{\"ids\": [...]} per line) or a text file, one prompt per line.")
+@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None,
+              help="dlm commit threshold (default: the one the engine's remask stage was built for, else 0.9).")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="dlm fixed-steps policy instead of the threshold (engines with a remask stage run it in the graph).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @user_errors
-def validate(engine_dir, reference, fast, checkpoint, size, precision, max_new_tokens, modes, prompts_file, as_json):
+def validate(engine_dir, reference, fast, checkpoint, size, precision, max_new_tokens, modes, prompts_file,
+             threshold, steps, as_json):
     """Compare an engine with the PyTorch reference pass by pass; exit 1 when it fails its tolerances."""
     modes = modes or ("ar", "dlm", "linear-spec")
     if fast:
@@ -54,8 +59,10 @@ def validate(engine_dir, reference, fast, checkpoint, size, precision, max_new_t
         raise click.UsageError("--size/--checkpoint/--precision go with --fast")
     from ..validate.engine import validate_engine
 
+    if threshold is not None and steps is not None:
+        raise click.UsageError("give --threshold or --steps, not both")
     report = validate_engine(engine_dir, reference_source=reference, max_new_tokens=max_new_tokens,
-                             modes=modes, prompts_file=prompts_file)
+                             modes=modes, prompts_file=prompts_file, threshold=threshold, steps=steps)
     click.echo(json.dumps(report.to_json()) if as_json else report.to_table())
     sys.exit(0 if report.passed else 1)
 

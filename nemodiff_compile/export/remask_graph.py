@@ -7,10 +7,13 @@
   commit     the commit rule among the masked positions of refining rows, in standard ops
              (`commit_by_rank`) or one `nemodiff::Remask` node (variant "plugin")
   counters   row_nfe_out = row_nfe + refining; done = no row of the new canvas refines any more
-`commit_by_rank` is the rule of `decoding.remask` (threshold: top-1 masked + masked with conf >=
-threshold; top-k: the quota[b] most confident masked; ties to the lower position) written without
-sort, TopK or ArgMax, whose tie order TensorRT does not promise: each position's rank is the number
-of positions ahead of it, counted pairwise over the block ([B, L, L] booleans; L is the block length).
+`commit_by_rank` is the rule of `decoding.remask`, per row: a row with quota >= 0 commits its quota most
+confident masked positions (top-k, the fixed-steps schedule), a row with quota < 0 the threshold rule
+(top-1 masked + masked with conf >= the threshold baked at export; nothing in a top-k-only graph); ties
+to the lower position. So one graph serves the fixed-steps policy and its threshold. It is written
+without sort, TopK or ArgMax, whose tie order TensorRT does not promise: each position's rank is the
+number of positions ahead of it, counted pairwise over the block ([B, L, L] booleans; L is the block
+length).
 The stop rule uses first positions (ReduceMin) rather than a cumulative sum.
 
 The plugin node takes and gives no BOOL tensors (TensorRT documents kBOOL as unsupported at a plugin's
@@ -41,15 +44,16 @@ def still_refining(canvas: torch.Tensor, mask_id: int, eos_ids) -> torch.Tensor:
 
 def commit_by_rank(conf: torch.Tensor, masked: torch.Tensor, threshold: float | None,
                    quota: torch.Tensor) -> torch.Tensor:
-    """conf [B, L] float32, masked [B, L] bool, quota [B] int64 -> commit [B, L] bool."""
+    """conf [B, L] float32, masked [B, L] bool, quota [B] int64 (< 0: the threshold rule) -> commit [B, L] bool."""
     score = torch.where(masked, conf, torch.full_like(conf, -1.0))           # conf in [0, 1]
     idx = torch.arange(score.shape[1], device=score.device)
     s_i, s_j = score[:, :, None], score[:, None, :]                           # [B, L, 1], [B, 1, L]
     ahead = (s_j > s_i) | ((s_j == s_i) & (idx[None, None, :] < idx[None, :, None]))
     rank = ahead.to(torch.int64).sum(-1)                                     # [B, L]
+    topk = masked & (rank < quota[:, None])
     if threshold is None:
-        return masked & (rank < quota[:, None])
-    return masked & ((rank == 0) | (conf >= threshold))
+        return topk
+    return torch.where(quota[:, None] >= 0, topk, masked & ((rank == 0) | (conf >= threshold)))
 
 
 def remask_stage(logits, noise, canvas, active, quota, row_nfe, opts: dict):

@@ -50,9 +50,11 @@ def builtin_prompts(tok: Any, cfg, count: int) -> list[list[int]]:
 def validate_engine(engine_dir: str | Path, *, reference: Any = None, reference_source: str | Path | None = None,
                     quick: bool = False, max_new_tokens: int | None = None,
                     modes: tuple[str, ...] = ("ar", "dlm", "linear-spec"), write: bool = True,
-                    prompts_file: str | Path | None = None):
+                    prompts_file: str | Path | None = None, threshold: float | None = None,
+                    steps: int | None = None):
     """Compare the engine with the reference per pass on the built-in prompts (or those of
-    `prompts_file`, a --prompts file: prompts.py); record it in the manifest."""
+    `prompts_file`, a --prompts file: prompts.py); record it in the manifest. threshold / steps: the dlm
+    policy (default: `stage_policy`)."""
     from ..artifact.manifest import write_manifest
     from . import tolerances_for, validate
 
@@ -71,7 +73,8 @@ def validate_engine(engine_dir: str | Path, *, reference: Any = None, reference_
     q = manifest.quantization
     tol = tolerances_for(manifest.precision, q.get("thresholds") if q else None)
     report = validate(ref, engine, prompts, modes=modes, max_new_tokens=max_new_tokens or (16 if quick else 32),
-                      tolerances=tol, **stage_policy(manifest, ref.config))
+                      tolerances=tol, **({"threshold": threshold, "steps": steps} if threshold is not None or
+                                         steps is not None else stage_policy(manifest, ref.config)))
     if write:
         summary = report.to_json()
         device = {k: v["device_loop"] for k, v in summary["per_mode"].items() if v.get("device_loop")}
@@ -95,9 +98,9 @@ def validate_engine(engine_dir: str | Path, *, reference: Any = None, reference_
 
 
 def stage_policy(manifest, config) -> dict[str, Any]:
-    """The dlm policy validate uses: the one an engine's remask stage serves (its threshold, or for a
-    top-k stage a fixed schedule of block_length // 4 passes), so the compiled loop is what is validated;
-    engines without a stage: the default (threshold 0.9)."""
+    """The dlm policy validate uses by default: one the engine's remask stage serves (its threshold, or for
+    a `--remask-threshold topk` stage a fixed schedule of block_length // 4 passes), so the compiled loop
+    is validated too; engines without a stage: the default (threshold 0.9)."""
     stage = manifest.io_spec.get("extra", {}).get("remask")
     if stage is None:
         return {}

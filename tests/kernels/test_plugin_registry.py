@@ -12,7 +12,7 @@ def test_graph_plugin_ids(plugin_graph):
     path, spec = plugin_graph
     assert graph_plugin_ids(path) == [PluginRef(REMASK.name, REMASK.namespace, REMASK.version)]
     assert spec.extra["remask"] == {"variant": "plugin", "policy": "threshold", "threshold": 0.9,
-                                    "mask_id": 100}
+                                    "mask_id": 100, "eos_ids": [11], "io": 2}
 
 
 def test_python_creator_round_trips_its_fields(rtx):
@@ -31,7 +31,10 @@ def test_python_creator_round_trips_its_fields(rtx):
     q = creator.create_plugin("remask", p.get_fields_to_serialize(), rtx.TensorRTPhase.RUNTIME)
     assert (q.mask_id, q.policy, q.threshold) == (7, "topk", 0.25)
     assert p.get_output_data_types([rtx.DataType.HALF] * 5) == [rtx.DataType.INT64, rtx.DataType.INT64,
-                                                                 rtx.DataType.FLOAT, rtx.DataType.BOOL]
+                                                                 rtx.DataType.FLOAT, rtx.DataType.INT32]
+    fc = p.get_fields_to_serialize()
+    assert fc is p._field_collection                        # kept alive on the plugin (the binding points into it)
+    assert not hasattr(creator, "_alive")                   # plugins are owned by the bindings, not kept forever
 
 
 def test_doctor_lists_needed_vs_registered(rtx, plugin_graph, trt_fp32_dir):

@@ -7,7 +7,7 @@ keep the TensorRT plugin's domain. So `plugin_session` loads the graph without i
 node's domain (and the opset import) to `ai.onnx.contrib`, and creates the session from those bytes with
 the external-data folder set (`session.model_external_initializers_file_folder_path`): the weights are
 read from `model.onnx.data` where they lie, never copied or rewritten. The op computes
-`reference.remask_reference` on the CPU (numpy in, numpy out), same I/O as the TensorRT plugin (INT32
+`reference.remask_node` on the CPU (numpy in, numpy out), same I/O as the TensorRT plugin (INT32
 `active` / `commit`, no bool at the boundary). Python runs per pass: this is for validating the plugin
 variant end to end on the CPU provider, not for speed (`bench` shows what it costs).
 
@@ -57,13 +57,12 @@ def remask_numpy(logits, canvas, active, quota, noise, *, mask_id, policy, thres
     import numpy as np
     import torch
 
-    from .reference import remask_reference
+    from .reference import remask_node
 
     t = torch.from_numpy
-    out, token, conf, commit = remask_reference(
-        t(np.ascontiguousarray(logits)), t(canvas), t(active) != 0, t(quota), mask_id=int(mask_id),
-        threshold=None if policy == "topk" else float(threshold), temperature=float(temperature),
-        noise=t(np.ascontiguousarray(noise)))
+    out, token, conf, commit = remask_node(
+        t(np.ascontiguousarray(logits)), t(canvas), t(active), t(quota), t(np.ascontiguousarray(noise)),
+        mask_id=int(mask_id), policy=str(policy), threshold=float(threshold), temperature=float(temperature))
     return out.numpy(), token.numpy(), conf.numpy(), commit.to(torch.int32).numpy()
 
 

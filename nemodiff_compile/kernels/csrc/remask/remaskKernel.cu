@@ -121,7 +121,10 @@ __global__ void commitKernel(int64_t const* __restrict__ canvas, int32_t const* 
         score[i] = masked ? conf[base + i] : -1.f;
     }
     __syncthreads();
-    int64_t const k = (policy == kRemaskTopK && quota) ? quota[b] : 0;
+    // per row: quota >= 0 -> the top-k rule (fixed steps); quota < 0 (or none) -> the threshold rule,
+    // unless the node's policy is top-k (then a negative quota commits nothing)
+    int64_t const q = quota ? quota[b] : -1;
+    bool const topk = policy == kRemaskTopK || q >= 0;
     for (int32_t i = threadIdx.x; i < L; i += blockDim.x)
     {
         float const si = score[i];
@@ -133,9 +136,9 @@ __global__ void commitKernel(int64_t const* __restrict__ canvas, int32_t const* 
             rank += (sj > si || (sj == si && j < i)) ? 1 : 0;
         }
         bool c;
-        if (policy == kRemaskTopK)
+        if (topk)
         {
-            c = masked && rank < k;
+            c = masked && rank < q;
         }
         else
         {
