@@ -53,7 +53,8 @@ def commit_by_rank(conf: torch.Tensor, masked: torch.Tensor, threshold: float | 
     topk = masked & (rank < quota[:, None])
     if threshold is None:
         return topk
-    return torch.where(quota[:, None] >= 0, topk, masked & ((rank == 0) | (conf >= threshold)))
+    by_quota = quota[:, None] >= 0                       # [B, 1]; And/Or, not Where: ORT's CPU Where has no bool
+    return (by_quota & topk) | (~by_quota & masked & ((rank == 0) | (conf >= threshold)))
 
 
 def remask_stage(logits, noise, canvas, active, quota, row_nfe, opts: dict):

@@ -201,14 +201,7 @@ def build_plan(onnx_path: str | Path, *, io_spec: dict[str, Any], buckets: dict[
     if options.optimization_level is not None:
         config.builder_optimization_level = int(options.optimization_level)
     config.profiling_verbosity = mod.ProfilingVerbosity.DETAILED       # layer info for the inspector
-    config.hardware_compatibility_level = getattr(mod.HardwareCompatibilityLevel, options.hardware_compatibility)
-    if options.version_compatible:
-        config.set_flag(mod.BuilderFlag.VERSION_COMPATIBLE)
-    if trt.is_rtx and trt.has("BuilderFlag", "REQUIRE_USER_ALLOCATION"):
-        # tensorrt_rtx captures a context's enqueue in a CUDA graph only when every allocation is the
-        # user's (IExecutionContext::isStreamCapturable); the runtime gives it all (USER_MANAGED memory,
-        # static outputs)
-        config.set_flag(mod.BuilderFlag.REQUIRE_USER_ALLOCATION)
+    set_compatibility(config, trt, options)
     if trt.is_rtx:
         config.num_compute_capabilities = 1
         config.set_compute_capability(getattr(mod.ComputeCapability, target.upper()), 0)
@@ -237,6 +230,19 @@ def build_plan(onnx_path: str | Path, *, io_spec: dict[str, Any], buckets: dict[
                     precision_check=report.to_json(), profiles=[p.to_json() for p in profiles],
                     plugins=[p.qualified_version for p in needed], timing_cache=cache_info, phases=phases[:8])
     return data, info
+
+
+def set_compatibility(config, trt: Trt, options: BuildOptions) -> None:
+    """Hardware / version compatibility, and what tensorrt_rtx needs for CUDA-graph capture."""
+    mod = trt.mod
+    config.hardware_compatibility_level = getattr(mod.HardwareCompatibilityLevel, options.hardware_compatibility)
+    if options.version_compatible:
+        config.set_flag(mod.BuilderFlag.VERSION_COMPATIBLE)
+    if trt.is_rtx and trt.has("BuilderFlag", "REQUIRE_USER_ALLOCATION"):
+        # tensorrt_rtx captures a context's enqueue in a CUDA graph only when every allocation is the
+        # user's (IExecutionContext::isStreamCapturable); the runtime gives it all (USER_MANAGED memory,
+        # static outputs)
+        config.set_flag(mod.BuilderFlag.REQUIRE_USER_ALLOCATION)
 
 
 def _load_timing_cache(trt: Trt, config, path: Path) -> dict[str, Any]:

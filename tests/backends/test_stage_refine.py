@@ -125,3 +125,42 @@ def test_inside_a_block_the_host_reads_only_the_done_flag(engines, check_every):
     done_reads = {r for r, _, n in mode.log if n == "done" and r > 0}
     assert refiner.host_reads - reads_before == 2 + len(done_reads)              # + final canvas and row_nfe
     assert out.row_nfe[2] == 0 and out.canvas[2].eq(den.config.mask_token_id).sum() == 15   # inactive row untouched
+
+
+def test_cuda_graph_bookkeeping_on_the_cpu(engines, reference):
+    """The CUDA provider's contract, driven on the CPU provider: each (bucket, block, parity) runs with its
+    own gpu_graph_id and always the same binding (so ORT may capture it once and replay it), runs are not
+    synchronized with the host, and `step` passes are never captured (gpu_graph_id -1)."""
+    from nemodiff_compile.backends.ort_stage import GRAPH_ID_KEY, NO_SYNC_KEY, OrtStage
+
+    den = engines("onnx")
+    saved, session = den._stage, den.session
+    den._stage = OrtStage(den, cuda_graphs=True)
+    runs = []
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(session, name)
+
+        def io_binding(self):
+            return session.io_binding()
+
+        def run_with_iobinding(self, io, options=None):
+            runs.append((io, options and options.get_run_config_entry(GRAPH_ID_KEY),
+                         options and options.get_run_config_entry(NO_SYNC_KEY)))
+            return session.run_with_iobinding(io, options)
+
+    den.session = Recording()
+    try:
+        for prompts in (PROMPTS["b4-ragged"], PROMPTS["b4-ragged"][::-1]):      # the same 4 rows twice
+            got = loops.generate(den, prompts, "dlm", max_new_tokens=32)
+            assert got.tokens == loops.generate(reference, prompts, "dlm", max_new_tokens=32).tokens
+    finally:
+        den._stage, den.session = saved, session
+    loop = [(io, gid, sync) for io, gid, sync in runs if gid != "-1"]
+    steps = [r for r in runs if r[1] == "-1"]
+    assert steps and all(io is den.io for io, _, _ in steps)
+    by_id = {}
+    for io, gid, sync in loop:
+        assert sync == "1" and by_id.setdefault(gid, io) is io          # one binding per graph id, reused
+    assert len(by_id) == 2 and len(loop) > 4                            # (4 rows, block 16) x 2 parities

@@ -65,3 +65,44 @@ def test_plugin_ref_parse():
     assert PluginRef.parse("nemodiff::Remask/1") == PluginRef("Remask", "nemodiff", "1")
     assert PluginRef.parse("ROIAlign_TRT/2") == PluginRef("ROIAlign_TRT", "", "2")
     assert PluginRef.parse(PluginRef("A", "b::c", "3").qualified_version) == PluginRef("A", "b::c", "3")
+
+
+def test_no_bool_at_the_plugin_boundary(rtx, plugin_graph):
+    """TensorRT documents kBOOL (and kUINT8) as unsupported for plugin I/O (PluginTensorDesc::type, 10.2-11.1;
+    NVIDIA/TensorRT#3959: "could not find any supported formats"). Negotiate formats as a builder that never
+    offers those types would: every tensor the exported node carries must find its type accepted by our
+    Python plugin, and the C++ plugin must not name kBOOL [2]."""
+    import onnx
+    from onnx import TensorProto as T
+
+    from nemodiff_compile.kernels.remask.trt_plugin import make_creator
+
+    path, _ = plugin_graph
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
+    types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.input,
+                                                           *model.graph.output)}
+    (node,) = [n for n in model.graph.node if n.op_type == "Remask"]
+    to_trt = {T.FLOAT: rtx.DataType.FLOAT, T.INT64: rtx.DataType.INT64, T.INT32: rtx.DataType.INT32,
+              T.BOOL: rtx.DataType.BOOL, T.FLOAT16: rtx.DataType.HALF}
+    wanted = [to_trt[types[n]] for n in (*node.input, *node.output)]
+    assert rtx.DataType.BOOL not in wanted                         # the graph casts around the node
+    offered = [t for n, t in rtx.DataType.__members__.items() if n not in ("BOOL", "UINT8")]
+    plugin = make_creator(rtx).create_plugin("remask", None, rtx.TensorRTPhase.BUILD)
+    descs = [rtx.DynamicPluginTensorDesc() for _ in wanted]
+    for d, t in zip(descs, wanted):
+        d.desc.type, d.desc.format = t, rtx.TensorFormat.LINEAR
+    for pos, want in enumerate(wanted):
+        accepted = []
+        for t in offered:
+            descs[pos].desc.type = t
+            if plugin.supports_format_combination(pos, descs, 5):
+                accepted.append(t)
+        descs[pos].desc.type = want
+        assert want in accepted, (pos, want, accepted)
+    assert plugin.get_output_data_types([w for w in wanted[:5]]) == wanted[5:]
+    from pathlib import Path
+
+    import nemodiff_compile
+
+    cpp = Path(nemodiff_compile.__file__).parent / "kernels" / "csrc" / "remask" / "RemaskPlugin.cpp"
+    assert "DataType::kBOOL" not in cpp.read_text()
