@@ -58,12 +58,13 @@ def reference():
 
 def test_tensorrt_runtime_gives_the_reference_tokens(remask_engine, reference, tmp_path):
     den, fake = open_fake(remask_engine("onnx"), tmp_path)
-    for policy in (DecodePolicy("ar"), DecodePolicy("dlm", steps=4), DecodePolicy("dlm")):   # dlm last: checked below
-        for prompts in (PROMPTS[:1], PROMPTS):                    # bucket 1, and 3 rows in the 4-row bucket
-            want = loops.generate(reference, prompts, policy, max_new_tokens=32)
-            got = loops.generate(den, prompts, policy, max_new_tokens=32)
-            assert got.tokens == want.tokens and got.nfe_by_phase == want.nfe_by_phase, (policy, len(prompts))
-            assert (got.device_passes > 0) == (policy.mode == "dlm")   # dlm blocks ran the plan's loop
+    runs = [(DecodePolicy("ar"), PROMPTS[:1]), (DecodePolicy("dlm", steps=4), PROMPTS),
+            (DecodePolicy("dlm"), PROMPTS[:1]), (DecodePolicy("dlm"), PROMPTS)]   # bucket 1, 3 rows in bucket 4
+    for policy, prompts in runs:                                    # the last one is checked below
+        want = loops.generate(reference, prompts, policy, max_new_tokens=32)
+        got = loops.generate(den, prompts, policy, max_new_tokens=32)
+        assert got.tokens == want.tokens and got.nfe_by_phase == want.nfe_by_phase, (policy, len(prompts))
+        assert (got.device_passes > 0) == (policy.mode == "dlm")       # dlm blocks ran the plan's loop
     keys = [k for k in den._bound]
     assert {k[0] for k in keys} == {"step", "stage"} and {k[3] for k in keys if k[0] == "stage"} == {0, 1}
     contexts = [b.context for b in den._bound.values()]

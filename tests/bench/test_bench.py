@@ -61,7 +61,7 @@ def test_bench_three_remask_variants_side_by_side(tiny_engine, remask_engine):
 
     dirs = [tiny_engine, remask_engine("onnx"), remask_engine("plugin")]
     r = CliRunner().invoke(cli, ["bench", *map(str, dirs), "--max-new-tokens", "16", "--repeats", "1",
-                                 "--batch", "2", "--threads", "1", "--json"])
+                                 "--batch", "1", "--threads", "1", "--json"])
     assert r.exit_code == 0, r.output
     js = json.loads(r.output)
     assert list(js["denoisers"]) == [d.name for d in dirs] + ["reference"]

@@ -20,10 +20,10 @@ def test_the_build_validates_a_remask_engine(remask_engine):
 @pytest.mark.parametrize("args, policy", [([], {"threshold": 0.9, "steps": None}),
                                           (["--steps", "4"], {"threshold": None, "steps": 4})])
 def test_validate_cli_on_the_plugin_engine(remask_engine, args, policy):
-    """The plugin variant (ONNX Runtime custom op), threshold and fixed-steps policies: validate runs the
-    loop through the graph too and passes with agreement 1.0."""
+    """The plugin variant (ONNX Runtime custom op), threshold and fixed-steps policies: validate (dlm, where
+    the stage acts) runs the loop through the graph too and passes with agreement 1.0."""
     d = remask_engine("plugin")
-    r = CliRunner().invoke(cli, ["validate", str(d), "--max-new-tokens", "16", *args])
+    r = CliRunner().invoke(cli, ["validate", str(d), "--max-new-tokens", "16", "--mode", "dlm", *args])
     assert r.exit_code == 0, r.output
     assert "PASSED, token agreement 1.0000" in r.output
     assert "dlm device loop: tok agree 1.0000 with the reference, same tokens and NFE as the host passes" in r.output
