@@ -55,7 +55,7 @@ def main() -> None:
     from nemodiff_compile.decoding import loops
     from nemodiff_compile.validate import metrics
     from nemodiff_compile.validate.compare import validate
-    from nemodiff_compile.validate.engine import builtin_prompts
+    from nemodiff_compile.prompts import builtin_prompts
 
     recipe = recipe_for(args.precision)
     ref = load_reference("tiny", dtype=recipe.float_dtype)

@@ -38,7 +38,7 @@ class OrtStage:
 
     def __init__(self, den, *, cuda_graphs: bool):
         self.den, self.cuda_graphs = den, cuda_graphs
-        self._bufs: dict[tuple[int, int], tuple[LoopBuffers, tuple[Any, Any], tuple[Any, Any]]] = {}
+        self._bufs: dict[tuple[int, int], tuple[LoopBuffers, tuple[Any, Any], tuple[Any, Any], tuple]] = {}
         self._next_graph_id = 1
 
     def clear(self) -> None:
@@ -46,19 +46,22 @@ class OrtStage:
         self._bufs.clear()
 
     def buffers(self, block: int) -> LoopBuffers:
+        """The pinned buffers of (bucket, block), bound to the current KV cache window: made again (new
+        bindings, new graph ids) only when the cache was reallocated (the window grew or shrank)."""
         from .base import TORCH_DTYPES
 
         den = self.den
         key = (den.bucket, block)
-        if key not in self._bufs:
+        cache = (den.k.data_ptr(), tuple(den.k.shape))
+        if key not in self._bufs or self._bufs[key][3] != cache:
             bufs = loop_buffers(den.spec, rows=den.bucket, block=block, vocab=den.config.vocab_size,
                                 device=den.device, dtypes=TORCH_DTYPES, cache=(den.k, den.v))
             bindings = tuple(self._bind(bufs, p) for p in (0, 1))
-            self._bufs[key] = (bufs, bindings, tuple(self._run_options() for _ in (0, 1)))
+            self._bufs[key] = (bufs, bindings, tuple(self._run_options() for _ in (0, 1)), cache)
         return self._bufs[key][0]
 
     def run(self, bufs: LoopBuffers, parity: int) -> None:
-        _, bindings, options = self._bufs[(bufs.rows, bufs.block)]
+        _, bindings, options, _ = self._bufs[(bufs.rows, bufs.block)]
         self.den.session.run_with_iobinding(bindings[parity], options[parity])
 
     def step_options(self):

@@ -162,11 +162,17 @@ class TrtDenoiser(BackendDenoiser):
 
     # ---- the Denoiser contract ---------------------------------------------------------------------------
 
+    def _kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k, self.v         # (regroup copies rows into them in place: bound addresses stay valid)
+
     def _allocate(self, rows: int) -> None:
         self.k, self.v = self.kv_cache(rows, self.kv_dtype)
         self._bound.clear()               # their contexts point at the old cache
         self._loops.clear()
         self.graphs.clear()               # and so do the captured graphs
+
+    def _kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k, self.v
 
     def _pass(self, tokens, *, causal, write, num_valid, draft_lora, temperature, noise) -> StepOut:
         B, L = tokens.shape

@@ -21,9 +21,10 @@ Per setting, over all prompts (run `batch` rows at a time, temperature 0):
   tokens_per_s         generated tokens / wall time of a run, over `repeats` timed runs
   nll                  mean NLL per token of each continuation under the model (bench/quality.py)
   accuracy             with task prompts: answers parsed from the text are right (bench/tasks.py)
-The first run of a setting is traced (the figures above, and the warm-up); the timed runs are not,
-and a denoiser with a device-resident block loop (`generate_dlm`, the fast engine) runs dlm through it
-(after one untimed run of its own; it commits the same tokens as the traced loop).
+The first run of a setting is traced (the figures above, and the warm-up); the timed runs are not, so a
+backend that declares a device block refiner (decoding/refine.py: the fast engine) runs greedy dlm blocks
+through it (after one untimed run of its own for the graph captures; it commits the same tokens as the
+traced host passes).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any, Callable, Sequence
 from ..errors import InvalidArgument
 from ..model.tokenizer import decode
 from ..decoding import loops
+from ..decoding.policy import DEFAULT_THRESHOLD, DecodePolicy
 from .quality import causal_nll
 from .tasks import Task, accuracy
 
@@ -122,16 +124,52 @@ def plan_sweep(axes: dict[str, tuple], *, mode: str = "dlm", block_size: int | N
             policies = [dict(threshold=None, steps=s) for s in axes["steps"]]
         else:
             policies = [dict(threshold=t, steps=None)
-                        for t in axes.get("threshold", (loops.DEFAULT_THRESHOLD[m],))]
+                        for t in axes.get("threshold", (DEFAULT_THRESHOLD[m],))]
         for pol, bl in itertools.product(policies, blens):
             if pol["steps"] is not None and block_size is not None:
                 try:
-                    loops.dlm_policy(block_size, bl, None, pol["steps"])
+                    DecodePolicy("dlm", block_length=bl or block_size, steps=pol["steps"])
                 except InvalidArgument as e:
                     raise InvalidArgument(f"--sweep steps={pol['steps']}: {e}") from None
             label = m + (f" steps={pol['steps']}" if pol["steps"] is not None else f" t={pol['threshold']:g}")
             out.append(Setting(m, pol["threshold"], pol["steps"], bl, label + (f" B={bl}" if show_b else "")))
     return out
+
+
+@dataclass
+class SweepInputs:
+    """A sweep's spec and prompt source, read and checked before any model loads."""
+
+    axes: dict[str, tuple]
+    tasks: list | None = None               # bench.tasks.Task per prompt (--tasks), scored by their answers
+    items: list | None = None               # --prompts file items
+    where: str = "built-in"
+
+    @classmethod
+    def read(cls, specs: Sequence[str], *, mode: str, tasks_file=None, prompts_file=None) -> "SweepInputs":
+        from ..prompts import read_prompt_file
+        from .tasks import read_tasks
+
+        if tasks_file is not None and prompts_file is not None:
+            raise InvalidArgument("give --tasks or --prompts, not both")
+        axes = parse_sweep(specs)
+        plan_sweep(axes, mode=mode)
+        if tasks_file is not None:
+            return cls(axes, tasks=read_tasks(tasks_file), where=f"--tasks {tasks_file}")
+        if prompts_file is not None:
+            return cls(axes, items=read_prompt_file(prompts_file, "--prompts"), where=f"--prompts {prompts_file}")
+        return cls(axes)
+
+    def prompts(self, tok, cfg) -> tuple[list[list[int]], str]:
+        """(token ids per prompt, the source as the report names it)."""
+        from ..prompts import TEXT_PROMPTS, builtin_prompts, encode_prompts
+        from .tasks import encode_tasks
+
+        if self.tasks is not None:
+            return encode_tasks(self.tasks, tok, self.where), self.where.replace("--tasks ", "tasks ")
+        if self.items is not None:
+            return encode_prompts(self.items, tok, cfg, self.where), self.where.replace("--prompts ", "prompts ")
+        return builtin_prompts(tok, cfg, len(TEXT_PROMPTS)), "built-in"
 
 
 # ---- measuring ------------------------------------------------------------------------------------
@@ -235,7 +273,7 @@ def run_sweep(den, settings: list[Setting], prompts: list[list[int]], *, judge, 
     for s in settings:
         row = SweepRow(s)
         gens = [_generate(den, c, s, max_new_tokens, trace=True) for c in chunks]     # figures + warm-up
-        if _device_loop(den, s):                          # its own warm-up: graph captures
+        if _device_refined(den, s):                       # its own warm-up: graph captures
             for c in chunks:
                 _generate(den, c, s, max_new_tokens, trace=False)
         for _ in range(repeats):
@@ -275,14 +313,17 @@ def _check_room(den, s: Setting, longest: int, max_new: int) -> None:
                               f"(longest prompt {longest} + generation {need}), the engine has {den.max_len}")
 
 
-def _device_loop(den, s: Setting) -> bool:
-    return s.mode == "dlm" and hasattr(den, "generate_dlm")
+def _policy(s: Setting) -> DecodePolicy:
+    return DecodePolicy(s.mode, **(s.knobs() if s.mode != "ar" else {}))
+
+
+def _device_refined(den, s: Setting) -> bool:
+    """Untraced greedy dlm runs on the backend's device block refiner, where it declares one."""
+    return s.mode == "dlm" and den.block_refiner(_policy(s).resolve(den.config)) is not None
 
 
 def _generate(den, prompts: list[list[int]], s: Setting, max_new_tokens: int, *, trace: bool):
-    if not trace and _device_loop(den, s):                                 # the device-resident loop
-        return den.generate_dlm(prompts, max_new_tokens=max_new_tokens, **s.knobs())
-    return loops.generate(den, prompts, s.mode, max_new_tokens=max_new_tokens, trace=trace, **s.knobs())
+    return loops.generate(den, prompts, _policy(s), max_new_tokens=max_new_tokens, trace=trace)
 
 
 def _figures(row: SweepRow, gens: list[loops.Generation]) -> None:

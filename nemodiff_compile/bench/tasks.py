@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import InvalidArgument
+from ..prompts import read_lines
 
 
 @dataclass(frozen=True)
@@ -91,20 +92,7 @@ def check(task: Task, text: str) -> bool:
 
 def read_tasks(path: str | Path, flag: str = "--tasks") -> list[Task]:
     """The tasks of a .jsonl file; every error names the flag, file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidArgument(f"{flag} {path}: file not found")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InvalidArgument(f"{flag} {path}: cannot read it as UTF-8 text ({e})") from None
-    tasks = []
-    for n, line in enumerate(lines, 1):
-        if line.strip():
-            tasks.append(_task(f"{flag} {path}:{n}", line))
-    if not tasks:
-        raise InvalidArgument(f"{flag} {path}: no tasks in it")
-    return tasks
+    return [_task(where, line) for where, line in read_lines(path, flag, "tasks")]
 
 
 def _task(where: str, line: str) -> Task:

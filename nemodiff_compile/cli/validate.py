@@ -18,7 +18,7 @@ from ._sweep import check_outputs, emit, no_sweep_flags, sweep_options
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
               help="Checkpoint folder of the reference (default: the one the engine was built from).")
 @click.option("--fast", is_flag=True,
-              help="Validate the fast torch engine (CUDA graphs on a GPU) built from --size/--checkpoint "
+              help="Validate the fast torch engine (CUDA graphs on a GPU) built from --size/--model "
                    "instead of an engine directory.")
 @model_source
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp8", "fp8-tensor", "fp8-static"]), default=None,
@@ -35,13 +35,14 @@ from ._sweep import check_outputs, emit, no_sweep_flags, sweep_options
               help="dlm fixed-steps policy instead of the threshold (engines with a remask stage run it in the graph).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @user_errors
-def validate(engine_dir, reference, fast, checkpoint, size, precision, max_new_tokens, modes, prompts_file,
+def validate(engine_dir, reference, fast, model, size, random_weights, precision, max_new_tokens, modes, prompts_file,
              threshold, steps, as_json):
-    """Compare an engine with the PyTorch reference pass by pass; exit 1 when it fails its tolerances."""
+    """Compare an engine with the PyTorch reference pass by pass; exit 1 when it fails its tolerances.
+    The engine's files are re-hashed against its manifest first (exit 2 naming an altered file)."""
     modes = modes or ("ar", "dlm", "linear-spec")
     if fast:
         if engine_dir is not None:
-            raise click.UsageError("--fast validates a model (--size/--checkpoint), not ENGINE_DIR")
+            raise click.UsageError("--fast validates a model (--size/--model), not ENGINE_DIR")
         if prompts_file is not None:
             raise click.UsageError("--prompts goes with ENGINE_DIR (validate --fast uses the built-in prompts)")
         import torch
@@ -49,20 +50,24 @@ def validate(engine_dir, reference, fast, checkpoint, size, precision, max_new_t
         from ..validate.fast import validate_fast
 
         precision = precision or ("bf16" if torch.cuda.is_available() else "fp32")
-        report = validate_fast(resolve_source(checkpoint, size), precision=precision,
+        report = validate_fast(resolve_source(model, size, random_weights), precision=precision,
                                max_new_tokens=max_new_tokens, modes=modes)
         click.echo(json.dumps(report.to_json()) if as_json else report.to_table())
         sys.exit(0 if report.passed else 1)
     if engine_dir is None:
-        raise click.UsageError("give ENGINE_DIR, or --fast with --size/--checkpoint")
-    if checkpoint is not None or size is not None or precision is not None:
-        raise click.UsageError("--size/--checkpoint/--precision go with --fast")
+        raise click.UsageError("give ENGINE_DIR, or --fast with --size/--model")
+    if model is not None or size is not None or random_weights or precision is not None:
+        raise click.UsageError("--size/--model/--random-weights/--precision go with --fast")
+    from ..artifact.manifest import read_manifest
     from ..validate.engine import validate_engine
 
     if threshold is not None and steps is not None:
         raise click.UsageError("give --threshold or --steps, not both")
+    read_manifest(engine_dir, deep=True)     # re-hash every artifact first: an altered file is named, not run
     report = validate_engine(engine_dir, reference_source=reference, max_new_tokens=max_new_tokens,
                              modes=modes, prompts_file=prompts_file, threshold=threshold, steps=steps)
+    if getattr(report, "not_recorded", None):
+        click.echo(f"note: the result is not recorded in the manifest: {report.not_recorded}", err=True)
     click.echo(json.dumps(report.to_json()) if as_json else report.to_table())
     sys.exit(0 if report.passed else 1)
 

@@ -164,7 +164,16 @@ def save_step(graph, spec: IOSpec, weights: torch.nn.Module, out_dir: str | Path
     tmp = Path(tempfile.mkdtemp(prefix=".export.", dir=out_dir))
     try:
         # Written tensor by tensor: each lazy initializer is read, converted, written and dropped.
-        ir.save(graph, tmp / ONNX_NAME, external_data=WEIGHTS_NAME, alignment=64)
+        from .. import progress
+        from . import weights as weights_mod
+
+        total = sum(v.const_value.nbytes for v in graph.graph.initializers.values() if v.const_value is not None)
+        with progress.bar("writing weights", total=total, unit="GiB", scale=1 / 2**30) as tick:
+            weights_mod.on_write = tick
+            try:
+                ir.save(graph, tmp / ONNX_NAME, external_data=WEIGHTS_NAME, alignment=64)
+            finally:
+                weights_mod.on_write = None
         check_graph(tmp / ONNX_NAME, spec)
         for name in (ONNX_NAME, WEIGHTS_NAME):
             os.chmod(tmp / name, 0o644)

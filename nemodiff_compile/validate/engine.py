@@ -7,10 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import NemodiffError
-
-# Built-in prompts: chat and raw text, of different lengths (the tiny model was trained on such text).
-TEXT_PROMPTS = ("What is 3 + 4?", "Once upon a time, Mia", "Count from 5:",
-                "Tell me a story about a cat who found a red ball in the garden.")
+from ..prompts import builtin_prompts
 
 
 def open_pair(engine_dir: str | Path, *, reference: Any = None, reference_source: str | Path | None = None,
@@ -34,28 +31,17 @@ def open_pair(engine_dir: str | Path, *, reference: Any = None, reference_source
     return manifest, e.denoiser, TorchDenoiser(reference, e.denoiser.max_len, return_logits=True), e.tokenizer
 
 
-def builtin_prompts(tok: Any, cfg, count: int) -> list[list[int]]:
-    """`count` prompts of different lengths: encoded text when there is a tokenizer, else seeded ids."""
-    if tok is not None:
-        from ..prompts import encode_prompts
-
-        return encode_prompts([{"text": t} for t in TEXT_PROMPTS[:count]], tok, cfg, "built-in prompts")
-    import random
-
-    rng = random.Random(0)
-    return [[cfg.bos_token_id or 1] + [rng.randrange(128, cfg.vocab_size) for _ in range(3 + 5 * i)]
-            for i in range(count)]
-
-
 def validate_engine(engine_dir: str | Path, *, reference: Any = None, reference_source: str | Path | None = None,
                     quick: bool = False, max_new_tokens: int | None = None,
                     modes: tuple[str, ...] = ("ar", "dlm", "linear-spec"), write: bool = True,
                     prompts_file: str | Path | None = None, threshold: float | None = None,
                     steps: int | None = None):
     """Compare the engine with the reference per pass on the built-in prompts (or those of
-    `prompts_file`, a --prompts file: prompts.py); record it in the manifest. threshold / steps: the dlm
-    policy (default: `stage_policy`)."""
+    `prompts_file`, a --prompts file: prompts.py); record it in the manifest (only in the directory it
+    ran on: not when a build has replaced the directory meanwhile). threshold / steps: the dlm policy
+    (default: `stage_policy`)."""
     from ..artifact.manifest import write_manifest
+    from ..fsutil import read_stable_at, update_if_same
     from . import tolerances_for, validate
 
     items = None
@@ -63,7 +49,8 @@ def validate_engine(engine_dir: str | Path, *, reference: Any = None, reference_
         from ..prompts import read_prompt_file
 
         items = read_prompt_file(prompts_file, "--prompts")
-    manifest, engine, ref, tok = open_pair(engine_dir, reference=reference, reference_source=reference_source)
+    (manifest, engine, ref, tok), opened = read_stable_at(      # never a mix of two builds swapped in meanwhile
+        engine_dir, lambda: open_pair(engine_dir, reference=reference, reference_source=reference_source))
     if items is None:
         prompts = builtin_prompts(tok, ref.config, 2 if quick else 4)
     else:
@@ -93,7 +80,11 @@ def validate_engine(engine_dir: str | Path, *, reference: Any = None, reference_
             "dlm_policy": {"threshold": report.settings["threshold"], "steps": report.settings["steps"]},
             "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        write_manifest(Path(engine_dir), manifest)
+        try:
+            same = update_if_same(engine_dir, opened, lambda: write_manifest(Path(engine_dir), manifest))
+            report.not_recorded = None if same else f"{engine_dir} was rebuilt while it was validated"
+        except (NemodiffError, OSError) as e:               # a read-only engine directory: still report
+            report.not_recorded = f"cannot write {engine_dir}/manifest.json ({getattr(e, 'strerror', None) or e})"
     return report
 
 
@@ -145,26 +136,14 @@ def sweep_engine(engine_dir: str | Path, specs: tuple[str, ...], *, mode: str = 
                  tasks_file: str | Path | None = None, prompts_file: str | Path | None = None, log=None):
     """`bench DIR --sweep ...`: the engine over a grid of decode settings (bench/sweep.py), judged by
     the reference it was built from. Prompts: --tasks (scored answers), --prompts, or the built-in ones."""
-    from ..bench.sweep import parse_sweep, plan_sweep, run_sweep
-    from ..bench.tasks import encode_tasks, read_tasks
-    from ..prompts import encode_prompts, read_prompt_file
+    from ..bench.sweep import SweepInputs, plan_sweep, run_sweep
 
-    if tasks_file is not None and prompts_file is not None:
-        raise NemodiffError("give --tasks or --prompts, not both")
-    axes = parse_sweep(specs)
-    plan_sweep(axes, mode=mode)                          # spec and files checked before any model loads
-    tasks = read_tasks(tasks_file) if tasks_file is not None else None
-    items = read_prompt_file(prompts_file, "--prompts") if prompts_file is not None else None
+    inputs = SweepInputs.read(specs, mode=mode, tasks_file=tasks_file, prompts_file=prompts_file)
     manifest, engine, ref, tok = open_pair(engine_dir, threads=threads)
     ref.return_logits = engine.return_logits = False
-    settings = plan_sweep(axes, mode=mode, block_size=ref.config.block_size)
-    if tasks is not None:
-        prompts, source = encode_tasks(tasks, tok, f"--tasks {tasks_file}"), f"tasks {tasks_file}"
-    elif items is not None:
-        prompts, source = encode_prompts(items, tok, ref.config, f"--prompts {prompts_file}"), f"prompts {prompts_file}"
-    else:
-        prompts, source = builtin_prompts(tok, ref.config, len(TEXT_PROMPTS)), "built-in"
+    settings = plan_sweep(inputs.axes, mode=mode, block_size=ref.config.block_size)
+    prompts, source = inputs.prompts(tok, ref.config)
     info = dict(engine=f"{Path(engine_dir).name} ({manifest.backend}, {manifest.precision})", prompt_source=source,
                 judge=f"the reference ({ref.model.dtype}) causal pass".replace("torch.", ""))
     return run_sweep(engine, settings, prompts, judge=ref.model, max_new_tokens=max_new_tokens, batch=batch,
-                     repeats=repeats, tasks=tasks, tokenizer=tok, info=info, log=log)
+                     repeats=repeats, tasks=inputs.tasks, tokenizer=tok, info=info, log=log)

@@ -21,7 +21,7 @@ def validate_fast(source: str | Path, *, precision: str = "bf16", device: str | 
                   modes: tuple[str, ...] = ("ar", "dlm", "linear-spec"), max_len: int = 256):
     from ..backends.eager import TorchDenoiser
     from . import tolerances_for, validate
-    from .engine import builtin_prompts
+    from ..prompts import builtin_prompts
 
     model, engine, tok = open_fast(source, precision=precision, device=device, max_len=max_len)
     prompts = builtin_prompts(tok, model.config, 2 if quick else 4)
@@ -39,7 +39,7 @@ def open_fast(source: str | Path, *, precision: str = "bf16", device: str | None
     from ..errors import InvalidArgument
     from ..artifact.buckets import BatchBuckets
     from ..backends.fast import FastDenoiser
-    from .engine import builtin_prompts
+    from ..prompts import builtin_prompts
 
     if precision not in FAST_PRECISIONS:
         raise InvalidArgument(f"--precision {precision}: the fast engine runs {', '.join(FAST_PRECISIONS)}")
@@ -67,33 +67,20 @@ def sweep_fast(source: str | Path, specs: tuple[str, ...], *, precision: str = "
                tasks_file: str | Path | None = None, prompts_file: str | Path | None = None, log=None):
     """`bench-gpu --sweep ...`: the fast engine over a grid of decode settings (bench/sweep.py, the
     same code as `bench --sweep`), judged by the reference model it was made from."""
-    from ..bench.sweep import parse_sweep, plan_sweep, room, run_sweep
-    from ..bench.tasks import encode_tasks, read_tasks
-    from ..errors import InvalidArgument
-    from ..prompts import MAX_PROMPT_TOKENS, encode_prompts, read_prompt_file
-    from .engine import TEXT_PROMPTS, builtin_prompts
+    from ..bench.sweep import SweepInputs, plan_sweep, room, run_sweep
+    from ..prompts import MAX_PROMPT_TOKENS
 
-    if tasks_file is not None and prompts_file is not None:
-        raise InvalidArgument("give --tasks or --prompts, not both")
-    axes = parse_sweep(specs)
-    plan_sweep(axes, mode=mode)                          # spec and files checked before any model loads
-    tasks = read_tasks(tasks_file) if tasks_file is not None else None
-    items = read_prompt_file(prompts_file, "--prompts") if prompts_file is not None else None
+    inputs = SweepInputs.read(specs, mode=mode, tasks_file=tasks_file, prompts_file=prompts_file)
     block_size = _block_size(source)
-    settings = plan_sweep(axes, mode=mode, block_size=block_size)
+    settings = plan_sweep(inputs.axes, mode=mode, block_size=block_size)
     max_len = MAX_PROMPT_TOKENS + max(room(s, max_new_tokens, block_size) for s in settings)
     model, engine, tok = open_fast(source, precision=precision, device=device, max_len=max_len,
                                    batch_sizes=(batch,))
-    if tasks is not None:
-        prompts, where = encode_tasks(tasks, tok, f"--tasks {tasks_file}"), f"tasks {tasks_file}"
-    elif items is not None:
-        prompts, where = encode_prompts(items, tok, model.config, f"--prompts {prompts_file}"), f"prompts {prompts_file}"
-    else:
-        prompts, where = builtin_prompts(tok, model.config, len(TEXT_PROMPTS)), "built-in"
+    prompts, where = inputs.prompts(tok, model.config)
     info = dict(engine=f"fast engine {precision} on {engine.device.type} ({source})", prompt_source=where,
                 judge=f"the reference ({str(model.dtype).replace('torch.', '')}) causal pass")
     return run_sweep(engine, settings, prompts, judge=model, max_new_tokens=max_new_tokens, batch=batch,
-                     repeats=repeats, tasks=tasks, tokenizer=tok, info=info, log=log)
+                     repeats=repeats, tasks=inputs.tasks, tokenizer=tok, info=info, log=log)
 
 
 def _block_size(source) -> int:

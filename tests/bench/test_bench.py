@@ -8,6 +8,7 @@ import torch
 
 from nemodiff_compile.bench import bench
 from nemodiff_compile.bench.run import _quantile
+from nemodiff_compile.decoding import loops
 from nemodiff_compile.errors import InvalidArgument
 from nemodiff_compile.backends.eager import TorchDenoiser
 
@@ -27,9 +28,22 @@ def test_engine_vs_reference_reports_speedup(random_tiny):
         assert lat["all"]["mean"] > 0 and lat["all"]["p50"] <= lat["all"]["p90"]
         assert lat["all"]["n"] == 2 * d["nfe"]                                  # every pass of every repeat
         assert {ph: v["n"] for ph, v in lat.items() if ph != "all"} == {ph: 2 * n for ph, n in d["nfe_by_phase"].items()}
-    assert "same_tokens_as_reference" in js["denoisers"]["engine"]
+    want = [loops.generate(d, PROMPTS, "dlm", max_new_tokens=16, block_length=8).tokens for d in dens.values()]
+    assert js["denoisers"]["engine"]["same_tokens_as_reference"] is (want[0] == want[1])
     table = rep.to_table()
     assert "speedup" in table and "engine" in table and "reference" in table
+
+
+def test_same_tokens_as_reference_is_true_and_false_when_it_should_be(random_tiny):
+    """The same model under both names agrees; a model with a perturbed head does not."""
+    other = copy.deepcopy(random_tiny)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    for engine, same in ((random_tiny, True), (other, False)):
+        dens = {"engine": TorchDenoiser(engine, 64), "reference": TorchDenoiser(random_tiny, 64)}
+        rep = bench(dens, PROMPTS[:1], mode="ar", max_new_tokens=8, warmup=0, repeats=1)
+        assert rep.to_json()["denoisers"]["engine"]["same_tokens_as_reference"] is same
 
 
 @pytest.mark.parametrize("mode", ["ar", "linear-spec"])

@@ -23,11 +23,20 @@ def _cases():
     return conf, masked
 
 
-@pytest.mark.parametrize("threshold", [0.9, 0.0, 1.0, 0.3])
+@pytest.mark.parametrize("threshold", [0.9, 0.0, 1.0, 0.3, 0.5])
 def test_threshold_rule_matches_sampling(threshold):
     conf, masked = _cases()
     want = remask.commit_threshold(conf, masked, threshold)
     assert torch.equal(commit_by_rank(conf, masked, threshold, torch.full((6,), -1)), want)   # -1: threshold rule
+
+
+def test_confidence_equal_to_the_threshold_commits():
+    """Row 1 of _cases is all 0.5: at threshold 0.5 every masked position commits (>=, not >)."""
+    conf, masked = _cases()
+    got = commit_by_rank(conf, masked, 0.5, torch.full((6,), -1))                 # -1: the threshold rule
+    assert torch.equal(got[1], masked[1]) and int(masked[1].sum()) > 1
+    ones = torch.ones(2, 5)
+    assert commit_by_rank(ones, torch.ones(2, 5, dtype=torch.bool), 1.0, torch.full((2,), -1)).all()
 
 
 @pytest.mark.parametrize("k", [0, 1, 3, 16])
