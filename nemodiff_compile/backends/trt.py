@@ -171,9 +171,6 @@ class TrtDenoiser(BackendDenoiser):
         self._loops.clear()
         self.graphs.clear()               # and so do the captured graphs
 
-    def _kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k, self.v
-
     def _pass(self, tokens, *, causal, write, num_valid, draft_lora, temperature, noise) -> StepOut:
         B, L = tokens.shape
         binding = self.plan.plan(B, L)
