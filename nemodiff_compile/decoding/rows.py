@@ -36,9 +36,10 @@ import torch
 
 from . import remask
 from ..errors import InvalidArgument
+from .arguments import check_room, check_token_ids
 from .denoiser import Denoiser, StepOut
 from .loops import Generation, OnTokens, _Run
-from .policy import DecodePolicy
+from .policy import DecodePolicy, check_bounds
 
 
 @dataclass(frozen=True)
@@ -88,15 +89,13 @@ class Row:
                  on_tokens: OnTokens | None = None):
         if not prompt:
             raise InvalidArgument("every prompt needs at least one token")
-        bad = [t for t in prompt if not 0 <= t < den.config.vocab_size]
-        if bad:
-            raise InvalidArgument(f"prompt token id {bad[0]} is outside the vocabulary (0..{den.config.vocab_size - 1})")
-        if max_new_tokens < 1:
-            raise InvalidArgument(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        check_bounds(max_new_tokens=max_new_tokens)
         self.policy = policy.resolve(den.config)
-        self.prompt, self.max_new_tokens = list(prompt), max_new_tokens
+        self.prompt, self.max_new_tokens = check_token_ids(prompt, den.config.vocab_size, "prompt"), max_new_tokens
         self.need = len(self.prompt) + room(self.policy, max_new_tokens)     # cache positions, at most
-        if self.need > den.max_len:
+        if self.need > den.max_len:         # the same one line as the whole-batch loops (arguments.py)
+            check_room(len(self.prompt), mode=self.policy.mode, max_new_tokens=max_new_tokens,
+                       block_length=self.policy.block_length or 1, max_len=den.max_len)
             raise InvalidArgument(f"prompt ({len(self.prompt)}) + generation ({self.need - len(self.prompt)}) needs "
                                   f"{self.need} cache positions, the engine has {den.max_len}: "
                                   "shorten the prompt or lower max_new_tokens")
