@@ -129,8 +129,9 @@ class Shapes(_Node):
 @dataclass(frozen=True)
 class Remask(_Node):
     stage: str = _leaf("none", "--remask", "Remask stage",
-                       "Remask stage in the graph: none (host-side commit rule), onnx (standard ops), "
-                       "plugin (the nemodiff::Remask TensorRT plugin node).", "choice", key="remask",
+                       "Remask stage in the graph (the compiled refinement loop): none (host-side commit "
+                       "rule), onnx (standard ops), plugin (the nemodiff::Remask plugin node: TensorRT, or "
+                       "ONNX Runtime with onnxruntime-extensions).", "choice", key="remask",
                        choices=REMASK_STAGES)
     threshold: float | None = _leaf(0.9, "--remask-threshold", "Remask stage",
                                     "Commit threshold of the remask stage, or 'topk' for the fixed-steps policy.",
@@ -191,9 +192,6 @@ class BuildConfig(_Node):
         if self.backend == "onnxruntime":        # "auto" is checked once chosen (for_backend)
             if self.tensorrt.gpus:
                 raise InvalidArgument("--gpus: only TensorRT engines are per GPU; add --backend tensorrt")
-            if self.remask.stage == "plugin":
-                raise InvalidArgument("--remask plugin: the nemodiff::Remask node runs only in TensorRT; add "
-                                      "--backend tensorrt, or use --remask onnx")
 
     # ---- derived configurations ----
 

@@ -69,9 +69,8 @@ def build_engine(config: BuildConfig, *, recipe: "Recipe | None" = None,
 
     with atomic_dir(output, label="--output", check=check, on_wait=progress) as tmp:
         model = _export_into(tmp, config, choice, progress=progress, quant=quant)
-        if config.validate and config.remask.stage != "none":
-            progress("validation skipped: the decode loops drive graphs without the remask stage")
-        elif config.validate:                # before the swap: an engine is published with its result
+        if config.validate:                  # before the swap: an engine is published with its result
+            # (remask-stage graphs too: validate also drives their compiled refinement loop)
             progress("validating against the PyTorch reference")
             from .validate.engine import validate_engine
 

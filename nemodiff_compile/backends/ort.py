@@ -17,6 +17,11 @@ or `OrtValue.ortvalue_from_numpy_with_onnx_type(uint8 view, 17)` both work.)
 
 Graphs of models with a draft LoRA take a `draft_lora` flag; without one, `draft_lora=True` drafts
 with the base weights (linear-spec stays lossless; it may accept fewer drafts than with the LoRA).
+
+Graphs built with a remask stage (`--remask onnx|plugin`) also run the compiled refinement loop: greedy
+dlm blocks whose policy the stage serves go to `block_refiner` (refine_stage.py, bindings in
+ort_stage.py); `step` feeds the stage an idle canvas. A `--remask plugin` graph runs its
+`nemodiff::Remask` node as a Python custom op (kernels/remask/ort_op.py, onnxruntime-extensions).
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import NemodiffError
+from ..artifact.spec import remask_stage
 from ..decoding.denoiser import StepOut
 from .base import TORCH_DTYPES, BackendDenoiser, scatter_block
+from .refine_stage import StageRefiner, idle_stage_feeds, stage_serves
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..artifact.spec import IOSpec
@@ -44,11 +51,14 @@ _MAX_SHAPES = 16  # (batch, block) output buffer sets kept: decode, block, verif
 class OrtDenoiser(BackendDenoiser):
     def __init__(self, onnx_path: str | Path, spec: "IOSpec", config: ModelConfig, max_len: int, *,
                  providers: list | None = None, threads: int | None = None, return_logits: bool = False,
-                 fuse: bool = True, window: int = 64):
+                 fuse: bool = True, window: int = 64, cuda_graphs: bool = True):
         """fuse=False stops at ORT's basic graph optimizations: Q/DQ graphs then compute exactly what
         they say (with fuse=True the CPU provider may fold int8 Q/DQ + MatMul into integer kernels
-        that round differently)."""
+        that round differently). cuda_graphs: on the CUDA provider, graphs with a remask stage replay
+        their refinement passes as CUDA graphs (ort_stage.py)."""
         import onnxruntime as ort
+
+        self.stage = remask_stage(spec, where=str(onnx_path))       # refuses an older stage's I/O
 
         opts = ort.SessionOptions()
         opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if fuse
@@ -59,8 +69,18 @@ class OrtDenoiser(BackendDenoiser):
         # quantizes the activations to int8 on the CPU; the graph says float activations, so compute them so
         opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
         providers = providers or ["CPUExecutionProvider"]
+        cuda_graphs = cuda_graphs and self.stage is not None and providers[0] == "CUDAExecutionProvider"
+        if cuda_graphs:
+            from .ort_stage import cuda_provider
+
+            providers = [cuda_provider()] + list(providers[1:])
         try:
-            self.session = ort.InferenceSession(str(onnx_path), opts, providers=providers)
+            if self.stage is not None and self.stage["variant"] == "plugin":
+                from ..kernels.remask.ort_op import plugin_session
+
+                self.session = plugin_session(onnx_path, opts, providers)
+            else:
+                self.session = ort.InferenceSession(str(onnx_path), opts, providers=providers)
         except Exception as e:       # onnxruntime's pybind errors (NotImplemented, Fail, ...) have no common base
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             hint = (" (ONNX Runtime's CPU provider has no bfloat16 kernels for most ops: run bf16 engines on a "
@@ -81,6 +101,12 @@ class OrtDenoiser(BackendDenoiser):
         self._bufs: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self._flags = {c: torch.tensor(c, device=self.device) for c in (False, True)}   # 0-d bool inputs
         self._temperature = torch.zeros((), device=self.device)
+        self._stage = None
+        if self.stage is not None:
+            from .ort_stage import OrtStage
+
+            self._stage = OrtStage(self, cuda_graphs=cuda_graphs)
+            self._refiner = StageRefiner(self, self.stage)
 
     def _check(self, path, return_logits: bool) -> None:
         got = [sorted(t.name for t in ts) for ts in (self.session.get_inputs(), self.session.get_outputs())]
@@ -101,6 +127,21 @@ class OrtDenoiser(BackendDenoiser):
         cap = self.max_len if not self.window else min(self.max_len, self.window if self.k is None else self.k.shape[3])
         self.k, self.v = self.kv_cache(rows, self.kv_dtype, cap)
         self._bufs.clear()
+        if self._stage is not None:
+            self._stage.clear()
+
+    # ---- the compiled refinement loop (refine_stage.py) -------------------------------------------------
+
+    def block_refiner(self, policy) -> "StageRefiner | None":
+        """The graph's remask stage drives greedy dlm blocks whose policy it was exported for."""
+        return self._refiner if self._stage is not None and stage_serves(self.stage, policy) else None
+
+    def stage_buffers(self, block: int):
+        self._fit(int(self._lengths.max()) + block)       # the window the block's passes read (as `_pass`)
+        return self._stage.buffers(block)
+
+    def stage_pass(self, bufs, parity: int) -> None:
+        self._stage.run(bufs, parity)
 
     def _kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k, self.v
@@ -156,13 +197,15 @@ class OrtDenoiser(BackendDenoiser):
                  "gumbel_noise": noise, "past_keys": self.k, "past_values": self.v}
         if self.spec.has_input("draft_lora"):
             feeds["draft_lora"] = self._flags[bool(draft_lora)]                       # [] bool
+        if self.stage is not None:                     # not a refinement pass: the stage commits nothing
+            feeds.update(idle_stage_feeds(feeds["input_ids"]))
         for name, t in feeds.items():
             self._bind(self.io.bind_input, name, t)
         for name in self.spec.output_names():
             self._bind(self.io.bind_output, name, out[name])
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)     # torch's writes land before ORT reads; ORT syncs at the end of Run
-        self.session.run_with_iobinding(self.io)
+        self.session.run_with_iobinding(self.io, self._stage.step_options() if self._stage else None)
         if write:   # the block's K/V at positions lengths[b] + 0..L-1
             scatter_block(self.k, self.v, feeds["cache_lengths"], out["new_keys"], out["new_values"])
         logits = out["logits"].clone() if self.return_logits else None

@@ -10,6 +10,11 @@ For each decoding mode, two runs with the same prompts, policy and seed (hence t
                   reference (positions equal up to the shorter length / the longer length), and the
                   first divergence: the first pass whose outcome differs for a prompt that ends
                   differently
+  device loop     (dlm, engines that declare a device block refiner for the policy: the fast engine,
+                  engines built with a remask stage) the same free-running decode with the block's
+                  refinement passes on the device, untraced: its tokens and NFE must equal the engine's
+                  host passes exactly (same graph, same rule), and its agreement with the reference is
+                  held to the trajectory bounds
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ class ModeResult:
     passes: list[PassStats]
     first_divergence: dict[str, Any] | None
     failures: list[str] = field(default_factory=list)    # mode-level bounds not met
+    device: dict[str, Any] | None = None          # the device refinement loop's run (dlm), see the module docstring
 
     @property
     def token_agreement(self) -> float:
@@ -123,7 +129,7 @@ class ModeResult:
                    nfe=self.nfe, tokens_per_forward=self.tokens_per_forward, tpf_drop=self.tpf_drop,
                    passes_compared=len(self.passes), failed_passes=len(failed), worst=self.worst(),
                    failures=list(self.failures), first_failure=failed[0].to_json() if failed else None,
-                   first_divergence=self.first_divergence)
+                   first_divergence=self.first_divergence, device_loop=self.device)
         if per_pass:
             out["passes"] = [p.to_json() for p in self.passes]
         return out
@@ -188,6 +194,12 @@ class ValidationReport:
         out = [f"validation ({self.tolerances.precision} tolerances): {'PASSED' if self.passed else 'FAILED'}, "
                f"token agreement {self.token_agreement:.4f} over {self.passes_compared} passes",
                line(head), line(tuple("-" * w for w in widths)), *map(line, rows)]
+        for name, m in self.modes.items():
+            d = m.device
+            if d is not None:
+                out.append(f"{name} device loop: tok agree {d['token_agreement']:.4f} with the reference, "
+                           f"{'same' if d['same_as_host_passes'] else 'NOT the same'} tokens and NFE as the "
+                           f"host passes; nfe {d['nfe']}, device passes {d['device_passes']}")
         div, fail = self.first_divergence, self.first_failure
         out.append("first divergence: " + (_where(div) + f" ({div['kind']})" if div else "none"))
         out.append("first failing pass: " + (_where(fail) + ": " + "; ".join(fail["failures"]) if fail else "none"))
@@ -224,8 +236,9 @@ def validate(reference: Denoiser, engine: Denoiser, prompts: list[list[int]], *,
     """Compare `engine` with `reference` in each mode; see the module docstring.
 
     threshold / steps: the dlm policy (threshold rule, default 0.9, or the fixed-steps schedule when steps
-    is set); spec_threshold: the linear-spec draft rule (0 = one draft pass per block). Every pass runs on
-    the host (the comparison is per pass), device block refiners included.
+    is set); spec_threshold: the linear-spec draft rule (0 = one draft pass per block). Every compared pass
+    runs on the host (the comparison is per pass); where the engine has a device block refiner for the dlm
+    policy, one more untraced dlm run goes through it (the "device loop" of the module docstring).
     """
     tol = tolerances or TOLERANCES["fp32"]
     if engine is reference:
@@ -250,6 +263,10 @@ def validate(reference: Denoiser, engine: Denoiser, prompts: list[list[int]], *,
             {"reference": ref.tokens_per_forward, "engine": eng.tokens_per_forward},
             passes, first_divergence(mode, prompts, ref, eng))
         result.failures = _judge_mode(result, tol)
+        if mode == "dlm" and policy.greedy and engine.block_refiner(policy) is not None:
+            dev = loops.generate(engine, prompts, policy, max_new_tokens=max_new_tokens)       # untraced
+            result.device, bad = _device_loop(dev, eng, ref, tol)
+            result.failures += bad
         results[mode] = result
     settings = dict(modes=list(modes), prompts=len(prompts), max_new_tokens=max_new_tokens,
                     block_length=block_length, threshold=policies["dlm"].threshold if "dlm" in policies else threshold,
@@ -318,6 +335,28 @@ def _judge_mode(m: ModeResult, tol: Tolerances) -> list[str]:
         bad.append(f"tokens per forward fell {drop:.1%} ({tpf['reference']:.3f} -> {tpf['engine']:.3f}), "
                    f"more than {tol.tpf_drop_max:.0%}")
     return bad
+
+
+def _device_loop(dev: loops.Generation, host: loops.Generation, ref: loops.Generation,
+                 tol: Tolerances) -> tuple[dict[str, Any], list[str]]:
+    """The device refinement loop's run against the engine's host passes (exactly) and the reference."""
+    agree = [trajectory_agreement(a, b) for a, b in zip(ref.tokens, dev.tokens)]
+    same = dev.tokens == host.tokens and dev.nfe_by_phase == host.nfe_by_phase and dev.row_nfe == host.row_nfe
+    summary = dict(token_agreement=_ratio(sum(m for m, _ in agree), sum(t for _, t in agree)),
+                   prompt_agreement=[_ratio(*a) for a in agree], same_as_host_passes=same, nfe=dev.nfe,
+                   device_passes=dev.device_passes, tokens_per_forward=dev.tokens_per_forward)
+    bad = []
+    if not same:
+        rows = [b for b, (x, y) in enumerate(zip(host.tokens, dev.tokens)) if x != y]
+        what = f"tokens of prompt(s) {rows}" if rows else "pass counts"
+        bad.append(f"device refinement loop: {what} differ from the engine's host passes")
+    for b, a in enumerate(summary["prompt_agreement"]):
+        if tol.token_agreement is not None and a < tol.token_agreement:
+            bad.append(f"device refinement loop, prompt {b}: trajectory token agreement {a:.4f} < {tol.token_agreement}")
+    if tol.mean_token_agreement is not None and summary["token_agreement"] < tol.mean_token_agreement:
+        bad.append(f"device refinement loop: trajectory token agreement {summary['token_agreement']:.4f} < "
+                   f"{tol.mean_token_agreement}")
+    return summary, bad
 
 
 # ---- free-running comparison -------------------------------------------------------------------------

@@ -34,10 +34,12 @@ def open_pair(engine_dir: str | Path, *, reference: Any = None, reference_source
 def validate_engine(engine_dir: str | Path, *, reference: Any = None, reference_source: str | Path | None = None,
                     quick: bool = False, max_new_tokens: int | None = None,
                     modes: tuple[str, ...] = ("ar", "dlm", "linear-spec"), write: bool = True,
-                    prompts_file: str | Path | None = None):
+                    prompts_file: str | Path | None = None, threshold: float | None = None,
+                    steps: int | None = None):
     """Compare the engine with the reference per pass on the built-in prompts (or those of
     `prompts_file`, a --prompts file: prompts.py); record it in the manifest (only in the directory it
-    ran on: not when a build has replaced the directory meanwhile)."""
+    ran on: not when a build has replaced the directory meanwhile). threshold / steps: the dlm policy
+    (default: `stage_policy`)."""
     from ..artifact.manifest import write_manifest
     from ..fsutil import read_stable_at, update_if_same
     from . import tolerances_for, validate
@@ -58,9 +60,11 @@ def validate_engine(engine_dir: str | Path, *, reference: Any = None, reference_
     q = manifest.quantization
     tol = tolerances_for(manifest.precision, q.get("thresholds") if q else None)
     report = validate(ref, engine, prompts, modes=modes, max_new_tokens=max_new_tokens or (16 if quick else 32),
-                      tolerances=tol)
+                      tolerances=tol, **({"threshold": threshold, "steps": steps} if threshold is not None or
+                                         steps is not None else stage_policy(manifest, ref.config)))
     if write:
         summary = report.to_json()
+        device = {k: v["device_loop"] for k, v in summary["per_mode"].items() if v.get("device_loop")}
         manifest.validation = {
             "passed": summary["passed"], "token_agreement": summary["token_agreement"],
             "passes_compared": summary["passes_compared"], "first_divergence": summary["first_divergence"],
@@ -71,6 +75,9 @@ def validate_engine(engine_dir: str | Path, *, reference: Any = None, reference_
                              "logits_cosine_min": v["worst"]["logits_cosine_min"],
                              "tokens_per_forward": v["tokens_per_forward"], "tpf_drop": v["tpf_drop"]}
                          for k, v in summary["per_mode"].items()},
+            "device_loop": {k: {"token_agreement": d["token_agreement"], "same_as_host_passes": d["same_as_host_passes"],
+                                "nfe": d["nfe"], "device_passes": d["device_passes"]} for k, d in device.items()},
+            "dlm_policy": {"threshold": report.settings["threshold"], "steps": report.settings["steps"]},
             "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         try:
@@ -81,16 +88,47 @@ def validate_engine(engine_dir: str | Path, *, reference: Any = None, reference_
     return report
 
 
-def bench_engine(engine_dir: str | Path, *, batch: int = 1, mode: str = "dlm", max_new_tokens: int = 64,
-                 repeats: int = 3, warmup: int = 1, threads: int | None = None):
-    """Engine and reference on the same prompts in the same run."""
+def stage_policy(manifest, config) -> dict[str, Any]:
+    """The dlm policy validate uses by default: one the engine's remask stage serves (its threshold, or for
+    a `--remask-threshold topk` stage a fixed schedule of block_length // 4 passes), so the compiled loop
+    is validated too; engines without a stage: the default (threshold 0.9)."""
+    stage = manifest.io_spec.get("extra", {}).get("remask")
+    if stage is None:
+        return {}
+    if stage["policy"] == "topk":
+        return {"steps": max(1, config.block_size // 4)}
+    return {"threshold": float(stage["threshold"])}
+
+
+def bench_engine(engine_dir: "str | Path | list[str | Path]", *, batch: int = 1, mode: str = "dlm",
+                 max_new_tokens: int = 64, repeats: int = 3, warmup: int = 1, threads: int | None = None,
+                 threshold: float | None = None, steps: int | None = None):
+    """Engines (one directory, or several of the same model side by side: e.g. built with --remask none,
+    onnx and plugin) and their reference, on the same prompts in the same run. A single engine is named
+    "engine", several by their directory names. threshold / steps: the dlm policy (default: the one the
+    first engine's remask stage serves, else threshold 0.9)."""
     from ..bench import bench
 
-    manifest, engine, ref, tok = open_pair(engine_dir, threads=threads)
-    ref.return_logits = engine.return_logits = False
+    dirs = [Path(d) for d in ([engine_dir] if isinstance(engine_dir, (str, Path)) else engine_dir)]
+    if not dirs:
+        raise NemodiffError("bench needs at least one engine directory")
+    manifest, engine, ref, tok = open_pair(dirs[0], threads=threads)
+    engines = {"engine" if len(dirs) == 1 else _name(dirs, 0): engine}
+    for i, d in enumerate(dirs[1:], 1):
+        m, e, _, _ = open_pair(d, reference=ref.model, threads=threads)
+        engines[_name(dirs, i)] = e
+    for e in (ref, *engines.values()):
+        e.return_logits = False
     prompts = (builtin_prompts(tok, ref.config, 4) * batch)[:batch]
-    return bench({"engine": engine, "reference": ref}, prompts, mode=mode, max_new_tokens=max_new_tokens,
-                 repeats=repeats, warmup=warmup)
+    policy = {"threshold": threshold, "steps": steps} if threshold is not None or steps is not None else \
+        {"threshold": 0.9, **stage_policy(manifest, ref.config)}
+    return bench({**engines, "reference": ref}, prompts, mode=mode, max_new_tokens=max_new_tokens,
+                 repeats=repeats, warmup=warmup, **policy)
+
+
+def _name(dirs: list[Path], i: int) -> str:
+    names = [d.name for d in dirs]
+    return names[i] if names.count(names[i]) == 1 else f"{names[i]}#{i}"
 
 
 def sweep_engine(engine_dir: str | Path, specs: tuple[str, ...], *, mode: str = "dlm", max_new_tokens: int = 64,

@@ -22,6 +22,10 @@ BUCKETS = {"batch_sizes": [1, 4], "max_context": MAX_CTX, "block_length": 8}
 class FakeContext:
     def __init__(self, engine):
         self.engine, self.profile, self.shapes, self.addresses, self.runs = engine, None, {}, {}, []
+        self.memory = None
+
+    def set_device_memory(self, ptr, size):
+        self.memory = (ptr, size)
 
     def set_optimization_profile_async(self, profile, stream):
         assert self.profile is None, "a context is set to its profile once"
@@ -39,7 +43,7 @@ class FakeContext:
     def execute_async_v3(self, stream):
         """The 'engine': token = (input_id + cache_length + position) % V, confidence 0.75 causal /
         0.25 bidirectional; new K/V = input_id + layer (keys) or its negative (values)."""
-        t = self.engine.tensors()                         # name -> the tensor bound at that address
+        t = self.engine.tensors(self)                     # name -> the tensor bound at that address
         for name, ptr in self.addresses.items():
             assert t[name].data_ptr() == ptr
         ids, lens = t["input_ids"], t["cache_lengths"]
@@ -55,20 +59,23 @@ class FakeContext:
         self.runs.append(dict(profile=self.profile, shapes=dict(self.shapes), causal=bool(t["causal"]),
                               temperature=float(t["temperature"]), noise=t["gumbel_noise"].clone(),
                               cache_lengths=lens.clone(), num_valid=t["num_valid"].clone()))
+        self.engine.runs.append(self.runs[-1])
         return True
 
 
 class FakeEngine:
     def __init__(self, vocab):
-        self.vocab, self.contexts, self.den = vocab, [], None
+        self.vocab, self.contexts, self.den, self.runs = vocab, [], None, []
 
-    def create_execution_context(self):
+    def create_execution_context(self, strategy):
+        assert strategy == "USER_MANAGED"                 # every context runs on the shared device memory
         self.contexts.append(FakeContext(self))
         return self.contexts[-1]
 
-    def tensors(self):
-        (bufs,) = [b for b in self.den._bufs.values() if b is self.den._current]
-        return bufs
+    def tensors(self, ctx):
+        """The tensors of the pass key that owns this context (one context per captured pass key)."""
+        (bound,) = [b for b in self.den._bound.values() if b.context is ctx]
+        return bound.tensors
 
 
 class FakeStream:
@@ -97,7 +104,9 @@ def den(tiny_cfg, tmp_path, monkeypatch):
             assert data == b"plan"
             return engine
 
-    mod = types.SimpleNamespace(Logger=types.SimpleNamespace(WARNING=1), Runtime=Runtime)
+    mod = types.SimpleNamespace(Logger=types.SimpleNamespace(WARNING=1), Runtime=Runtime,
+                                ExecutionContextAllocationStrategy=types.SimpleNamespace(USER_MANAGED="USER_MANAGED"),
+                                ProfilingVerbosity=types.SimpleNamespace(LAYER_NAMES_ONLY=1))
     mod.Logger = type("Logger", (), {"WARNING": 1, "__init__": lambda self, level: None})
     fake_trt = types.SimpleNamespace(mod=mod, flavor="tensorrt", version="10.0")
     monkeypatch.setattr("nemodiff_compile.backends.trt_shim.load", lambda: fake_trt)
@@ -106,15 +115,7 @@ def den(tiny_cfg, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: FakeStream())
     manifest = types.SimpleNamespace(io_spec=spec, buckets=BUCKETS, engines=[entry])
-    d = TrtDenoiser(tmp_path, manifest, tiny_cfg, use_cuda_graphs=False)
-    d.device = torch.device("cpu")                      # the fake engine runs on host tensors
-    buffers = d._buffers
-
-    def tracking(binding):                              # which buffer set the pass bound
-        d._current = buffers(binding)
-        return d._current
-
-    d._buffers = tracking
+    d = TrtDenoiser(tmp_path, manifest, tiny_cfg, use_cuda_graphs=False, device="cpu", stream=FakeStream())
     engine.den = d
     return d, engine
 
@@ -132,6 +133,7 @@ def test_step_binds_feeds_returns_and_scatters(den, tiny_cfg):
     (ctx,) = engine.contexts
     run = ctx.runs[-1]
     assert run["profile"] == 1 and run["causal"] and run["temperature"] == 0.0
+    assert ctx.memory == (d._memory.data_ptr(), d._memory.numel())   # the shared user-managed memory
     plan = d.plan.plan(3, 4)
     assert run["shapes"] == plan.inputs                  # every input shape of the plan, set on the context
     assert set(ctx.addresses) == set(plan.inputs) | set(plan.outputs)
@@ -145,7 +147,7 @@ def test_step_binds_feeds_returns_and_scatters(den, tiny_cfg):
 
     blk = torch.full((3, 8), 99)
     out = d.step(blk, causal=False, write=False)         # a refinement pass: reads, writes nothing
-    run = ctx.runs[-1]
+    run = engine.runs[-1]
     assert not run["causal"] and run["cache_lengths"].tolist() == [3, 2, 4, 0]   # padding row: empty
     assert run["num_valid"].tolist() == [8, 8, 8, 8] and run["shapes"]["input_ids"] == (4, 8)
     assert torch.equal(out.token, (99 + nv[:, None] + torch.arange(8)) % tiny_cfg.vocab_size)
@@ -157,7 +159,9 @@ def test_step_binds_feeds_returns_and_scatters(den, tiny_cfg):
         assert torch.equal(d.k[0, b, 0, n:n + 8, 0], torch.full((8,), 99.0))
         assert torch.equal(d.k[0, b, 0, :n], k_before[0, b, 0, :n])                  # the prefix kept
     assert torch.equal(d.lengths(), nv + 8)
-    assert len(engine.contexts) == 1                     # one context per profile, reused
+    # one context per pass key (bucket, block): the 4-position prefill and the 8-position passes, each
+    # set to its profile once and reused (desk check: one execution context per captured graph)
+    assert len(engine.contexts) == 2 and [len(c.runs) for c in engine.contexts] == [1, 2]
 
 
 def test_a_smaller_batch_uses_its_own_profile_and_the_noise(den, tiny_cfg):
