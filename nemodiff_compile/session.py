@@ -15,9 +15,8 @@ A traced generation (`trace=True`) has the engine to itself (whole-batch `loops.
 
 Instruct checkpoints: `generate(..., enable_thinking=True, max_thinking_tokens=N)` renders the chat
 template's thinking switch and forces `</think>` after N generated tokens; None takes the
-checkpoint's generation_config.json defaults (thinking off when it has none). A generation with a
-thinking budget runs its batch alone through the whole-batch loops (the scheduler's per-row programs
-do not force the tag); scheduled requests (`submit`, `stream`, `agenerate`) refuse a budget.
+checkpoint's generation_config.json defaults (thinking off when it has none); every call takes them
+(each row forces its own tag: decoding/rows.py).
 """
 
 from __future__ import annotations
@@ -146,18 +145,15 @@ class Session:
         self._check_open()
         check_bounds(max_new_tokens=max_new_tokens)
         policy = DecodePolicy.of(policy or mode, knobs)
-        ids = self.encode(prompt, chat, **self._template(enable_thinking, max_thinking_tokens))
-        return self.scheduler.submit(ids, policy, max_new_tokens, on_tokens=on_tokens)
+        template_kwargs, budget = self.thinking(enable_thinking, max_thinking_tokens)
+        ids = self.encode(prompt, chat, **template_kwargs)
+        return self.scheduler.submit(ids, policy, max_new_tokens, on_tokens=on_tokens, thinking=budget)
 
-    def _template(self, enable_thinking: bool | None, max_thinking_tokens: int | None) -> dict[str, Any]:
-        """Chat-template kwargs of a scheduled request (a thinking budget needs `generate`)."""
+    def thinking(self, enable_thinking: bool | None = None, max_thinking_tokens: int | None = None):
+        """(chat-template kwargs, thinking budget or None) of a request: model/generation_config.py."""
         from .model.generation_config import thinking_setup
 
-        kwargs, budget = thinking_setup(self.tokenizer, self.defaults, enable_thinking, max_thinking_tokens)
-        if budget is not None:
-            raise InvalidArgument("max_thinking_tokens: a thinking budget runs through Session.generate, not "
-                                  "through scheduled requests (submit / stream / agenerate)")
-        return kwargs
+        return thinking_setup(self.tokenizer, self.defaults, enable_thinking, max_thinking_tokens)
 
     def generate(self, prompts: Prompt | Sequence[Prompt], *, mode: str = "dlm", max_new_tokens: int = 64,
                  chat: bool = True, on_tokens=None, trace: bool = False, policy: DecodePolicy | None = None,
@@ -167,22 +163,21 @@ class Session:
         and its knobs (block_length, threshold, steps, temperature, seed: decoding/policy.py); prompt i of a
         batch samples with seed + i. on_tokens(row, ids) streams tokens; trace keeps every pass (host passes
         only; the engine runs the batch alone, in lock-step). enable_thinking: the chat template's thinking
-        switch; max_thinking_tokens: the thinking budget (needs thinking on; the batch then runs alone);
-        None: generation_config.json's defaults."""
-        from .model.generation_config import thinking_setup
-
+        switch; max_thinking_tokens: the thinking budget (needs thinking on); None: generation_config.json's
+        defaults."""
         self._check_open()
         check_bounds(max_new_tokens=max_new_tokens)
-        template_kwargs, budget = thinking_setup(self.tokenizer, self.defaults, enable_thinking, max_thinking_tokens)
-        if trace or budget is not None:
+        if trace:
             policy = DecodePolicy.of(policy or mode, knobs)
+            template_kwargs, budget = self.thinking(enable_thinking, max_thinking_tokens)
             ids = [self.encode(p, chat, **template_kwargs) for p in _batch(prompts)]
             with self.scheduler.exclusive() as den:
                 g = loops.generate(den, ids, policy, max_new_tokens=max_new_tokens, trace=trace,
                                    on_tokens=on_tokens, thinking=budget)
             return self._result(g)
         reqs = self._submit_all(prompts, mode=mode, max_new_tokens=max_new_tokens, chat=chat, on_tokens=on_tokens,
-                                policy=policy, enable_thinking=template_kwargs["enable_thinking"], **knobs)
+                                policy=policy, enable_thinking=enable_thinking,
+                                max_thinking_tokens=max_thinking_tokens, **knobs)
         try:
             gens = [r.result() for r in reqs]
         except BaseException:
@@ -211,13 +206,14 @@ class Session:
         self._check_open()
         check_bounds(max_new_tokens=max_new_tokens)
         policy = DecodePolicy.of(policy or mode, knobs)
-        ids = [self.encode(p, chat, **self._template(enable_thinking, max_thinking_tokens)) for p in _batch(prompts)]
+        template_kwargs, budget = self.thinking(enable_thinking, max_thinking_tokens)
+        ids = [self.encode(p, chat, **template_kwargs) for p in _batch(prompts)]
         reqs: list[Request] = []
         try:
             for i, p in enumerate(ids):
                 stream = None if on_tokens is None else (lambda new, i=i: on_tokens(i, new))
                 reqs.append(self.scheduler.submit(p, replace(policy, seed=policy.seed + i), max_new_tokens,
-                                                  on_tokens=stream))
+                                                  on_tokens=stream, thinking=budget))
         except BaseException:
             for r in reqs:
                 r.cancel()

@@ -23,7 +23,8 @@ confidences in a batch agree with its solo run's to ~1e-6 and a greedy choice co
 close (none in the tests).
 
 A row's sampling noise is drawn from its own generator (seeded by its policy), for the passes it takes
-part in only: the draws of `loops.generate` on the prompt alone.
+part in only: the draws of `loops.generate` on the prompt alone. A thinking budget (thinking.py) forces the
+closing tag where the loops force it (`loops._Run.think` / `think_block`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from .arguments import check_room, check_token_ids
 from .denoiser import Denoiser, StepOut
 from .loops import Generation, OnTokens, _Run
 from .policy import DecodePolicy, check_bounds
+from .thinking import ThinkingBudget
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ class Row:
     `generation()` is its result. on_tokens(0, ids) is called as tokens are committed."""
 
     def __init__(self, den: Denoiser, prompt: list[int], policy: DecodePolicy, max_new_tokens: int, *,
-                 on_tokens: OnTokens | None = None):
+                 on_tokens: OnTokens | None = None, thinking: ThinkingBudget | None = None):
         if not prompt:
             raise InvalidArgument("every prompt needs at least one token")
         check_bounds(max_new_tokens=max_new_tokens)
@@ -102,7 +104,9 @@ class Row:
         self.config = den.config
         greedy_dlm = self.policy.mode == "dlm" and self.policy.greedy and self.policy.device_refine
         self.refiner = den.block_refiner(self.policy) if greedy_dlm else None
-        self.run = _Run(den, 1, self.policy, trace=False, max_new_tokens=max_new_tokens, on_tokens=on_tokens)
+        self.thinking = thinking
+        self.run = _Run(den, 1, self.policy, trace=False, max_new_tokens=max_new_tokens, on_tokens=on_tokens,
+                        thinking=thinking)
         self.program: Iterator[Step] = _PROGRAMS[self.policy.mode](self)
 
     @property
@@ -135,6 +139,10 @@ class Row:
         blk[0, 0] = seed
         return blk
 
+    def _think(self, tokens: list[int]) -> list[int]:
+        """Tokens about to be emitted, with the thinking budget's closing tag forced (loops._Run.think)."""
+        return tokens if self.thinking is None else self.run.think(0, tokens)
+
 
 def _ar(row: Row) -> Iterator[Step]:
     """loops.ar_generate for one row."""
@@ -142,6 +150,7 @@ def _ar(row: Row) -> Iterator[Step]:
     out: StepOut = yield row._prefill()
     tok = int(out.token[0, n - 1])
     for _ in range(row.max_new_tokens):
+        tok = row._think([tok])[0]
         run.emit(0, [tok])
         if row.finished:
             return
@@ -156,6 +165,8 @@ def _dlm(row: Row) -> Iterator[Step]:
     seed = int(out.token[0, n - 1])
     for _ in range(math.ceil(row.max_new_tokens / policy.block_length)):
         blk = row._block(seed)
+        if row.thinking is not None:
+            run.think_block(blk, torch.ones(1, dtype=torch.bool))
         quota = None
         if policy.steps is not None:
             quota = remask.even_split((blk == mask_id).sum(1), policy.steps)                     # [1, steps]
@@ -182,7 +193,7 @@ def _linear_spec(row: Row) -> Iterator[Step]:
     """loops.linear_spec_generate for one row."""
     run, threshold, mask_id, n = row.run, row.policy.threshold, row.config.mask_token_id, len(row.prompt)
     out: StepOut = yield row._prefill()
-    seed, length = int(out.token[0, n - 1]), n
+    seed, length = row._think([int(out.token[0, n - 1])])[0], n
     run.emit(0, [seed])
     while not row.finished:
         blk = row._block(seed)
@@ -197,8 +208,12 @@ def _linear_spec(row: Row) -> Iterator[Step]:
                 if not bool(commit.any()):
                     commit = remask.top1(out.conf, masked)
             blk = torch.where(commit, out.token, blk)
-        verify = (yield Pass("verify", blk, causal=True)).token                                # [1, L]
+        verify = (yield Pass("verify", blk, causal=True)).token.clone()                        # [1, L]
         n_acc = int(torch.cumprod((verify[:, :-1] == blk[:, 1:]).long(), dim=1).sum())         # accepted drafts
+        if row.thinking is not None:          # a round reaching the budget: cut, the tag is the bonus
+            keep = row._think(verify[0, : n_acc + 1].tolist())
+            n_acc = len(keep) - 1
+            verify[0, n_acc] = keep[-1]
         length += n_acc + 1                                                                    # seed + accepted
         yield Trim(length)
         seed = int(verify[0, n_acc])                                                           # bonus token

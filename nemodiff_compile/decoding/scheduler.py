@@ -37,6 +37,7 @@ from .denoiser import Denoiser, StepOut
 from .loops import Generation
 from .policy import DecodePolicy
 from .rows import Pass, Refine, Row, Step, Trim
+from .thinking import ThinkingBudget
 from ..errors import NemodiffError
 
 DEFAULT_MAX_BATCH = 8
@@ -155,11 +156,12 @@ class Scheduler:
     # ---- the caller's side ----------------------------------------------------------------------------
 
     def submit(self, prompt: list[int], policy: DecodePolicy, max_new_tokens: int, *,
-               on_tokens: Callable[[list[int]], None] | None = None) -> Request:
-        """Queue a prompt (token ids); on_tokens(ids) is called (on the scheduler's thread) as tokens commit.
-        Raises InvalidArgument (the request cannot run on this engine), QueueFull or SchedulerClosed."""
+               on_tokens: Callable[[list[int]], None] | None = None, thinking: ThinkingBudget | None = None) -> Request:
+        """Queue a prompt (token ids); on_tokens(ids) is called (on the scheduler's thread) as tokens commit;
+        thinking: the row's thinking budget. Raises InvalidArgument (the request cannot run on this engine),
+        QueueFull or SchedulerClosed."""
         req = Request(on_tokens)
-        req.row = Row(self.den, prompt, policy, max_new_tokens, on_tokens=req._emit)
+        req.row = Row(self.den, prompt, policy, max_new_tokens, on_tokens=req._emit, thinking=thinking)
         with self._cond:
             if self._closing:
                 raise SchedulerClosed("the engine is shutting down")

@@ -6,7 +6,7 @@ per prompt; streaming for one prompt) and POST /v1/chat/completions (messages th
 chat template). `max_tokens` (chat: also `max_completion_tokens`), `temperature` (0 = greedy, the
 default, as in Session.generate), `seed`, `stream`, `stream_options.include_usage`, and this runtime's
 decoding knobs in the body: `mode` (ar | dlm | linear-spec, default dlm), `block_length`, `threshold`,
-`steps`. OpenAI fields this runtime does not implement (`stop`, `logprobs`, `n` > 1, `top_p` < 1,
+`steps`, and the instruct models' `enable_thinking` / `max_thinking_tokens` (Session.generate's names). OpenAI fields this runtime does not implement (`stop`, `logprobs`, `n` > 1, `top_p` < 1,
 penalties, tools...) are refused with a 400 naming the field rather than ignored; `user` is accepted.
 `usage` adds `nfe` (engine passes the request took part in) and `tokens_per_forward`.
 """
@@ -44,6 +44,10 @@ class _Common(BaseModel):
     block_length: int | None = None
     threshold: float | None = None
     steps: int | None = None
+    # instruct checkpoints (None: generation_config.json's defaults): the chat template's thinking switch, and
+    # the thinking budget after which </think> is forced
+    enable_thinking: bool | None = None
+    max_thinking_tokens: int | None = Field(default=None, ge=0)
 
     def policy(self) -> DecodePolicy:
         """The decoding policy (InvalidArgument on a bad combination, e.g. steps with threshold)."""

@@ -92,12 +92,14 @@ def create_app(session: Session, *, model_name: str, metrics: Metrics | None = N
 
     @app.post("/v1/completions")
     async def completions(body: protocol.CompletionRequest, request: HttpRequest):
+        _checked(lambda: session.thinking(body.enable_thinking, body.max_thinking_tokens))
         prompts = [_encode_completion(session, p) for p in body.prompts()]
         return await _serve(request, body, prompts, "completion")
 
     @app.post("/v1/chat/completions")
     async def chat(body: protocol.ChatRequest, request: HttpRequest):
-        return await _serve(request, body, [_encode_chat(session, body.conversation())], "chat")
+        template_kwargs, _ = _checked(lambda: session.thinking(body.enable_thinking, body.max_thinking_tokens))
+        return await _serve(request, body, [_encode_chat(session, body.conversation(), template_kwargs)], "chat")
 
     async def _serve(request: HttpRequest, body: protocol._Common, prompts: list[list[int]], kind: str):
         endpoint = request.url.path
@@ -112,7 +114,7 @@ def create_app(session: Session, *, model_name: str, metrics: Metrics | None = N
         if body.stream:
             items: asyncio.Queue = asyncio.Queue()
             put = _threadsafe(loop, items.put_nowait)
-            req = _submit(session, prompts[0], policy, body.new_tokens(), put)
+            req = _submit(session, prompts[0], policy, body, put)
             req.add_done_callback(lambda r: put(_DONE))
             return StreamingResponse(_events(session, req, items, rid, model_name, kind, body.include_usage,
                                              metrics, endpoint),
@@ -120,7 +122,7 @@ def create_app(session: Session, *, model_name: str, metrics: Metrics | None = N
         reqs: list[Request] = []
         try:
             for ids in prompts:
-                reqs.append(_submit(session, ids, policy, body.new_tokens(), None))
+                reqs.append(_submit(session, ids, policy, body, None))
             if not await _wait_all(request, reqs):
                 metrics.request(endpoint, "cancelled")
                 return Response(status_code=499)                   # nobody is listening
@@ -147,9 +149,10 @@ def _checked(make):
         raise _HttpError(400, str(e), "invalid_request_error") from None
 
 
-def _submit(session: Session, ids: list[int], policy, max_new_tokens: int, on_tokens) -> Request:
+def _submit(session: Session, ids: list[int], policy, body: protocol._Common, on_tokens) -> Request:
     try:
-        return session.submit(ids, policy=policy, max_new_tokens=max_new_tokens, on_tokens=on_tokens)
+        return session.submit(ids, policy=policy, max_new_tokens=body.new_tokens(), on_tokens=on_tokens,
+                              enable_thinking=body.enable_thinking, max_thinking_tokens=body.max_thinking_tokens)
     except QueueFull as e:
         raise _HttpError(503, f"the server is overloaded ({e}): retry later", "server_overloaded") from None
     except SchedulerClosed as e:
@@ -167,12 +170,12 @@ def _encode_completion(session: Session, prompt: str | list[int]) -> list[int]:
     return list(prompt)
 
 
-def _encode_chat(session: Session, conversation: list[dict[str, str]]) -> list[int]:
+def _encode_chat(session: Session, conversation: list[dict[str, str]], template_kwargs: dict[str, Any]) -> list[int]:
     tok = session.tokenizer
     if tok is None or not getattr(tok, "chat_template", None):
         raise _HttpError(400, "messages: this engine's tokenizer has no chat template; use /v1/completions",
                          "invalid_request_error", "messages")
-    rendered = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    rendered = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True, **template_kwargs)
     return list(tok.encode(rendered, add_special_tokens=False))     # the template writes BOS itself
 
 

@@ -147,6 +147,25 @@ def test_session_threads_and_asyncio_are_batched(tiny_engine, solo):
         assert max(r.generation.row_nfe) <= r.generation.nfe <= sum(r.generation.row_nfe)
 
 
+def test_thinking_budgets_per_row(engine):
+    """Each row forces its own closing tag where the whole-batch loops force it (decoding/thinking.py)."""
+    from nemodiff_compile.decoding.thinking import ThinkingBudget
+
+    end = 13                                                       # </think> in the tiny vocabulary
+    prompt = engine.tokenizer.encode("Once upon a time, Tom")
+    cases = [(mode, ThinkingBudget(b, end)) for mode in ("ar", "dlm", "linear-spec") for b in (0, 5, 20)]
+    want = [loops.generate(engine.denoiser, [prompt], mode, max_new_tokens=NEW, thinking=t).tokens[0]
+            for mode, t in cases]
+    s = Scheduler(engine.denoiser, max_batch=8)
+    try:
+        reqs = [s.submit(prompt, DecodePolicy(mode), NEW, thinking=t) for mode, t in cases]
+        got = [r.result(120).tokens[0] for r in reqs]
+    finally:
+        s.close()
+    assert got == want
+    assert all(row[t.max_tokens] == end for row, (_, t) in zip(got, cases) if len(row) > t.max_tokens)
+
+
 def test_regroup_carries_rows_over(engine):
     """BackendDenoiser.regroup: kept rows keep their K/V and lengths in their new places."""
     den = engine.denoiser

@@ -115,6 +115,17 @@ def test_answers_equal_session_generate(client, session):
     assert [m.id for m in client.models.list()] == ["tiny"]
 
 
+def test_thinking_in_the_body(client, session):
+    want = session.generate(TEXTS[0], enable_thinking=True, max_thinking_tokens=3, max_new_tokens=NEW, mode="ar")
+    assert want.completions[0].tokens[3] == 13                              # </think> forced at index 3
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": TEXTS[0]}], max_tokens=NEW,
+                                       extra_body={"mode": "ar", "enable_thinking": True, "max_thinking_tokens": 3})
+    assert r.choices[0].message.content == want.text
+    with pytest.raises(openai.BadRequestError, match="thinking is off"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                       extra_body={"enable_thinking": False, "max_thinking_tokens": 3})
+
+
 def test_concurrent_requests_equal_their_solo_runs(client, session, url):
     alone = [session.generate(t, chat=False, max_new_tokens=NEW, **k) for t, k in zip(TEXTS, KNOBS)]
     passes = session.scheduler.passes
