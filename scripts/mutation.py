@@ -23,12 +23,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PKG = "nemodiff_compile"
 
-# module (under nemodiff_compile/) -> the test files that own it
-# (fast files only: every surviving mutant runs them whole)
+# module (under nemodiff_compile/) -> the test files that own it, and the helpers they import
+# (fast files only: every surviving mutant runs them whole; test_*.py files are run, the rest copied)
 MODULES: dict[str, list[str]] = {
     "decoding/remask.py": ["tests/decoding/test_remask.py", "tests/kernels/test_remask_kernel.py"],
-    "decoding/loops.py": ["tests/decoding/test_loops.py"],
+    "decoding/loops.py": ["tests/decoding/test_loops_toy.py", "tests/decoding/toy_denoiser.py"],
     "decoding/policy.py": ["tests/decoding/test_policy.py"],
+    "decoding/rows.py": ["tests/decoding/test_scheduler_toy.py", "tests/decoding/toy_denoiser.py"],
+    "decoding/scheduler.py": ["tests/decoding/test_scheduler_toy.py", "tests/decoding/toy_denoiser.py"],
     "model/rope.py": ["tests/model/test_model.py"],
     "model/cache.py": ["tests/model/test_model.py"],
     "backends/base.py": ["tests/backends/test_base.py"],
@@ -46,7 +48,7 @@ def prepare(module: str, work: Path) -> None:
     for t in MODULES[module]:
         (work / t).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / t, work / t)
-    tests = "\n    ".join(MODULES[module])
+    tests = "\n    ".join(t for t in MODULES[module] if Path(t).name.startswith("test_"))
     (work / "setup.cfg").write_text(
         "[mutmut]\n"
         f"source_paths = {PKG}\n"

@@ -1,0 +1,297 @@
+"""The scheduler and its resumable rows (scheduler.py, rows.py) on the model-free toy denoiser: every row
+gets exactly its solo `loops.generate` result (tokens, finish, NFE per phase and per row) under every
+batching (member-row passes, whole-batch passes with idle rows, fixed slots), rows joining and leaving
+mid-run, device refinement, sampling; plus the queue, cancellation, close, exclusive use, callbacks and
+the observer. Fast (seconds); the mutation runs of scheduler.py and rows.py select it."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from nemodiff_compile.decoding import loops
+from nemodiff_compile.decoding.policy import DecodePolicy
+from nemodiff_compile.decoding.rows import Pass, Row, Trim, room
+from nemodiff_compile.decoding.scheduler import Cancelled, QueueFull, Scheduler, SchedulerClosed
+from nemodiff_compile.decoding.thinking import ThinkingBudget
+from nemodiff_compile.errors import InvalidArgument
+
+from toy_denoiser import BatchToy, HostRefiner, ToyDenoiser
+
+PROMPTS = [[1, 40, 41, 42, 43], [1, 50, 51, 52, 53, 54, 55, 56], [1, 60, 61], [1, 70, 71, 72, 73, 74],
+           [1, 80, 81, 82], [1, 90, 91, 92, 93, 94, 95], [1, 45, 46], [1, 57, 58, 59, 62]]
+POLICIES = [DecodePolicy("ar"), DecodePolicy("dlm", block_length=8, threshold=0.5), DecodePolicy("linear-spec", block_length=4),
+            DecodePolicy("dlm", steps=3, block_length=4), DecodePolicy("dlm", block_length=4),
+            DecodePolicy("ar", temperature=0.8, seed=3), DecodePolicy("dlm", block_length=4, temperature=1.0, seed=5),
+            DecodePolicy("linear-spec", threshold=0.6, block_length=4)]
+NEW = 12
+
+
+def solo(make, prompts=PROMPTS, policies=POLICIES, new=NEW, **kw):
+    return [loops.generate(make(), [p], pol, max_new_tokens=new, **kw) for p, pol in zip(prompts, policies)]
+
+
+def run_all(den, prompts=PROMPTS, policies=POLICIES, new=NEW, max_batch=8, **kw):
+    s = Scheduler(den, max_batch=max_batch)
+    try:
+        reqs = [s.submit(p, pol, new, **kw) for p, pol in zip(prompts, policies)]
+        gens = [r.result(30) for r in reqs]
+    finally:
+        s.close()
+    return s, reqs, gens
+
+
+def same(got, want):
+    for g, w in zip(got, want):
+        assert (g.tokens, g.finish, g.nfe_by_phase, g.row_nfe) == (w.tokens, w.finish, w.nfe_by_phase, w.row_nfe)
+
+
+class Plain(ToyDenoiser):
+    """Only the contract: no regroup, no subset passes (the scheduler's fixed slots)."""
+
+
+@pytest.mark.parametrize("batching", ["member rows", "whole batch", "fixed slots"])
+@pytest.mark.parametrize("max_batch", [8, 3])
+def test_every_row_equals_its_solo_run(batching, max_batch):
+    make = {"member rows": lambda: BatchToy(subset=True), "whole batch": lambda: BatchToy(subset=False),
+            "fixed slots": Plain}[batching]
+    den = make()
+    s, reqs, gens = run_all(den, max_batch=max_batch)
+    want = solo(ToyDenoiser)
+    same(gens, want)
+    assert s.passes < sum(g.nfe for g in want)                 # rows shared passes
+    for r, g in zip(reqs, gens):                                # each row's passes, in order, with their phases
+        assert len(r.passes) == g.nfe and [i for i, _ in r.passes] == sorted({i for i, _ in r.passes})
+        assert {ph for _, ph in r.passes} == set(g.nfe_by_phase)
+        assert r.done() and r.finished >= r.first_token >= r.submitted
+    assert all(c["shape"][0] <= max_batch for c in den.calls)
+    if batching == "member rows":
+        assert any(c["shape"][0] < c["batch"] for c in den.calls)
+    if batching == "fixed slots":
+        assert all(c["shape"][0] == max_batch for c in den.calls)
+    assert s.stats() == dict(queued=0, running=0, batch=s.stats()["batch"], max_batch=max_batch, passes=s.passes)
+
+
+@pytest.mark.parametrize("batching", ["member rows", "fixed slots"])
+def test_rows_leave_at_eos_and_others_join(batching):
+    base = solo(ToyDenoiser)
+    eos = base[0].tokens[0][2]                    # an id row 0 (ar) produces early
+    make = (lambda: BatchToy().with_eos(eos)) if batching == "member rows" else (lambda: Plain().with_eos(eos))
+    want = solo(make, new=20)
+    assert want[0].finish == ["eos"]
+    s, reqs, gens = run_all(make(), new=20, max_batch=2)
+    same(gens, want)
+
+
+def test_device_refinement_in_the_scheduler():
+    class Refining(BatchToy):
+        def block_refiner(self, policy):
+            return HostRefiner(self, 2)
+
+    pols = [DecodePolicy("dlm", block_length=4, threshold=0.5), DecodePolicy("dlm", block_length=4, threshold=0.5),
+            DecodePolicy("dlm", block_length=4, steps=2), DecodePolicy("ar")]
+    want = solo(ToyDenoiser, PROMPTS[:4], pols)
+    den = Refining()
+    s, reqs, gens = run_all(den, PROMPTS[:4], pols)
+    same(gens, want)
+    assert [g.device_passes > g.nfe_by_phase["denoise"] for g in gens[:3]] == [True] * 3
+    assert gens[3].device_passes == 0
+    for r, g in zip(reqs[:2], gens[:2]):
+        assert [ph for _, ph in r.passes].count("denoise") == g.nfe_by_phase["denoise"]
+
+
+def test_thinking_budget_per_row():
+    pols = [DecodePolicy(m, block_length=4) for m in ("ar", "dlm", "linear-spec")]
+    budgets = [ThinkingBudget(3, 13), ThinkingBudget(5, 13), ThinkingBudget(6, 13)]
+    want = [loops.generate(ToyDenoiser(), [PROMPTS[0]], p, max_new_tokens=NEW, thinking=t) for p, t in zip(pols, budgets)]
+    s = Scheduler(BatchToy(), max_batch=4)
+    reqs = [s.submit(PROMPTS[0], p, NEW, thinking=t) for p, t in zip(pols, budgets)]
+    got = [r.result(30) for r in reqs]
+    s.close()
+    same(got, want)
+    assert [g.tokens[0][t.max_tokens] for g, t in zip(got, budgets)] == [13] * 3
+
+
+class Gated(BatchToy):
+    """Each pass waits for the test to open the gate (a slow engine, deterministically)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate, self.entered = threading.Event(), threading.Semaphore(0)
+
+    def step(self, tokens, **kw):
+        self.entered.release()
+        assert self.gate.wait(10)
+        return super().step(tokens, **kw)
+
+
+class Observer:
+    def __init__(self):
+        self.events = []
+
+    def on_pass(self, seconds, members, batch, max_batch):
+        self.events.append(("pass", members, batch, max_batch))
+
+    def on_request(self, req):
+        self.events.append(("request", req.id))
+
+    def on_queue(self, n):
+        self.events.append(("queue", n))
+        raise RuntimeError("metrics never break decoding")
+
+
+def test_queue_full_cancel_close_and_observer():
+    den, obs = Gated(), Observer()
+    s = Scheduler(den, max_batch=1, max_queue=1, observer=obs)
+    long = s.submit(PROMPTS[1], DecodePolicy("dlm", block_length=8, threshold=1.0), 24)
+    assert den.entered.acquire(timeout=10)                     # the long row is in its prefill
+    queued = s.submit(PROMPTS[0], DecodePolicy("ar"), NEW, on_tokens=(streamed := []).extend)
+    with pytest.raises(QueueFull, match="1 requests are already waiting .max_queue 1."):
+        s.submit(PROMPTS[2], DecodePolicy("ar"), NEW)
+    assert s.stats() == dict(queued=1, running=1, batch=1, max_batch=1, passes=0)
+    seen = []
+    long.add_done_callback(lambda r: seen.append(r.id))
+    long.add_done_callback(lambda r: 1 / 0)                    # a broken callback stops nothing
+    long.cancel()
+    assert long.cancelled and not long.done()
+    den.gate.set()
+    with pytest.raises(Cancelled, match=f"request {long.id} was cancelled"):
+        long.result(10)
+    assert seen == [long.id]
+    g = queued.result(10)
+    assert g.tokens == solo(ToyDenoiser, PROMPTS[:1], POLICIES[:1])[0].tokens and streamed == g.tokens[0]
+    late = []
+    queued.add_done_callback(lambda r: late.append(r.id))      # already done: called at once
+    assert late == [queued.id]
+    s.close()
+    with pytest.raises(SchedulerClosed):
+        s.submit(PROMPTS[0], POLICIES[0], NEW)
+    assert ("queue", 1) in obs.events and ("request", long.id) in obs.events and ("request", queued.id) in obs.events
+    passes = [e for e in obs.events if e[0] == "pass"]
+    assert len(passes) == s.passes and all(e[1:] == (1, 1, 1) for e in passes)
+    with pytest.raises(TimeoutError):
+        Scheduler(Gated(), max_batch=1).submit(PROMPTS[0], POLICIES[0], NEW).result(0.05)
+
+
+def test_cancel_in_queue_and_close_without_drain():
+    den = Gated()
+    s = Scheduler(den, max_batch=1)
+    running = s.submit(PROMPTS[0], DecodePolicy("ar"), NEW)
+    assert den.entered.acquire(timeout=10)
+    waiting = s.submit(PROMPTS[1], DecodePolicy("ar"), NEW)
+    dropped = s.submit(PROMPTS[2], DecodePolicy("ar"), NEW)
+    dropped.cancel()
+    s.close(drain=False, timeout=0.01)
+    den.gate.set()
+    s._thread.join(10)
+    with pytest.raises(Cancelled):
+        dropped.result(1)
+    for r in (running, waiting):
+        with pytest.raises(SchedulerClosed, match="shut down"):
+            r.result(1)
+
+
+def test_close_drains_and_exclusive_waits_for_idle():
+    den = Gated()
+    s = Scheduler(den, max_batch=2)
+    reqs = [s.submit(p, pol, NEW) for p, pol in zip(PROMPTS[:3], POLICIES[:3])]
+    assert den.entered.acquire(timeout=10)        # two rows in their prefill, one queued
+    threading.Timer(0.05, den.gate.set).start()
+    with s.exclusive() as d:                      # the running rows finish first; then the caller owns it
+        assert d is den and reqs[0].done() and reqs[1].done() and not reqs[2].done()
+        assert s.stats()["running"] == 0 and s.stats()["queued"] == 1
+        mine = loops.generate(d, PROMPTS[:2], "ar", max_new_tokens=4)
+    assert mine.tokens == loops.generate(ToyDenoiser(), PROMPTS[:2], "ar", max_new_tokens=4).tokens
+    after = s.submit(PROMPTS[3], POLICIES[0], NEW)                # the engine's rows are restarted
+    s.close()
+    same([r.result(1) for r in reqs + [after]], solo(ToyDenoiser, PROMPTS[:4], POLICIES[:3] + POLICIES[:1]))
+    with pytest.raises(SchedulerClosed):
+        with s.exclusive():
+            pass
+
+
+def test_a_failing_engine_fails_its_rows_and_recovers():
+    class Flaky(BatchToy):
+        fail = True
+
+        def step(self, tokens, **kw):
+            if self.fail and kw.get("causal") and tokens.shape[1] > 1 and len(self.calls) > 2:
+                self.fail = False
+                raise RuntimeError("device lost")
+            return super().step(tokens, **kw)
+
+    s = Scheduler(Flaky(), max_batch=2)
+    a = s.submit(PROMPTS[1], DecodePolicy("dlm", block_length=4), NEW)
+    with pytest.raises(RuntimeError, match="device lost"):
+        a.result(10)
+    b = s.submit(PROMPTS[0], POLICIES[0], NEW)
+    assert b.result(10).tokens == solo(ToyDenoiser, PROMPTS[:1], POLICIES[:1])[0].tokens
+    s.close()
+
+
+def test_a_broken_consumer_cancels_only_its_row():
+    s = Scheduler(BatchToy(), max_batch=4)
+
+    def broken(ids):
+        raise ValueError("consumer gone")
+
+    bad = s.submit(PROMPTS[1], POLICIES[1], NEW, on_tokens=broken)
+    good = s.submit(PROMPTS[0], POLICIES[0], NEW)
+    with pytest.raises(ValueError, match="consumer gone"):
+        bad.result(10)
+    assert good.result(10).tokens == solo(ToyDenoiser, PROMPTS[:1], POLICIES[:1])[0].tokens
+    s.close()
+
+
+def test_rows_refuse_bad_requests_in_one_line():
+    den = ToyDenoiser(max_len=24)
+    with pytest.raises(InvalidArgument, match="at least one token"):
+        Row(den, [], DecodePolicy("ar"), 4)
+    with pytest.raises(InvalidArgument, match="prompt: token id 2000 is outside"):
+        Row(den, [1, 2000], DecodePolicy("ar"), 4)
+    with pytest.raises(InvalidArgument, match="max_new_tokens 0"):
+        Row(den, [1], DecodePolicy("ar"), 0)
+    with pytest.raises(InvalidArgument, match="max_new_tokens 20: .* 28 cache positions"):
+        Row(den, [1] * 8, DecodePolicy("ar"), 20)
+    Row(den, [1] * 8, DecodePolicy("ar"), 16)                                    # 8 + 16 fits
+    with pytest.raises(InvalidArgument, match="max_new_tokens 17"):
+        Row(den, [1] * 8, DecodePolicy("dlm", block_length=4), 17)                # 4 blocks: 8 + 16 fits, 5 do not
+    Row(den, [1] * 8, DecodePolicy("dlm", block_length=4), 16)
+    with pytest.raises(InvalidArgument, match="max_new_tokens 13"):
+        Row(den, [1] * 8, DecodePolicy("linear-spec", block_length=4), 13)        # 8 + 13 + 4 > 24
+    Row(den, [1] * 8, DecodePolicy("linear-spec", block_length=4), 12)
+    assert room(DecodePolicy("dlm", block_length=4), 5) == 8 and room(DecodePolicy("ar"), 5) == 5
+    assert room(DecodePolicy("linear-spec", block_length=4), 5) == 9
+    s = Scheduler(den, max_batch=1)
+    with pytest.raises(InvalidArgument, match="outside the vocabulary"):
+        s.submit([1, 5000], POLICIES[0], 4)
+    s.close()
+    assert den.calls == []
+
+
+def test_row_program_steps():
+    """A linear-spec row's program: prefill, draft (LoRA), verify, a Trim to prompt + accepted + 1."""
+    den = ToyDenoiser()
+    row = Row(den, PROMPTS[2], DecodePolicy("linear-spec", block_length=4), 6)
+    den.reset(1)
+    step = next(row.program)
+    assert isinstance(step, Pass) and (step.phase, step.causal, step.length) == ("prefill", True, 3)
+    length = 3
+    while True:
+        out = den.step(step.tokens, causal=step.causal, write=step.causal, draft_lora=step.draft_lora)
+        row.count(step.phase)
+        try:
+            step = row.program.send(out)
+            while isinstance(step, Trim):
+                assert step.length > length
+                length = step.length
+                den.trim(torch.tensor([length]))
+                step = row.program.send(None)
+        except StopIteration:
+            break
+        assert step.draft_lora == (step.phase == "draft") and step.causal == (step.phase == "verify")
+    want = loops.generate(ToyDenoiser(), [PROMPTS[2]], "linear-spec", max_new_tokens=6, block_length=4)
+    assert row.generation().tokens == want.tokens and row.finished
+    assert row.generation().nfe_by_phase == want.nfe_by_phase

@@ -1,0 +1,150 @@
+"""A model-free `Denoiser` for fast tests of the decode loops and the scheduler (milliseconds a pass).
+
+Its "model" is a hash of the context, so every rule of the contract is observable:
+  causal pass    position i predicts the next token from history + tokens[:i+1] (AR), tokens 20..79
+  bidirectional  position i (at or after the block's first mask j) predicts the AR continuation of
+                 history + tokens[:j] at i, with confidence falling with the distance i - j; one in five
+                 is a wrong, unsure guess; without the draft LoRA every guess is wrong and unsure
+  cache          per-row token history; only `write` passes append (num_valid of them), `trim` cuts,
+                 and a pass that would run past max_len fails
+So AR decoding is the chain of causal predictions, linear-spec drafts are sometimes right (partial
+acceptance), dlm blocks take several passes at a threshold, and EOS appears only where a test makes
+one of the produced ids the EOS (`with_eos`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from nemodiff_compile.config import PRESETS
+from nemodiff_compile.decoding import remask
+from nemodiff_compile.decoding.denoiser import Denoiser, StepOut
+from nemodiff_compile.decoding.refine import Refined
+
+CFG = PRESETS["tiny"].replace(vocab_size=128)          # mask 100, eos 11, pad 0
+
+
+def _h(*key) -> int:
+    return hash(key) & 0x7FFFFFFF
+
+
+def next_token(ctx: tuple[int, ...]) -> int:
+    """The toy's AR prediction after `ctx`."""
+    return 20 + _h(ctx, 1) % 60
+
+
+def ar_chain(ctx: tuple[int, ...], n: int) -> list[int]:
+    out = []
+    for _ in range(n):
+        t = next_token(ctx)
+        out.append(t)
+        ctx = ctx + (t,)
+    return out
+
+
+class ToyDenoiser(Denoiser):
+    def __init__(self, config=CFG, max_len: int = 96):
+        self.config, self.max_len = config, max_len
+        self.calls: list[dict] = []          # one per step: causal, write, draft_lora, shape, lengths
+        self.hist: list[list[int]] = []
+
+    def with_eos(self, eos: int) -> "ToyDenoiser":
+        self.config = self.config.replace(eos_token_id=eos)
+        return self
+
+    def reset(self, batch: int) -> None:
+        self.hist = [[] for _ in range(batch)]
+
+    def lengths(self) -> torch.Tensor:
+        return torch.tensor([len(h) for h in self.hist])
+
+    def trim(self, lengths: torch.Tensor) -> None:
+        assert all(int(n) <= len(h) for h, n in zip(self.hist, lengths)), "trim cannot grow a row"
+        self.hist = [h[: int(n)] for h, n in zip(self.hist, lengths)]
+
+    def _bidir(self, h: list[int], blk: list[int], i: int, lora: bool) -> tuple[int, float]:
+        mask = self.config.mask_token_id
+        j = blk.index(mask) if mask in blk else len(blk)
+        if i < j:
+            return blk[i], 0.99
+        key = (tuple(h), tuple(blk), i)
+        if not lora or _h(key, 2) % 5 == 0:
+            return 20 + _h(key, 3) % 60, 0.2 + (_h(key, 4) % 100) / 1000
+        tok = ar_chain(tuple(h + blk[:j]), i - j + 1)[-1]
+        return tok, 0.97 * 0.8 ** (i - j) - (_h(key, 4) % 50) / 5000
+
+    @torch.no_grad()
+    def step(self, tokens, *, causal, write, num_valid=None, draft_lora=False, temperature=0.0, generator=None,
+             noise=None, rows=None):
+        """noise: a [B, L, V] Gumbel draw to use at temperature > 0 (else drawn from generator);
+        rows: the rows of the batch this pass runs over (subset passes), default all."""
+        B, L = tokens.shape                                           # [B, L]
+        rows = list(range(len(self.hist))) if rows is None else list(rows)
+        if len(rows) != B or (write and not causal):
+            raise RuntimeError(f"a pass of {B} rows over rows {rows}, write={write}, causal={causal}")
+        self.calls.append(dict(causal=causal, write=write, draft_lora=draft_lora, shape=(B, L),
+                               lengths=self.lengths().tolist(), rows=rows, temperature=temperature,
+                               batch=len(self.hist)))
+        V = self.config.vocab_size
+        logits = torch.zeros(B, L, V)                                 # [B, L, V]
+        for b, r in enumerate(rows):
+            h, blk = self.hist[r], tokens[b].tolist()
+            n = L if num_valid is None else int(num_valid[b])
+            if len(h) + L > self.max_len:
+                raise RuntimeError(f"row {r}: {len(h)} + {L} positions past max_len {self.max_len}")
+            for i in range(L):
+                if causal:
+                    ctx = tuple(h + blk[: i + 1])
+                    tok, p = next_token(ctx), 0.5 + (_h(ctx, 5) % 400) / 1000
+                else:
+                    tok, p = self._bidir(h, blk, i, draft_lora)
+                logits[b, i, tok] = math.log(p * (V - 1) / (1 - p))     # softmax gives p at tok
+            if write:
+                self.hist[r] = h + blk[:n]
+        if temperature > 0 and noise is None:
+            noise = remask.gumbel_noise(logits.shape, generator)
+        tok, conf = remask.pick(logits, temperature, noise if temperature > 0 else None)
+        return StepOut(tok, conf)
+
+
+class BatchToy(ToyDenoiser):
+    """The toy with a backend's batching capabilities: `regroup` (rows carried over) and subset passes."""
+
+    can_regroup = True
+
+    def __init__(self, subset: bool = True, **kw):
+        super().__init__(**kw)
+        self.subset_passes = subset
+        self.regroups: list[tuple[list[int], int]] = []
+
+    def regroup(self, keep: list[int], batch: int) -> None:
+        if len(keep) > batch or len(set(keep)) != len(keep):
+            raise ValueError(f"regroup {keep} into {batch}")
+        self.regroups.append((list(keep), batch))
+        self.hist = [self.hist[k] for k in keep] + [[] for _ in range(batch - len(keep))]
+
+
+class HostRefiner:
+    """A 'device' block refiner that runs the rules of refine.py with the toy's passes and reports `extra` wasted passes."""
+
+    def __init__(self, den, extra):
+        self.den, self.extra, self.seen = den, extra, []
+
+    def refine(self, canvas, refining, quota, policy):
+        self.seen.append((canvas.clone(), refining.clone(), None if quota is None else quota.clone()))
+        row_nfe, nfe = torch.zeros(len(canvas), dtype=torch.long), 0
+        for s in range(policy.passes):
+            masked = canvas == self.den.config.mask_token_id
+            refining &= masked.any(1) & ~remask.eos_complete(canvas, masked, self.den.config.eos_ids)
+            if not refining.any():
+                break
+            out = self.den.step(canvas, causal=False, write=False)
+            masked &= refining[:, None]
+            commit = (remask.commit_topk(out.conf, masked, quota[:, s]) if quota is not None
+                      else remask.commit_threshold(out.conf, masked, policy.threshold))
+            canvas = torch.where(commit, out.token, canvas)
+            row_nfe += refining.long()
+            nfe += 1
+        return Refined(canvas, row_nfe, nfe, nfe + self.extra)
