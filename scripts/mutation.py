@@ -35,7 +35,7 @@ MODULES: dict[str, list[str]] = {
     "model/cache.py": ["tests/model/test_rope_cache.py"],
     "backends/base.py": ["tests/backends/test_base.py"],
     "artifact/manifest.py": ["tests/artifact/test_manifest_checks.py"],
-    "quant/qdq.py": ["tests/quant/test_recipe.py"],
+    "quant/qdq.py": ["tests/quant/test_recipe.py", "tests/quant/test_qdq_writer.py"],
 }
 
 
