@@ -95,6 +95,34 @@ def ref_dlm(den, prompt, n, blen, threshold=None, steps=None):
     return row, "length", passes, per_block
 
 
+def ref_linear_spec(den, prompt, n, blen, threshold):
+    """Linear self-speculation of one row: tokens, finish, draft passes, verify passes."""
+    eos = den.config.eos_ids
+    _row(den, prompt)
+    seed = _one(den, prompt, True)[0][-1]
+    row, drafts, verifies = [], 0, 0
+    fin = _emit(row, [seed], eos, n)
+    while not fin:
+        start = len(den.hist[0])
+        blk = [seed] + [M] * (blen - 1)
+        while M in blk:
+            tok, conf = _one(den, blk, False, lora=True)
+            drafts += 1
+            masked = [i for i in range(blen) if blk[i] == M]
+            pick = [i for i in masked if conf[i] >= threshold] or [max(masked, key=lambda i: (conf[i], -i))]
+            for i in pick:
+                blk[i] = tok[i]
+        ver = _one(den, blk, True)[0]
+        verifies += 1
+        acc = 0
+        while acc < blen - 1 and ver[acc] == blk[acc + 1]:
+            acc += 1
+        den.trim(torch.tensor([start + acc + 1]))
+        seed = ver[acc]
+        fin = _emit(row, ver[: acc + 1], eos, n)
+    return row, fin, drafts, verifies
+
+
 def run_batch_against_refs(mode, den, prompts, **kw):
     g = loops.generate(den, prompts, mode, **kw)
     n = kw["max_new_tokens"]
@@ -138,6 +166,7 @@ def test_ar_trace_and_cache_discipline():
     assert pre.tokens.tolist() == [PROMPTS[0], PROMPTS[1] + [0, 0, 0]]        # right-padded with pad id 0
     assert [g.trace[1].tokens[b, 0].item() for b in (0, 1)] == [g.tokens[0][0], g.tokens[1][0]]
     assert pre.committed is None and pre.out_token.shape == pre.conf.shape == (2, 5)
+    assert pre.logits.shape == (2, 5, 128) and torch.equal(pre.logits.argmax(-1), pre.out_token)
     assert all(c["causal"] and c["write"] and not c["draft_lora"] for c in den.calls)
     assert den.calls[1]["lengths"] == [5, 2]                                   # num_valid: padding not written
     assert den.lengths().tolist() == [7, 4]
@@ -192,11 +221,12 @@ def test_dlm_trace_records_each_pass_and_its_commits():
     den = ToyDenoiser()
     g = loops.diffusion_generate(den, PROMPTS[:2], max_new_tokens=16, block_length=8, threshold=0.9, trace=True)
     phases = [r.phase for r in g.trace]
+    assert phases.count("denoise") == g.nfe_by_phase["denoise"]
     assert phases[0] == "prefill" and phases.count("commit") == 2 and len(g.trace) == g.nfe
     for k in (0, 1):
         rec = [r for r in g.trace if r.block == k]
         den_recs = [r for r in rec if r.phase == "denoise"]
-        assert [r.step for r in den_recs] == list(range(len(den_recs)))
+        assert [r.step for r in den_recs] == list(range(len(den_recs))) and den_recs
         assert rec[-1].phase == "commit" and rec[-1].committed is None
         for r in den_recs:                       # commits are masked positions of the pass's input
             assert r.committed is not None and bool(r.committed.any())
@@ -216,9 +246,10 @@ def test_dlm_streams_whole_blocks():
 class RefiningToy(ToyDenoiser):
     def __init__(self, extra=3):
         super().__init__()
-        self.extra, self.refiners = extra, []
+        self.extra, self.refiners, self.policies = extra, [], []
 
     def block_refiner(self, policy):
+        self.policies.append(policy)
         self.refiners.append(HostRefiner(self, self.extra))
         return self.refiners[-1]
 
@@ -276,6 +307,60 @@ def test_linear_spec_equals_ar_and_accepts_some_drafts(threshold):
     draft = [c for c in den.calls if c["draft_lora"]]
     assert len(draft) == g.nfe_by_phase["draft"] and not any(c["causal"] or c["write"] for c in draft)
     assert g.tokens_per_forward == pytest.approx(sum(20 / n for n in g.row_nfe) / 3)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 0.95])
+def test_linear_spec_matches_the_reference_row_by_row(threshold):
+    for p in PROMPTS:
+        g = loops.linear_spec_generate(ToyDenoiser(), [p], max_new_tokens=14, block_length=5, threshold=threshold)
+        tokens, fin, drafts, verifies = ref_linear_spec(ToyDenoiser(), p, 14, 5, threshold)
+        assert (g.tokens[0], g.finish[0]) == (tokens, fin)
+        assert g.nfe_by_phase == {"prefill": 1, "draft": drafts, "verify": verifies}
+        assert g.row_nfe == [1 + drafts + verifies]
+
+
+def test_confidence_equal_to_the_threshold_commits():
+    """Every confidence exactly 1.0 and threshold 1.0: one draft pass fills the block (>=, not >)."""
+    g = loops.linear_spec_generate(ToyDenoiser(certain=True), PROMPTS[:2], max_new_tokens=12, block_length=4,
+                                   threshold=1.0)
+    assert g.nfe_by_phase["draft"] == g.nfe_by_phase["verify"]
+    assert g.tokens == loops.ar_generate(ToyDenoiser(), PROMPTS[:2], max_new_tokens=12).tokens
+
+
+def test_linear_spec_trace_and_default_block_length():
+    g = loops.linear_spec_generate(ToyDenoiser(), PROMPTS[:2], max_new_tokens=10, block_length=4, threshold=0.9,
+                                   trace=True)
+    verify = [r for r in g.trace if r.phase == "verify"]
+    assert len(verify) == g.nfe_by_phase["verify"] and len(g.trace) == g.nfe
+    for k, v in enumerate(verify):
+        draft = [r for r in g.trace if r.phase == "draft" and r.block == k]
+        assert [r.step for r in draft] == list(range(len(draft))) and len(draft) >= 1
+    assert sum(r.phase == "draft" for r in g.trace) == g.nfe_by_phase["draft"]
+    den = ToyDenoiser()
+    d = loops.linear_spec_generate(den, PROMPTS[:1], max_new_tokens=8)                  # block_size 16
+    assert {c["shape"][1] for c in den.calls[1:]} == {16}
+    assert d.tokens == loops.ar_generate(ToyDenoiser(), PROMPTS[:1], max_new_tokens=8).tokens
+
+
+def test_untraced_runs_keep_no_trace():
+    for mode in loops.MODES:
+        fn = {"ar": loops.ar_generate, "dlm": loops.diffusion_generate, "linear-spec": loops.linear_spec_generate}
+        g = fn[mode](ToyDenoiser(), PROMPTS[:1], max_new_tokens=4, block_length=4)
+        assert g.trace == [], mode
+    den = RefiningToy()
+    loops.diffusion_generate(den, PROMPTS[:1], max_new_tokens=4, block_length=4, threshold=0.5)
+    assert len(den.refiners) == 1 and den.policies[0].block_length == 4 and den.policies[0].threshold == 0.5
+
+
+@pytest.mark.parametrize("mode", loops.MODES)
+def test_streamed_chunks_add_up_to_the_result(mode):
+    chunks = {0: [], 1: []}
+    g = loops.generate(ToyDenoiser(), PROMPTS[:2], mode, max_new_tokens=11, block_length=4, threshold=0.5,
+                       on_tokens=lambda b, t: chunks[b].append(t))
+    assert [sum(chunks[b], []) for b in (0, 1)] == g.tokens and all(len(t) == 11 for t in g.tokens)
+    assert all(chunks[b] for b in (0, 1)) and all(c for b in (0, 1) for c in chunks[b])
+    if mode == "ar":
+        assert all(len(c) == 1 for c in chunks[0])
 
 
 def test_linear_spec_row_accounting_and_trim():

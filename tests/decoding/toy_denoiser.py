@@ -45,8 +45,8 @@ def ar_chain(ctx: tuple[int, ...], n: int) -> list[int]:
 
 
 class ToyDenoiser(Denoiser):
-    def __init__(self, config=CFG, max_len: int = 96):
-        self.config, self.max_len = config, max_len
+    def __init__(self, config=CFG, max_len: int = 96, certain: bool = False):
+        self.config, self.max_len, self.certain = config, max_len, certain   # certain: every confidence 1.0
         self.calls: list[dict] = []          # one per step: causal, write, draft_lora, shape, lengths
         self.hist: list[list[int]] = []
 
@@ -100,13 +100,13 @@ class ToyDenoiser(Denoiser):
                     tok, p = next_token(ctx), 0.5 + (_h(ctx, 5) % 400) / 1000
                 else:
                     tok, p = self._bidir(h, blk, i, draft_lora)
-                logits[b, i, tok] = math.log(p * (V - 1) / (1 - p))     # softmax gives p at tok
+                logits[b, i, tok] = 200.0 if self.certain else math.log(p * (V - 1) / (1 - p))   # softmax: p
             if write:
                 self.hist[r] = h + blk[:n]
         if temperature > 0 and noise is None:
             noise = remask.gumbel_noise(logits.shape, generator)
         tok, conf = remask.pick(logits, temperature, noise if temperature > 0 else None)
-        return StepOut(tok, conf)
+        return StepOut(tok, conf, logits)
 
 
 class BatchToy(ToyDenoiser):
