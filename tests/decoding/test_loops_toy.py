@@ -158,6 +158,14 @@ def test_ar_rows_stop_at_their_own_eos():
     assert g.nfe == 1 + g.nfe_by_phase["decode"] == max(g.row_nfe)
 
 
+def test_a_config_without_pad_id_pads_with_eos():
+    den = ToyDenoiser(config=ToyDenoiser().config.replace(pad_token_id=None))
+    g = loops.ar_generate(den, PROMPTS[:2], max_new_tokens=3, trace=True)
+    assert g.trace[0].tokens[1].tolist() == PROMPTS[1] + [11, 11, 11]             # the (first) EOS id
+    assert g.tokens == loops.ar_generate(ToyDenoiser(), PROMPTS[:2], max_new_tokens=3).tokens
+    assert all(type(n) is int for n in g.row_nfe) and g.row_nfe == [3, 3]
+
+
 def test_ar_trace_and_cache_discipline():
     den = ToyDenoiser()
     g = loops.ar_generate(den, PROMPTS[:2], max_new_tokens=3, trace=True)
@@ -436,7 +444,7 @@ def test_a_row_that_closes_its_thinking_itself_is_left_alone():
 
 def test_bad_arguments_are_one_line_errors():
     den = ToyDenoiser(max_len=32)
-    with pytest.raises(InvalidArgument, match="max_new_tokens 40"):
+    with pytest.raises(InvalidArgument, match="max_new_tokens 40: .* expected max_new_tokens <= 27,"):
         loops.generate(den, PROMPTS[:1], "ar", max_new_tokens=40)
     with pytest.raises(InvalidArgument, match="max_new_tokens 25"):
         loops.generate(den, PROMPTS[:1], "dlm", max_new_tokens=25, block_length=8)      # 5 + 4 blocks > 32
@@ -449,7 +457,7 @@ def test_bad_arguments_are_one_line_errors():
         loops.generate(den, [[1, 2], [1, 5000]], "ar", max_new_tokens=2)
     with pytest.raises(InvalidArgument, match="^prompt: "):
         loops.generate(den, [[1, 5000]], "ar", max_new_tokens=2)
-    with pytest.raises(InvalidArgument, match="at least one token"):
+    with pytest.raises(InvalidArgument, match="^every prompt needs at least one token$"):
         loops.generate(den, [], "ar", max_new_tokens=2)
     with pytest.raises(InvalidArgument, match="the dlm loop got a ar policy"):
         loops.diffusion_generate(den, PROMPTS[:1], DecodePolicy("ar"), max_new_tokens=2)
