@@ -171,8 +171,12 @@ def test_queue_full_cancel_close_and_observer():
     assert ("queue", 1) in obs.events and ("request", long.id) in obs.events and ("request", queued.id) in obs.events
     passes = [e for e in obs.events if e[0] == "pass"]
     assert len(passes) == s.passes and all(e[1:] == (1, 1, 1) for e in passes)
+    stuck = Gated()
+    s2 = Scheduler(stuck, max_batch=1)
     with pytest.raises(TimeoutError):
-        Scheduler(Gated(), max_batch=1).submit(PROMPTS[0], POLICIES[0], NEW).result(0.05)
+        s2.submit(PROMPTS[0], POLICIES[0], NEW).result(0.05)
+    stuck.gate.set()
+    s2.close()
 
 
 def test_cancel_in_queue_and_close_without_drain():
