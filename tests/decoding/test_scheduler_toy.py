@@ -98,8 +98,9 @@ def test_device_refinement_in_the_scheduler():
     same(gens, want)
     assert [g.device_passes > g.nfe_by_phase["denoise"] for g in gens[:3]] == [True] * 3
     assert gens[3].device_passes == 0
-    for r, g in zip(reqs[:2], gens[:2]):
-        assert [ph for _, ph in r.passes].count("denoise") == g.nfe_by_phase["denoise"]
+    for r, g in zip(reqs, gens):
+        assert [ph for _, ph in r.passes].count("denoise") == g.nfe_by_phase.get("denoise", 0)
+        assert [i for i, _ in r.passes] == sorted({i for i, _ in r.passes}) and len(r.passes) == g.nfe
 
 
 def test_thinking_budget_per_row():
@@ -171,9 +172,10 @@ def test_queue_full_cancel_close_and_observer():
     assert ("queue", 1) in obs.events and ("request", long.id) in obs.events and ("request", queued.id) in obs.events
     passes = [e for e in obs.events if e[0] == "pass"]
     assert len(passes) == s.passes and all(e[1:] == (1, 1, 1) for e in passes)
+    assert [e[1] for e in obs.events if e[0] == "queue"] == [1, 0, 1, 0]      # submitted, admitted, ...
     stuck = Gated()
     s2 = Scheduler(stuck, max_batch=1)
-    with pytest.raises(TimeoutError):
+    with pytest.raises(TimeoutError, match=r"request \d+ not finished after 0.05 s"):
         s2.submit(PROMPTS[0], POLICIES[0], NEW).result(0.05)
     stuck.gate.set()
     s2.close()
@@ -201,11 +203,12 @@ def test_close_drains_and_exclusive_waits_for_idle():
     den = Gated()
     s = Scheduler(den, max_batch=2)
     reqs = [s.submit(p, pol, NEW) for p, pol in zip(PROMPTS[:3], POLICIES[:3])]
-    assert den.entered.acquire(timeout=10)        # two rows in their prefill, one queued
+    assert den.entered.acquire(timeout=10)        # the first row(s) in their prefill
     threading.Timer(0.05, den.gate.set).start()
     with s.exclusive() as d:                      # the running rows finish first; then the caller owns it
-        assert d is den and reqs[0].done() and reqs[1].done() and not reqs[2].done()
-        assert s.stats()["running"] == 0 and s.stats()["queued"] == 1
+        assert d is den and reqs[0].done() and not reqs[2].done() and s.stats()["running"] == 0
+        assert all(r.done() or not r.passes for r in reqs)       # rows ran to their end, or not at all
+        assert s.stats()["queued"] == sum(not r.done() for r in reqs)
         mine = loops.generate(d, PROMPTS[:2], "ar", max_new_tokens=4)
     assert mine.tokens == loops.generate(ToyDenoiser(), PROMPTS[:2], "ar", max_new_tokens=4).tokens
     after = s.submit(PROMPTS[3], POLICIES[0], NEW)                # the engine's rows are restarted
@@ -226,10 +229,12 @@ def test_a_failing_engine_fails_its_rows_and_recovers():
                 raise RuntimeError("device lost")
             return super().step(tokens, **kw)
 
-    s = Scheduler(Flaky(), max_batch=2)
+    obs = Observer()
+    s = Scheduler(Flaky(), max_batch=2, observer=obs)
     a = s.submit(PROMPTS[1], DecodePolicy("dlm", block_length=4), NEW)
     with pytest.raises(RuntimeError, match="device lost"):
         a.result(10)
+    assert ("request", a.id) in obs.events
     b = s.submit(PROMPTS[0], POLICIES[0], NEW)
     assert b.result(10).tokens == solo(ToyDenoiser, PROMPTS[:1], POLICIES[:1])[0].tokens
     s.close()
@@ -245,8 +250,23 @@ def test_a_broken_consumer_cancels_only_its_row():
     good = s.submit(PROMPTS[0], POLICIES[0], NEW)
     with pytest.raises(ValueError, match="consumer gone"):
         bad.result(10)
+    assert bad.cancelled and len(bad.passes) < solo(ToyDenoiser, PROMPTS[1:2], POLICIES[1:2])[0].nfe   # it left early
     assert good.result(10).tokens == solo(ToyDenoiser, PROMPTS[:1], POLICIES[:1])[0].tokens
     s.close()
+
+
+def test_fixed_slots_free_a_finished_rows_cache():
+    """A long AR row finishes first; its slot's cache length must drop to 0, else the dlm row's blocks no
+    longer fit next to it (whole-batch passes on a plain denoiser)."""
+    den = Plain(max_len=40)
+    pols = [DecodePolicy("ar"), DecodePolicy("dlm", block_length=8, threshold=1.0)]
+    s = Scheduler(den, max_batch=2)
+    a = s.submit([1] + list(range(30, 37)), pols[0], 26)             # 8 + 26 positions
+    b = s.submit([1, 60, 61], pols[1], 32)                           # 3 + 32 positions, 33 passes
+    ga, gb = a.result(10), b.result(10)
+    s.close()
+    assert ga.tokens == loops.generate(ToyDenoiser(), [[1] + list(range(30, 37))], pols[0], max_new_tokens=26).tokens
+    assert gb.tokens == loops.generate(ToyDenoiser(), [[1, 60, 61]], pols[1], max_new_tokens=32).tokens
 
 
 def test_rows_refuse_bad_requests_in_one_line():

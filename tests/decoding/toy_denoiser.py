@@ -133,6 +133,8 @@ class HostRefiner:
         self.den, self.extra, self.seen = den, extra, []
 
     def refine(self, canvas, refining, quota, policy):
+        assert canvas.dtype == torch.long and refining.dtype == torch.bool                 # the contract's types
+        assert quota is None or (quota.dtype == torch.long and quota.shape == (len(canvas), policy.steps))
         self.seen.append((canvas.clone(), refining.clone(), None if quota is None else quota.clone()))
         row_nfe, nfe = torch.zeros(len(canvas), dtype=torch.long), 0
         for s in range(policy.passes):
