@@ -17,6 +17,11 @@ from nemodiff_compile.config import PRESETS
 from nemodiff_compile.model import StaticKVCache, rope
 from nemodiff_compile.model import cache as kvcache
 
+pytest.importorskip("transformers")
+from transformers import Ministral3Config  # noqa: E402  (imported once: mutation runs fork per mutant)
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noqa: E402
+
 TINY = PRESETS["tiny"]
 
 
@@ -29,8 +34,6 @@ def _with_rope(cfg, **kw):
 
 
 def _hf(cfg):
-    from transformers import Ministral3Config
-
     d = cfg.to_hf()
     for k in ("model_type", "auto_map", "architectures", "dtype"):
         d.pop(k, None)
@@ -51,8 +54,6 @@ VARIANTS = {
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_yarn_tables_match_transformers(name):
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
     cfg = _with_rope(TINY, **VARIANTS[name])
     want, scale = ROPE_INIT_FUNCTIONS["yarn"](_hf(cfg))
     got = rope.inv_freq(cfg)
@@ -80,8 +81,6 @@ def test_default_rope_is_plain_theta_powers():
 
 
 def test_rotation_matches_transformers():
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
     g = torch.Generator().manual_seed(0)
     D = TINY.head_dim
     pos = torch.tensor([[0, 1, 5, 130], [7, 8, 9, 10]])                    # [B, L]
