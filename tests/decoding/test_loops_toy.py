@@ -175,6 +175,8 @@ def test_ar_trace_and_cache_discipline():
     assert [g.trace[1].tokens[b, 0].item() for b in (0, 1)] == [g.tokens[0][0], g.tokens[1][0]]
     assert pre.committed is None and pre.out_token.shape == pre.conf.shape == (2, 5)
     assert pre.logits.shape == (2, 5, 128) and torch.equal(pre.logits.argmax(-1), pre.out_token)
+    bare = loops.ar_generate(ToyDenoiser(logits=False), PROMPTS[:2], max_new_tokens=3, trace=True)
+    assert bare.tokens == g.tokens and all(r.logits is None for r in bare.trace)     # backends without logits
     assert all(c["causal"] and c["write"] and not c["draft_lora"] for c in den.calls)
     assert den.calls[1]["lengths"] == [5, 2]                                   # num_valid: padding not written
     assert den.lengths().tolist() == [7, 4]

@@ -45,8 +45,9 @@ def ar_chain(ctx: tuple[int, ...], n: int) -> list[int]:
 
 
 class ToyDenoiser(Denoiser):
-    def __init__(self, config=CFG, max_len: int = 96, certain: bool = False):
+    def __init__(self, config=CFG, max_len: int = 96, certain: bool = False, logits: bool = True):
         self.config, self.max_len, self.certain = config, max_len, certain   # certain: every confidence 1.0
+        self.logits = logits                                                   # return the logits (validation)
         self.calls: list[dict] = []          # one per step: causal, write, draft_lora, shape, lengths
         self.hist: list[list[int]] = []
 
@@ -106,7 +107,7 @@ class ToyDenoiser(Denoiser):
         if temperature > 0 and noise is None:
             noise = remask.gumbel_noise(logits.shape, generator)
         tok, conf = remask.pick(logits, temperature, noise if temperature > 0 else None)
-        return StepOut(tok, conf, logits)
+        return StepOut(tok, conf, logits if self.logits else None)
 
 
 class BatchToy(ToyDenoiser):
