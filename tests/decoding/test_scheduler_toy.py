@@ -69,6 +69,8 @@ def test_every_row_equals_its_solo_run(batching, max_batch):
     assert all(c["shape"][0] <= max_batch for c in den.calls)
     if batching == "member rows":
         assert any(c["shape"][0] < c["batch"] for c in den.calls)
+    if batching != "fixed slots":                   # regrouped only when rows join or leave, not every pass
+        assert 1 <= len(den.regroups) <= 2 * len(PROMPTS) < s.passes
     if batching == "fixed slots":
         assert all(c["shape"][0] == max_batch for c in den.calls)
     assert s.stats() == dict(queued=0, running=0, batch=s.stats()["batch"], max_batch=max_batch, passes=s.passes)
@@ -91,13 +93,14 @@ def test_device_refinement_in_the_scheduler():
             return HostRefiner(self, 2)
 
     pols = [DecodePolicy("dlm", block_length=4, threshold=0.5), DecodePolicy("dlm", block_length=4, threshold=0.5),
-            DecodePolicy("dlm", block_length=4, steps=2), DecodePolicy("ar")]
-    want = solo(ToyDenoiser, PROMPTS[:4], pols)
+            DecodePolicy("dlm", block_length=4, steps=2), DecodePolicy("ar"),
+            DecodePolicy("dlm", block_length=4, threshold=0.5, device_refine=False)]
+    want = solo(ToyDenoiser, PROMPTS[:5], pols)
     den = Refining()
-    s, reqs, gens = run_all(den, PROMPTS[:4], pols)
+    s, reqs, gens = run_all(den, PROMPTS[:5], pols)
     same(gens, want)
     assert [g.device_passes > g.nfe_by_phase["denoise"] for g in gens[:3]] == [True] * 3
-    assert gens[3].device_passes == 0
+    assert gens[3].device_passes == gens[4].device_passes == 0
     for r, g in zip(reqs, gens):
         assert [ph for _, ph in r.passes].count("denoise") == g.nfe_by_phase.get("denoise", 0)
         assert [i for i, _ in r.passes] == sorted({i for i, _ in r.passes}) and len(r.passes) == g.nfe
