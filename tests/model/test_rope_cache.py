@@ -43,12 +43,15 @@ def _hf(cfg):
 VARIANTS = {
     "tiny": {},
     "no truncation": dict(extra={"truncate": False}),
-    "mscale ratio": dict(mscale=1.0, mscale_all_dim=0.5, factor=8.0),
-    "no mscale_all_dim": dict(mscale_all_dim=0.0, factor=4.0),
+    "mscale ratio": dict(mscale=2.0, mscale_all_dim=0.5, factor=8.0),
+    "no mscale_all_dim": dict(mscale=2.0, mscale_all_dim=0.0, factor=4.0),
+    "small factor": dict(factor=1.5, mscale_all_dim=0.0),
     "explicit attention factor": dict(extra={"attention_factor": 0.75}),
-    "betas": dict(beta_fast=8.0, beta_slow=2.0, rope_theta=5e5, original_max_position_embeddings=4096),
+    "betas": dict(beta_fast=8.0, beta_slow=4.0, rope_theta=5e5, original_max_position_embeddings=4096),
+    "default betas": dict(beta_fast=None, beta_slow=None, original_max_position_embeddings=4096),
     "factor below one": dict(factor=0.5, mscale_all_dim=0.0),
-    "collapsed ramp": dict(beta_fast=4.0, beta_slow=4.0, original_max_position_embeddings=1 << 20),
+    "ramp past the last dim": dict(beta_slow=1e-4, original_max_position_embeddings=1 << 20),
+    "collapsed ramp": dict(beta_fast=4.0, beta_slow=4.0, extra={"truncate": False}),
 }
 
 
@@ -73,7 +76,7 @@ def test_yarn_interpolates_low_frequencies_only():
 
 
 def test_default_rope_is_plain_theta_powers():
-    cfg = _with_rope(TINY, rope_type="default", rope_theta=10000.0)
+    cfg = _with_rope(TINY, rope_type="default", rope_theta=10000.0, mscale=2.0, mscale_all_dim=0.5)
     d = cfg.head_dim
     want = torch.tensor([1.0 / 10000.0 ** (2 * i / d) for i in range(d // 2)])
     torch.testing.assert_close(rope.inv_freq(cfg), want)
