@@ -144,7 +144,7 @@ def test_cache_trim_and_room():
     c.advance(torch.tensor([6, 4]))
     c.trim(torch.tensor([6, 2]))
     assert c.lengths.tolist() == [6, 2]
-    with pytest.raises(ValueError, match="only shorten"):
+    with pytest.raises(ValueError, match=r"^trim\(\) can only shorten rows$"):
         c.trim(torch.tensor([7, 2]))
     assert c.lengths.tolist() == [6, 2]
     c.check_room(4)                                        # 6 + 4 == 10 fits
@@ -154,3 +154,12 @@ def test_cache_trim_and_room():
     kvcache.check_room(torch.tensor([0, 9]), 1, 10)
     with pytest.raises(ValueError):
         kvcache.check_room(torch.tensor([0, 9]), 2, 10)
+
+
+def test_cache_lives_on_the_device_it_was_given():
+    """The meta device stands in for a GPU: every buffer is placed there and a write stays there."""
+    c = StaticKVCache(TINY, 2, 10, device="meta")
+    assert c.k.device.type == c.v.device.type == c.lengths.device.type == "meta"
+    k = torch.zeros(2, TINY.num_key_value_heads, 3, TINY.head_dim, device="meta")
+    c.write(0, k, k)
+    assert c.k.device.type == "meta"
