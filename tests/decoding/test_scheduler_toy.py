@@ -136,7 +136,7 @@ class Observer:
         self.events = []
 
     def on_pass(self, seconds, members, batch, max_batch):
-        self.events.append(("pass", members, batch, max_batch))
+        self.events.append(("pass", members, batch, max_batch, seconds))
 
     def on_request(self, req):
         self.events.append(("request", req.id))
@@ -174,7 +174,7 @@ def test_queue_full_cancel_close_and_observer():
         s.submit(PROMPTS[0], POLICIES[0], NEW)
     assert ("queue", 1) in obs.events and ("request", long.id) in obs.events and ("request", queued.id) in obs.events
     passes = [e for e in obs.events if e[0] == "pass"]
-    assert len(passes) == s.passes and all(e[1:] == (1, 1, 1) for e in passes)
+    assert len(passes) == s.passes and all(e[1:4] == (1, 1, 1) for e in passes)
     assert [e[1] for e in obs.events if e[0] == "queue"] == [1, 0, 1, 0]      # submitted, admitted, ...
     stuck = Gated()
     s2 = Scheduler(stuck, max_batch=1)
@@ -322,3 +322,49 @@ def test_row_program_steps():
     want = loops.generate(ToyDenoiser(), [PROMPTS[2]], "linear-spec", max_new_tokens=6, block_length=4)
     assert row.generation().tokens == want.tokens and row.finished
     assert row.generation().nfe_by_phase == want.nfe_by_phase
+
+
+def test_a_waiting_row_is_not_starved():
+    """Which pass next: the kind with the most rows plus the longest wait. One dlm row against three AR
+    rows (all prefilled together) gets every fourth pass: 3 + 0 beats 1 + 1, 1 + 2, ties 1 + 3, loses to 1 + 4."""
+    den = Gated()
+    s = Scheduler(den, max_batch=5)
+    first = s.submit([1, 30], DecodePolicy("ar"), 1)                   # holds the engine in its prefill
+    assert den.entered.acquire(timeout=10)
+    ar = [s.submit([1, 40 + i, 41], DecodePolicy("ar"), 16) for i in range(3)]
+    dlm = s.submit([1, 70, 71], DecodePolicy("dlm", block_length=4, threshold=1.0), 8)
+    den.gate.set()
+    gens = [r.result(10) for r in ar + [dlm, first]]
+    s.close()
+    assert {r.passes[0] for r in ar + [dlm]} == {(1, "prefill")}      # the joiners prefilled together
+    steps = [i for i, ph in dlm.passes if ph != "prefill"]
+    assert steps[:3] == [5, 9, 13] and max(i for r in ar for i, _ in r.passes) > 13
+    same(gens[3:4], solo(ToyDenoiser, [[1, 70, 71]], [DecodePolicy("dlm", block_length=4, threshold=1.0)], new=8))
+
+
+def test_a_row_that_needs_the_whole_cache_fits():
+    den = ToyDenoiser(max_len=24)
+    s = Scheduler(den, max_batch=2)
+    g = s.submit([1] * 8, DecodePolicy("ar"), 16).result(10)               # its last pass ends at position 24
+    h = s.submit([1] * 8, DecodePolicy("dlm", block_length=4), 16).result(10)
+    s.close()
+    assert g.tokens == loops.generate(ToyDenoiser(), [[1] * 8], "ar", max_new_tokens=16).tokens
+    assert h.tokens == loops.generate(ToyDenoiser(), [[1] * 8], "dlm", max_new_tokens=16, block_length=4).tokens
+
+
+@pytest.mark.parametrize("subset", [True, False])
+def test_observer_sees_each_pass(subset):
+    obs = Observer()
+    obs.on_queue = lambda n: None
+    s = Scheduler(BatchToy(subset=subset), max_batch=4, observer=obs)
+    reqs = [s.submit(p, pol, 6) for p, pol in zip(PROMPTS[:4], POLICIES[:4])]
+    [r.result(10) for r in reqs]
+    s.close()
+    passes = [e for e in obs.events if e[0] == "pass"]
+    assert len(passes) == s.passes and all(e[3] == 4 and 1 <= e[1] <= e[2] <= 4 for e in passes)
+    assert all(isinstance(e[4], float) and 0 <= e[4] < 60 for e in passes)          # seconds
+    if subset:                                      # the pass ran over its member rows only
+        assert all(e[1] == e[2] for e in passes)
+    else:
+        assert any(e[1] < e[2] for e in passes)
+    assert sorted(e[1] for e in obs.events if e[0] == "request") == sorted(r.id for r in reqs)
