@@ -45,11 +45,12 @@ def make_model(extra_reader=False, dup=False):
     inits = []
     wa, wb = _init(inits, "a.weight.T", WA), _init(inits, "b.weight.T", WB)
     a = _matmul(x, wa, "a")
-    b = _matmul(a.outputs[0], wb, "b")
+    b = _matmul(a.outputs[0], wb, "b", scopes=["model.b", "b.matmul"])             # a top-level Linear
     sq = _init(inits, "sq", np.eye(2, dtype=np.float32))
-    nodes = [a, b,
-             _matmul(b.outputs[0], sq, "c", cls="torch.nn.modules.Identity"),       # not a Linear
-             _matmul(b.outputs[0], sq, "d", scopes=["model.d"])]                     # no parent scope
+    bare = ir.node("MatMul", [b.outputs[0], sq], name="bare")                          # no metadata at all
+    nodes = [a, b, bare,
+             _matmul(bare.outputs[0], sq, "c", cls="torch.nn.modules.Identity"),    # not a Linear
+             _matmul(bare.outputs[0], sq, "d", scopes=["model.d"])]                  # no parent scope
     act = ir.node("MatMul", [nodes[-1].outputs[0], nodes[-2].outputs[0]], name="act")   # [2, 2] @ [2, 2]
     nodes.append(act)
     outputs = [act.outputs[0]]
@@ -89,7 +90,7 @@ def reference(x, qa, qb):
     ya = xa @ (qa.codes().astype(np.float32) * qa.weight_scale)
     wb = qb.codes().astype(np.float32) * np.repeat(qb.weight_scale, 2, axis=0)
     yb = (ya * qb.pre_scale) @ wb
-    return (yb @ np.eye(2)) @ (yb @ np.eye(2))
+    return (yb @ np.eye(2) @ np.eye(2)) @ (yb @ np.eye(2) @ np.eye(2))
 
 
 def run(model, tmp_path, name="m.onnx"):
@@ -123,6 +124,11 @@ def test_rewritten_graph_computes_the_quantized_layers(tmp_path):
     assert summarize(path, ["a", "b"]) == {"qdq_nodes": {"QuantizeLinear": 1, "DequantizeLinear": 3},
                                            "quantized_weights": {"INT8": 1, "INT4": 1}, "quantized_layers": 2}
     assert "quantized_layers" not in summarize(path)
+    ext = tmp_path / "ext" / "m.onnx"                          # weights outside the graph file, then gone:
+    ext.parent.mkdir()                                         # the summary reads the graph only
+    ir.save(model, ext, external_data="w.data", size_threshold_bytes=0)
+    (ext.parent / "w.data").unlink()
+    assert summarize(ext)["qdq_nodes"] == {"QuantizeLinear": 1, "DequantizeLinear": 3}
     names = {n.name for n in model.graph}
     assert {"a.q.pre_scale_mul", "a.q.act_quant", "a.q.act_dequant", "a.q.weight_dequant",
             "b.q.pre_scale_mul", "b.q.weight_dequant"} <= names and "b.q.act_quant" not in names
