@@ -49,6 +49,7 @@ VARIANTS = {
     "explicit attention factor": dict(extra={"attention_factor": 0.75}),
     "betas": dict(beta_fast=8.0, beta_slow=4.0, rope_theta=5e5, original_max_position_embeddings=4096),
     "default betas": dict(beta_fast=None, beta_slow=None, original_max_position_embeddings=4096),
+    "default betas, no truncation": dict(beta_fast=None, beta_slow=None, extra={"truncate": False}),
     "factor below one": dict(factor=0.5, mscale_all_dim=0.0),
     "ramp past the last dim": dict(beta_slow=1e-4, original_max_position_embeddings=1 << 20),
     "collapsed ramp": dict(beta_fast=4.0, beta_slow=4.0, extra={"truncate": False}),
@@ -73,6 +74,19 @@ def test_yarn_interpolates_low_frequencies_only():
     assert torch.equal(ratio[:8], torch.ones(8))                             # fast dims: extrapolated
     torch.testing.assert_close(ratio[-2:], torch.full((2,), 1 / 16))         # slow dims: interpolated
     assert bool((ratio[8:14].diff() < 0).all()) and 1 / 16 < ratio[13] < ratio[8] < 1      # a linear ramp
+
+
+def test_tables_are_host_float32_whatever_the_defaults():
+    """Traced or exported under another default device or dtype, the tables stay host float32."""
+    want = rope.inv_freq(TINY)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.device("meta"):
+            got = rope.inv_freq(TINY)
+    finally:
+        torch.set_default_dtype(old)
+    assert got.device.type == "cpu" and got.dtype == torch.float32 and torch.equal(got, want)
 
 
 def test_default_rope_is_plain_theta_powers():
