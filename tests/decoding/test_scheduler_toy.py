@@ -107,15 +107,30 @@ def test_device_refinement_in_the_scheduler():
 
 
 def test_thinking_budget_per_row():
-    pols = [DecodePolicy(m, block_length=4) for m in ("ar", "dlm", "linear-spec")]
-    budgets = [ThinkingBudget(3, 13), ThinkingBudget(5, 13), ThinkingBudget(6, 13)]
-    want = [loops.generate(ToyDenoiser(), [PROMPTS[0]], p, max_new_tokens=NEW, thinking=t) for p, t in zip(pols, budgets)]
-    s = Scheduler(BatchToy(), max_batch=4)
-    reqs = [s.submit(PROMPTS[0], p, NEW, thinking=t) for p, t in zip(pols, budgets)]
+    cases = [(DecodePolicy(m, block_length=4), ThinkingBudget(b, 13)) for m in ("ar", "dlm", "linear-spec")
+             for b in (3, 9)]
+    want = [loops.generate(ToyDenoiser(), [PROMPTS[0]], p, max_new_tokens=NEW, thinking=t) for p, t in cases]
+    s = Scheduler(BatchToy(), max_batch=6)
+    reqs = [s.submit(PROMPTS[0], p, NEW, thinking=t) for p, t in cases]
     got = [r.result(30) for r in reqs]
     s.close()
     same(got, want)
-    assert [g.tokens[0][t.max_tokens] for g, t in zip(got, budgets)] == [13] * 3
+    assert [g.tokens[0][t.max_tokens] for g, (_, t) in zip(got, cases)] == [13] * 6
+
+
+def test_rows_stop_refining_at_eos_and_commit_at_the_threshold():
+    free = loops.generate(ToyDenoiser(), PROMPTS[:1], "dlm", max_new_tokens=16, block_length=8, threshold=0.5)
+    eos = free.tokens[0][10]                       # mid second block, masks may remain after it
+    pols = [DecodePolicy("dlm", block_length=8, threshold=0.5)] * 2
+    want = solo(lambda: ToyDenoiser().with_eos(eos), PROMPTS[:2], pols, new=16)
+    assert want[0].finish == ["eos"]
+    s, reqs, gens = run_all(BatchToy().with_eos(eos), PROMPTS[:2], pols, new=16)
+    same(gens, want)
+    pol = [DecodePolicy("linear-spec", block_length=4, threshold=1.0)]      # confidences of exactly 1.0
+    want = solo(lambda: ToyDenoiser(certain=True), PROMPTS[:1], pol)
+    s, reqs, gens = run_all(BatchToy(certain=True), PROMPTS[:1], pol)
+    same(gens, want)
+    assert gens[0].nfe_by_phase["draft"] == gens[0].nfe_by_phase["verify"]
 
 
 class Gated(BatchToy):
