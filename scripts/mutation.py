@@ -4,8 +4,9 @@
     python scripts/mutation.py --list                      # the configured modules and their tests
 
 The run happens in a scratch copy (default /tmp/nemodiff-mutation/<module>): the package, the module's
-test files and tests/conftest.py, and a setup.cfg telling mutmut which file to mutate and which tests
-to run, so the repository is never touched and each module gets its own test selection. Prints
+test files (and the helpers they import) and tests/conftest.py, and a setup.cfg telling mutmut which file
+to mutate and which tests to run, so the repository is never touched and each module gets its own test
+selection; mutmut then runs, per mutant, only the selected tests that call the mutated function. Prints
 killed / survived / timeout and the kill rate (killed + timeout over all), and the surviving mutants'
 names (`mutmut show NAME` in the scratch dir prints a diff). Runs under `nice`; not part of CI.
 """

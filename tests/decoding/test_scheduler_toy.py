@@ -89,7 +89,10 @@ def test_rows_leave_at_eos_and_others_join(batching):
 
 def test_device_refinement_in_the_scheduler():
     class Refining(BatchToy):
+        policies = []
+
         def block_refiner(self, policy):
+            self.policies.append(policy)
             return HostRefiner(self, 2)
 
     pols = [DecodePolicy("dlm", block_length=4, threshold=0.5), DecodePolicy("dlm", block_length=4, threshold=0.5),
@@ -101,6 +104,7 @@ def test_device_refinement_in_the_scheduler():
     same(gens, want)
     assert [g.device_passes > g.nfe_by_phase["denoise"] for g in gens[:3]] == [True] * 3
     assert gens[3].device_passes == gens[4].device_passes == 0
+    assert den.policies == pols[:3] and all(g.trace == [] for g in gens)
     for r, g in zip(reqs, gens):
         assert [ph for _, ph in r.passes].count("denoise") == g.nfe_by_phase.get("denoise", 0)
         assert [i for i, _ in r.passes] == sorted({i for i, _ in r.passes}) and len(r.passes) == g.nfe
@@ -289,8 +293,9 @@ def test_fixed_slots_free_a_finished_rows_cache():
 
 def test_rows_refuse_bad_requests_in_one_line():
     den = ToyDenoiser(max_len=24)
-    with pytest.raises(InvalidArgument, match="at least one token"):
+    with pytest.raises(InvalidArgument, match="^every prompt needs at least one token$"):
         Row(den, [], DecodePolicy("ar"), 4)
+    assert Row(den, [1] * 4, DecodePolicy("dlm"), 16).policy.block_length == 16      # the model's block_size
     with pytest.raises(InvalidArgument, match="prompt: token id 2000 is outside"):
         Row(den, [1, 2000], DecodePolicy("ar"), 4)
     with pytest.raises(InvalidArgument, match="max_new_tokens 0"):
