@@ -99,6 +99,7 @@ class OrtDenoiser(BackendDenoiser):
         self.window = window
         self.k = self.v = None                                   # [layers, B, kv_heads, W, D]
         self._bufs: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self._gathered: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # rows -> K/V of a subset pass
         self._flags = {c: torch.tensor(c, device=self.device) for c in (False, True)}   # 0-d bool inputs
         self._temperature = torch.zeros((), device=self.device)
         self._stage = None
@@ -127,6 +128,7 @@ class OrtDenoiser(BackendDenoiser):
         cap = self.max_len if not self.window else min(self.max_len, self.window if self.k is None else self.k.shape[3])
         self.k, self.v = self.kv_cache(rows, self.kv_dtype, cap)
         self._bufs.clear()
+        self._gathered.clear()
         if self._stage is not None:
             self._stage.clear()
 
@@ -170,7 +172,7 @@ class OrtDenoiser(BackendDenoiser):
         idx = torch.tensor(rows, dtype=torch.long)
         self._fit(int(self._lengths[idx].max()) + tokens.shape[1])
         full = (self.k, self.v, self._lengths, self.batch)
-        self.k, self.v = self.k.index_select(1, idx.to(self.device)), self.v.index_select(1, idx.to(self.device))
+        self.k, self.v = self._gather(idx.to(self.device))
         self._lengths, self.batch = full[2][idx], len(rows)
         try:
             out = super().step(tokens, **kw)
@@ -183,6 +185,18 @@ class OrtDenoiser(BackendDenoiser):
             self.k, self.v, self.batch = full[0], full[1], full[3]
             self._lengths = full[2]
         return out
+
+    def _gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K/V of rows idx [R], each [layers, R, kv_heads, W, D], in buffers kept per R while the window
+        stays: a fresh megabyte-sized tensor per pass costs more in page faults than the copy itself."""
+        shape = (*self.k.shape[:1], len(idx), *self.k.shape[2:])
+        bufs = self._gathered.get(len(idx))
+        if bufs is None or bufs[0].shape != shape:
+            bufs = self._gathered[len(idx)] = (torch.empty(shape, dtype=self.k.dtype, device=self.device),
+                                               torch.empty(shape, dtype=self.v.dtype, device=self.device))
+        torch.index_select(self.k, 1, idx, out=bufs[0])
+        torch.index_select(self.v, 1, idx, out=bufs[1])
+        return bufs
 
     def _pass(self, tokens, *, causal, write, num_valid, draft_lora, temperature, noise) -> StepOut:
         B, L = tokens.shape

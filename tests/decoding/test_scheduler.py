@@ -56,6 +56,29 @@ def test_every_row_equals_its_solo_run(engine, solo, batching, monkeypatch):
     assert s.passes < sum(g.nfe for g in solo)                 # rows shared passes
 
 
+def test_joiners_prefill_inside_commit_passes(engine):
+    """A row joining mid-block prefills inside another row's commit pass (decoding/scheduler.py, riders) and
+    still gets exactly its solo tokens and NFE."""
+    den = engine.denoiser
+    pols = [DecodePolicy("dlm", threshold=t) for t in (0.9, 0.5)] * 4
+    want = [loops.generate(den, [p], pol, max_new_tokens=NEW) for p, pol in zip(PROMPTS, pols)]
+    s = Scheduler(den, max_batch=3)
+    try:
+        with s.exclusive():                      # everything queued before the first pass: a fixed schedule
+            reqs = [s.submit(p, pol, NEW) for p, pol in zip(PROMPTS, pols)]
+        gens = [r.result(120) for r in reqs]
+    finally:
+        s.close()
+    for pol, w, g in zip(pols, want, gens):
+        assert g.tokens == w.tokens and g.nfe_by_phase == w.nfe_by_phase and g.row_nfe == w.row_nfe, pol
+    phases: dict[int, set[str]] = {}
+    for r in reqs:
+        for index, phase in r.passes:
+            phases.setdefault(index, set()).add(phase)
+    assert any(p == {"prefill", "commit"} for p in phases.values())
+    assert s.passes == len(phases)
+
+
 def test_queue_full_cancel_and_close(engine, solo):
     slow = ContractOnly(engine.denoiser, delay=0.02)
     s = Scheduler(slow, max_batch=1, max_queue=1)
