@@ -1,6 +1,5 @@
 """The ONNX Runtime engine binds a window of the KV cache (the rows' longest length plus the block, rounded up
-to 16 positions; a pass over some rows, their own longest),
-not max_len, and can run a pass over some rows of its batch: the same tokens as the whole cache and the whole
+to 16 positions; for a pass over some rows, their longest), not max_len, and can run a pass over some rows of its batch: the same tokens as the whole cache and the whole
 batch. The window changes the float summation order of the attention (the block's keys follow the window), so
 confidences agree to rounding (~1e-6 here), not bit for bit; a pass over some rows is bit for bit."""
 
