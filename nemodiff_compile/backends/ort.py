@@ -52,7 +52,7 @@ _MAX_GATHERED = 4  # (rows, window) K/V buffers of subset passes kept on the CPU
 class OrtDenoiser(BackendDenoiser):
     def __init__(self, onnx_path: str | Path, spec: "IOSpec", config: ModelConfig, max_len: int, *,
                  providers: list | None = None, threads: int | None = None, return_logits: bool = False,
-                 fuse: bool = True, window: int = 16, cuda_graphs: bool = True):
+                 fuse: bool = True, window: int = 64, cuda_graphs: bool = True):
         """fuse=False stops at ORT's basic graph optimizations: Q/DQ graphs then compute exactly what
         they say (with fuse=True the CPU provider may fold int8 Q/DQ + MatMul into integer kernels
         that round differently). cuda_graphs: on the CUDA provider, graphs with a remask stage replay

@@ -1,7 +1,8 @@
-"""The ONNX Runtime engine binds a window of the KV cache (the rows' longest length plus the block, rounded up
-to 16 positions; for a pass over some rows, their longest), not max_len, and can run a pass over some rows of its batch: the same tokens as the whole cache and the whole
-batch. The window changes the float summation order of the attention (the block's keys follow the window), so
-confidences agree to rounding (~1e-6 here), not bit for bit; a pass over some rows is bit for bit."""
+"""The ONNX Runtime engine binds a window of the KV cache (the rows' longest length plus the block, rounded up;
+for a pass over some rows, their longest), not max_len, and can run a pass over some rows of its batch: the
+same tokens as the whole cache and the whole batch. The window changes the float summation order of the
+attention (the block's keys follow the window), so confidences agree to rounding (~1e-6 here), not bit for
+bit; a pass over some rows over the same window is bit for bit."""
 
 import pytest
 import torch
@@ -29,9 +30,8 @@ def test_window_grows_with_the_rows_and_changes_nothing(engines, mode):
     b = loops.generate(whole, PROMPTS, mode, max_new_tokens=40, trace=True)
     assert a.tokens == b.tokens
     assert all(torch.allclose(x.conf, y.conf, rtol=0, atol=1e-5) for x, y in zip(a.trace, b.trace))
-    last = {"dlm": 128, "linear-spec": 96}[mode]         # the 71-token row's last pass, rounded up to 16
-    assert windowed.window == 16 and windowed.k.shape[3] == last and whole.k.shape[3] == whole.max_len == 1024
-    for prompt, window in (([1] + list(range(40, 240)), 224), (PROMPTS[1], 32)):       # grows, then shrinks
+    assert windowed.k.shape[3] == 128 and whole.k.shape[3] == whole.max_len == 1024   # 71 + 48 positions
+    for prompt, window in (([1] + list(range(40, 240)), 256), (PROMPTS[1], 64)):       # grows, then shrinks
         a = loops.generate(windowed, [prompt], mode, max_new_tokens=8)
         assert windowed.k.shape[3] == window
         assert a.tokens == loops.generate(whole, [prompt], mode, max_new_tokens=8).tokens
@@ -57,11 +57,11 @@ def test_a_pass_over_short_rows_reads_their_own_window(engines):
     den.reset(3)
     den.step(torch.tensor([[1] + list(range(40, 139))] * 3), causal=True, write=True,
              num_valid=torch.tensor([5, 100, 7]))                                  # lengths 5, 100, 7
-    assert den.k.shape[3] == 112                                                   # the 100-token pass
+    assert den.k.shape[3] == 128                                                   # the 100-token pass
     block = torch.full((2, 16), den.config.mask_token_id)
     block[:, 0] = torch.tensor([44, 46])
     whole = den.step(torch.cat([block[:1], block[:1], block[1:]]), causal=False, write=False)
     sub = den.step(block, causal=False, write=False, rows=[0, 2])
-    assert (2, 32) in den._gathered                                                # 7 + 16 positions, rounded up
+    assert (2, 64) in den._gathered                                                # 7 + 16 positions, rounded up
     assert torch.equal(sub.token, whole.token[[0, 2]])
     assert torch.allclose(sub.conf, whole.conf[[0, 2]], rtol=0, atol=1e-5)
