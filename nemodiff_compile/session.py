@@ -56,13 +56,18 @@ class Result:
 
 class Session:
     def __init__(self, denoiser: loops.Denoiser, tokenizer: Any = None, manifest: Any = None, *,
-                 defaults: Any = None, max_batch: int | None = None, max_queue: int = 1024, observer: Any = None):
+                 defaults: Any = None, max_batch: int | None = None, max_queue: int = 1024, observer: Any = None,
+                 image_prefill: str = "causal"):
         """defaults: generation_config.json's (thinking); max_batch: rows decoded at once (default: the
         engine's largest batch bucket); max_queue: prompts waiting for a row before submitting raises
-        QueueFull; observer: the scheduler's metrics hook."""
+        QueueFull; observer: the scheduler's metrics hook; image_prefill: how a vision-language prompt's
+        image span is prefilled, "causal" (as the text; an unverified assumption) or "bidirectional"
+        (decoding/embeds.py)."""
         from .model.generation_config import GenerationDefaults
 
         self.denoiser, self.tokenizer, self.manifest = denoiser, tokenizer, manifest
+        self.image_prefill = image_prefill
+        self._prompter = None
         self.defaults = defaults or GenerationDefaults()
         if max_batch is None and manifest is not None and manifest.buckets.get("batch_sizes"):
             max_batch = max(manifest.buckets["batch_sizes"])
@@ -155,25 +160,82 @@ class Session:
 
         return thinking_setup(self.tokenizer, self.defaults, enable_thinking, max_thinking_tokens)
 
+    # ---- images (vision-language checkpoints) -----------------------------------------------------------
+
+    def image_prompter(self):
+        """The model's `ImagePrompter` (model/image_prompt.py); InvalidArgument for a text-only model/engine."""
+        if self._prompter is None:
+            encode = getattr(self.denoiser, "encode_image", None)
+            if encode is None or not getattr(self.denoiser, "accepts_embeds", False) or not self.config.is_vlm:
+                raise InvalidArgument("images: this model takes no images (expected a vision-language checkpoint, "
+                                      "or an engine built from one)")
+            from .model.image_prompt import ImagePrompter
+            from .model.vision_config import ImageTokenIds, VisionConfig
+
+            self._prompter = ImagePrompter(VisionConfig.of(self.config), ImageTokenIds.of(self.config, self.tokenizer),
+                                           encode, image_prefill=self.image_prefill)
+        return self._prompter
+
+    def prepare(self, prompt: Prompt, images: Sequence[Any], chat: bool = True, **template_kwargs):
+        """(token ids, PromptImages) of a prompt with images (paths, bytes, PIL images or preprocessed pixels
+        [3, H, W]): text gets one <|image_start|> per image in front unless it has them; token ids must hold
+        one image start token per image. Bad images: InvalidArgument naming the file."""
+        from .model.image_prompt import image_prompt_text
+
+        prompter = self.image_prompter()
+        if isinstance(prompt, str):
+            prompt = image_prompt_text(prompt, len(images))
+        return prompter.prepare(self.encode(prompt, chat, **template_kwargs), list(images))
+
+    def _with_images(self, prompts, images, chat: bool, template_kwargs: dict):
+        """(ids per prompt, PromptImages or None per prompt). images: for one prompt, its list of images;
+        for a batch, one list (or None) per prompt; already prepared (ids, PromptImages) pairs pass through."""
+        from .decoding.embeds import PromptImages
+
+        batch = _batch(prompts)
+        single = isinstance(prompts, str) or _is_ids(prompts)
+        per = [images] if single else list(images)
+        if len(per) != len(batch):
+            raise InvalidArgument(f"images: {len(per)} image lists for {len(batch)} prompts (expected one per prompt)")
+        ids, imgs = [], []
+        for p, ims in zip(batch, per):
+            if isinstance(ims, PromptImages):
+                ids.append(self.encode(p, chat, **template_kwargs))
+                imgs.append(ims)
+            elif ims:
+                i, pi = self.prepare(p, ims, chat, **template_kwargs)
+                ids.append(i)
+                imgs.append(pi)
+            else:
+                ids.append(self.encode(p, chat, **template_kwargs))
+                imgs.append(None)
+        return ids, imgs
+
     def generate(self, prompts: Prompt | Sequence[Prompt], *, mode: str = "dlm", max_new_tokens: int = 64,
                  chat: bool = True, on_tokens=None, trace: bool = False, policy: DecodePolicy | None = None,
                  enable_thinking: bool | None = None, max_thinking_tokens: int | None = None,
-                 **knobs) -> Result:
+                 images: Sequence[Any] | None = None, **knobs) -> Result:
         """Generate for one prompt or a batch (text or token ids). The decoding policy: `policy`, or `mode`
         and its knobs (block_length, threshold, steps, temperature, seed: decoding/policy.py); prompt i of a
         batch samples with seed + i. on_tokens(row, ids) streams tokens; trace keeps every pass (host passes
         only; the engine runs the batch alone, in lock-step). enable_thinking: the chat template's thinking
         switch; max_thinking_tokens: the thinking budget (needs thinking on); None: generation_config.json's
-        defaults."""
+        defaults. images (vision-language models): for one prompt, its images (paths, bytes, PIL images); for a
+        batch, one list per prompt (None for none); a prompt with images runs with its batch alone on the
+        engine (whole-batch loops, not the scheduler), as a traced one does."""
         self._check_open()
         check_bounds(max_new_tokens=max_new_tokens)
-        if trace:
+        if trace or images is not None:
             policy = DecodePolicy.of(policy or mode, knobs)
             template_kwargs, budget = self.thinking(enable_thinking, max_thinking_tokens)
-            ids = [self.encode(p, chat, **template_kwargs) for p in _batch(prompts)]
+            if images is not None:
+                ids, imgs = self._with_images(prompts, images, chat, template_kwargs)
+            else:
+                ids, imgs = [self.encode(p, chat, **template_kwargs) for p in _batch(prompts)], None
             with self.scheduler.exclusive() as den:
                 g = loops.generate(den, ids, policy, max_new_tokens=max_new_tokens, trace=trace,
-                                   on_tokens=on_tokens, thinking=budget)
+                                   on_tokens=on_tokens, thinking=budget,
+                                   images=imgs if imgs and any(i is not None for i in imgs) else None)
             return self._result(g)
         reqs = self._submit_all(prompts, mode=mode, max_new_tokens=max_new_tokens, chat=chat, on_tokens=on_tokens,
                                 policy=policy, enable_thinking=enable_thinking,
