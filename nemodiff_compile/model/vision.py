@@ -32,9 +32,10 @@ def rope_2d(cfg: VisionConfig, h: int, w: int, device=None) -> tuple[torch.Tenso
     col * f[1::2] on the second, the half repeated (rotate-half convention)."""
     d = cfg.head_dim
     f = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))   # [d/2]
-    rows = torch.arange(h, device=device, dtype=torch.float32).repeat_interleave(w)               # [h*w]
-    cols = torch.arange(w, device=device, dtype=torch.float32).repeat(h)                          # [h*w]
-    ang = torch.cat([rows[:, None] * f[0::2], cols[:, None] * f[1::2]], dim=-1)                   # [h*w, d/2]
+    rows = torch.arange(h, device=device, dtype=torch.float32)[:, None, None] * f[0::2]            # [h, 1, d/4]
+    cols = torch.arange(w, device=device, dtype=torch.float32)[None, :, None] * f[1::2]            # [1, w, d/4]
+    # broadcast by addition, not expand/repeat: the exported graph keeps h and w dynamic that way
+    ang = torch.cat([rows + 0 * cols, cols + 0 * rows], dim=-1).reshape(-1, d // 2)                # [h*w, d/2]
     ang = torch.cat([ang, ang], dim=-1)                                                           # [h*w, d]
     return ang.cos(), ang.sin()
 
