@@ -41,9 +41,12 @@ class _HttpError(Exception):
 
 
 def create_app(session: Session, *, model_name: str, metrics: Metrics | None = None,
-               replica: str | None = None, close_session: bool = True) -> FastAPI:
+               replica: str | None = None, close_session: bool = True,
+               image_dirs: list[Path] | None = None) -> FastAPI:
     """The app over `session` (its scheduler reports to `metrics`); replica: sent back as the
-    x-nemodiff-replica header (Ray Serve replicas); close_session: drain and close it at shutdown."""
+    x-nemodiff-replica header (Ray Serve replicas); close_session: drain and close it at shutdown;
+    image_dirs: where chat image parts may name local files (serve/images.py)."""
+    image_dirs = [Path(d) for d in image_dirs or ()]
     metrics = metrics or Metrics()
     if session.scheduler.observer is None:
         session.scheduler.observer = metrics
@@ -99,7 +102,38 @@ def create_app(session: Session, *, model_name: str, metrics: Metrics | None = N
     @app.post("/v1/chat/completions")
     async def chat(body: protocol.ChatRequest, request: HttpRequest):
         template_kwargs, _ = _checked(lambda: session.thinking(body.enable_thinking, body.max_thinking_tokens))
-        return await _serve(request, body, [_encode_chat(session, body.conversation(), template_kwargs)], "chat")
+        ids = _encode_chat(session, body.conversation(), template_kwargs)
+        if body.images():
+            return await _serve_images(request, body, ids)
+        return await _serve(request, body, [ids], "chat")
+
+    async def _serve_images(request: HttpRequest, body: protocol.ChatRequest, ids: list[int]):
+        """A chat request with image parts: images resolved and decoded (400 if bad), then decoded with the
+        engine to itself (Session.generate's image path); not streamed."""
+        from .images import open_image
+
+        endpoint = request.url.path
+        if body.model is not None and body.model != model_name:
+            raise _HttpError(404, f"The model '{body.model}' does not exist (this server serves '{model_name}')",
+                             "invalid_request_error", "model", "model_not_found")
+        if body.stream:
+            raise _HttpError(400, "stream: not supported for requests with images yet", "invalid_request_error",
+                             "stream")
+        policy = _checked(body.policy)
+        prompter = _checked(session.image_prompter)             # a text-only engine: 400 before any decoding
+        images = [_checked(lambda w=w, u=u: open_image(u, image_dirs, w)) for w, u in body.images()]
+        ids, prompt_images = _checked(lambda: prompter.prepare(ids, images))
+        try:
+            result = await asyncio.to_thread(session.generate, [ids], images=[prompt_images], policy=policy,
+                                             max_new_tokens=body.new_tokens(), enable_thinking=body.enable_thinking,
+                                             max_thinking_tokens=body.max_thinking_tokens)
+        except NemodiffError as e:
+            raise _HttpError(400, str(e), "invalid_request_error", "messages") from None
+        g = result.generation
+        use = protocol.usage(len(ids), len(g.tokens[0]), g.nfe, g.tokens_per_forward)
+        metrics.request(endpoint, "ok")
+        return protocol.chat_completion(protocol.new_id("chatcmpl"), model_name, _text(session, g.tokens[0]),
+                                        g.finish[0], use)
 
     async def _serve(request: HttpRequest, body: protocol._Common, prompts: list[list[int]], kind: str):
         endpoint = request.url.path
@@ -266,7 +300,8 @@ def host_threads() -> None:
 
 
 def run(engine_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int | None = None,
-        max_queue: int = 64, threads: int | None = None, log_level: str = "info") -> None:
+        max_queue: int = 64, threads: int | None = None, log_level: str = "info",
+        image_dirs: list[Path] | None = None) -> None:
     """Open the engine and serve it until SIGINT / SIGTERM, then drain: uvicorn stops accepting and waits for the
     open connections, the session finishes what is queued, and this returns (exit status 0)."""
     import signal
@@ -276,7 +311,7 @@ def run(engine_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, ma
     host_threads()
     metrics = Metrics()
     session = Session.open(engine_dir, threads=threads, max_batch=max_batch, max_queue=max_queue, observer=metrics)
-    app = create_app(session, model_name=Path(engine_dir).name, metrics=metrics)
+    app = create_app(session, model_name=Path(engine_dir).name, metrics=metrics, image_dirs=image_dirs)
     # uvicorn handles the signal while it runs and re-raises it once it has shut down; handled here, the
     # re-raised signal ends nothing, so a drained shutdown exits 0 instead of dying by the signal
     for sig in (signal.SIGINT, signal.SIGTERM):
