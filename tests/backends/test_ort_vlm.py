@@ -102,3 +102,41 @@ def test_remask_stage_is_refused_for_a_vlm(tiny_vlm_dir, tmp_path):
     with pytest.raises(InvalidArgument, match="--remask onnx: not supported yet for vision-language"):
         build_engine(BuildConfig.of(source=str(tiny_vlm_dir), output=tmp_path / "e", backend="onnxruntime",
                                     remask="onnx", validate=False))
+
+
+def test_tensorrt_runtime_feeds_image_features(vlm_engine, pair, images, tmp_path):
+    """backends/trt.py over the fake TensorRT (fake_trt.py: each pass computed by ONNX Runtime over the pointers
+    the runtime bound) with the VLM's step graph as its plan: image prompts give the reference's tokens."""
+    from fake_trt import FakeGraphPool, FakeTensorRT, make_plan
+
+    from nemodiff_compile.artifact.manifest import read_manifest
+    from nemodiff_compile.artifact.profiles import make_profiles
+    from nemodiff_compile.artifact.targets import DeviceInfo
+    from nemodiff_compile.backends.ort_vision import OrtVision
+    from nemodiff_compile.backends.trt import TrtDenoiser
+    from nemodiff_compile.backends.trt_shim import Trt
+    from nemodiff_compile.config import ModelConfig
+
+    gpu = DeviceInfo("NVIDIA L40S", (8, 9), "580.65")
+    m = read_manifest(vlm_engine)
+    profiles = make_profiles(m.io_spec, m.buckets)
+    (tmp_path / "engine.sm89.plan").write_bytes(make_plan(vlm_engine / "model.onnx", m.io_spec, profiles))
+    m.backend = "tensorrt"
+    m.engines = [{"target": "sm89", "file": "engine.sm89.plan", "trt_module": "tensorrt", "trt_version": "10.13.0",
+                  "gpu_name": gpu.name, "plugins": [], "profiles": [p.to_json() for p in profiles],
+                  "version_compatible": False}]
+    fake = FakeTensorRT()
+    den = TrtDenoiser(tmp_path, m, ModelConfig.from_hf(m.model_config), trt=Trt(fake, "tensorrt", "10.13.0"),
+                      gpu=gpu, device="cpu", graphs=FakeGraphPool(fake, enabled=True), stream=object())
+    den.graph_max_tokens = 16                  # blocks captured, the image prompts' prefills not
+    den.encode_image = OrtVision(vlm_engine, m.io_spec["extra"]["vision"])
+    ref, _ = pair
+    with Session(den, ref.tokenizer) as trt:
+        for mode in ("dlm", "ar"):
+            prompts, imgs = ["Describe it.", "What is this?"], [[images[0]], [images[1]]]
+            want = ref.generate(prompts, images=imgs, mode=mode, max_new_tokens=12)
+            got = trt.generate(prompts, images=imgs, mode=mode, max_new_tokens=12)
+            assert [c.tokens for c in got.completions] == [c.tokens for c in want.completions]
+            text = trt.generate("Once upon a time", mode=mode, max_new_tokens=8)       # text passes: no features
+            assert text.completions[0].tokens == ref.generate("Once upon a time", mode=mode,
+                                                              max_new_tokens=8).completions[0].tokens
