@@ -146,8 +146,10 @@ class Session:
                max_thinking_tokens: int | None = None, **knobs) -> Request:
         """Queue one prompt on the engine; on_tokens(ids) is called (on the scheduler's thread) as tokens
         commit. The `Request` gives `result()` (its `Generation`) and `cancel()`. Raises QueueFull when the
-        queue is full."""
+        queue is full. Prompts with images go through `generate` / `agenerate` (the scheduler takes none yet)."""
         self._check_open()
+        if knobs.get("images") is not None:
+            raise InvalidArgument("images: the scheduler takes no image prompts yet; use generate or agenerate")
         check_bounds(max_new_tokens=max_new_tokens)
         policy = DecodePolicy.of(policy or mode, knobs)
         template_kwargs, budget = self.thinking(enable_thinking, max_thinking_tokens)
@@ -251,7 +253,7 @@ class Session:
     async def agenerate(self, prompts: Prompt | Sequence[Prompt], **kw) -> Result:
         """`generate` from a coroutine (same arguments): the scheduler's thread decodes, the event loop waits.
         Cancelling the coroutine cancels its rows."""
-        if kw.get("trace"):
+        if kw.get("trace") or kw.get("images") is not None:      # the engine to itself, as in generate
             return await asyncio.to_thread(self.generate, prompts, **kw)
         reqs = self._submit_all(prompts, **kw)
         try:

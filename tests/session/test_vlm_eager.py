@@ -148,3 +148,13 @@ def test_cli_generate_image(tiny_vlm_dir, images, tmp_path):
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     last = r.output.strip().splitlines()[-1]
     assert last.startswith("error: ") and "nope.png: cannot read the image" in last
+
+
+def test_agenerate_takes_images_and_stream_refuses_them(session, images):
+    import asyncio
+
+    want = session.generate("Hi", images=[images[1]], mode="ar", max_new_tokens=6)
+    got = asyncio.run(session.agenerate("Hi", images=[images[1]], mode="ar", max_new_tokens=6))
+    assert got.completions[0].tokens == want.completions[0].tokens
+    with pytest.raises(InvalidArgument, match="scheduler takes no image prompts"):
+        list(session.stream("Hi", images=[images[1]]))
