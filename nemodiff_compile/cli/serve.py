@@ -34,6 +34,9 @@ def serve(engine_dir, host, port, replicas, max_batch, max_queue, threads, num_g
     /v1/models, /health, /metrics); with --replicas N, as N Ray Serve replicas behind one route."""
     from ..artifact.manifest import read_manifest
 
+    for d in image_dirs:
+        if not d.is_dir():
+            raise NemodiffError(f"--allow-image-dir {d}: not a directory")
     read_manifest(engine_dir)                         # a one-line error for a missing or broken directory
     missing = [m for m in SERVE_EXTRA + (("ray",) if replicas else ()) if not _importable(m)]
     if missing:
@@ -41,9 +44,6 @@ def serve(engine_dir, host, port, replicas, max_batch, max_queue, threads, num_g
         raise NemodiffError(f"serve needs {', '.join(missing)}: pip install 'nemodiff-compile[{extra}]'")
     if num_gpus is not None and not replicas:
         raise click.UsageError("--num-gpus goes with --replicas (Ray Serve)")
-    for d in image_dirs:
-        if not d.is_dir():
-            raise NemodiffError(f"--allow-image-dir {d}: not a directory")
     if replicas:
         if image_dirs:
             raise click.UsageError("--allow-image-dir: not supported with --replicas yet")

@@ -101,3 +101,13 @@ def test_text_only_engine_refuses_images(tmp_path):
         with pytest.raises(openai.BadRequestError, match="takes no images"):
             chat(client, [{"type": "image_url", "image_url": {"url": url}}])
     session.close()
+
+
+def test_serve_allow_image_dir_must_be_a_directory(tmp_path):
+    from click.testing import CliRunner
+
+    from nemodiff_compile.cli import cli
+
+    r = CliRunner().invoke(cli, ["serve", str(tmp_path), "--allow-image-dir", str(tmp_path / "nope")])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert r.output.strip().splitlines()[-1] == f"error: --allow-image-dir {tmp_path / 'nope'}: not a directory"
