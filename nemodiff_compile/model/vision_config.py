@@ -103,7 +103,7 @@ class ImageTokenIds:
     @classmethod
     def of(cls, cfg: ModelConfig, tokenizer: Any = None) -> "ImageTokenIds":
         """The ids from config.json where it names them, else from the tokenizer's vocabulary; never
-        constants. InvalidArgument-free: a missing token is a ConfigError naming it."""
+        constants. A token found in neither is a ConfigError naming it."""
         ids = {}
         for role, token in IMAGE_TOKENS.items():
             v = cfg.extra.get(_ID_KEYS[role])
