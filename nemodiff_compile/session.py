@@ -146,15 +146,17 @@ class Session:
                max_thinking_tokens: int | None = None, **knobs) -> Request:
         """Queue one prompt on the engine; on_tokens(ids) is called (on the scheduler's thread) as tokens
         commit. The `Request` gives `result()` (its `Generation`) and `cancel()`. Raises QueueFull when the
-        queue is full. Prompts with images go through `generate` / `agenerate` (the scheduler takes none yet)."""
+        queue is full. images (vision-language models): the prompt's images, as in `generate`."""
         self._check_open()
-        if knobs.get("images") is not None:
-            raise InvalidArgument("images: the scheduler takes no image prompts yet; use generate or agenerate")
         check_bounds(max_new_tokens=max_new_tokens)
+        images = knobs.pop("images", None)
         policy = DecodePolicy.of(policy or mode, knobs)
         template_kwargs, budget = self.thinking(enable_thinking, max_thinking_tokens)
-        ids = self.encode(prompt, chat, **template_kwargs)
-        return self.scheduler.submit(ids, policy, max_new_tokens, on_tokens=on_tokens, thinking=budget)
+        if images is not None:
+            (ids,), (feats,) = self._with_images(prompt, images, chat, template_kwargs)
+        else:
+            ids, feats = self.encode(prompt, chat, **template_kwargs), None
+        return self.scheduler.submit(ids, policy, max_new_tokens, on_tokens=on_tokens, thinking=budget, images=feats)
 
     def thinking(self, enable_thinking: bool | None = None, max_thinking_tokens: int | None = None):
         """(chat-template kwargs, thinking budget or None) of a request: model/generation_config.py."""
@@ -223,11 +225,10 @@ class Session:
         only; the engine runs the batch alone, in lock-step). enable_thinking: the chat template's thinking
         switch; max_thinking_tokens: the thinking budget (needs thinking on); None: generation_config.json's
         defaults. images (vision-language models): for one prompt, its images (paths, bytes, PIL images); for a
-        batch, one list per prompt (None for none); a prompt with images runs with its batch alone on the
-        engine (whole-batch loops, not the scheduler), as a traced one does."""
+        batch, one list per prompt (None for none)."""
         self._check_open()
         check_bounds(max_new_tokens=max_new_tokens)
-        if trace or images is not None:
+        if trace:
             policy = DecodePolicy.of(policy or mode, knobs)
             template_kwargs, budget = self.thinking(enable_thinking, max_thinking_tokens)
             if images is not None:
@@ -241,7 +242,7 @@ class Session:
             return self._result(g)
         reqs = self._submit_all(prompts, mode=mode, max_new_tokens=max_new_tokens, chat=chat, on_tokens=on_tokens,
                                 policy=policy, enable_thinking=enable_thinking,
-                                max_thinking_tokens=max_thinking_tokens, **knobs)
+                                max_thinking_tokens=max_thinking_tokens, images=images, **knobs)
         try:
             gens = [r.result() for r in reqs]
         except BaseException:
@@ -253,7 +254,7 @@ class Session:
     async def agenerate(self, prompts: Prompt | Sequence[Prompt], **kw) -> Result:
         """`generate` from a coroutine (same arguments): the scheduler's thread decodes, the event loop waits.
         Cancelling the coroutine cancels its rows."""
-        if kw.get("trace") or kw.get("images") is not None:      # the engine to itself, as in generate
+        if kw.get("trace"):
             return await asyncio.to_thread(self.generate, prompts, **kw)
         reqs = self._submit_all(prompts, **kw)
         try:
@@ -266,18 +267,22 @@ class Session:
 
     def _submit_all(self, prompts, *, mode: str = "dlm", max_new_tokens: int = 64, chat: bool = True,
                     on_tokens=None, policy: DecodePolicy | None = None, enable_thinking: bool | None = None,
-                    max_thinking_tokens: int | None = None, **knobs) -> list[Request]:
+                    max_thinking_tokens: int | None = None, images=None, **knobs) -> list[Request]:
         self._check_open()
         check_bounds(max_new_tokens=max_new_tokens)
         policy = DecodePolicy.of(policy or mode, knobs)
         template_kwargs, budget = self.thinking(enable_thinking, max_thinking_tokens)
-        ids = [self.encode(p, chat, **template_kwargs) for p in _batch(prompts)]
+        if images is not None:
+            ids, feats = self._with_images(prompts, images, chat, template_kwargs)
+        else:
+            ids = [self.encode(p, chat, **template_kwargs) for p in _batch(prompts)]
+            feats = [None] * len(ids)
         reqs: list[Request] = []
         try:
-            for i, p in enumerate(ids):
+            for i, (p, f) in enumerate(zip(ids, feats)):
                 stream = None if on_tokens is None else (lambda new, i=i: on_tokens(i, new))
                 reqs.append(self.scheduler.submit(p, replace(policy, seed=policy.seed + i), max_new_tokens,
-                                                  on_tokens=stream, thinking=budget))
+                                                  on_tokens=stream, thinking=budget, images=f))
         except BaseException:
             for r in reqs:
                 r.cancel()

@@ -8,7 +8,8 @@ default, as in Session.generate), `seed`, `stream`, `stream_options.include_usag
 decoding knobs in the body: `mode` (ar | dlm | linear-spec, default dlm), `block_length`, `threshold`,
 `steps`, and the instruct models' `enable_thinking` / `max_thinking_tokens` (Session.generate's names). OpenAI fields this runtime does not implement (`stop`, `logprobs`, `n` > 1, `top_p` < 1,
 penalties, tools...) are refused with a 400 naming the field rather than ignored; `user` is accepted.
-`usage` adds `nfe` (engine passes the request took part in) and `tokens_per_forward`.
+`usage` adds `nfe` (engine passes the request took part in) and `tokens_per_forward`. Vision-language
+engines: chat content parts `{"type": "image_url", "image_url": {"url": ...}}` (serve/images.py).
 """
 
 from __future__ import annotations

@@ -103,39 +103,22 @@ def create_app(session: Session, *, model_name: str, metrics: Metrics | None = N
     async def chat(body: protocol.ChatRequest, request: HttpRequest):
         template_kwargs, _ = _checked(lambda: session.thinking(body.enable_thinking, body.max_thinking_tokens))
         ids = _encode_chat(session, body.conversation(), template_kwargs)
-        if body.images():
-            return await _serve_images(request, body, ids)
-        return await _serve(request, body, [ids], "chat")
-
-    async def _serve_images(request: HttpRequest, body: protocol.ChatRequest, ids: list[int]):
-        """A chat request with image parts: images resolved and decoded (400 if bad), then decoded with the
-        engine to itself (Session.generate's image path); not streamed."""
+        if not body.images():
+            return await _serve(request, body, [ids], "chat")
+        # image parts: resolved and decoded here (HTTP 400 when bad), their features made before queueing
         from .images import open_image
 
-        endpoint = request.url.path
-        if body.model is not None and body.model != model_name:
-            raise _HttpError(404, f"The model '{body.model}' does not exist (this server serves '{model_name}')",
-                             "invalid_request_error", "model", "model_not_found")
-        if body.stream:
-            raise _HttpError(400, "stream: not supported for requests with images yet", "invalid_request_error",
-                             "stream")
-        policy = _checked(body.policy)
         prompter = _checked(session.image_prompter)             # a text-only engine: 400 before any decoding
-        images = [_checked(lambda w=w, u=u: open_image(u, image_dirs, w)) for w, u in body.images()]
-        ids, prompt_images = _checked(lambda: prompter.prepare(ids, images))
-        try:
-            result = await asyncio.to_thread(session.generate, [ids], images=[prompt_images], policy=policy,
-                                             max_new_tokens=body.new_tokens(), enable_thinking=body.enable_thinking,
-                                             max_thinking_tokens=body.max_thinking_tokens)
-        except NemodiffError as e:
-            raise _HttpError(400, str(e), "invalid_request_error", "messages") from None
-        g = result.generation
-        use = protocol.usage(len(ids), len(g.tokens[0]), g.nfe, g.tokens_per_forward)
-        metrics.request(endpoint, "ok")
-        return protocol.chat_completion(protocol.new_id("chatcmpl"), model_name, _text(session, g.tokens[0]),
-                                        g.finish[0], use)
+        def prepare():                                            # decoding + the vision encoder: off the loop
+            images = [_checked(lambda w=w, u=u: open_image(u, image_dirs, w)) for w, u in body.images()]
+            return _checked(lambda: prompter.prepare(ids, images))
 
-    async def _serve(request: HttpRequest, body: protocol._Common, prompts: list[list[int]], kind: str):
+        ids, feats = await asyncio.to_thread(prepare)
+        return await _serve(request, body, [ids], "chat", [feats])
+
+    async def _serve(request: HttpRequest, body: protocol._Common, prompts: list[list[int]], kind: str,
+                     images: list | None = None):
+        images = images or [None] * len(prompts)
         endpoint = request.url.path
         if body.model is not None and body.model != model_name:
             raise _HttpError(404, f"The model '{body.model}' does not exist (this server serves '{model_name}')",
@@ -148,15 +131,15 @@ def create_app(session: Session, *, model_name: str, metrics: Metrics | None = N
         if body.stream:
             items: asyncio.Queue = asyncio.Queue()
             put = _threadsafe(loop, items.put_nowait)
-            req = _submit(session, prompts[0], policy, body, put)
+            req = _submit(session, prompts[0], policy, body, put, images[0])
             req.add_done_callback(lambda r: put(_DONE))
             return StreamingResponse(_events(session, req, items, rid, model_name, kind, body.include_usage,
                                              metrics, endpoint),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         reqs: list[Request] = []
         try:
-            for ids in prompts:
-                reqs.append(_submit(session, ids, policy, body, None))
+            for ids, feats in zip(prompts, images):
+                reqs.append(_submit(session, ids, policy, body, None, feats))
             if not await _wait_all(request, reqs):
                 metrics.request(endpoint, "cancelled")
                 return Response(status_code=499)                   # nobody is listening
@@ -183,10 +166,11 @@ def _checked(make):
         raise _HttpError(400, str(e), "invalid_request_error") from None
 
 
-def _submit(session: Session, ids: list[int], policy, body: protocol._Common, on_tokens) -> Request:
+def _submit(session: Session, ids: list[int], policy, body: protocol._Common, on_tokens, images=None) -> Request:
     try:
         return session.submit(ids, policy=policy, max_new_tokens=body.new_tokens(), on_tokens=on_tokens,
-                              enable_thinking=body.enable_thinking, max_thinking_tokens=body.max_thinking_tokens)
+                              enable_thinking=body.enable_thinking, max_thinking_tokens=body.max_thinking_tokens,
+                              images=images)
     except QueueFull as e:
         raise _HttpError(503, f"the server is overloaded ({e}): retry later", "server_overloaded") from None
     except SchedulerClosed as e:

@@ -73,6 +73,9 @@ def test_data_url_and_allowed_path_answer_as_session_generate(setup):
         r = chat(client, [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": "What is this?"}])
         assert r.choices[0].message.content == want.text
         assert r.usage.prompt_tokens == len(session.prepare("What is this?", [img])[0])
+    stream = chat(client, [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}],
+                  stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want.text
 
 
 @pytest.mark.parametrize("url, needle", [

@@ -150,11 +150,27 @@ def test_cli_generate_image(tiny_vlm_dir, images, tmp_path):
     assert last.startswith("error: ") and "nope.png: cannot read the image" in last
 
 
-def test_agenerate_takes_images_and_stream_refuses_them(session, images):
+def test_agenerate_stream_and_traced_runs_take_images(session, images):
     import asyncio
 
     want = session.generate("Hi", images=[images[1]], mode="ar", max_new_tokens=6)
     got = asyncio.run(session.agenerate("Hi", images=[images[1]], mode="ar", max_new_tokens=6))
     assert got.completions[0].tokens == want.completions[0].tokens
-    with pytest.raises(InvalidArgument, match="scheduler takes no image prompts"):
-        list(session.stream("Hi", images=[images[1]]))
+    assert "".join(session.stream("Hi", images=[images[1]], mode="ar", max_new_tokens=6)) == want.text
+    traced = session.generate("Hi", images=[images[1]], mode="ar", max_new_tokens=6, trace=True)   # whole-batch loops
+    assert traced.completions[0].tokens == want.completions[0].tokens
+
+
+def test_image_rows_join_a_running_batch(session, images):
+    """The scheduler prefills an image prompt's row while another row decodes text: both get their solo tokens."""
+    import threading
+
+    solo_text = session.generate("Once upon a time", mode="dlm", max_new_tokens=96, chat=False).completions[0].tokens
+    solo_img = session.generate("Describe it.", images=[images[0]], mode="dlm", max_new_tokens=12).completions[0].tokens
+    started = threading.Event()
+    text_req = session.submit("Once upon a time", mode="dlm", max_new_tokens=96, chat=False, on_tokens=lambda ids: started.set())
+    started.wait(30)
+    img_req = session.submit("Describe it.", images=[images[0]], mode="dlm", max_new_tokens=12)
+    assert text_req.result().tokens[0] == solo_text and img_req.result().tokens[0] == solo_img
+    # the image row's prefill ran while the text row was in the batch (riding along idle, no features)
+    assert img_req.passes[0][1] == "prefill" and img_req.passes[0][0] < text_req.passes[-1][0]
