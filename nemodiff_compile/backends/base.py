@@ -71,8 +71,10 @@ class BackendDenoiser(Denoiser):
         check_trim(self._lengths, lengths)
         self._set_lengths(lengths.clone())
 
-    # backends whose `_pass` takes `embeds` (decoding/embeds.py: a vision-language prefill) set this
+    # backends whose `_pass` takes `embeds` (decoding/embeds.py: a vision-language prefill) set this; and
+    # `accepts_spans` where it also prefills an image span bidirectionally (image_prefill="bidirectional")
     accepts_embeds = False
+    accepts_spans = False
 
     def step(self, tokens, *, causal, write, num_valid=None, draft_lora=False, temperature=0.0,
              generator=None, noise=None, embeds=None) -> StepOut:
@@ -88,6 +90,9 @@ class BackendDenoiser(Denoiser):
                                       "(build it from a vision-language checkpoint)")
             if not (causal and write):
                 raise ValueError("input embeddings enter through a causal writing pass (the prefill)")
+            if embeds.spans is not None and not self.accepts_spans:
+                raise InvalidArgument(f"image_prefill 'bidirectional': the reference only ({type(self).__name__} "
+                                      "prefills image spans causally)")
             extra["embeds"] = embeds
         num_valid = torch.full((B,), L) if num_valid is None else num_valid.to("cpu", torch.long)
         if temperature <= 0:

@@ -27,6 +27,8 @@ class TorchDenoiser(BackendDenoiser):
     def _kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cache.k, self.cache.v
 
+    accepts_spans = True          # the reference also runs the bidirectional image-prefill assumption
+
     @property
     def accepts_embeds(self) -> bool:
         """A vision-language model's prefill takes image features (decoding/embeds.py)."""

@@ -84,6 +84,12 @@ def test_vision_graph_equals_reference_and_keeps_its_bound(pair):
         eng.denoiser.encode_image(torch.zeros(3, 140, 28))
 
 
+def test_bidirectional_image_prefill_is_the_reference_only(vlm_engine, images):
+    with Session.open(vlm_engine, image_prefill="bidirectional") as s:
+        with pytest.raises(InvalidArgument, match="image_prefill 'bidirectional': the reference only"):
+            s.generate("Hi", images=[images[0]], max_new_tokens=4)
+
+
 def test_validate_covers_image_prompts(vlm_engine):
     from nemodiff_compile.artifact.manifest import read_manifest
     from nemodiff_compile.validate.engine import validate_engine
