@@ -193,7 +193,8 @@ class Session:
 
     def _with_images(self, prompts, images, chat: bool, template_kwargs: dict):
         """(ids per prompt, PromptImages or None per prompt). images: for one prompt, its list of images;
-        for a batch, one list (or None) per prompt; already prepared (ids, PromptImages) pairs pass through."""
+        for a batch, one list (or None) per prompt; a `PromptImages` (from `prepare`) goes with its prompt's
+        expanded token ids as they are."""
         from .decoding.embeds import PromptImages
 
         batch = _batch(prompts)
