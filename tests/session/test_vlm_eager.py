@@ -162,15 +162,23 @@ def test_agenerate_stream_and_traced_runs_take_images(session, images):
 
 
 def test_image_rows_join_a_running_batch(session, images):
-    """The scheduler prefills an image prompt's row while another row decodes text: both get their solo tokens."""
+    """The scheduler prefills an image prompt's row while another row decodes text (AR): both get their solo
+    tokens."""
     import threading
 
-    solo_text = session.generate("Once upon a time", mode="dlm", max_new_tokens=96, chat=False).completions[0].tokens
+    solo_text = session.generate("Count: 1, 2, 3,", mode="ar", max_new_tokens=32, chat=False).completions[0].tokens
+    assert len(solo_text) > 4                      # enough passes left for the image row to join
     solo_img = session.generate("Describe it.", images=[images[0]], mode="dlm", max_new_tokens=12).completions[0].tokens
-    started = threading.Event()
-    text_req = session.submit("Once upon a time", mode="dlm", max_new_tokens=96, chat=False, on_tokens=lambda ids: started.set())
+    started, queued = threading.Event(), threading.Event()
+
+    def hold(ids):              # on the scheduler's thread, between passes: wait until the image row is queued
+        started.set()
+        queued.wait(30)
+
+    text_req = session.submit("Count: 1, 2, 3,", mode="ar", max_new_tokens=32, chat=False, on_tokens=hold)
     started.wait(30)
     img_req = session.submit("Describe it.", images=[images[0]], mode="dlm", max_new_tokens=12)
+    queued.set()
     assert text_req.result().tokens[0] == solo_text and img_req.result().tokens[0] == solo_img
     # the image row's prefill ran while the text row was in the batch (riding along idle, no features)
     assert img_req.passes[0][1] == "prefill" and img_req.passes[0][0] < text_req.passes[-1][0]
