@@ -65,7 +65,8 @@ def main() -> int:
             concurrency=c, mode=args.mode, tokens=a["tokens"], tokens_per_s=round(a["tokens"] / a["wall"], 1),
             tokens_per_cpu_s=round(a["tokens"] / a["cpu"], 1), passes=a["passes"],
             rows_per_pass=round(a["rows"] / a["passes"], 2),
-            rows_per_pass_by_phase={k[5:]: round(a[k] / a["n." + k[5:]], 2) for k in sorted(a) if k.startswith("rows.")},
+            rows_per_pass_by_phase={k[5:]: round(a[k] / a["n." + k[5:]], 2)
+                                    for k in sorted(a) if k.startswith("rows.")},
             pass_ms=round(1000 * a["pass_cpu"] / a["passes"], 2),
             host_ms=round(1000 * (a["all_cpu"] - a["pass_cpu"]) / a["passes"], 2))), flush=True)
     if 1 in acc and 8 in acc:
