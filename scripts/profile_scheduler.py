@@ -43,12 +43,18 @@ def main() -> int:
     ap.add_argument("--passes", action="store_true", help="first time bare engine passes at batch 1, 2, 4, 8")
     args = ap.parse_args()
 
+    from nemodiff_compile.errors import NemodiffError
     from nemodiff_compile.serve.server import host_threads
     from nemodiff_compile.session import Session
 
     host_threads()                                            # as the server does
+    if not args.prompts.is_file():
+        ap.error(f"--prompts {args.prompts}: no such file")
     prompts = [ln.strip() for ln in args.prompts.read_text().splitlines() if ln.strip()]
-    session = Session.open(args.engine, threads=args.threads)
+    try:
+        session = Session.open(args.engine, threads=args.threads)
+    except NemodiffError as e:
+        ap.error(f"{args.engine}: {e}")
     if args.passes:
         with session.scheduler.exclusive() as den:
             time_passes(den)
