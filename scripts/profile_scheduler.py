@@ -54,7 +54,7 @@ def main() -> int:
     try:
         session = Session.open(args.engine, threads=args.threads)
     except NemodiffError as e:
-        ap.error(f"{args.engine}: {e}")
+        ap.error(str(e))
     if args.passes:
         with session.scheduler.exclusive() as den:
             time_passes(den)
