@@ -104,14 +104,34 @@ def test_device_loop_equals_reference_loop(trained, kw, check_every):
     assert got.device_passes >= got.nfe_by_phase["denoise"] > 0 and got.nfe == ref.nfe
 
 
-def test_the_loop_hands_only_greedy_untraced_blocks_to_the_refiner(trained):
+def test_the_loop_hands_only_untraced_blocks_to_the_refiner(trained):
     den = FastDenoiser(trained, MAX_LEN, graphs=FakeGraphs())
     device = loops.generate(den, PROMPTS[:1], "dlm", max_new_tokens=16)
     assert device.device_passes >= device.nfe_by_phase["denoise"] > 0
-    for kw in (dict(trace=True), dict(device_refine=False), dict(temperature=1.0)):
+    for kw in (dict(trace=True), dict(device_refine=False)):
         g = loops.generate(den, PROMPTS[:1], "dlm", max_new_tokens=16, **kw)
-        assert g.device_passes == 0 and (kw.get("temperature") or g.tokens == device.tokens)
+        assert g.device_passes == 0 and g.tokens == device.tokens
     assert TorchDenoiser(trained, MAX_LEN).block_refiner(loops.DecodePolicy()) is None
+
+
+@pytest.mark.parametrize("kw", [dict(threshold=0.5), dict(threshold=None, steps=4)])
+def test_sampled_device_loop_equals_the_host_loop(trained, kw):
+    """Temperature > 0 stays on the device loop (Gumbel noise drawn there, decoding/noise.py) and gives
+    the host passes' tokens and NFE for the same seed; another seed gives other tokens."""
+    pool = FakeGraphs()
+    den = FastDenoiser(trained, MAX_LEN, graphs=pool)
+    kw = dict(max_new_tokens=40, block_length=8, temperature=1.5, check_every=3, **kw)
+    device = loops.diffusion_generate(den, PROMPTS, seed=11, **kw)
+    assert device.device_passes >= device.nfe_by_phase["denoise"] > 0
+    assert any(k[0] == "denoise" and k[-1] == 1.5 for k in pool.graphs)       # the sampled pass is captured
+    host = loops.diffusion_generate(den, PROMPTS, seed=11, device_refine=False, **kw)
+    assert host.device_passes == 0
+    _same(device, host)
+    ref = loops.diffusion_generate(TorchDenoiser(trained, MAX_LEN), PROMPTS, seed=11, **kw)
+    _same(device, ref)                                               # the eager reference draws the same
+    greedy = loops.diffusion_generate(den, PROMPTS, **{**kw, "temperature": 0.0})
+    other = loops.diffusion_generate(den, PROMPTS, seed=12, **kw)
+    assert device.tokens != greedy.tokens and device.tokens != other.tokens
 
 
 def test_graph_bookkeeping(trained):
