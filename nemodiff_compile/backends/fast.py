@@ -46,10 +46,11 @@ class DlmPasses:
 class FastDenoiser(BackendDenoiser):
     def __init__(self, model: NemotronLabsDiffusion | FastModel, max_len: int, *, fp8: bool | str | None = None,
                  buckets: BatchBuckets = BatchBuckets(), graphs: bool | GraphPool = True,
-                 return_logits: bool = False):
+                 return_logits: bool = False, gemv: bool = False):
         """model: the reference (re-laid out here; fp8 None, "row", "tensor" or "static", see
-        fast_model.Linear; "static" needs calibrate() before use) or an already built FastModel."""
-        self.fast = model if isinstance(model, FastModel) else FastModel(model, fp8=fp8)
+        fast_model.Linear; "static" needs calibrate() before use; gemv: the split-K small-M projection
+        kernel, kernels/gemv.py) or an already built FastModel."""
+        self.fast = model if isinstance(model, FastModel) else FastModel(model, fp8=fp8, gemv=gemv)
         super().__init__(self.fast.config, max_len, self.fast.head.device, buckets=buckets,
                          return_logits=return_logits)
         if isinstance(graphs, GraphPool):

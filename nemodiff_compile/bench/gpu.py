@@ -31,8 +31,11 @@ PEAK_BANDWIDTH = (("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12),
 
 
 # bench variant -> FastModel options (backends/fast_model.py): FP8 mode and attention backend
+# (-gemv: the split-K small-M kernel of kernels/gemv.py for the projections, to compare side by side)
 FAST_VARIANTS = {"bf16": {}, "bf16-sdpa": dict(attention="sdpa"), "fp8": dict(fp8="row"),
-                 "fp8-tensor": dict(fp8="tensor"), "fp8-static": dict(fp8="static")}
+                 "fp8-tensor": dict(fp8="tensor"), "fp8-static": dict(fp8="static"),
+                 "bf16-gemv": dict(gemv=True), "fp8-gemv": dict(fp8="row", gemv=True),
+                 "fp8-static-gemv": dict(fp8="static", gemv=True)}
 
 
 def calibration_prompts(cfg, batch: int = 2, length: int = 64) -> list[list[int]]:

@@ -1,0 +1,74 @@
+"""The fast engine with its projections through the split-K small-M kernel (`gemv=True`), on Triton's CPU
+interpreter: the dispatch is forced on (it runs the kernel only on CUDA otherwise), and the trained tiny
+model's passes must equal the engine's without it, in the model dtype and in FP8 (the GPU run of
+scripts/gpu_check.py compares whole generations and times it)."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")      # must precede the kernel module's import
+pytest.importorskip("triton")
+
+from nemodiff_compile import load_reference  # noqa: E402
+from nemodiff_compile.backends.fast import FastDenoiser  # noqa: E402
+from nemodiff_compile.backends import fast_model  # noqa: E402
+from nemodiff_compile.kernels import gemv  # noqa: E402
+
+PROMPTS = [[1, 40, 41, 42, 43], [1, 50, 51]]
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Force the Triton path for <= 64-row products (CPU: the interpreter) and count its launches."""
+    from nemodiff_compile.kernels import gemv_triton
+    calls = []
+    real = gemv_triton.gemv_triton
+
+    def counted(*a, **kw):
+        calls.append(a[0].shape)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(gemv, "usable", lambda x: x.numel() // x.shape[-1] <= gemv.MAX_M)
+    monkeypatch.setattr(gemv_triton, "gemv_triton", counted)
+    return calls
+
+
+@pytest.mark.parametrize("fp8", [None, "row"])
+def test_passes_with_the_gemv_kernel_equal_passes_without(kernel_calls, fp8):
+    """A ragged prefill, a refinement pass and a commit pass (the interpreter is slow: passes, not a
+    whole generation): logits within the kernel's tolerance, the same tokens."""
+    model = load_reference("tiny")
+    dens = [FastDenoiser(model, 64, fp8=fp8, graphs=False, return_logits=True, gemv=g) for g in (False, True)]
+    assert all(lin.gemv for lin in dens[1].fast.linears()) and not any(lin.gemv for lin in dens[0].fast.linears())
+    n = torch.tensor([len(p) for p in PROMPTS])
+    ids = torch.zeros(2, int(n.max()), dtype=torch.long)
+    for b, p in enumerate(PROMPTS):
+        ids[b, : len(p)] = torch.tensor(p)
+    blk = torch.full((2, 8), model.config.mask_token_id)
+    blk[:, 0] = 7
+    for d in dens:
+        d.reset(2)
+    for kw, tokens in ((dict(causal=True, write=True, num_valid=n), ids),
+                       (dict(causal=False, write=False), blk), (dict(causal=True, write=True), blk)):
+        off, on = (d.step(tokens, **kw) for d in dens)
+        # fp32 model; FP8: the CPU path scales before its product, the kernel after (rounding order)
+        tol = 1e-4 if fp8 is None else 1e-3
+        torch.testing.assert_close(on.logits, off.logits, rtol=tol, atol=tol)
+        assert torch.equal(on.token, off.token)
+    assert len(kernel_calls) == 3 * 4 * model.config.num_hidden_layers     # every projection of every pass
+
+
+def test_linear_routes_fp8_scales_through_the_kernel(kernel_calls):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 96, generator=g).bfloat16()
+    x = torch.randn(2, 5, 96, generator=g).bfloat16()
+    for mode in ("row", "tensor"):
+        plain, fused = fast_model.Linear(w, mode), fast_model.Linear(w, mode, gemv=True)
+        torch.testing.assert_close(fused(x).float(), plain(x).float(), rtol=2 ** -7, atol=1e-6)
+    assert len(kernel_calls) == 2
+    big = torch.randn(gemv.MAX_M + 1, 96, generator=g).bfloat16()       # more rows: the usual path
+    fast_model.Linear(w, None, gemv=True)(big)
+    assert len(kernel_calls) == 2
