@@ -18,6 +18,7 @@ from nemodiff_compile.backends import fast_model  # noqa: E402
 from nemodiff_compile.kernels import gemv  # noqa: E402
 
 PROMPTS = [[1, 40, 41, 42, 43], [1, 50, 51]]
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture
@@ -38,9 +39,9 @@ def kernel_calls(monkeypatch):
 
 @pytest.mark.parametrize("fp8", [None, "row"])
 def test_passes_with_the_gemv_kernel_equal_passes_without(kernel_calls, fp8):
-    """A ragged prefill, a refinement pass and a commit pass (the interpreter is slow: passes, not a
-    whole generation): logits within the kernel's tolerance, the same tokens."""
-    model = load_reference("tiny")
+    """After a ragged prefill (without the kernel: the interpreter is slow), a refinement pass through it:
+    logits within the kernel's tolerance, the same tokens."""
+    model = load_reference("tiny", device=DEV)
     dens = [FastDenoiser(model, 64, fp8=fp8, graphs=False, return_logits=True, gemv=g) for g in (False, True)]
     assert all(lin.gemv for lin in dens[1].fast.linears()) and not any(lin.gemv for lin in dens[0].fast.linears())
     n = torch.tensor([len(p) for p in PROMPTS])
@@ -51,24 +52,29 @@ def test_passes_with_the_gemv_kernel_equal_passes_without(kernel_calls, fp8):
     blk[:, 0] = 7
     for d in dens:
         d.reset(2)
-    for kw, tokens in ((dict(causal=True, write=True, num_valid=n), ids),
-                       (dict(causal=False, write=False), blk), (dict(causal=True, write=True), blk)):
-        off, on = (d.step(tokens, **kw) for d in dens)
-        # fp32 model; FP8: the CPU path scales before its product, the kernel after (rounding order)
-        tol = 1e-4 if fp8 is None else 1e-3
-        torch.testing.assert_close(on.logits, off.logits, rtol=tol, atol=tol)
-        assert torch.equal(on.token, off.token)
-    assert len(kernel_calls) == 3 * 4 * model.config.num_hidden_layers     # every projection of every pass
+        flags = [lin.gemv for lin in d.fast.linears()]
+        for lin in d.fast.linears():
+            lin.gemv = False
+        d.step(ids, causal=True, write=True, num_valid=n)
+        for lin, flag in zip(d.fast.linears(), flags):
+            lin.gemv = flag
+    assert not kernel_calls
+    off, on = (d.step(blk, causal=False, write=False) for d in dens)
+    # fp32 model; FP8: the CPU path scales before its product, the kernel after (rounding order)
+    tol = 1e-4 if fp8 is None else 1e-3
+    torch.testing.assert_close(on.logits, off.logits, rtol=tol, atol=tol)
+    assert torch.equal(on.token, off.token)
+    assert len(kernel_calls) == 4 * model.config.num_hidden_layers     # every projection of the pass
 
 
 def test_linear_routes_fp8_scales_through_the_kernel(kernel_calls):
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(48, 96, generator=g).bfloat16()
-    x = torch.randn(2, 5, 96, generator=g).bfloat16()
+    w = torch.randn(48, 96, generator=g).bfloat16().to(DEV)
+    x = torch.randn(2, 5, 96, generator=g).bfloat16().to(DEV)
     for mode in ("row", "tensor"):
         plain, fused = fast_model.Linear(w, mode), fast_model.Linear(w, mode, gemv=True)
         torch.testing.assert_close(fused(x).float(), plain(x).float(), rtol=2 ** -7, atol=1e-6)
     assert len(kernel_calls) == 2
-    big = torch.randn(gemv.MAX_M + 1, 96, generator=g).bfloat16()       # more rows: the usual path
+    big = torch.randn(gemv.MAX_M + 1, 96, generator=g).bfloat16().to(DEV)       # more rows: the usual path
     fast_model.Linear(w, None, gemv=True)(big)
     assert len(kernel_calls) == 2
