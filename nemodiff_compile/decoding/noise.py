@@ -82,6 +82,16 @@ class GumbelStream:
         """Skip n draws (int, or [B] per row): the draws a device loop made for the host loop's passes."""
         self.counters += torch.as_tensor(n, dtype=torch.long)
 
+    @classmethod
+    def of_rows(cls, streams: "list[GumbelStream | None]") -> "GumbelStream":
+        """One stream whose row b is the one-row stream streams[b] (None: an unused row, key 0): how a
+        scheduler hands a device loop the rows' own streams. Advance each row's own stream afterwards."""
+        out = cls.__new__(cls)
+        out.seed = None
+        out.keys = torch.tensor([0 if s is None else int(s.keys[0]) for s in streams], dtype=torch.long)
+        out.counters = torch.tensor([0 if s is None else int(s.counters[0]) for s in streams], dtype=torch.long)
+        return out
+
     def clone(self) -> "GumbelStream":
         other = GumbelStream.__new__(GumbelStream)
         other.seed, other.keys, other.counters = self.seed, self.keys.clone(), self.counters.clone()

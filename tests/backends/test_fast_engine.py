@@ -241,3 +241,24 @@ def test_session_from_model_uses_the_device_loop(trained):
         assert streamed == s.generate("Once upon a time", mode="dlm", max_new_tokens=16).text
     with pytest.raises(InvalidArgument, match="calibration"):
         Session.from_model("tiny", fp8="static", max_len=MAX_LEN)
+
+
+def test_scheduler_refines_sampled_rows_on_the_device(trained):
+    """Sampled dlm rows of different seeds share device refinements in the scheduler (each row's own noise
+    stream, advanced by the passes it took part in) and each gets its solo run's tokens and NFE."""
+    from nemodiff_compile.decoding.policy import DecodePolicy
+    from nemodiff_compile.decoding.scheduler import Scheduler
+
+    den = FastDenoiser(trained, MAX_LEN, graphs=FakeGraphs())
+    policies = [DecodePolicy("dlm", temperature=1.0, seed=s, block_length=8, threshold=0.5) for s in (1, 2, 3)]
+    solo = [loops.generate(den, [p], pol, max_new_tokens=24) for p, pol in zip(PROMPTS, policies)]
+    assert all(g.device_passes > 0 for g in solo)
+    s = Scheduler(den, max_batch=4)
+    try:
+        got = [r.result(120) for r in [s.submit(p, pol, 24) for p, pol in zip(PROMPTS, policies)]]
+    finally:
+        s.close()
+    for want, g in zip(solo, got):
+        assert g.tokens == want.tokens and g.nfe_by_phase == want.nfe_by_phase and g.row_nfe == want.row_nfe
+        assert g.device_passes > 0
+    assert s.passes < sum(g.nfe for g in solo)                     # the rows shared passes
