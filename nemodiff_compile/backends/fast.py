@@ -44,6 +44,8 @@ class DlmPasses:
 
 
 class FastDenoiser(BackendDenoiser):
+    noise_on_device = True           # the GumbelStream draws straight onto the GPU (no [B, L, V] copy)
+
     def __init__(self, model: NemotronLabsDiffusion | FastModel, max_len: int, *, fp8: bool | str | None = None,
                  buckets: BatchBuckets = BatchBuckets(), graphs: bool | GraphPool = True,
                  return_logits: bool = False, gemv: bool = False):
