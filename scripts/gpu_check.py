@@ -11,7 +11,8 @@
   bench     bench-gpu's refinement pass at each geometry (seeded random weights) for bf16 / fp8, GEMV off
             and on, and a sampled pass, at batch 1 x block 32 and batch 8 x block 64: ms, % of the memory
             floor, % of the compute floor, and issue 17's targets; whole generations at 8B
-  remask    the Triton and the C++/CUDA remask kernels against the torch reference (equality, time)
+  remask    the Triton and the C++/CUDA remask kernels against the torch reference, and the fused Gumbel-max
+            pick against its definition (equality, time)
   profile   scripts/profile_pass.py at 8B batch 1 x block 32, GEMV kernel off and on
 
     python3 scripts/gpu_check.py --out DIR [--sizes 3b,8b,14b] [--sections tests,bench,...] [--budget-s 470]
@@ -305,6 +306,24 @@ def remask_section(o: Output) -> dict:
                           conf_max_err=float((ref[2] - got[2]).abs().max()), torch_ms=round(t_ref, 4),
                           triton_ms=round(t_tri, 4)))
         o.say(f"remask triton B={B} L={L}: equal={same} torch {t_ref:.3f} ms, triton {t_tri:.3f} ms")
+        from nemodiff_compile.kernels.gumbel import gumbel_pick_torch
+        from nemodiff_compile.kernels.gumbel_triton import gumbel_pick_triton
+        keys = torch.arange(B, device="cuda") * 7919 + 1
+        counters = torch.full((B,), 5, device="cuda")
+        want = gumbel_pick_torch(logits, keys, counters, 1.0)
+        try:
+            got = gumbel_pick_triton(logits, keys, counters, 1.0)
+            same = torch.equal(want[0], got[0])
+            t_ref = time_ms(lambda: gumbel_pick_torch(logits, keys, counters, 1.0))
+            t_fused = time_ms(lambda: gumbel_pick_triton(logits, keys, counters, 1.0))
+            rows.append(o.row("gumbel-pick", batch=B, block=L, equal_tokens=same,
+                              conf_max_err=float((want[1] - got[1]).abs().max()), torch_ms=round(t_ref, 4),
+                              fused_ms=round(t_fused, 4)))
+            o.say(f"gumbel pick B={B} L={L}: equal={same} torch (noise materialized) {t_ref:.3f} ms, "
+                  f"fused {t_fused:.3f} ms")
+        except Exception as e:                            # e.g. no float64 log in this Triton
+            rows.append(o.row("gumbel-pick", batch=B, block=L, error=f"{type(e).__name__}: {e}"[:500]))
+            o.say(f"gumbel pick: FAILED ({type(e).__name__}: {e})")
         try:
             from nemodiff_compile.kernels.remask.cuda_kernel import remask_cuda
             got = remask_cuda(logits, canvas, active, None, **kw)

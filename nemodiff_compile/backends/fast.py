@@ -23,9 +23,9 @@ import torch
 from ..model.model import NemotronLabsDiffusion
 from ..errors import InvalidArgument
 from ..kernels import remask as remask_op
-from ..kernels.remask.reference import remask_reference
+from ..kernels.gumbel import gumbel_pick
 from ..decoding import loops, remask
-from ..decoding.noise import GumbelStream, gumbel
+from ..decoding.noise import GumbelStream
 from ..decoding.denoiser import StepOut
 from ..decoding.policy import DecodePolicy
 from ..decoding.refine import Refined, drive
@@ -154,7 +154,8 @@ class FastDenoiser(BackendDenoiser):
         """The captured refinement pass of a block for the current bucket, over persistent buffers
         (captured graphs keep pointing at them across calls). The caller sets num_valid to blen, and at
         temperature > 0 the rows' noise keys and counters (`_noise_bufs`): pass s draws at counters + s,
-        the host loop's draw (decoding/noise.py), and picks in float64 as `remask.pick` does on the host."""
+        the host loop's draw (decoding/noise.py), and picks in float64 as `remask.pick` does on the host
+        (kernels/gumbel.py: on CUDA the noise is computed inside the pick kernel, never written)."""
         P, dev, mask_id = self.bucket, self.device, self.config.mask_token_id
         key = (blen, passes)
         if key not in self._loop_bufs:
@@ -172,11 +173,13 @@ class FastDenoiser(BackendDenoiser):
             refining.logical_and_(masked.any(1) & ~remask.eos_complete(canvas, masked, self._eos))
             logits = self._forward(canvas, False, False)
             q = quota.gather(1, s_idx)[:, 0] if threshold is None else None
-            if temperature > 0:                    # the host's float64 Gumbel-max, noise drawn here
+            if temperature > 0:                    # the host's float64 Gumbel-max, noise computed here
                 keys, counters = self._noise_bufs
-                g = gumbel(keys, counters + s_idx[:, 0], blen, logits.shape[-1])      # [P, blen, V] float64
-                out, _, _, _ = remask_reference(logits, canvas, refining, q, mask_id=mask_id, threshold=threshold,
-                                                temperature=temperature, noise=g)
+                token, conf = gumbel_pick(logits, keys, counters + s_idx[:, 0], temperature)   # [P, blen]
+                masked = (canvas == mask_id) & refining[:, None]
+                commit = (remask.commit_topk(conf, masked, q) if threshold is None
+                          else remask.commit_threshold(conf, masked, threshold))
+                out = torch.where(commit, token, canvas)
             else:
                 out, _, _, _ = remask_op.remask(logits, canvas, refining, q, mask_id=mask_id, threshold=threshold)
             canvas.copy_(out)
