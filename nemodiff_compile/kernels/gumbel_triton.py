@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from ..decoding.noise import _SALT, hash32
 from .rounding import round_as
@@ -21,13 +22,15 @@ def _h32(x):
 
 
 @triton.jit
-def _gumbel_pick(logits_ptr, base_ptr, base2_ptr, token_ptr, conf_ptr, L, V, temperature,
-                 ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, BLOCK_V: tl.constexpr):
+def _gumbel_pick(logits_ptr, base_ptr, base2_ptr, token_ptr, conf_ptr, L, V, temp_ptr,
+                 ROUND_BF16: tl.constexpr, ROUND_FP16: tl.constexpr, LIBDEVICE: tl.constexpr,
+                 BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)               # b * L + i
     b = row // L
     i = row % L
     base = tl.load(base_ptr + b).to(tl.uint32)
     base2 = tl.load(base2_ptr + b).to(tl.uint32)
+    temperature = tl.load(temp_ptr)                   # float64 (a scalar argument would be float32)
     ptr = logits_ptr + row * V
     offs = tl.arange(0, BLOCK_V)
     m = -float("inf")                                 # running max of the raw logits (fp32)
@@ -47,7 +50,10 @@ def _gumbel_pick(logits_ptr, base_ptr, base2_ptr, token_ptr, conf_ptr, L, V, tem
         hi = _h32(_h32(base ^ e)) >> 6                # 26 bits
         lo = _h32(_h32(base2 ^ e)) >> 5               # 27 bits
         u = (hi.to(tl.float64) * 134217728.0 + lo.to(tl.float64) + 0.5) * (2.0 ** -53)
-        g = -tl.log(-tl.log(u))
+        if LIBDEVICE:     # CUDA: __nv_log, the float64 log torch's CUDA kernels call (same bits)
+            g = -libdevice.log(-libdevice.log(u))
+        else:             # the interpreter (numpy's log; libdevice is not interpreted)
+            g = -tl.log(-tl.log(u))
         score = tl.where(ok, raw.to(tl.float64) + temperature * g, -float("inf"))
         c_best = tl.max(score, 0)
         c_i = tl.min(tl.where(score == c_best, idx, V), 0)
@@ -78,7 +84,8 @@ def gumbel_pick_triton(logits: torch.Tensor, keys: torch.Tensor, counters: torch
     base, base2 = row_bases(keys, counters)
     token = torch.empty(B, L, dtype=torch.int64, device=logits.device)
     conf = torch.empty(B, L, dtype=torch.float32, device=logits.device)
-    _gumbel_pick[(B * L,)](logits, base, base2, token, conf, L, V, float(temperature),
+    temp = torch.full((1,), float(temperature), dtype=torch.float64, device=logits.device)
+    _gumbel_pick[(B * L,)](logits, base, base2, token, conf, L, V, temp,
                            ROUND_BF16=logits.dtype == torch.bfloat16, ROUND_FP16=logits.dtype == torch.float16,
-                           BLOCK_V=min(2048, triton.next_power_of_2(V)))
+                           LIBDEVICE=logits.is_cuda, BLOCK_V=min(2048, triton.next_power_of_2(V)))
     return token, conf
