@@ -19,8 +19,8 @@
 
 Writes DIR/gpu_check.log (everything printed), DIR/gpu_check.jsonl (one JSON line per measured row, streamed
 as DIR/gpu_check.jsonl.partial and renamed at the end, so a run cut short keeps its rows) and
-DIR/gpu_report.json. Sections run in the order above; one that would start after --budget-s is
-skipped with that reason. Without a CUDA GPU every section is skipped with the reason and the exit
+DIR/gpu_report.json. Sections run in the order above; one that would start with under 20 s of --budget-s
+left (a bench geometry: under 90 s) is skipped with that reason. Without a CUDA GPU every section is skipped with the reason and the exit
 status is 2; a failed GPU test or validation makes it 1.
 """
 
@@ -43,6 +43,7 @@ PRECISIONS = "bf16,bf16-gemv,fp8,fp8-gemv,bf16-sampled"
 PAIRS = "1x32,8x64"
 TEST_PATHS = ("tests/gpu", "tests/kernels", "tests/backends/test_fast_gemv.py", "tests/decoding/test_noise.py")
 NO_GPU = "no CUDA GPU (torch.cuda.is_available() is False)"
+SECTION_S, BENCH_SIZE_S = 20, 90     # seconds of budget a section / one bench geometry needs to start
 
 
 class UsageError(Exception):
@@ -254,9 +255,9 @@ def bench_section(o: Output, args, budget_left) -> dict:
     for size in ("8b", "3b", "14b"):           # the reference geometry first
         if size not in args.sizes:
             continue
-        if budget_left() <= 0:
-            out[size] = o.row("bench", size=size, skipped="time budget (--budget-s) spent")
-            o.say(f"bench {size}: skipped (time budget spent)")
+        if budget_left() < BENCH_SIZE_S:
+            out[size] = o.row("bench", size=size, skipped=f"time budget (--budget-s): under {BENCH_SIZE_S} s left")
+            o.say(f"bench {size}: skipped (time budget: under {BENCH_SIZE_S} s left)")
             continue
         t0 = time.time()
         o.say(f"## bench-gpu --size {size} --random-weights")
@@ -384,7 +385,7 @@ def main(argv=None) -> int:
                "remask": lambda: remask_section(o), "profile": lambda: profile_section(o)}
     failed = False
     for s in args.sections:
-        if budget_left() <= 0:
+        if budget_left() < SECTION_S:
             report["sections"][s] = o.row(s, skipped=f"time budget of {args.budget_s:.0f} s spent")
             o.say(f"# {s}: skipped (time budget of {args.budget_s:.0f} s spent)")
             continue
