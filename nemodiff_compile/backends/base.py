@@ -32,6 +32,7 @@ from ..config import ModelConfig
 from ..decoding import remask
 from ..decoding.denoiser import Denoiser, StepOut
 from ..decoding.noise import GumbelStream
+from ..errors import InvalidArgument
 from ..model.cache import check_room, check_trim
 
 # I/O spec dtype name -> torch dtype. float8_e4m3fn: the KV cache of fp8-cache builds (quant/kv_cache.py)
@@ -74,12 +75,29 @@ class BackendDenoiser(Denoiser):
         check_trim(self._lengths, lengths)
         self._set_lengths(lengths.clone())
 
+    # backends whose `_pass` takes `embeds` (decoding/embeds.py: a vision-language prefill) set this; and
+    # `accepts_spans` where it also prefills an image span bidirectionally (image_prefill="bidirectional")
+    accepts_embeds = False
+    accepts_spans = False
+
     def step(self, tokens, *, causal, write, num_valid=None, draft_lora=False, temperature=0.0,
-             generator=None, noise=None) -> StepOut:
+             generator=None, noise=None, embeds=None) -> StepOut:
         """noise: a [B, L, V] float64 Gumbel draw to use instead of drawing one from `generator` (a scheduler
-        draws each row's from the row's own generator)."""
+        draws each row's from the row's own generator). embeds: a causal writing pass's input embeddings
+        (PrefillEmbeds: image features in place of the image pad tokens)."""
         B, L = tokens.shape
         self.check_pass(B, L, causal=causal, write=write)
+        extra = {}
+        if embeds is not None:
+            if not self.accepts_embeds:
+                raise InvalidArgument(f"{type(self).__name__}: this engine takes no image input "
+                                      "(build it from a vision-language checkpoint)")
+            if not (causal and write):
+                raise ValueError("input embeddings enter through a causal writing pass (the prefill)")
+            if embeds.spans is not None and not self.accepts_spans:
+                raise InvalidArgument(f"image_prefill 'bidirectional': the reference only ({type(self).__name__} "
+                                      "prefills image spans causally)")
+            extra["embeds"] = embeds
         num_valid = torch.full((B,), L) if num_valid is None else num_valid.to("cpu", torch.long)
         if temperature <= 0:
             noise = None
@@ -88,7 +106,7 @@ class BackendDenoiser(Denoiser):
             noise = remask.gumbel_noise((B, L, self.config.vocab_size), generator,       # [B, L, V] float64
                                         self.device if on_device else "cpu")
         out = self._pass(tokens, causal=causal, write=write, num_valid=num_valid, draft_lora=draft_lora,
-                         temperature=temperature, noise=noise)
+                         temperature=temperature, noise=noise, **extra)
         self.executed += 1
         if write:
             self._set_lengths(self._lengths + num_valid)

@@ -57,6 +57,11 @@ def _open(engine_dir: Path, max_len, providers, threads, return_logits, deep: bo
         logits = "logits" in spec.output_names() if return_logits is None else return_logits
         den = OrtDenoiser(engine_dir / "model.onnx", spec, config, max_len, providers=providers, threads=threads,
                           return_logits=logits)
+    vision = spec.extra.get("vision")
+    if vision is not None:              # a vision-language engine: its second graph encodes the images
+        from .ort_vision import OrtVision
+
+        den.encode_image = OrtVision(engine_dir, vision, providers=providers, threads=threads)
     tok = None
     if (engine_dir / "tokenizer.json").is_file():
         from ..model.tokenizer import load_tokenizer

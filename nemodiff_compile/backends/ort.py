@@ -184,7 +184,12 @@ class OrtDenoiser(BackendDenoiser):
             self._lengths = full[2]
         return out
 
-    def _pass(self, tokens, *, causal, write, num_valid, draft_lora, temperature, noise) -> StepOut:
+    @property
+    def accepts_embeds(self) -> bool:
+        """Graphs of vision-language models take the prefill's input embeddings (embed_mask, embeds)."""
+        return self.spec.has_input("embeds")
+
+    def _pass(self, tokens, *, causal, write, num_valid, draft_lora, temperature, noise, embeds=None) -> StepOut:
         B, L = tokens.shape
         self._fit(int(self._lengths.max()) + L)
         dev, out = self.device, self._buffers(B, L)
@@ -197,6 +202,10 @@ class OrtDenoiser(BackendDenoiser):
                  "gumbel_noise": noise, "past_keys": self.k, "past_values": self.v}
         if self.spec.has_input("draft_lora"):
             feeds["draft_lora"] = self._flags[bool(draft_lora)]                       # [] bool
+        if self.accepts_embeds:                        # image features on the prefill, none elsewhere
+            dt = TORCH_DTYPES[self.spec.input("embeds").dtype]
+            feeds["embed_mask"] = out["no_embed_mask"] if embeds is None else embeds.mask.to(dev).contiguous()
+            feeds["embeds"] = out["no_embeds"] if embeds is None else embeds.values.to(dev, dt).contiguous()
         if self.stage is not None:                     # not a refinement pass: the stage commits nothing
             feeds.update(idle_stage_feeds(feeds["input_ids"]))
         for name, t in feeds.items():
@@ -220,6 +229,10 @@ class OrtDenoiser(BackendDenoiser):
             bufs = {t.name: torch.empty([dims.get(d, d) for d in t.shape], dtype=TORCH_DTYPES[t.dtype],
                                         device=self.device) for t in self.spec.outputs}
             bufs["zeros"] = torch.zeros(B, L, self.config.vocab_size, device=self.device)
+            if self.accepts_embeds:
+                bufs["no_embed_mask"] = torch.zeros(B, L, dtype=torch.bool, device=self.device)
+                bufs["no_embeds"] = torch.zeros(B, L, self.config.hidden_size, device=self.device,
+                                                dtype=TORCH_DTYPES[self.spec.input("embeds").dtype])
             self._bufs[(B, L)] = bufs
         return self._bufs[(B, L)]
 

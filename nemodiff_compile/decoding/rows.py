@@ -40,6 +40,7 @@ from . import remask
 from ..errors import InvalidArgument
 from .arguments import check_room, check_token_ids
 from .denoiser import Denoiser, StepOut
+from .embeds import PromptImages
 from .loops import Generation, OnTokens, _Run
 from .noise import GumbelStream
 from .policy import DecodePolicy, check_bounds
@@ -90,7 +91,8 @@ class Row:
     `generation()` is its result. on_tokens(0, ids) is called as tokens are committed."""
 
     def __init__(self, den: Denoiser, prompt: list[int], policy: DecodePolicy, max_new_tokens: int, *,
-                 on_tokens: OnTokens | None = None, thinking: ThinkingBudget | None = None):
+                 on_tokens: OnTokens | None = None, thinking: ThinkingBudget | None = None,
+                 images: PromptImages | None = None):
         if not prompt:
             raise InvalidArgument("every prompt needs at least one token")
         check_bounds(max_new_tokens=max_new_tokens)
@@ -107,6 +109,7 @@ class Row:
         dlm = self.policy.mode == "dlm" and self.policy.device_refine      # the backend says which policies
         self.refiner = den.block_refiner(self.policy) if dlm else None
         self.thinking = thinking
+        self.images = images                 # the prompt's image features (its prefill's embeddings), or None
         self.run = _Run(den, 1, self.policy, trace=False, max_new_tokens=max_new_tokens, on_tokens=on_tokens,
                         thinking=thinking)
         self.program: Iterator[Step] = _PROGRAMS[self.policy.mode](self)

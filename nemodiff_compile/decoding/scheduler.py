@@ -34,6 +34,7 @@ import torch
 
 from . import remask
 from .denoiser import Denoiser, StepOut
+from .embeds import PrefillEmbeds
 from .loops import Generation
 from .policy import DecodePolicy
 from .noise import GumbelStream
@@ -157,12 +158,13 @@ class Scheduler:
     # ---- the caller's side ----------------------------------------------------------------------------
 
     def submit(self, prompt: list[int], policy: DecodePolicy, max_new_tokens: int, *,
-               on_tokens: Callable[[list[int]], None] | None = None, thinking: ThinkingBudget | None = None) -> Request:
+               on_tokens: Callable[[list[int]], None] | None = None, thinking: ThinkingBudget | None = None,
+               images: Any = None) -> Request:
         """Queue a prompt (token ids); on_tokens(ids) is called (on the scheduler's thread) as tokens commit;
-        thinking: the row's thinking budget. Raises InvalidArgument (the request cannot run on this engine),
-        QueueFull or SchedulerClosed."""
+        thinking: the row's thinking budget; images: its image features (embeds.PromptImages) for the prefill.
+        Raises InvalidArgument (the request cannot run on this engine), QueueFull or SchedulerClosed."""
         req = Request(on_tokens)
-        req.row = Row(self.den, prompt, policy, max_new_tokens, on_tokens=req._emit, thinking=thinking)
+        req.row = Row(self.den, prompt, policy, max_new_tokens, on_tokens=req._emit, thinking=thinking, images=images)
         with self._cond:
             if self._closing:
                 raise SchedulerClosed("the engine is shutting down")
@@ -321,6 +323,8 @@ class Scheduler:
                 noise[at[b], : s.length] = remask.gumbel_noise((1, s.length, cfg.vocab_size),
                                                                self._slots[b].row.generator)[0]
         kw = dict(rows=members) if subset else {}
+        if first.phase == "prefill" and any(self._slots[b].row.images is not None for b in members):
+            kw["embeds"] = PrefillEmbeds.of([self._slots[b].row.images if b in steps else None for b in rows], L)
         out = den.step(tokens, causal=first.causal, write=first.causal, num_valid=num_valid,
                        draft_lora=first.draft_lora, temperature=temperature, noise=noise, **kw)
         if first.causal and not subset and len(members) < B:          # idle rows keep their lengths
