@@ -5,8 +5,9 @@
   buckets         backends with static shapes pad a batch up to a bucket (`buckets`); `bucket` = rows allocated
   the guard       the batch is the one `reset` was called for; only causal passes write; the block fits
   num_valid       default: the whole block
-  noise           Gumbel noise drawn on the host in float64 from the loop's generator (`remask.gumbel_noise`),
-                  the reference's draw, so every backend samples the same tokens
+  noise           Gumbel noise in float64 from the loop's `GumbelStream` (`decoding/noise.py`: counter-based, the
+                  same values on any device), so every backend samples the same tokens; drawn on the host, or
+                  on the backend's device where it sets `noise_on_device` (eager torch, fast)
   executed        forwards run since `reset` (device block refiners add the passes they run)
 and the helpers: `kv_cache` (the static [layers, rows, kv_heads, max_len, head_dim] K/V buffers),
 `scatter_block` (write a block's K/V at each row's length, FP8 caches included) and `TORCH_DTYPES` (the I/O
@@ -30,6 +31,7 @@ from ..artifact.buckets import BatchBuckets
 from ..config import ModelConfig
 from ..decoding import remask
 from ..decoding.denoiser import Denoiser, StepOut
+from ..decoding.noise import GumbelStream
 from ..errors import InvalidArgument
 from ..model.cache import check_room, check_trim
 
@@ -39,6 +41,8 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 
 
 class BackendDenoiser(Denoiser):
+    noise_on_device = False          # draw a GumbelStream's noise on self.device (its _pass takes it there)
+
     def __init__(self, config: ModelConfig, max_len: int, device: torch.device | str, *,
                  buckets: BatchBuckets | None = None, return_logits: bool = False):
         self.config, self.max_len = config, max_len
@@ -98,7 +102,9 @@ class BackendDenoiser(Denoiser):
         if temperature <= 0:
             noise = None
         elif noise is None:
-            noise = remask.gumbel_noise((B, L, self.config.vocab_size), generator)       # [B, L, V] float64
+            on_device = self.noise_on_device and isinstance(generator, GumbelStream)
+            noise = remask.gumbel_noise((B, L, self.config.vocab_size), generator,       # [B, L, V] float64
+                                        self.device if on_device else "cpu")
         out = self._pass(tokens, causal=causal, write=write, num_valid=num_valid, draft_lora=draft_lora,
                          temperature=temperature, noise=noise, **extra)
         self.executed += 1

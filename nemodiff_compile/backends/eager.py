@@ -12,6 +12,8 @@ from .base import BackendDenoiser
 
 
 class TorchDenoiser(BackendDenoiser):
+    noise_on_device = True           # the GumbelStream draws straight onto its device
+
     def __init__(self, model: NemotronLabsDiffusion, max_len: int, *, return_logits: bool = False):
         self.model = model.eval()
         super().__init__(model.config, max_len, model.diffusion_head.weight.device, return_logits=return_logits)

@@ -32,6 +32,7 @@ from ..errors import InvalidArgument
 from .arguments import check_room, check_token_ids
 from .denoiser import Denoiser
 from .embeds import PrefillEmbeds, PromptImages
+from .noise import GumbelStream
 from .policy import MODES, DecodePolicy, check_bounds
 from .refine import BlockRefiner
 from .thinking import ThinkingBudget
@@ -82,7 +83,7 @@ class _Run:
         self.den, self.policy, self.temperature = den, policy, policy.temperature
         self.eos = den.config.eos_ids
         self.max_new_tokens, self.on_tokens = max_new_tokens, on_tokens
-        self.generator = torch.Generator().manual_seed(policy.seed)
+        self.generator = GumbelStream(policy.seed, batch)          # counter-based: device loops draw the same
         self.nfe_by_phase: dict[str, int] = {}
         self.device_passes = 0
         self.row_nfe = torch.zeros(batch, dtype=torch.long)
@@ -113,7 +114,9 @@ class _Run:
     def refine(self, refiner: BlockRefiner, blk: torch.Tensor, active: torch.Tensor,
                quota: torch.Tensor | None, policy: DecodePolicy) -> torch.Tensor:
         """A block's refinement passes on the backend's device; counted as the host passes would be."""
-        out = refiner.refine(blk, active.clone(), quota, policy)
+        out = refiner.refine(blk, active.clone(), quota, policy, None if policy.greedy else self.generator)
+        if not policy.greedy:
+            self.generator.advance(out.nfe)                     # the draws the host passes would have made
         if out.nfe:
             self.nfe_by_phase["denoise"] = self.nfe_by_phase.get("denoise", 0) + out.nfe
         self.row_nfe += out.row_nfe
@@ -236,7 +239,8 @@ def diffusion_generate(den: Denoiser, prompts: list[list[int]], policy: DecodePo
       per pass, the LLaDA schedule, a hard budget on passes per block.
     A row stops refining once its block has no mask left, or has an EOS with no mask before it.
     Then a causal commit pass writes the block's K/V and its last position gives the next seed.
-    Greedy untraced blocks go to the backend's device block refiner where it has one (`refine.py`).
+    Untraced blocks go to the backend's device block refiner where it has one for the policy (`refine.py`;
+    sampled blocks too where the backend samples on its device).
     """
     cfg, B = den.config, len(prompts)
     policy = _policy("dlm", policy, knobs, cfg)
@@ -245,7 +249,7 @@ def diffusion_generate(den: Denoiser, prompts: list[list[int]], policy: DecodePo
     run = _Run(den, B, policy, trace=trace, max_new_tokens=max_new_tokens, on_tokens=on_tokens,
                thinking=thinking)
     seed_tok = _prefill(run, prompts, n_blocks * blen, images)                       # [B]
-    refiner = den.block_refiner(policy) if policy.device_refine and policy.greedy and not trace else None
+    refiner = den.block_refiner(policy) if policy.device_refine and not trace else None   # None: not this policy
     for k in range(n_blocks):
         active = ~run.done
         blk = torch.full((B, blen), cfg.mask_token_id, dtype=torch.long)             # [B, blen]

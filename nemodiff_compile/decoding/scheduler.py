@@ -6,7 +6,7 @@ rows whose next step is of that kind run in it together:
 
   step kind   prefill (causal; the joiners' prompts, right-padded) | a causal pass of L tokens (AR decode,
               dlm commit, linear-spec verify) | a bidirectional pass of L tokens (dlm denoise; linear-spec
-              draft, with the draft LoRA) | a device block refinement (greedy dlm on backends with one)
+              draft, with the draft LoRA) | a device block refinement (dlm on backends with one for the policy)
               and the sampling temperature (rows sampled at different temperatures never share a pass)
   which next  the kind with the most rows waiting plus the longest any of them has waited (in passes), so
               the rows of one mode move in lock-step as in `loops.generate`, and nothing starves
@@ -41,6 +41,7 @@ from .denoiser import Denoiser, StepOut
 from .embeds import PrefillEmbeds
 from .loops import Generation
 from .policy import DecodePolicy
+from .noise import GumbelStream
 from .rows import Pass, Refine, Row, Step, Trim
 from .thinking import ThinkingBudget
 from ..errors import NemodiffError
@@ -362,11 +363,16 @@ class Scheduler:
             refining[b] = True
             if quota is not None:
                 quota[b] = s.quota[0]
-        out = row.refiner.refine(canvas, refining, quota, row.policy)
+        noise = None
+        if not row.policy.greedy:                  # each row's own stream, advanced by the passes it took part in
+            noise = GumbelStream.of_rows([self._slots[b].row.generator if b in steps else None for b in range(B)])
+        out = row.refiner.refine(canvas, refining, quota, row.policy, noise)
         index = self._count_passes(out.nfe)
         for b in members:
             req, n = self._slots[b], int(out.row_nfe[b])
             req.row.refined(n, out.executed)
+            if noise is not None:
+                req.row.generator.advance(n)
             req.passes.extend((index + i, "denoise") for i in range(n))
             self._advance(b, out.canvas[b : b + 1])
 
@@ -427,7 +433,7 @@ def _key(req: Request) -> tuple:
     step, policy = req._step, req.row.policy
     if isinstance(step, Refine):
         return ("refine", step.length, policy.threshold, policy.steps, policy.check_every,
-                None if step.quota is None else step.quota.shape[1])
+                None if step.quota is None else step.quota.shape[1], policy.temperature)
     length = None if step.phase == "prefill" else step.length      # prompts of any length prefill together
     return ("prefill" if step.phase == "prefill" else "pass", step.causal, length, step.draft_lora,
             policy.temperature)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..decoding.denoiser import Denoiser, StepOut
+from ..decoding.noise import GumbelStream
 from . import metrics
 
 
@@ -56,7 +57,9 @@ class ShadowDenoiser(Denoiser):
     def step(self, tokens, *, causal, write, num_valid=None, draft_lora=False, temperature=0.0,
              generator=None, embeds=None) -> StepOut:
         eng_gen = None
-        if generator is not None:                         # the engine draws the same noise
+        if isinstance(generator, GumbelStream):           # the engine draws the same noise
+            eng_gen = generator.clone()
+        elif generator is not None:
             eng_gen = torch.Generator(generator.device)
             eng_gen.set_state(generator.get_state())
         kw = dict(causal=causal, write=write, draft_lora=draft_lora, temperature=temperature)
