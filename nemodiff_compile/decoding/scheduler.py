@@ -10,6 +10,10 @@ rows whose next step is of that kind run in it together:
               and the sampling temperature (rows sampled at different temperatures never share a pass)
   which next  the kind with the most rows waiting plus the longest any of them has waited (in passes), so
               the rows of one mode move in lock-step as in `loops.generate`, and nothing starves
+  riders      a text prefill whose prompt fits in a causal pass of L tokens (dlm commit, linear-spec verify) may
+              run in it (its prompt right-padded, num_valid its length; a causal pass writes and reads the
+              same either way): a row that joins mid-block costs no pass of its own and starts its first
+              block with the rows that just committed theirs
   other rows  ride along idle: their outputs are dropped, causal passes write nothing for them (their
               cache length is trimmed back after the pass; what the pass wrote past it is never read)
 
@@ -286,6 +290,11 @@ class Scheduler:
             rows = lengths[members] if subset and not isinstance(self._slots[members[0]]._step, Refine) else lengths
             return int(rows.max()) + max(self._slots[b]._step.length for b in members) <= self.den.max_len
 
+        for k, bs in list(groups.items()):            # prefills ride along a causal pass that covers their prompt
+            if k[0] == "pass" and k[1] and not k[3]:   # (text prompts: an image prefill feeds embeddings)
+                groups[k] = sorted(bs + [b for pk, ps in groups.items() if pk[0] == "prefill" and pk[4] == k[4]
+                                         for b in ps if self._slots[b]._step.length <= k[2]
+                                         and self._slots[b].row.images is None])
         runnable = {k: bs for k, bs in groups.items() if fits(bs)}
         if not runnable:       # cannot happen: the longest row's own next pass always fits (Row checks room)
             raise RuntimeError(f"no pass fits the KV cache (lengths {lengths.tolist()})")
