@@ -335,6 +335,11 @@ def _build_tensorrt(config: BuildConfig, choice: dict[str, str], *, output: Path
                      "plugins": info.plugins, "profiles": info.profiles,
                      "precision_check": info.precision_check, "build_seconds": info.build_seconds,
                      "bytes": len(data), "timing_cache": info.timing_cache}
+            if "vision" in manifest.io_spec.get("extra", {}):     # a VLM: the vision graph's plan beside it
+                from .trt.vision_plan import build_vision_plan
+
+                _, entry["vision"] = build_vision_plan(tmp, manifest.io_spec["extra"]["vision"], name, target=target,
+                                                       options=options, progress=progress, trt=trt, device=device)
             manifest.engines = [e for e in manifest.engines if e["file"] != name] + [entry]
             progress(f"{name}: {len(data):,} bytes in {info.build_seconds:.1f} s")
         held = tuple(dict.fromkeys(e["target"] for e in manifest.engines))
