@@ -140,10 +140,12 @@ class ValidationReport:
     tolerances: Tolerances
     modes: dict[str, ModeResult]
     settings: dict[str, Any]
+    # vision-language engines: the vision graph against the reference's tower (validate/images.py)
+    vision: dict[str, Any] | None = None
 
     @property
     def passed(self) -> bool:
-        return all(m.passed for m in self.modes.values())
+        return all(m.passed for m in self.modes.values()) and (self.vision is None or self.vision["passed"])
 
     @property
     def token_agreement(self) -> float:
@@ -169,13 +171,15 @@ class ValidationReport:
             out += [f"{name}: {f}" for f in m.failures]
             if m.failed_passes:
                 out.append(f"{name}: {len(m.failed_passes)} of {len(m.passes)} passes out of tolerance")
+        if self.vision is not None and not self.vision["passed"]:
+            out.append(f"vision graph: features cosine {self.vision['features_cosine_min']:.6f} below the bound")
         return out
 
     def to_json(self, per_pass: bool = False) -> dict[str, Any]:
         return dict(passed=self.passed, token_agreement=self.token_agreement,
                     passes_compared=self.passes_compared, first_divergence=self.first_divergence,
                     first_failure=self.first_failure, failures=self.failures,
-                    tolerances=self.tolerances.to_json(), settings=self.settings,
+                    tolerances=self.tolerances.to_json(), settings=self.settings, vision=self.vision,
                     per_mode={k: m.to_json(per_pass) for k, m in self.modes.items()})
 
     def to_table(self) -> str:
@@ -200,6 +204,10 @@ class ValidationReport:
                 out.append(f"{name} device loop: tok agree {d['token_agreement']:.4f} with the reference, "
                            f"{'same' if d['same_as_host_passes'] else 'NOT the same'} tokens and NFE as the "
                            f"host passes; nfe {d['nfe']}, device passes {d['device_passes']}")
+        if self.vision is not None:
+            v = self.vision
+            out.append(f"vision graph: {v['images']} images, features cosine min {v['features_cosine_min']:.6f}, "
+                       f"max |diff| {v['features_max_abs_diff']:.3g}")
         div, fail = self.first_divergence, self.first_failure
         out.append("first divergence: " + (_where(div) + f" ({div['kind']})" if div else "none"))
         out.append("first failing pass: " + (_where(fail) + ": " + "; ".join(fail["failures"]) if fail else "none"))
@@ -232,13 +240,14 @@ def validate(reference: Denoiser, engine: Denoiser, prompts: list[list[int]], *,
              modes: tuple[str, ...] = loops.MODES, max_new_tokens: int = 32, block_length: int | None = None,
              threshold: float | None = None, steps: int | None = None, spec_threshold: float = 0.0,
              temperature: float = 0.0, tolerances: Tolerances | None = None, seed: int = 0,
-             ) -> ValidationReport:
+             images: list | None = None) -> ValidationReport:
     """Compare `engine` with `reference` in each mode; see the module docstring.
 
     threshold / steps: the dlm policy (threshold rule, default 0.9, or the fixed-steps schedule when steps
     is set); spec_threshold: the linear-spec draft rule (0 = one draft pass per block). Every compared pass
     runs on the host (the comparison is per pass); where the engine has a device block refiner for the dlm
-    policy, one more untraced dlm run goes through it (the "device loop" of the module docstring).
+    policy, one more untraced dlm run goes through it (the "device loop" of the module docstring). images: per
+    prompt its image features (decoding/embeds.PromptImages) or None; both sides prefill the same ones.
     """
     tol = tolerances or TOLERANCES["fp32"]
     if engine is reference:
@@ -249,7 +258,7 @@ def validate(reference: Denoiser, engine: Denoiser, prompts: list[list[int]], *,
                                    steps=steps if mode == "dlm" else None) for mode in modes}
     results = {}
     for mode, policy in policies.items():
-        kw = dict(max_new_tokens=max_new_tokens, trace=True)
+        kw = dict(max_new_tokens=max_new_tokens, trace=True, images=images)
         shadow = ShadowDenoiser(reference, engine, logits_atol=tol.logits_atol, logits_rtol=tol.logits_rtol)
         ref = loops.generate(shadow, prompts, policy, **kw)                     # teacher-forced
         eng = loops.generate(engine, prompts, policy, **kw)                     # free-running
@@ -264,7 +273,7 @@ def validate(reference: Denoiser, engine: Denoiser, prompts: list[list[int]], *,
             passes, first_divergence(mode, prompts, ref, eng))
         result.failures = _judge_mode(result, tol)
         if mode == "dlm" and policy.greedy and engine.block_refiner(policy) is not None:
-            dev = loops.generate(engine, prompts, policy, max_new_tokens=max_new_tokens)       # untraced
+            dev = loops.generate(engine, prompts, policy, max_new_tokens=max_new_tokens, images=images)  # untraced
             result.device, bad = _device_loop(dev, eng, ref, tol)
             result.failures += bad
         results[mode] = result
