@@ -260,6 +260,8 @@ class RefiningToy(ToyDenoiser):
 
     def block_refiner(self, policy):
         self.policies.append(policy)
+        if not policy.greedy:                      # a backend whose device loop runs greedy rules only
+            return None
         self.refiners.append(HostRefiner(self, self.extra))
         return self.refiners[-1]
 
@@ -279,20 +281,20 @@ def test_device_refiner_gives_the_host_loop_result(kw):
         assert quota.tolist() == [[3, 2, 2]] * 3
 
 
-def test_device_refiner_is_skipped_when_tracing_sampling_or_disabled():
+def test_device_refiner_is_skipped_when_tracing_disabled_or_declined():
     for kw in (dict(trace=True), dict(temperature=0.7), dict(device_refine=False)):
         den = RefiningToy()
         g = loops.generate(den, PROMPTS[:1], "dlm", max_new_tokens=8, block_length=8, threshold=0.5, **kw)
-        assert den.refiners == [] and g.device_passes == 0, kw
+        host = loops.generate(ToyDenoiser(), PROMPTS[:1], "dlm", max_new_tokens=8, block_length=8, threshold=0.5, **kw)
+        assert den.refiners == [] and g.device_passes == 0 and g.tokens == host.tokens, kw
+        assert len(den.policies) == ("temperature" in kw), kw         # sampled: asked, and declined
 
 
 def test_device_refiner_counts_nothing_for_a_block_with_no_pass():
     class NoPass(RefiningToy):
         def block_refiner(self, policy):
-            den = self
-
             class R:
-                def refine(self, canvas, refining, quota, policy):
+                def refine(self, canvas, refining, quota, policy, noise=None):
                     return Refined(canvas, torch.zeros(len(canvas), dtype=torch.long), 0, 0)
             return R()
     g = loops.generate(NoPass(), PROMPTS[:1], "dlm", max_new_tokens=8, block_length=8, threshold=0.5)

@@ -133,7 +133,8 @@ class HostRefiner:
     def __init__(self, den, extra):
         self.den, self.extra, self.seen = den, extra, []
 
-    def refine(self, canvas, refining, quota, policy):
+    def refine(self, canvas, refining, quota, policy, noise=None):
+        assert noise is None and policy.greedy                  # a greedy-only refiner (block_refiner declines others)
         assert canvas.dtype == torch.long and refining.dtype == torch.bool                 # the contract's types
         assert quota is None or (quota.dtype == torch.long and quota.shape == (len(canvas), policy.steps))
         self.seen.append((canvas.clone(), refining.clone(), None if quota is None else quota.clone()))
