@@ -254,13 +254,13 @@ def test_dlm_streams_whole_blocks():
 
 
 class RefiningToy(ToyDenoiser):
-    def __init__(self, extra=3):
+    def __init__(self, extra=3, sampling=False):
         super().__init__()
-        self.extra, self.refiners, self.policies = extra, [], []
+        self.extra, self.refiners, self.policies, self.sampling = extra, [], [], sampling
 
     def block_refiner(self, policy):
         self.policies.append(policy)
-        if not policy.greedy:                      # a backend whose device loop runs greedy rules only
+        if not policy.greedy and not self.sampling:     # a backend whose device loop runs greedy rules only
             return None
         self.refiners.append(HostRefiner(self, self.extra))
         return self.refiners[-1]
@@ -279,6 +279,15 @@ def test_device_refiner_gives_the_host_loop_result(kw):
     assert (quota is None) == ("steps" not in kw)
     if quota is not None:
         assert quota.tolist() == [[3, 2, 2]] * 3
+
+
+def test_sampled_device_refinement_draws_the_host_loops_noise():
+    kw = dict(max_new_tokens=16, block_length=4, threshold=0.5, temperature=1.5, seed=7)
+    host = loops.generate(ToyDenoiser(), PROMPTS, "dlm", **kw)
+    den = RefiningToy(extra=2, sampling=True)
+    dev = loops.generate(den, PROMPTS, "dlm", **kw)
+    assert len(den.refiners) == 1 and dev.device_passes > 0
+    assert (dev.tokens, dev.nfe_by_phase, dev.row_nfe) == (host.tokens, host.nfe_by_phase, host.row_nfe)
 
 
 def test_device_refiner_is_skipped_when_tracing_disabled_or_declined():

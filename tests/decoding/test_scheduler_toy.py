@@ -93,18 +93,21 @@ def test_device_refinement_in_the_scheduler():
 
         def block_refiner(self, policy):
             self.policies.append(policy)
-            return HostRefiner(self, 2)
+            return HostRefiner(self, 2)                 # greedy and sampled policies alike
 
     pols = [DecodePolicy("dlm", block_length=4, threshold=0.5), DecodePolicy("dlm", block_length=4, threshold=0.5),
             DecodePolicy("dlm", block_length=4, steps=2), DecodePolicy("ar"),
-            DecodePolicy("dlm", block_length=4, threshold=0.5, device_refine=False)]
-    want = solo(ToyDenoiser, PROMPTS[:5], pols)
+            DecodePolicy("dlm", block_length=4, threshold=0.5, device_refine=False),
+            DecodePolicy("dlm", block_length=4, threshold=0.5, temperature=1.5, seed=3),
+            DecodePolicy("dlm", block_length=4, threshold=0.5, temperature=1.5, seed=4)]
+    want = solo(ToyDenoiser, PROMPTS[:7], pols)
     den = Refining()
-    s, reqs, gens = run_all(den, PROMPTS[:5], pols)
+    s, reqs, gens = run_all(den, PROMPTS[:7], pols)
     same(gens, want)
     assert [g.device_passes > g.nfe_by_phase["denoise"] for g in gens[:3]] == [True] * 3
     assert gens[3].device_passes == gens[4].device_passes == 0
-    assert den.policies == pols[:3] and all(g.trace == [] for g in gens)
+    assert den.policies == pols[:3] + pols[5:] and all(g.trace == [] for g in gens)
+    assert gens[5].device_passes > 0 and gens[6].device_passes > 0            # sampled rows refined on the "device"
     for r, g in zip(reqs, gens):
         assert [ph for _, ph in r.passes].count("denoise") == g.nfe_by_phase.get("denoise", 0)
         assert [i for i, _ in r.passes] == sorted({i for i, _ in r.passes}) and len(r.passes) == g.nfe

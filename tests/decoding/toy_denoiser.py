@@ -21,6 +21,7 @@ import torch
 from nemodiff_compile.config import PRESETS
 from nemodiff_compile.decoding import remask
 from nemodiff_compile.decoding.denoiser import Denoiser, StepOut
+from nemodiff_compile.decoding.noise import gumbel
 from nemodiff_compile.decoding.refine import Refined
 
 CFG = PRESETS["tiny"].replace(vocab_size=128)          # mask 100, eos 11, pad 0
@@ -134,7 +135,8 @@ class HostRefiner:
         self.den, self.extra, self.seen = den, extra, []
 
     def refine(self, canvas, refining, quota, policy, noise=None):
-        assert noise is None and policy.greedy                  # a greedy-only refiner (block_refiner declines others)
+        """noise: the run's GumbelStream for a sampled policy: pass s draws at counters + s (not advanced)."""
+        assert (noise is None) == policy.greedy
         assert canvas.dtype == torch.long and refining.dtype == torch.bool                 # the contract's types
         assert quota is None or (quota.dtype == torch.long and quota.shape == (len(canvas), policy.steps))
         self.seen.append((canvas.clone(), refining.clone(), None if quota is None else quota.clone()))
@@ -144,7 +146,9 @@ class HostRefiner:
             refining &= masked.any(1) & ~remask.eos_complete(canvas, masked, self.den.config.eos_ids)
             if not refining.any():
                 break
-            out = self.den.step(canvas, causal=False, write=False)
+            kw = {} if noise is None else dict(temperature=policy.temperature, noise=gumbel(
+                noise.keys, noise.counters + s, canvas.shape[1], self.den.config.vocab_size))
+            out = self.den.step(canvas, causal=False, write=False, **kw)
             masked &= refining[:, None]
             commit = (remask.commit_topk(out.conf, masked, quota[:, s]) if quota is not None
                       else remask.commit_threshold(out.conf, masked, policy.threshold))
