@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from nemodiff_compile.decoding import loops
+from nemodiff_compile.decoding.embeds import PromptImages
 from nemodiff_compile.decoding.policy import DecodePolicy
 from nemodiff_compile.decoding.refine import Refined
 from nemodiff_compile.decoding.thinking import ThinkingBudget
@@ -453,6 +454,18 @@ def test_a_row_that_closes_its_thinking_itself_is_left_alone():
     g = loops.generate(ToyDenoiser(), PROMPTS[:1], "dlm", max_new_tokens=12, block_length=4, threshold=0.5,
                        thinking=ThinkingBudget(100, END))
     assert END not in g.tokens[0]
+
+
+@pytest.mark.parametrize("mode", loops.MODES)
+def test_images_reach_the_prefill_only(mode):
+    img = PromptImages(torch.tensor([1]), torch.tensor([[1.0, 2.0]]))
+    den = ToyDenoiser()
+    g = loops.generate(den, PROMPTS[:2], mode, max_new_tokens=6, block_length=4, images=[None, img])
+    plain = loops.generate(ToyDenoiser(), PROMPTS[:2], mode, max_new_tokens=6, block_length=4)
+    assert g.tokens[0] == plain.tokens[0] and g.tokens[1] != plain.tokens[1]
+    e = den.calls[0]["embeds"]
+    assert e.mask.tolist() == [[False] * 5, [False, True, False, False, False]]
+    assert e.values[1, 1].tolist() == [1.0, 2.0] and all(c["embeds"] is None for c in den.calls[1:])
 
 
 def test_bad_arguments_are_one_line_errors():

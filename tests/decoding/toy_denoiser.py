@@ -79,20 +79,24 @@ class ToyDenoiser(Denoiser):
 
     @torch.no_grad()
     def step(self, tokens, *, causal, write, num_valid=None, draft_lora=False, temperature=0.0, generator=None,
-             noise=None, rows=None):
+             noise=None, rows=None, embeds=None):
         """noise: a [B, L, V] Gumbel draw to use at temperature > 0 (else drawn from generator);
-        rows: the rows of the batch this pass runs over (subset passes), default all."""
+        rows: the rows of the batch this pass runs over (subset passes), default all; embeds: a prefill's
+        image features (embeds.PrefillEmbeds): a position they cover reads as a token hashed from them."""
         B, L = tokens.shape                                           # [B, L]
         rows = list(range(len(self.hist))) if rows is None else list(rows)
         if len(rows) != B or (write and not causal):
             raise RuntimeError(f"a pass of {B} rows over rows {rows}, write={write}, causal={causal}")
         self.calls.append(dict(causal=causal, write=write, draft_lora=draft_lora, shape=(B, L),
                                lengths=self.lengths().tolist(), rows=rows, temperature=temperature,
-                               batch=len(self.hist)))
+                               batch=len(self.hist), embeds=embeds))
         V = self.config.vocab_size
         logits = torch.zeros(B, L, V)                                 # [B, L, V]
         for b, r in enumerate(rows):
             h, blk = self.hist[r], tokens[b].tolist()
+            if embeds is not None:
+                blk = [200 + _h(tuple(embeds.values[b, i].tolist()), 6) % 50 if embeds.mask[b, i] else t
+                       for i, t in enumerate(blk)]
             n = L if num_valid is None else int(num_valid[b])
             if len(h) + L > self.max_len:
                 raise RuntimeError(f"row {r}: {len(h)} + {L} positions past max_len {self.max_len}")
