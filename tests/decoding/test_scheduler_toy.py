@@ -391,3 +391,20 @@ def test_observer_sees_each_pass(subset):
     else:
         assert any(e[1] < e[2] for e in passes)
     assert sorted(e[1] for e in obs.events if e[0] == "request") == sorted(r.id for r in reqs)
+
+
+@pytest.mark.parametrize("batching", ["member rows", "fixed slots"])
+def test_image_prompts_equal_their_solo_runs(batching):
+    """A row's image features reach its own prefill (never a rider in another row's pass), as in the loops."""
+    from nemodiff_compile.decoding.embeds import PromptImages
+
+    img = PromptImages(torch.tensor([1]), torch.tensor([[1.0, 2.0]]))
+    pols = [DecodePolicy("dlm", block_length=4, threshold=0.5), DecodePolicy("ar"), DecodePolicy("linear-spec", block_length=4)]
+    want = [loops.generate(ToyDenoiser(), [p], pol, max_new_tokens=NEW, images=[img]) for p, pol in zip(PROMPTS[:3], pols)]
+    den = BatchToy() if batching == "member rows" else Plain()
+    s = Scheduler(den, max_batch=3)
+    reqs = [s.submit(p, pol, NEW, images=img) for p, pol in zip(PROMPTS[:3], pols)]
+    got = [r.result(10) for r in reqs]
+    s.close()
+    same(got, want)
+    assert sum(c["embeds"] is not None for c in den.calls) >= 1
