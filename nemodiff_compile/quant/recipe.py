@@ -113,21 +113,20 @@ class Recipe:
 #     the Q/DQ error of every activation is E4M3's mantissa floor (relative squared error 7e-4,
 #     <0.02% clipped), so no calibration choice lowers it (scripts/quant_sensitivity.py).
 #   TPF drop: measured <= 3% (and rises of up to 33%).
-_COMMON = dict(logits_atol=None, logits_rtol=None, conf_atol=None, token_agreement=None)
+_COMMON = dict(logits_atol=None, logits_rtol=None, conf_atol=None, token_agreement=None, cosine_min=None,
+               forced_token_agreement=0.95, commit_agreement=0.95, tpf_drop_max=0.1)
 RECIPES: dict[str, Recipe] = {
     "fp8": Recipe("fp8", weights="fp8", weight_block=None, activations="fp8", algorithm="max",
-                  thresholds=dict(_COMMON, cosine_min=0.95, forced_token_agreement=0.95, commit_agreement=0.95,
-                                  mean_token_agreement=0.7, tpf_drop_max=0.1)),
+                  thresholds=dict(_COMMON, cosine_p01=0.99, kl_mean_max=0.005, mean_token_agreement=0.9)),
     "int8": Recipe("int8", weights="int8", weight_block=None, activations="int8", algorithm="smoothquant",
-                   thresholds=dict(_COMMON, cosine_min=0.93, forced_token_agreement=0.95, commit_agreement=0.95,
-                                   mean_token_agreement=0.6, tpf_drop_max=0.1)),
+                   thresholds=dict(_COMMON, cosine_p01=0.97, kl_mean_max=0.005, mean_token_agreement=0.9)),
     "int4-awq": Recipe("int4-awq", weights="int4", weight_block=128, activations=None, algorithm="awq_lite",
-                       thresholds=dict(_COMMON, cosine_min=0.85, forced_token_agreement=0.9, commit_agreement=0.9,
-                                       mean_token_agreement=0.3, tpf_drop_max=0.2)),
+                       thresholds=dict(_COMMON, cosine_p01=0.95, kl_mean_max=0.015, mean_token_agreement=0.85,
+                                       tpf_drop_max=0.2)),
     "nvfp4": Recipe("nvfp4", weights="nvfp4", weight_block=16, activations="nvfp4", algorithm="max",
                     needs_cuda=True,
-                    thresholds=dict(_COMMON, cosine_min=0.9, forced_token_agreement=0.9, commit_agreement=0.9,
-                                    mean_token_agreement=0.5, tpf_drop_max=0.2)),
+                    thresholds=dict(_COMMON, cosine_p01=0.95, kl_mean_max=0.015, mean_token_agreement=0.85,
+                                    tpf_drop_max=0.2)),
 }
 
 

@@ -66,6 +66,7 @@ class OrtDenoiser:
             raise NemodiffError(f"{onnx_path}: ONNX Runtime ({', '.join(map(str, providers))}) cannot load this "
                                 f"graph: {first}{hint}") from None
         self.spec, self.config, self.max_len = spec, config, max_len
+        self.onnx_path = Path(onnx_path)
         self._check(onnx_path, return_logits)
         self.return_logits = return_logits
         if self.session.get_providers()[0] == "CUDAExecutionProvider":

@@ -8,9 +8,25 @@ from typing import Any
 
 from ..errors import NemodiffError
 
-# Built-in prompts: chat and raw text, of different lengths (the tiny model was trained on such text).
+# Built-in validation prompts (package data, one per line; prompts.encode_prompts wraps the even-numbered
+# ones in the chat template): the four first are the original set, chat and raw text of different
+# lengths; the 60 after them were drawn by `python -m nemodiff_compile.tiny.heldout 60 OUT --seed 72026
+# --exclude docs/prompts/tiny-heldout-200.txt` (the tiny corpus's style, none of them a calibration or
+# held-out prompt).
+PROMPTS_FILE = Path(__file__).resolve().parents[1] / "assets" / "prompts" / "validation.txt"
 TEXT_PROMPTS = ("What is 3 + 4?", "Once upon a time, Mia", "Count from 5:",
                 "Tell me a story about a cat who found a red ball in the garden.")
+# How many of them a validation uses: float engines must match token for token, so a few prompts
+# show a fault; a quantized engine is judged by distributions (validate/tolerances.py), which need
+# enough prompts that the build's own check cannot pass where a large held-out set fails (README,
+# "Quantization": measured against docs/prompts/tiny-heldout-200.txt).
+PROMPT_COUNTS = {"float": {"quick": 2, "full": 4}, "quantized": {"quick": 32, "full": 64}}
+VALIDATION_BATCH = 16               # prompts decoded together (a large set runs in chunks of this)
+
+
+def prompt_texts() -> tuple[str, ...]:
+    lines = PROMPTS_FILE.read_text(encoding="utf-8").splitlines()
+    return tuple(line.strip() for line in lines if line.strip())
 
 
 def open_pair(engine_dir: str | Path, *, reference: Any = None, reference_source: str | Path | None = None,
@@ -53,15 +69,15 @@ def open_pair(engine_dir: str | Path, *, reference: Any = None, reference_source
 
 
 def builtin_prompts(tok: Any, cfg, count: int) -> list[list[int]]:
-    """`count` prompts of different lengths: encoded text when there is a tokenizer, else seeded ids."""
+    """The first `count` built-in prompts: encoded text when there is a tokenizer, else seeded ids."""
     if tok is not None:
         from ..prompts import encode_prompts
 
-        return encode_prompts([{"text": t} for t in TEXT_PROMPTS[:count]], tok, cfg, "built-in prompts")
+        return encode_prompts([{"text": t} for t in prompt_texts()[:count]], tok, cfg, "built-in prompts")
     import random
 
     rng = random.Random(0)
-    return [[cfg.bos_token_id or 1] + [rng.randrange(128, cfg.vocab_size) for _ in range(3 + 5 * i)]
+    return [[cfg.bos_token_id or 1] + [rng.randrange(128, cfg.vocab_size) for _ in range(3 + 5 * (i % 8))]
             for i in range(count)]
 
 
@@ -80,16 +96,26 @@ def validate_engine(engine_dir: str | Path, *, reference: Any = None, reference_
 
         items = read_prompt_file(prompts_file, "--prompts")
     manifest, engine, ref, tok = open_pair(engine_dir, reference=reference, reference_source=reference_source)
+    q = manifest.quantization
     if items is None:
-        prompts = builtin_prompts(tok, ref.config, 2 if quick else 4)
+        prompts = builtin_prompts(tok, ref.config,
+                                  PROMPT_COUNTS["quantized" if q else "float"]["quick" if quick else "full"])
     else:
         from ..prompts import encode_prompts
 
         prompts = encode_prompts(items, tok, ref.config, f"--prompts {prompts_file}")
-    q = manifest.quantization
+    max_new_tokens = max_new_tokens or (16 if quick else 32)
+    if manifest.backend != "tensorrt":      # (TensorRT binds the cache at max_context exactly)
+        # the cache these prompts need, not the engine's largest: attention runs over all of it
+        need = max(map(len, prompts)) + max_new_tokens + 2 * manifest.buckets["block_length"]
+        engine.max_len = ref.max_len = min(need, engine.max_len)         # before the first reset allocates
     tol = tolerances_for(manifest.precision, q.get("thresholds") if q else None)
-    report = validate(ref, engine, prompts, modes=modes, max_new_tokens=max_new_tokens or (16 if quick else 32),
-                      tolerances=tol)
+    report = validate(ref, engine, prompts, modes=modes, max_new_tokens=max_new_tokens, tolerances=tol,
+                      batch=VALIDATION_BATCH)
+    if not report.passed:
+        from .explain import explain
+
+        report.explanation = explain(report, ref, engine, prompts)
     if write:
         summary = report.to_json()
         manifest.validation = {
@@ -99,9 +125,14 @@ def validate_engine(engine_dir: str | Path, *, reference: Any = None, reference_
             "prompts_source": str(prompts_file) if prompts_file is not None else "builtin",
             "per_mode": {k: {"token_agreement": v["token_agreement"], "commit_agreement": v["commit_agreement"],
                              "forced_token_agreement": v["forced_token_agreement"],
-                             "logits_cosine_min": v["worst"]["logits_cosine_min"],
+                             "logits_cosine_min": v["worst"]["logits_cosine_min"], "kl_mean": v["kl_mean"],
+                             "prompt_spread": v["prompt_spread"],
+                             "phases": {ph: {"cosine": d.get("cosine"), "kl_mean": (d.get("kl") or {}).get("mean")}
+                                        for ph, d in v["phases"].items()},
                              "tokens_per_forward": v["tokens_per_forward"], "tpf_drop": v["tpf_drop"]}
                          for k, v in summary["per_mode"].items()},
+            "failures": summary["failures"],
+            "explanation": (summary.get("explanation") or {}).get("text"),
             "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         write_manifest(Path(engine_dir), manifest)

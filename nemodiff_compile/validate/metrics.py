@@ -50,6 +50,24 @@ def logits_metrics(eng: torch.Tensor, ref: torch.Tensor, valid: torch.Tensor,
     return stats
 
 
+def position_divergence(eng: torch.Tensor, ref: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+    """eng, ref [B, L, V] logits, valid [B, L] -> per valid position (row-major order), float32 [N]:
+    cos  the cosine of the two logit vectors
+    kl   KL(reference || engine) of the two softmax distributions, in nats
+    row  the batch row of each position (int64), to attribute it to its prompt"""
+    vm = valid.to(eng.device)
+    e = eng[vm].double().cpu()                                                   # [N, V]
+    r = ref.to(eng.device)[vm].double().cpu()                                    # [N, V]
+    rows = torch.arange(valid.shape[0])[:, None].expand_as(valid)[valid.cpu()]   # [N]
+    if e.numel() == 0:
+        z = torch.zeros(0)
+        return dict(cos=z, kl=z, row=rows)
+    cos = torch.nn.functional.cosine_similarity(e, r, dim=-1)                    # [N]
+    lr, le = torch.log_softmax(r, -1), torch.log_softmax(e, -1)
+    kl = (lr.exp() * (lr - le)).sum(-1)                                          # [N]
+    return dict(cos=cos.float(), kl=kl.clamp_min(0).float(), row=rows)
+
+
 def _error_stats(e: torch.Tensor, r: torch.Tensor, atol: float | None, rtol: float | None) -> dict:
     enforce = atol is not None or rtol is not None
     a = atol if atol is not None else 0.0
