@@ -4,7 +4,7 @@
   1. the GPU tests: CUDA-graph replay == eager per pass, fast engine == reference token for token
      (fp32 and bf16, every mode), the Triton remask and fused kernels on CUDA against torch
   2. the Triton remask kernel against the torch reference at the real vocabulary: equality and time
-  3. the C++/CUDA remask kernel of the TensorRT plugin (plugins/remask/remaskKernel.cu, via ctypes)
+  3. the C++/CUDA remask kernel of the TensorRT plugin (kernels/csrc/remask/remaskKernel.cu, via ctypes)
   4. `validate --fast` on the trained tiny model in bf16, fp8 and fp8-tensor (graph replay vs eager)
   5. `bench-gpu` at the 8B geometry (seeded random weights): passes for bf16/fp8 x batch 1/4/8 x
      block 16/32/64 against the eager reference, and whole generations per mode
@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 def run_tests(out: Path) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
-           "tests/gpu", "tests/plugins", "tests/runtime/test_kernels.py", "tests/runtime/test_fast_engine.py"]
+           "tests/gpu", "tests/kernels", "tests/backends/test_fast_engine.py"]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     (out / "gpu_tests.log").write_text(proc.stdout + proc.stderr)
@@ -41,8 +41,8 @@ def remask_kernels(vocab: int = 131072) -> list[dict]:
     import torch
 
     from nemodiff_compile.bench.gpu import time_ms
-    from nemodiff_compile.plugins.remask.reference import remask_reference
-    from nemodiff_compile.plugins.remask.triton_kernel import remask_triton
+    from nemodiff_compile.kernels.remask.reference import remask_reference
+    from nemodiff_compile.kernels.remask.triton_kernel import remask_triton
 
     rows = []
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -66,15 +66,15 @@ def remask_kernels(vocab: int = 131072) -> list[dict]:
 
 
 def cuda_remask() -> list[dict] | dict:
-    """The C++/CUDA remask kernel (plugins/remask/remaskKernel.cu, through its C entry point:
-    plugins/remask/cuda_kernel.py) against the torch reference, timed beside the Triton kernel."""
+    """The C++/CUDA remask kernel (kernels/csrc/remask/remaskKernel.cu, through its C entry point:
+    kernels/remask/cuda_kernel.py) against the torch reference, timed beside the Triton kernel."""
     import torch
 
     from nemodiff_compile.bench.gpu import time_ms
     from nemodiff_compile.errors import NemodiffError
-    from nemodiff_compile.plugins.remask.cuda_kernel import remask_cuda
-    from nemodiff_compile.plugins.remask.reference import remask_reference
-    from nemodiff_compile.plugins.remask.triton_kernel import remask_triton
+    from nemodiff_compile.kernels.remask.cuda_kernel import remask_cuda
+    from nemodiff_compile.kernels.remask.reference import remask_reference
+    from nemodiff_compile.kernels.remask.triton_kernel import remask_triton
 
     rows = []
     g = torch.Generator(device="cuda").manual_seed(1)

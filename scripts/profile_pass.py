@@ -16,7 +16,7 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from nemodiff_compile import load_reference
-    from nemodiff_compile.runtime.fast_engine import FastDenoiser
+    from nemodiff_compile.backends.fast import FastDenoiser
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="8b")
@@ -48,7 +48,7 @@ def gemms(cfg, M: int) -> None:
     import torch
 
     from nemodiff_compile.bench.gpu import time_ms
-    from nemodiff_compile.runtime.fast_model import Linear
+    from nemodiff_compile.backends.fast_model import Linear
 
     H, I = cfg.hidden_size, cfg.intermediate_size
     shapes = {"qkv": (cfg.q_width + 2 * cfg.kv_width, H), "o": (H, cfg.q_width), "gate_up": (2 * I, H),

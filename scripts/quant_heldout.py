@@ -83,11 +83,11 @@ def main() -> None:
     import modelopt.torch.quantization as mtq
 
     from nemodiff_compile import checkpoint_folder, load_reference
-    from nemodiff_compile.build.calibration import decoding_loop
+    from nemodiff_compile.quant.calibration import decoding_loop
     from nemodiff_compile.model.tokenizer import load_tokenizer
     from nemodiff_compile.prompts import encode_prompts, read_prompt_file
     from nemodiff_compile.quant import calib, ptq
-    from nemodiff_compile.runtime.torch_engine import TorchDenoiser
+    from nemodiff_compile.backends.eager import TorchDenoiser
     from nemodiff_compile.validate.compare import validate
 
     torch.set_num_threads(1)

@@ -2,7 +2,7 @@
 """Peak host RSS of a quantized build against the checkpoint's size.
 
 Writes a random-weight checkpoint of a few hundred MB (bf16 on disk), then runs
-`build_engine(..., precision=P, validate=False)` on it in a fresh child process and reports the
+`build_engine(BuildConfig.of(precision=P, validate=False, ...))` on it in a fresh child process and reports the
 child's peak RSS (VmHWM), the RSS at each build phase, and the ratio peak / checkpoint bytes, both
 whole and above the baseline of the process with its libraries imported (torch, ModelOpt, onnx,
 onnxscript: about 0.5 GiB, whatever the model). Prints a table and, last, one JSON line.
@@ -36,7 +36,8 @@ def rss_mb(field: str = "VmRSS") -> float:
 
 def child(args) -> None:
     """The measured process: build the quantized engine, print phases and the peak as JSON."""
-    from nemodiff_compile.build.pipeline import build_engine
+    from nemodiff_compile.build_config import BuildConfig
+    from nemodiff_compile.pipeline import build_engine
     from nemodiff_compile.quant import recipe_for
 
     phases = []
@@ -56,8 +57,9 @@ def child(args) -> None:
 
     progress("start (libraries imported, nothing loaded)")
     start = time.time()
-    build_engine(Path(args.checkpoint), output=Path(args.output), precision=args.precision, recipe=recipe,
-                 calib=args.calib, validate=False, progress=progress)
+    build_engine(BuildConfig.of(source=args.checkpoint, output=args.output, backend="onnxruntime",
+                                precision=args.precision, calib=args.calib, validate=False),
+                 recipe=recipe, progress=progress)
     progress("done")
     print(json.dumps({"phases": phases, "peak_mb": rss_mb("VmHWM"), "seconds": time.time() - start}))
 

@@ -51,11 +51,11 @@ def main() -> None:
     from nemodiff_compile import checkpoint_folder, load_reference
     from nemodiff_compile.model.tokenizer import encode_prompt, load_tokenizer
     from nemodiff_compile.quant import calib, ptq, recipe_for
-    from nemodiff_compile.runtime.torch_engine import TorchDenoiser
-    from nemodiff_compile.sampling import loops
+    from nemodiff_compile.backends.eager import TorchDenoiser
+    from nemodiff_compile.decoding import loops
     from nemodiff_compile.validate import metrics
     from nemodiff_compile.validate.compare import validate
-    from nemodiff_compile.validate.engine import builtin_prompts
+    from nemodiff_compile.prompts import builtin_prompts
 
     recipe = recipe_for(args.precision)
     ref = load_reference("tiny", dtype=recipe.float_dtype)

@@ -21,14 +21,16 @@ from pathlib import Path
 
 import torch
 
-from nemodiff_compile.config import PRESETS, ModelConfig
-from nemodiff_compile.model import NemotronLabsDiffusion
-from nemodiff_compile.tiny import corpus
-from nemodiff_compile.tiny.evaluate import diffusion_decode, greedy_ar
-from nemodiff_compile.tiny.tokenizer import build_tokenizer, save_tokenizer
-from nemodiff_compile.tiny.train import TrainArgs, init_weights, pack_stream, train
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))            # tinylm/ (the corpus and training code) is not installed
+
+from nemodiff_compile.config import PRESETS, ModelConfig  # noqa: E402
+from nemodiff_compile.model import NemotronLabsDiffusion  # noqa: E402
+from tinylm import corpus  # noqa: E402
+from tinylm.evaluate import diffusion_decode, greedy_ar  # noqa: E402
+from tinylm.tokenizer import build_tokenizer, save_tokenizer  # noqa: E402
+from tinylm.train import TrainArgs, init_weights, pack_stream, train  # noqa: E402
+
 DEFAULT_OUT = REPO / "nemodiff_compile" / "assets" / "tiny"
 
 TEXT_PROMPTS = ["Once upon a time, Tom", "Lily had a", "Count from 5:", "3 + 4 =",

@@ -27,10 +27,12 @@ def random_tiny(tiny_cfg):
 def tiny_engine(tmp_path_factory):
     """The embedded tiny model built into an engine directory (with logits, not validated)."""
     pytest.importorskip("onnxruntime")
-    from nemodiff_compile.build.pipeline import build_engine
+    from nemodiff_compile.build_config import BuildConfig
+    from nemodiff_compile.pipeline import build_engine
 
     out = tmp_path_factory.mktemp("engines") / "tiny-fp32"
-    return build_engine("tiny", output=out, with_logits=True, validate=False)
+    return build_engine(BuildConfig.of(source="tiny", output=out, backend="onnxruntime", with_logits=True,
+                                       validate=False))
 
 
 # ---- TensorRT (tensorrt_rtx ahead-of-time builds on CPU): one build per precision per session ----
@@ -44,11 +46,12 @@ def rtx():
 
 
 def _trt_build(tmp_path_factory, name, **kw):
-    from nemodiff_compile.build.pipeline import Buckets, build_engine
+    from nemodiff_compile.build_config import BuildConfig
+    from nemodiff_compile.pipeline import build_engine
 
     out = tmp_path_factory.mktemp("trt") / name
-    return build_engine("tiny", output=out, backend="tensorrt", gpus=("sm89",), validate=False,
-                        buckets=Buckets((1, 2), 128), **kw)
+    return build_engine(BuildConfig.of(source="tiny", output=out, backend="tensorrt", gpus=("sm89",), validate=False,
+                                       batch_sizes=(1, 2), max_context=128, **kw))
 
 
 @pytest.fixture(scope="session")
@@ -67,13 +70,15 @@ def trt_fp16_dir(rtx, tmp_path_factory):
 def fp8_remask_dir(tmp_path_factory):
     """fp8 Q/DQ graph with the remask stage in standard ops (ONNX Runtime directory, short calibration)."""
     pytest.importorskip("modelopt", reason="needs nvidia-modelopt (pip install -e '.[quant]')")
-    from nemodiff_compile.build.pipeline import Buckets, build_engine
+    from nemodiff_compile.build_config import BuildConfig
+    from nemodiff_compile.pipeline import build_engine
     from nemodiff_compile.quant import recipe_for
 
     recipe = recipe_for("fp8").with_(calib_modes=("dlm",), calib_max_new_tokens=8)
     out = tmp_path_factory.mktemp("quant-remask") / "tiny-fp8-remask"
-    return build_engine("tiny", output=out, precision="fp8", recipe=recipe, remask="onnx", validate=False,
-                        buckets=Buckets((1, 2), 128))
+    return build_engine(BuildConfig.of(source="tiny", output=out, backend="onnxruntime", precision="fp8",
+                                       remask="onnx", validate=False, batch_sizes=(1, 2), max_context=128),
+                        recipe=recipe)
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,7 @@ PEAK_BANDWIDTH = (("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12),
                   ("L40S", 0.864e12), ("L4", 0.3e12))
 
 
-# bench variant -> FastModel options (runtime/fast_model.py): FP8 mode and attention backend
+# bench variant -> FastModel options (backends/fast_model.py): FP8 mode and attention backend
 FAST_VARIANTS = {"bf16": {}, "bf16-sdpa": dict(attention="sdpa"), "fp8": dict(fp8="row"),
                  "fp8-tensor": dict(fp8="tensor"), "fp8-static": dict(fp8="static")}
 
@@ -171,7 +171,7 @@ def _reference_pass_ms(model, batches, blocks, context: int, iters: int, log) ->
     """(batch, block) -> ms of the eager reference's refinement pass (forward over the cache + pick)."""
     from ..model.cache import StaticKVCache
     from ..model.model import Pattern
-    from ..sampling import remask
+    from ..decoding import remask
 
     cfg, dev = model.config, model.diffusion_head.weight.device
     out = {}
@@ -192,9 +192,9 @@ def _reference_pass_ms(model, batches, blocks, context: int, iters: int, log) ->
 
 def _fast_pass_ms(model, precision: str, batches, blocks, context: int, iters: int, threshold: float):
     """[(batch, block, ms, weight bytes, fp8?)] of the fast engine's captured refinement pass."""
-    from ..runtime.buckets import BatchBuckets
-    from ..runtime.fast_engine import FastDenoiser
-    from ..runtime.fast_model import FastModel
+    from ..artifact.buckets import BatchBuckets
+    from ..backends.fast import FastDenoiser
+    from ..backends.fast_model import FastModel
 
     cfg, dev = model.config, model.diffusion_head.weight.device
     fast = FastModel(model, **FAST_VARIANTS[precision])
@@ -225,11 +225,11 @@ def bench_modes(model, *, batches=(1, 4, 8), block: int = 32, context: int = 512
                 threshold: float = 0.9, precision: str = "bf16", log=print) -> list[dict]:
     """Whole generations per mode, fast vs eager reference: tokens/s per request and in total, TPF.
     The prompts are random ids of `context` tokens (random weights: TPF is not a model's)."""
-    from ..runtime.buckets import BatchBuckets
-    from ..runtime.fast_engine import FastDenoiser
-    from ..runtime.fast_model import FastModel
-    from ..runtime.torch_engine import TorchDenoiser
-    from ..sampling import loops
+    from ..artifact.buckets import BatchBuckets
+    from ..backends.fast import FastDenoiser
+    from ..backends.fast_model import FastModel
+    from ..backends.eager import TorchDenoiser
+    from ..decoding import loops
 
     cfg = model.config
     max_len = context + max_new_tokens + 2 * block
@@ -244,8 +244,8 @@ def bench_modes(model, *, batches=(1, 4, 8), block: int = 32, context: int = 512
     for batch in batches:
         prompts = torch.randint(0, cfg.vocab_size, (batch, context), generator=g).tolist()
         runs = {
-            ("dlm", "engine"): lambda: fast.generate_dlm(prompts, max_new_tokens=max_new_tokens,
-                                                         block_length=block, threshold=threshold),
+            ("dlm", "engine"): lambda: loops.diffusion_generate(fast, prompts, max_new_tokens=max_new_tokens,
+                                                                block_length=block, threshold=threshold),
             ("dlm", "reference"): lambda: loops.diffusion_generate(ref, prompts, max_new_tokens=max_new_tokens,
                                                                    block_length=block, threshold=threshold),
             ("ar", "engine"): lambda: loops.ar_generate(fast, prompts, max_new_tokens=max_new_tokens),

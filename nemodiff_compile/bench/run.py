@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidArgument
-from ..sampling import loops
-from ..sampling.denoiser import Denoiser
+from ..decoding import loops
+from ..decoding.denoiser import Denoiser
+from ..decoding.policy import DecodePolicy
 from .memory import PeakMemory
 from .timing import TimingDenoiser
 
@@ -95,22 +96,21 @@ class BenchReport:
 def bench(denoisers: dict[str, Denoiser], prompts: list[list[int]], *, mode: str = "dlm",
           max_new_tokens: int = 64, block_length: int | None = None, threshold: float | None = 0.9,
           temperature: float = 0.0, seed: int = 0, warmup: int = 1, repeats: int = 3) -> BenchReport:
-    """threshold applies to dlm (None: the loop's default); linear-spec and ar use their defaults."""
+    """threshold applies to dlm (None: the policy's default); linear-spec and ar use their defaults. Every
+    pass runs on the host (timed one by one), device block refiners included."""
     if not denoisers:
         raise InvalidArgument("bench needs at least one denoiser")
     if repeats < 1 or warmup < 0:
         raise InvalidArgument(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
-    kw = dict(max_new_tokens=max_new_tokens, block_length=block_length, temperature=temperature, seed=seed,
-              trace=True)
-    if mode == "dlm":
-        kw["threshold"] = threshold
+    policy = DecodePolicy(mode, block_length=block_length, threshold=threshold if mode == "dlm" else None,
+                          temperature=temperature, seed=seed)
     results = {name: DenoiserBench(name) for name in denoisers}
     for rep in range(warmup + repeats):
         for name, den in denoisers.items():                      # interleaved
             timed = TimingDenoiser(den)
             with PeakMemory() as mem:
                 t0 = time.perf_counter()
-                gen = loops.generate(timed, prompts, mode, **kw)
+                gen = loops.generate(timed, prompts, policy, max_new_tokens=max_new_tokens, trace=True)
                 wall = time.perf_counter() - t0
             r = results[name]
             r.peak_rss_delta_mb = max(r.peak_rss_delta_mb, mem.rss_mb)     # warmup included: first

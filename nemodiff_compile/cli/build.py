@@ -1,113 +1,100 @@
-"""`nemodiff-compile build`: checkpoint -> engine directory, then a short validation."""
+"""`nemodiff-compile build`: checkpoint -> engine directory, then a short validation.
+
+Its options are generated from build_config.BuildConfig's fields (flag, help, group), shown in
+groups in --help; values are read and checked there, not here. `--config FILE.toml` loads a
+configuration and the flags given on the command line override it.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
+from ..build_config import BuildConfig, Leaf, iter_groups
 from ._common import model_source, resolve_source, user_errors
 
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        vals = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise click.BadParameter(f"{text!r}: expected comma-separated integers") from None
-    if not vals or min(vals) < 1:
-        raise click.BadParameter(f"{text!r}: expected positive integers")
-    return vals
+CONFIG_GROUP = "Configuration"
 
 
-@click.command()
-@model_source
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "fp8", "int8", "int4-awq", "nvfp4"]),
-              default="fp32", show_default=True)
-@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "auto"]), default="auto", show_default=True)
-@click.option("--output", type=click.Path(path_type=Path), default=None,
-              help="Engine directory (default engines/<model>-<precision>-<backend>).")
-@click.option("--batch-sizes", default="1,4", show_default=True, help="Batch buckets the runtime binds.")
-@click.option("--max-context", default=1024, show_default=True, type=click.IntRange(min=2),
-              help="KV-cache positions per row (prompt + generation).")
-@click.option("--block-length", type=click.IntRange(min=2), default=None, help="Default: the config's block_size.")
-@click.option("--with-logits", is_flag=True, help="Also output logits (validation builds).")
-@click.option("--no-validate", is_flag=True, help="Skip the short validation at the end.")
-@click.option("--calib", type=click.Path(path_type=Path), default=None,
-              help="fp8/int8/int4-awq: calibration prompts, a .jsonl file ({\"text\": ...} or {\"ids\": [...]} "
-                   "per line) or a text file (one prompt per line). Default: the built-in set.")
-@click.option("--keep-first-layers", type=click.IntRange(min=0), default=None,
-              help="Quantized builds: decoder layers at the start kept in float (default: the recipe's).")
-@click.option("--keep-last-layers", type=click.IntRange(min=0), default=None,
-              help="Quantized builds: decoder layers at the end kept in float (default: the recipe's).")
-@click.option("--kv-cache", default=None, metavar="fp8|model",
-              help="Quantized builds: KV-cache dtype, fp8 (FLOAT8E4M3FN, per-layer scales calibrated with the "
-                   "weights) or model (the graph's float dtype). Default: the recipe's (model).")
-@click.option("--calib-device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Quantized builds: where the model is calibrated (auto: the GPU when there is one). The "
-                   "graph is written from it tensor by tensor either way.")
-@click.option("--gpus", default=None, metavar="SM,...",
-              help="TensorRT targets, e.g. sm90,sm89 (default: this GPU). On an existing TensorRT engine "
-                   "directory, adds these targets.")
-@click.option("--remask", type=click.Choice(["none", "onnx", "plugin"]), default="none", show_default=True,
-              help="Remask stage in the graph: none (host-side commit rule), onnx (standard ops), "
-                   "plugin (the nemodiff::Remask TensorRT plugin node).")
-@click.option("--remask-threshold", default="0.9", show_default=True, metavar="T|topk",
-              help="Commit threshold of the remask stage, or 'topk' for the fixed-steps policy.")
-@click.option("--workspace-mb", type=click.IntRange(min=1), default=None, help="TensorRT workspace limit.")
-@click.option("--tactic-mb", type=click.IntRange(min=1), default=None, help="TensorRT tactic memory limit.")
-@click.option("--hardware-compatibility", type=click.Choice(["NONE", "AMPERE_PLUS", "SAME_COMPUTE_CAPABILITY"]),
-              default="NONE", show_default=True, help="TensorRT hardware compatibility level.")
-@click.option("--version-compatible", is_flag=True, help="TensorRT version-compatible engines.")
+class _Option(click.Option):
+    """An option that knows its help section."""
+
+    def __init__(self, *args, group: str | None = None, **kw):
+        super().__init__(*args, **kw)
+        self.group = group
+
+
+class _GroupedCommand(click.Command):
+    """--help lists the options in sections (their `group`; --checkpoint/--size under Model)."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        sections: dict[str, list[tuple[str, str]]] = {}
+        for p in self.get_params(ctx):
+            record = p.get_help_record(ctx)
+            if record:
+                group = getattr(p, "group", None) or ("Model" if p.name in ("checkpoint", "size") else "Other options")
+                sections.setdefault(group, []).append(record)
+        for name, records in sections.items():
+            with formatter.section(name):
+                formatter.write_dl(records)
+
+
+def _option(leaf: Leaf):
+    m = leaf.meta
+    kw = dict(cls=_Option, group=m["group"], help=m["help"])
+    if m["kind"] == "bool":
+        if m["negate"]:
+            return click.option(m["flag"], leaf.key, is_flag=True, flag_value=False, default=True, **kw)
+        return click.option(m["flag"], leaf.key, is_flag=True, default=False, **kw)
+    metavar = m["metavar"] or ("[" + "|".join(m["choices"]) + "]" if m["choices"] else "TEXT")
+    default = leaf.cli_text(leaf.default)         # shown only: an option left out keeps BuildConfig's default
+    return click.option(m["flag"], leaf.key, default=default, metavar=metavar, show_default=default is not None,
+                        **kw)
+
+
+def build_options(fn):
+    """One click option per BuildConfig leaf, by group (the source leaf: --checkpoint / --size)."""
+    ordered = [leaf for _, group in iter_groups() for leaf in group]
+    for leaf in reversed(ordered):
+        fn = model_source(fn) if leaf.meta["kind"] == "source" else _option(leaf)(fn)
+    return fn
+
+
+@click.command(cls=_GroupedCommand)
+@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None, metavar="FILE.toml",
+              cls=_Option, group=CONFIG_GROUP,
+              help="Build configuration (TOML, the keys of the manifest's build_config); flags given here "
+                   "override it.")
+@click.option("--print-config", is_flag=True, cls=_Option, group=CONFIG_GROUP,
+              help="Print the build configuration (JSON) and exit without building.")
+@build_options
 @user_errors
-def build(checkpoint, size, precision, backend, output, batch_sizes, max_context, block_length, with_logits,
-          no_validate, calib, keep_first_layers, keep_last_layers, kv_cache, calib_device, gpus, remask, remask_threshold,
-          workspace_mb, tactic_mb, hardware_compatibility, version_compatible):
+def build(config_file, print_config, checkpoint, size, **flags):
     """Build an engine directory from a checkpoint (default: the embedded tiny model)."""
-    from ..build.pipeline import Buckets, build_engine
-    from ..errors import InvalidArgument
-    from ..quant import is_quantized, recipe_for
-    from ..quant.recipe import KV_CACHE_DTYPES
+    ctx = click.get_current_context()
+    given = {k: v for k, v in flags.items() if _explicit(ctx, k)}
+    if _explicit(ctx, "checkpoint") or _explicit(ctx, "size"):
+        given["source"] = _source_text(resolve_source(checkpoint, size))
+    config = BuildConfig.from_toml(config_file, given) if config_file else BuildConfig.of(**given)
+    if print_config:
+        click.echo(json.dumps(config.to_json(), indent=2))
+        return
+    from ..pipeline import build_engine
 
-    if kv_cache is not None and kv_cache not in KV_CACHE_DTYPES:
-        raise InvalidArgument(f"--kv-cache {kv_cache}: expected one of {', '.join(KV_CACHE_DTYPES)}")
-    source = resolve_source(checkpoint, size)
-    buckets = Buckets(_ints(batch_sizes), max_context, block_length)
-    recipe = None
-    if is_quantized(precision):
-        recipe = recipe_for(precision, keep_first_layers=keep_first_layers, keep_last_layers=keep_last_layers,
-                            kv_cache=kv_cache)
-    elif keep_first_layers is not None or keep_last_layers is not None:
-        raise InvalidArgument(f"--keep-first-layers/--keep-last-layers apply to quantized builds, not {precision}")
-    elif kv_cache not in (None, "model"):
-        raise InvalidArgument(f"--kv-cache {kv_cache}: an fp8 KV cache is calibrated with the weights, so it "
-                              f"applies to quantized builds (fp8, int8, int4-awq), not {precision}")
-    trt_options = None
-    if backend == "tensorrt":
-        from ..build.tensorrt_builder import BuildOptions
-
-        mb = 1 << 20
-        trt_options = BuildOptions(workspace_bytes=workspace_mb and workspace_mb * mb,
-                                   tactic_bytes=tactic_mb and tactic_mb * mb,
-                                   hardware_compatibility=hardware_compatibility,
-                                   version_compatible=version_compatible)
-    targets = None
-    if gpus is not None:
-        from ..build.targets import parse_targets
-
-        targets = parse_targets(gpus)
-    out = build_engine(source, output=output, precision=precision, backend=backend, buckets=buckets,
-                       with_logits=with_logits, validate=not no_validate, calib=calib, recipe=recipe,
-                       gpus=targets, remask=remask, remask_threshold=_threshold(remask_threshold),
-                       trt_options=trt_options, calib_device=calib_device,
-                       progress=lambda msg: click.echo(f"[build] {msg}", err=True))
+    out = build_engine(config, progress=lambda msg: click.echo(f"[build] {msg}", err=True))
     click.echo(str(out))
 
 
-def _threshold(text: str) -> float | None:
-    if text.strip().lower() == "topk":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise click.BadParameter(f"{text!r}: expected a number in [0, 1] or 'topk'",
-                                 param_hint="--remask-threshold") from None
+def _explicit(ctx: click.Context, name: str) -> bool:
+    return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+
+
+def _source_text(source: str | Path) -> str:
+    """The config's source: a preset name, or a folder (./NAME when the folder is named like a preset)."""
+    from ..config import PRESETS
+
+    text = str(source)
+    return f"./{text}" if isinstance(source, Path) and text.lower() in PRESETS else text

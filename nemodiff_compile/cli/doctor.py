@@ -15,9 +15,9 @@ from ._common import user_errors
 @user_errors
 def doctor(graph):
     """Check TensorRT and the plugins a graph (model.onnx or an engine directory) needs."""
-    from ..build import trt_shim
+    from ..backends import trt_shim
     from ..errors import NemodiffError
-    from ..plugins import registry
+    from ..kernels import registry
 
     if graph is not None and graph.is_dir():
         graph = graph / "model.onnx"

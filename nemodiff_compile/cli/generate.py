@@ -43,12 +43,11 @@ def generate(checkpoint, size, engine, prompts, prompt_ids, mode, max_new_tokens
              steps, temperature, seed, chat, dtype, lora, as_json):
     """Generate text in AR, block-diffusion or linear self-speculation mode, with the PyTorch
     reference (default) or a built engine (--engine)."""
+    from ..decoding.policy import DecodePolicy
     from ..errors import NemodiffError
 
-    if steps is not None and threshold is not None:
-        raise NemodiffError("--steps and --threshold are two policies: give one")
-    if steps is not None and mode != "dlm":
-        raise NemodiffError("--steps applies to --mode dlm only")
+    policy = DecodePolicy(mode, block_length=block_length, threshold=threshold, steps=steps,
+                          temperature=temperature, seed=seed)                 # checked before anything loads
     if engine is not None and (checkpoint is not None or size is not None):
         raise NemodiffError("--engine runs a built engine: drop --checkpoint/--size")
     ids = [_parse_ids(s) for s in prompt_ids]
@@ -58,12 +57,12 @@ def generate(checkpoint, size, engine, prompts, prompt_ids, mode, max_new_tokens
             if session.tokenizer is None:
                 raise NemodiffError("this model has no tokenizer; pass --prompt-ids instead of --prompt")
             ids += [session.encode(t, chat) for t in prompts or DEMO_PROMPTS]
-        blen = block_length or session.config.block_size
+        policy = policy.resolve(session.config)
+        blen = policy.block_length or session.config.block_size
         if engine is None:        # size the reference's cache to the request (an engine's is its bucket)
             session.denoiser.max_len = max(map(len, ids)) + max_new_tokens + 2 * blen
         start = time.perf_counter()
-        result = session.generate(ids, mode=mode, max_new_tokens=max_new_tokens, block_length=blen,
-                                  temperature=temperature, seed=seed, threshold=threshold, steps=steps)
+        result = session.generate(ids, policy=policy, max_new_tokens=max_new_tokens)
         seconds = time.perf_counter() - start
     g = result.generation
     n_tokens = sum(len(t) for t in g.tokens)
@@ -87,13 +86,13 @@ def generate(checkpoint, size, engine, prompts, prompt_ids, mode, max_new_tokens
 
 def _open(engine, checkpoint, size, dtype, lora, seed):
     """A Session over the engine directory, or over the eager reference of --checkpoint/--size."""
-    from ..runtime.session import Session
+    from ..session import Session
 
     if engine is not None:
         return Session.open(engine)
     from .. import checkpoint_folder, load_reference
     from ..model.tokenizer import load_tokenizer
-    from ..runtime.torch_engine import TorchDenoiser
+    from ..backends.eager import TorchDenoiser
 
     source = resolve_source(checkpoint, size)
     folder = checkpoint_folder(source)

@@ -16,7 +16,7 @@ from ._common import user_errors
 @user_errors
 def inspect(engine_dir, as_json):
     """Show an engine directory's manifest, I/O and sizes (checks it first)."""
-    from ..build.manifest import read_manifest
+    from ..artifact.manifest import read_manifest
 
     m = read_manifest(engine_dir)
     if as_json:
@@ -27,6 +27,9 @@ def inspect(engine_dir, as_json):
     click.echo(f"backend     {m.backend}, precision {m.precision}, built {m.created_at} from {m.source}")
     click.echo(f"model       hidden {cfg['hidden_size']}, layers {cfg['num_hidden_layers']}, vocab {cfg['vocab_size']}"
                f", weights sha256 {m.weights_sha256[:16]}")
+    if m.backend_choice:
+        click.echo(f"backend     asked {m.backend_choice['asked']}, chose {m.backend_choice['chosen']}: "
+                   f"{m.backend_choice['reason']}")
     click.echo(f"buckets     {m.buckets}")
     click.echo("tools       " + ", ".join(f"{k} {v}" for k, v in m.tool_versions.items()))
     click.echo("inputs")

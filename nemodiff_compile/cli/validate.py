@@ -8,7 +8,9 @@ from pathlib import Path
 
 import click
 
+from ..errors import InvalidArgument
 from ._common import model_source, resolve_source, user_errors
+from ._sweep import check_outputs, emit, no_sweep_flags, sweep_options
 
 
 @click.command()
@@ -60,17 +62,36 @@ def validate(engine_dir, reference, fast, checkpoint, size, precision, max_new_t
 
 @click.command()
 @click.argument("engine_dir", type=click.Path(path_type=Path))
-@click.option("--mode", type=click.Choice(["ar", "dlm", "linear-spec"]), default="dlm", show_default=True)
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--mode", type=click.Choice(["ar", "dlm", "linear-spec"]), default=None,
+              help="Mode to time [default: dlm]; with --sweep, the mode swept when the spec has no mode= axis.")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Rows per generation (with --sweep: the prompts are run this many at a time).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@sweep_options
+@click.option("--json-out", type=click.Path(path_type=Path), default=None,
+              help="With --sweep: also write its JSON lines to this file.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (with --sweep: one line per setting).")
 @user_errors
-def bench(engine_dir, mode, batch, max_new_tokens, repeats, threads, as_json):
-    """Time the engine and the PyTorch reference side by side on the same prompts."""
+def bench(engine_dir, mode, batch, max_new_tokens, repeats, threads, sweep, tasks_file, prompts_file, plot,
+          plot_size, json_out, as_json):
+    """Time the engine and the PyTorch reference side by side on the same prompts; with --sweep, the
+    engine over a grid of decode settings: tokens per forward, NFE, tokens/s and quality per setting."""
+    if sweep:
+        from ..validate.engine import sweep_engine
+
+        if mode is not None and any(s.strip().lower().startswith("mode=") for s in sweep):
+            raise InvalidArgument("give the modes in --sweep mode=..., or --mode, not both")
+        size = check_outputs(plot, plot_size, json_out)
+        report = sweep_engine(engine_dir, sweep, mode=mode or "dlm", max_new_tokens=max_new_tokens, batch=batch,
+                              repeats=repeats, threads=threads, tasks_file=tasks_file, prompts_file=prompts_file,
+                              log=lambda msg: click.echo(msg, err=True))
+        emit(report, as_json=as_json, json_out=json_out, plot=plot, size=size)
+        return
+    no_sweep_flags(tasks_file=tasks_file, prompts_file=prompts_file, plot=plot, plot_size=plot_size, json_out=json_out)
     from ..validate.engine import bench_engine
 
-    report = bench_engine(engine_dir, batch=batch, mode=mode, max_new_tokens=max_new_tokens,
+    report = bench_engine(engine_dir, batch=batch, mode=mode or "dlm", max_new_tokens=max_new_tokens,
                           repeats=repeats, threads=threads)
     click.echo(json.dumps(report.to_json()) if as_json else report.to_table())

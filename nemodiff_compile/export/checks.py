@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import NemodiffError
-from .spec import IOSpec
+from ..artifact.spec import IOSpec
 
 
 def check_graph(path: Path, spec: IOSpec) -> None:

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import InvalidArgument, NemodiffError
 from ..model.model import NemotronLabsDiffusion, block_mask
-from .spec import DYNAMIC_DIMS, OPSET, REMASK_VARIANTS, IOSpec, step_spec
+from ..artifact.spec import DYNAMIC_DIMS, OPSET, REMASK_VARIANTS, IOSpec, step_spec
 
 ONNX_NAME = "model.onnx"
 WEIGHTS_NAME = "model.onnx.data"

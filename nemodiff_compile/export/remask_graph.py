@@ -1,6 +1,6 @@
 """The remask stage inside the exported step: the commit rule in standard ops, or the plugin node.
 
-`commit_by_rank` is the rule of `sampling.remask` (threshold: top-1 masked + masked with conf >=
+`commit_by_rank` is the rule of `decoding.remask` (threshold: top-1 masked + masked with conf >=
 threshold; top-k: the quota[b] most confident masked; ties to the lower position) written without
 sort, TopK or ArgMax, whose tie order TensorRT does not promise: each position's rank is the number
 of positions ahead of it, counted pairwise over the block ([B, L, L] booleans; L is the block length).
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..plugins.remask.spec import REMASK
+from ..kernels.remask.spec import REMASK
 
 
 def commit_by_rank(conf: torch.Tensor, masked: torch.Tensor, threshold: float | None,
@@ -27,7 +27,7 @@ def commit_by_rank(conf: torch.Tensor, masked: torch.Tensor, threshold: float | 
 
 
 def remask_plugin_node(logits, canvas, active, quota, noise, opts: dict):
-    """One `nemodiff::Remask` node (name/version/namespace from plugins/remask/spec.py); noise is
+    """One `nemodiff::Remask` node (name/version/namespace from kernels/remask/spec.py); noise is
     already temperature-scaled, so the node's temperature attribute is 1."""
     threshold = opts["threshold"]
     attrs = {"mask_id": int(opts["mask_id"]), "policy": opts["policy"],

@@ -70,10 +70,3 @@ def check_trim(lengths: torch.Tensor, new: torch.Tensor) -> None:
     if bool((new > lengths).any()):
         raise ValueError("trim() can only shorten rows")
 
-
-def scatter_positions(cache: torch.Tensor, idx: torch.Tensor, block: torch.Tensor) -> None:
-    """cache.scatter_(3, idx, block) for the engines' [layers, B, H, S, D] caches, FP8 ones included
-    (torch has no float8 scatter kernel on the CPU: 1-byte dtypes are scattered as their bytes)."""
-    if cache.element_size() == 1 and cache.is_floating_point():
-        cache, block = cache.view(torch.uint8), block.view(torch.uint8)
-    cache.scatter_(3, idx, block)

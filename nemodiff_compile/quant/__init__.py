@@ -7,7 +7,7 @@ native ONNX Q/DQ graphs with weights stored quantized.
 Modules: recipe (the recipes), calib (built-in prompts, hash), ptq (ModelOpt calibration, per-layer
 codes and scales), qdq (Q/DQ into the traced graph, trt:: -> native), kv_cache (the FP8 KV-cache
 option), export (the whole model -> quantized ONNX step). The calibration forward loop (the decode
-loops over the torch reference) is the caller's: build/calibration.py.
+loops over the torch reference) is the caller's: quant/calibration.py.
 """
 
 from .recipe import RECIPES, Recipe, is_quantized, recipe_for

@@ -1,5 +1,5 @@
 """Calibration prompts (built-in or --calib FILE) and their hash. The forward loop that decodes them
-(the real decoding modes over the torch reference) is build/calibration.py's.
+(the real decoding modes over the torch reference) is quant/calibration.py's.
 
 --calib FILE: a .jsonl file, one JSON object per line with "text" (or "prompt") or "ids" (a list
 of token ids), or a plain text file, one prompt per line (blank lines ignored).

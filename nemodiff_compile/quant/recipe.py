@@ -17,6 +17,7 @@ import fnmatch
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from ..build_config import KV_CACHE_DTYPES
 from ..errors import InvalidArgument
 
 # format -> (ONNX element type name, largest representable magnitude used as the scale's divisor)
@@ -27,9 +28,8 @@ CALIB_MODES = ("ar", "dlm", "linear-spec")
 # Layers that never take Q/DQ whatever the recipe says: the token embedding (a Gather, not a
 # MatMul) and the RMSNorms (no weights to quantize). Listed so the manifest says so.
 ALWAYS_HIGH = ("encoder.embed_tokens", "*norm*")
-# KV-cache dtypes: "model" the graph's float dtype; "fp8" FLOAT8E4M3FN with one static scale per layer
-# for K and one for V (quant/kv_cache.py)
-KV_CACHE_DTYPES = ("model", "fp8")
+# KV_CACHE_DTYPES (build_config): "model" the graph's float dtype; "fp8" FLOAT8E4M3FN with one static
+# scale per layer for K and one for V (quant/kv_cache.py)
 
 
 @dataclass(frozen=True)

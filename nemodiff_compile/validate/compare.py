@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from ..errors import InvalidArgument
-from ..sampling import loops
-from ..sampling.denoiser import Denoiser
+from ..decoding import loops
+from ..decoding.denoiser import Denoiser
+from ..decoding.policy import DecodePolicy
 from . import metrics, spread
 from .shadow import ShadowDenoiser, ShadowPass
 from .tolerances import TOLERANCES, Tolerances
@@ -243,13 +244,14 @@ def _where(d: dict) -> str:
 
 def validate(reference: Denoiser, engine: Denoiser, prompts: list[list[int]], *,
              modes: tuple[str, ...] = loops.MODES, max_new_tokens: int = 32, block_length: int | None = None,
-             threshold: float | None = 0.9, steps: int | None = None, spec_threshold: float = 0.0,
+             threshold: float | None = None, steps: int | None = None, spec_threshold: float = 0.0,
              temperature: float = 0.0, tolerances: Tolerances | None = None, seed: int = 0,
              batch: int | None = None) -> ValidationReport:
     """Compare `engine` with `reference` in each mode; see the module docstring.
 
-    threshold / steps: the dlm policy (threshold rule, or the fixed-steps schedule when steps is set
-    and threshold None); spec_threshold: the linear-spec draft rule (0 = one draft pass per block).
+    threshold / steps: the dlm policy (threshold rule, default 0.9, or the fixed-steps schedule when steps
+    is set); spec_threshold: the linear-spec draft rule (0 = one draft pass per block). Every pass runs on
+    the host (the comparison is per pass), device block refiners included.
     batch: prompts per decode batch (default all at once); a large set runs in chunks of `batch`,
     pooled into one report (pass indices run on across chunks).
     """
@@ -257,31 +259,22 @@ def validate(reference: Denoiser, engine: Denoiser, prompts: list[list[int]], *,
     if engine is reference:
         raise InvalidArgument("validate needs two denoiser instances (each keeps its own KV cache); "
                               "got the same object twice")
-    for mode in modes:
-        if mode not in loops.MODES:
-            raise InvalidArgument(f"mode must be one of {', '.join(loops.MODES)}, got {mode!r}")
-    if steps is not None:
-        threshold = None
-    elif threshold is None:
-        threshold = loops.DEFAULT_THRESHOLD["dlm"]
+    policies = {mode: DecodePolicy(mode, block_length=block_length, temperature=temperature, seed=seed,
+                                   threshold={"dlm": threshold, "linear-spec": spec_threshold}.get(mode),
+                                   steps=steps if mode == "dlm" else None) for mode in modes}
     batch = batch or len(prompts) or 1
     results = {}
-    for mode in modes:
-        kw = dict(max_new_tokens=max_new_tokens, block_length=block_length, temperature=temperature, seed=seed,
-                  trace=True)
-        if mode == "dlm":
-            kw.update(threshold=threshold, steps=steps)
-        elif mode == "linear-spec":
-            kw.update(threshold=spec_threshold)
-        rule = _commit_rule(mode, threshold, spec_threshold)
+    for mode, policy in policies.items():
+        kw = dict(max_new_tokens=max_new_tokens, trace=True)
+        rule = _commit_rule(policy)
         passes, agree, divergence = [], [], None
         nfe = {"reference": 0, "engine": 0}
         tpf = {"reference": 0.0, "engine": 0.0}
         for lo in range(0, len(prompts), batch):                # chunks of `batch` prompts, one batch each
             chunk = prompts[lo:lo + batch]
             shadow = ShadowDenoiser(reference, engine, logits_atol=tol.logits_atol, logits_rtol=tol.logits_rtol)
-            ref = loops.generate(shadow, chunk, mode, **kw)                   # teacher-forced
-            eng = loops.generate(engine, chunk, mode, **kw)                   # free-running
+            ref = loops.generate(shadow, chunk, policy, **kw)                 # teacher-forced
+            eng = loops.generate(engine, chunk, policy, **kw)                 # free-running
             passes += [_pass_stats(mode, len(passes) + i, rec, sp, rule, reference.config.mask_token_id, tol, lo)
                        for i, (rec, sp) in enumerate(zip(ref.trace, shadow.passes, strict=True))]
             agree += [trajectory_agreement(a, b) for a, b in zip(ref.tokens, eng.tokens)]
@@ -297,16 +290,17 @@ def validate(reference: Denoiser, engine: Denoiser, prompts: list[list[int]], *,
         result.failures = _judge_mode(result, tol)
         results[mode] = result
     settings = dict(modes=list(modes), prompts=len(prompts), max_new_tokens=max_new_tokens,
-                    block_length=block_length, threshold=threshold, steps=steps,
+                    block_length=block_length, threshold=policies["dlm"].threshold if "dlm" in policies else threshold,
+                    steps=steps,
                     spec_threshold=spec_threshold, temperature=temperature, seed=seed, batch=batch)
     return ValidationReport(tol, results, settings)
 
 
-def _commit_rule(mode: str, threshold: float | None, spec_threshold: float) -> metrics.CommitRule | None:
-    if mode == "dlm":
-        return metrics.CommitRule("topk") if threshold is None else metrics.CommitRule("threshold", threshold)
-    if mode == "linear-spec":
-        return metrics.CommitRule("spec", spec_threshold)
+def _commit_rule(policy: DecodePolicy) -> metrics.CommitRule | None:
+    if policy.mode == "dlm":
+        return metrics.CommitRule("topk") if policy.steps is not None else metrics.CommitRule("threshold", policy.threshold)
+    if policy.mode == "linear-spec":
+        return metrics.CommitRule("spec", policy.threshold)
     return None
 
 

@@ -7,51 +7,26 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import NemodiffError
+from ..prompts import builtin_prompts
 
-# Built-in validation prompts (package data, one per line; prompts.encode_prompts wraps the even-numbered
-# ones in the chat template): the four first are the original set, chat and raw text of different
-# lengths; the 60 after them were drawn by `python -m nemodiff_compile.tiny.heldout 60 OUT --seed 72026
-# --exclude docs/prompts/tiny-heldout-200.txt` (the tiny corpus's style, none of them a calibration or
-# held-out prompt).
-PROMPTS_FILE = Path(__file__).resolve().parents[1] / "assets" / "prompts" / "validation.txt"
-TEXT_PROMPTS = ("What is 3 + 4?", "Once upon a time, Mia", "Count from 5:",
-                "Tell me a story about a cat who found a red ball in the garden.")
-# How many of them a validation uses: float engines must match token for token, so a few prompts
-# show a fault; a quantized engine is judged by distributions (validate/tolerances.py), which need
-# enough prompts that the build's own check cannot pass where a large held-out set fails (README,
-# "Quantization": measured against docs/prompts/tiny-heldout-200.txt).
+# How many built-in prompts (prompts.py) a validation uses: float engines must match token for token,
+# so a few prompts show a fault; a quantized engine is judged by distributions (validate/tolerances.py),
+# which need enough prompts that the build's own check cannot pass where a large held-out set fails
+# (README, "Quantization": measured against docs/prompts/tiny-heldout-200.txt).
 PROMPT_COUNTS = {"float": {"quick": 2, "full": 4}, "quantized": {"quick": 32, "full": 64}}
 VALIDATION_BATCH = 16               # prompts decoded together (a large set runs in chunks of this)
-
-
-def prompt_texts() -> tuple[str, ...]:
-    lines = PROMPTS_FILE.read_text(encoding="utf-8").splitlines()
-    return tuple(line.strip() for line in lines if line.strip())
 
 
 def open_pair(engine_dir: str | Path, *, reference: Any = None, reference_source: str | Path | None = None,
               max_len: int | None = None, threads: int | None = None):
     """(manifest, engine Denoiser, reference Denoiser, tokenizer or None) for an engine directory."""
     from .. import PRESETS, load_reference
-    from ..build.manifest import read_manifest
-    from ..build.pipeline import PRECISION_DTYPES
-    from ..config import ModelConfig
-    from ..export.spec import IOSpec
-    from ..runtime.ort_engine import OrtDenoiser
-    from ..runtime.torch_engine import TorchDenoiser
+    from ..build_config import PRECISION_DTYPES
+    from ..backends.eager import TorchDenoiser
+    from ..backends.open import open_engine
 
-    engine_dir = Path(engine_dir)
-    manifest = read_manifest(engine_dir)
-    cfg = ModelConfig.from_hf(manifest.model_config, source=f"{engine_dir}/manifest.json")
-    spec = IOSpec.from_json(manifest.io_spec)
-    max_len = max_len or manifest.buckets["max_context"]
-    if manifest.backend == "tensorrt":
-        from ..runtime.trt_engine import TrtDenoiser
-
-        engine = TrtDenoiser(engine_dir, manifest, cfg, max_len)
-    else:
-        engine = OrtDenoiser(engine_dir / "model.onnx", spec, cfg, max_len, threads=threads,
-                             return_logits="logits" in spec.output_names())
+    e = open_engine(engine_dir, max_len=max_len, threads=threads, return_logits=None)
+    manifest, cfg = e.manifest, e.config
     if reference is None:
         source = reference_source or manifest.source
         if not Path(str(source)).exists() and str(source).lower() not in PRESETS:
@@ -60,25 +35,7 @@ def open_pair(engine_dir: str | Path, *, reference: Any = None, reference_source
     if reference.config.replace(dtype=cfg.dtype).to_hf() != cfg.to_hf():          # dtype aside
         raise NemodiffError(f"{engine_dir}: the reference model's config differs from the engine's: "
                             "rebuild the engine from this checkpoint")
-    tok = None
-    if (engine_dir / "tokenizer.json").is_file():
-        from ..model.tokenizer import load_tokenizer
-
-        tok = load_tokenizer(engine_dir)
-    return manifest, engine, TorchDenoiser(reference, max_len, return_logits=True), tok
-
-
-def builtin_prompts(tok: Any, cfg, count: int) -> list[list[int]]:
-    """The first `count` built-in prompts: encoded text when there is a tokenizer, else seeded ids."""
-    if tok is not None:
-        from ..prompts import encode_prompts
-
-        return encode_prompts([{"text": t} for t in prompt_texts()[:count]], tok, cfg, "built-in prompts")
-    import random
-
-    rng = random.Random(0)
-    return [[cfg.bos_token_id or 1] + [rng.randrange(128, cfg.vocab_size) for _ in range(3 + 5 * (i % 8))]
-            for i in range(count)]
+    return manifest, e.denoiser, TorchDenoiser(reference, e.denoiser.max_len, return_logits=True), e.tokenizer
 
 
 def validate_engine(engine_dir: str | Path, *, reference: Any = None, reference_source: str | Path | None = None,
@@ -87,7 +44,7 @@ def validate_engine(engine_dir: str | Path, *, reference: Any = None, reference_
                     prompts_file: str | Path | None = None):
     """Compare the engine with the reference per pass on the built-in prompts (or those of
     `prompts_file`, a --prompts file: prompts.py); record it in the manifest."""
-    from ..build.manifest import write_manifest
+    from ..artifact.manifest import write_manifest
     from . import tolerances_for, validate
 
     items = None
@@ -149,3 +106,21 @@ def bench_engine(engine_dir: str | Path, *, batch: int = 1, mode: str = "dlm", m
     prompts = (builtin_prompts(tok, ref.config, 4) * batch)[:batch]
     return bench({"engine": engine, "reference": ref}, prompts, mode=mode, max_new_tokens=max_new_tokens,
                  repeats=repeats, warmup=warmup)
+
+
+def sweep_engine(engine_dir: str | Path, specs: tuple[str, ...], *, mode: str = "dlm", max_new_tokens: int = 64,
+                 batch: int = 1, repeats: int = 3, threads: int | None = None,
+                 tasks_file: str | Path | None = None, prompts_file: str | Path | None = None, log=None):
+    """`bench DIR --sweep ...`: the engine over a grid of decode settings (bench/sweep.py), judged by
+    the reference it was built from. Prompts: --tasks (scored answers), --prompts, or the built-in ones."""
+    from ..bench.sweep import SweepInputs, plan_sweep, run_sweep
+
+    inputs = SweepInputs.read(specs, mode=mode, tasks_file=tasks_file, prompts_file=prompts_file)
+    manifest, engine, ref, tok = open_pair(engine_dir, threads=threads)
+    ref.return_logits = engine.return_logits = False
+    settings = plan_sweep(inputs.axes, mode=mode, block_size=ref.config.block_size)
+    prompts, source = inputs.prompts(tok, ref.config)
+    info = dict(engine=f"{Path(engine_dir).name} ({manifest.backend}, {manifest.precision})", prompt_source=source,
+                judge=f"the reference ({ref.model.dtype}) causal pass".replace("torch.", ""))
+    return run_sweep(engine, settings, prompts, judge=ref.model, max_new_tokens=max_new_tokens, batch=batch,
+                     repeats=repeats, tasks=inputs.tasks, tokenizer=tok, info=info, log=log)

@@ -15,13 +15,32 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..sampling import loops
+from ..decoding import loops
+from ..decoding.policy import DecodePolicy
 from . import layers, metrics
 from .shadow import ShadowDenoiser
 
 
 class _Stop(Exception):
     """Ends a replay once the examined pass has run."""
+
+
+class _Probe(ShadowDenoiser):
+    """The teacher-forced shadow run, arming both taps for pass `index` and stopping after it."""
+
+    def __init__(self, reference, engine, index: int, taps):
+        super().__init__(reference, engine)
+        self.index, self.taps, self.seen = index, taps, {}
+
+    def step(self, tokens, **kw):
+        if len(self.passes) == self.index:
+            for t in self.taps:
+                t.arm()
+        out = super().step(tokens, **kw)
+        if len(self.passes) == self.index + 1:
+            self.seen["valid"] = metrics.valid_positions(tokens, kw.get("num_valid"))
+            raise _Stop
+        return out
 
 
 def pick(report) -> tuple[str, Any, str] | None:
@@ -110,36 +129,18 @@ def advice(layer: int, n: int) -> str:
 def replay(reference, engine, prompts: list[list[int]], mode: str, index: int, settings: dict) -> dict[str, Any]:
     """Run `mode` teacher-forced on `prompts` up to pass `index` with both sides tapped; the per-layer
     errors of that pass (layers.layer_errors)."""
-    kw = dict(max_new_tokens=settings["max_new_tokens"], block_length=settings.get("block_length"),
-              temperature=settings.get("temperature", 0.0), seed=settings.get("seed", 0))
-    if mode == "dlm":
-        kw.update(threshold=settings.get("threshold"), steps=settings.get("steps"))
-    elif mode == "linear-spec":
-        kw.update(threshold=settings.get("spec_threshold", 0.0))
-    seen: dict[str, Any] = {}
+    steps = settings.get("steps") if mode == "dlm" else None
+    threshold = {"dlm": None if steps is not None else settings.get("threshold"),
+                 "linear-spec": settings.get("spec_threshold", 0.0)}.get(mode)
+    policy = DecodePolicy(mode, block_length=settings.get("block_length"), threshold=threshold, steps=steps,
+                          temperature=settings.get("temperature", 0.0), seed=settings.get("seed", 0))
     with layers.tap(reference) as tr, layers.tap(engine) as te:
-        shadow = ShadowDenoiser(reference, engine)
-
-        class Counting:                                  # the shadow, arming both taps before pass `index`
-            config, max_len = shadow.config, shadow.max_len
-            reset, lengths, trim = shadow.reset, shadow.lengths, shadow.trim
-            calls = 0
-
-            def step(self, tokens, **k):
-                if self.calls == index:
-                    tr.arm()
-                    te.arm()
-                out = shadow.step(tokens, **k)
-                if self.calls == index:
-                    seen["valid"] = metrics.valid_positions(tokens, k.get("num_valid"))
-                    raise _Stop
-                self.calls += 1
-                return out
-
+        probe = _Probe(reference, engine, index, (tr, te))
         try:
-            loops.generate(Counting(), prompts, mode, **kw)
+            loops.generate(probe, prompts, policy, max_new_tokens=settings["max_new_tokens"], trace=True)
         except _Stop:
             pass
+    seen = probe.seen
     if "valid" not in seen or tr.states is None or te.states is None:
         raise layers.Untappable(f"the replay of {mode} did not reach pass {index}")
     return layers.layer_errors(tr.states, te.states, seen["valid"])

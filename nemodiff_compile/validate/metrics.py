@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..sampling import remask
+from ..decoding import remask
 
 
 def valid_positions(tokens: torch.Tensor, num_valid: torch.Tensor | None) -> torch.Tensor:

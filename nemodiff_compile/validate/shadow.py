@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..sampling.denoiser import Denoiser, StepOut
+from ..decoding.denoiser import Denoiser, StepOut
 from . import metrics
 
 
@@ -32,7 +32,7 @@ class ShadowPass:
     lengths_ok: bool                   # cache lengths equal after this pass (and after a following trim)
 
 
-class ShadowDenoiser:
+class ShadowDenoiser(Denoiser):
     def __init__(self, reference: Denoiser, engine: Denoiser, *, logits_atol: float | None = None,
                  logits_rtol: float | None = None):
         self.reference, self.engine = reference, engine

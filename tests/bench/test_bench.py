@@ -9,7 +9,7 @@ import torch
 from nemodiff_compile.bench import bench
 from nemodiff_compile.bench.run import _quantile
 from nemodiff_compile.errors import InvalidArgument
-from nemodiff_compile.runtime.torch_engine import TorchDenoiser
+from nemodiff_compile.backends.eager import TorchDenoiser
 
 PROMPTS = [[1, 40, 41, 42, 43, 44, 45], [1, 50, 51]]
 

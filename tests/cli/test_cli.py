@@ -57,7 +57,7 @@ def test_bad_flags_are_one_line_exit_2(tmp_path):
 def engine(tmp_path_factory):
     pytest.importorskip("onnxruntime")
     out = tmp_path_factory.mktemp("cli") / "tiny-fp32"
-    r = run("build", "--output", out, "--with-logits")
+    r = run("build", "--output", out, "--with-logits", "--backend", "onnxruntime")
     assert r.exit_code == 0, r.output
     return out
 
@@ -112,7 +112,7 @@ def test_validate_fails_on_a_broken_engine(engine, tmp_path):
 
     import torch
 
-    from nemodiff_compile.build.manifest import file_digest, read_manifest, write_manifest
+    from nemodiff_compile.artifact.manifest import file_digest, read_manifest, write_manifest
 
     broken = tmp_path / "broken"
     shutil.copytree(engine, broken)

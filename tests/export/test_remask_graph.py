@@ -1,4 +1,4 @@
-"""The remask stage in standard ops: the same commit sets as sampling.remask (ties, none above threshold,
+"""The remask stage in standard ops: the same commit sets as decoding.remask (ties, none above threshold,
 all committed, inactive rows), and the exported graph's commits agree with the rule applied to its own
 token/confidence outputs under ONNX Runtime."""
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nemodiff_compile.export.remask_graph import commit_by_rank
-from nemodiff_compile.sampling import remask
+from nemodiff_compile.decoding import remask
 
 
 def _cases():
@@ -39,7 +39,7 @@ def test_topk_rule_matches_sampling(k):
 def test_exported_remask_stage_under_onnxruntime(graph, request, tiny_cfg):
     """fp32, and fp8 Q/DQ (the quantized export keeps the remask stage)."""
     ort = pytest.importorskip("onnxruntime")
-    from nemodiff_compile.build.manifest import read_manifest
+    from nemodiff_compile.artifact.manifest import read_manifest
 
     folder = request.getfixturevalue(graph)
     m = read_manifest(folder)

@@ -8,9 +8,9 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 from nemodiff_compile import load_reference  # noqa: E402
-from nemodiff_compile.runtime.fast_engine import FastDenoiser  # noqa: E402
-from nemodiff_compile.runtime.torch_engine import TorchDenoiser  # noqa: E402
-from nemodiff_compile.sampling import loops  # noqa: E402
+from nemodiff_compile.backends.fast import FastDenoiser  # noqa: E402
+from nemodiff_compile.backends.eager import TorchDenoiser  # noqa: E402
+from nemodiff_compile.decoding import loops  # noqa: E402
 
 PROMPTS = [[1, 40, 41, 42, 43, 44, 45], [1, 50, 51], [1, 60, 61, 62, 63, 64, 65, 66, 67, 68]]
 MAX_LEN = 128
@@ -36,7 +36,7 @@ def test_graph_replay_equals_eager_per_pass(model):
 def test_device_loop_equals_reference(model, kw):
     ref = loops.diffusion_generate(TorchDenoiser(model, MAX_LEN), PROMPTS, max_new_tokens=48, **kw)
     den = FastDenoiser(model, MAX_LEN)
-    got = den.generate_dlm(PROMPTS, max_new_tokens=48, **kw)
+    got = loops.diffusion_generate(den, PROMPTS, max_new_tokens=48, **kw)         # the device refiner
     assert got.tokens == ref.tokens
     assert got.nfe_by_phase == ref.nfe_by_phase and got.row_nfe == ref.row_nfe
     assert den.graphs.captures >= 2
@@ -58,7 +58,7 @@ def test_fp8_tracks_bf16(mode):
     den = FastDenoiser(model, MAX_LEN, fp8=mode)
     if mode == "static":
         den.calibrate([[1, 30, 31, 32, 33], [1, 70, 71, 72]], max_new_tokens=32)
-    got = den.generate_dlm(PROMPTS, max_new_tokens=48, threshold=0.9)
+    got = loops.diffusion_generate(den, PROMPTS, max_new_tokens=48, threshold=0.9)
     agree = sum(a == b for r, g in zip(ref.tokens, got.tokens) for a, b in zip(r, g))
     total = sum(len(r) for r in ref.tokens)
     print(f"fp8 ({mode}) vs bf16 reference: position-wise token agreement {agree}/{total}")

@@ -15,15 +15,16 @@ def test_calibrating_on_the_gpu_writes_the_cpu_graph(tmp_path):
     identical; the activation scales come from GPU arithmetic, so they agree to rounding."""
     from onnx import numpy_helper
 
-    from nemodiff_compile.build.pipeline import build_engine
+    from nemodiff_compile.build_config import BuildConfig
+    from nemodiff_compile.pipeline import build_engine
     from nemodiff_compile.quant import recipe_for
 
     torch.backends.cuda.matmul.allow_tf32 = False
     recipe = recipe_for("fp8").with_(calib_modes=("dlm",), calib_max_new_tokens=8)
     inits = {}
     for device in ("cpu", "cuda"):
-        out = build_engine("tiny", output=tmp_path / device, precision="fp8", recipe=recipe, validate=False,
-                           calib_device=device)
+        out = build_engine(BuildConfig.of(source="tiny", output=tmp_path / device, backend="onnxruntime",
+                                          precision="fp8", validate=False, calib_device=device), recipe=recipe)
         m = onnx.load(str(out / "model.onnx"))
         inits[device] = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
     cpu, gpu = inits["cpu"], inits["cuda"]

@@ -14,12 +14,12 @@ pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 from nemodiff_compile import TINY_ASSET  # noqa: E402
-from nemodiff_compile.build.manifest import read_manifest  # noqa: E402
+from nemodiff_compile.artifact.manifest import read_manifest  # noqa: E402
 from nemodiff_compile.cli import cli  # noqa: E402
 from nemodiff_compile.errors import NemodiffError  # noqa: E402
-from nemodiff_compile.export.spec import IOSpec  # noqa: E402
+from nemodiff_compile.artifact.spec import IOSpec  # noqa: E402
 from nemodiff_compile.quant.kv_cache import FP8_DTYPE, fp8_cache_graph, fp8_spec  # noqa: E402
-from nemodiff_compile.runtime.ort_engine import OrtDenoiser  # noqa: E402
+from nemodiff_compile.backends.ort import OrtDenoiser  # noqa: E402
 
 TRAINED = (TINY_ASSET / "config.json").is_file()
 CACHE = ("past_keys", "past_values")
@@ -120,7 +120,7 @@ def test_graph_pass_computes_the_float_graph_on_the_dequantized_cache(float_and_
 
 
 def test_fp8_spec_changes_only_the_cache(tiny_cfg):
-    from nemodiff_compile.export.spec import step_spec
+    from nemodiff_compile.artifact.spec import step_spec
 
     spec = step_spec(tiny_cfg, "float32", with_logits=True)
     got = fp8_spec(spec)
@@ -140,7 +140,7 @@ def kv_engine(tmp_path_factory):
         pytest.skip("needs the trained tiny checkpoint")
     out = tmp_path_factory.mktemp("kvfp8") / f"tiny-{PRECISION}-kvfp8"
     r = run("build", "--precision", PRECISION, "--kv-cache", "fp8", "--with-logits", "--no-validate",
-            "--output", out)
+            "--backend", "onnxruntime", "--output", out)
     assert r.exit_code == 0, r.output
     return out
 
@@ -209,7 +209,7 @@ def test_generation_tracks_the_reference(kv_engine):
 def test_fp8_cache_graph_builds_a_tensorrt_plan(kv_engine, tmp_path):
     """TensorRT (tensorrt_rtx here) parses the FP8 cache inputs/outputs and their DQ/Q and builds sm89."""
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is not installed")
-    from nemodiff_compile.build.tensorrt_builder import BuildOptions, build_plan
+    from nemodiff_compile.trt.builder import BuildOptions, build_plan
 
     m = read_manifest(kv_engine)
     plan, info = build_plan(kv_engine / "model.onnx", io_spec=m.io_spec, buckets=m.buckets, precision=PRECISION,

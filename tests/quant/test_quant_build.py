@@ -15,7 +15,7 @@ pytest.importorskip("modelopt")
 onnx = pytest.importorskip("onnx")
 
 from nemodiff_compile import TINY_ASSET  # noqa: E402
-from nemodiff_compile.build.manifest import read_manifest  # noqa: E402
+from nemodiff_compile.artifact.manifest import read_manifest  # noqa: E402
 from nemodiff_compile.cli import cli  # noqa: E402
 from nemodiff_compile.quant import recipe_for  # noqa: E402
 
@@ -40,20 +40,24 @@ def engines(tmp_path_factory):
             return built[precision]
         out = root / f"tiny-{precision}"
         if precision == "fp8":
-            from nemodiff_compile.build.pipeline import build_engine
+            from nemodiff_compile.build_config import BuildConfig
+            from nemodiff_compile.pipeline import build_engine
 
-            build_engine("tiny", output=out, precision="fp8", with_logits=True)
+            build_engine(BuildConfig.of(source="tiny", output=out, backend="onnxruntime", precision="fp8",
+                                        with_logits=True))
         elif precision == "int8":
             calib = root / "calib.jsonl"
             calib.write_text("".join(json.dumps({"text": t}) + "\n" for t in (
                 "Once upon a time, a cat sat on a mat.", "What is 2 + 2?", "Count from 3:",
                 "Tom had a big red ball and he liked to play with it.")) + json.dumps({"ids": [1, 40, 41, 42]}) + "\n")
-            r = run("build", "--precision", "int8", "--calib", calib, "--with-logits", "--output", out)
+            r = run("build", "--precision", "int8", "--calib", calib, "--with-logits", "--backend", "onnxruntime",
+                    "--output", out)
             assert r.exit_code == 0, r.output
         else:
             calib = root / "calib.txt"
             calib.write_text("Lily saw a bird in the tree.\nWhat is 6 + 1?\nCount from 7:\nThe dog ran to the park.\n")
-            r = run("build", "--precision", precision, "--calib", calib, "--with-logits", "--output", out)
+            r = run("build", "--precision", precision, "--calib", calib, "--with-logits", "--backend", "onnxruntime",
+                    "--output", out)
             assert r.exit_code == 0, r.output
         built[precision] = out
         return out
@@ -167,10 +171,10 @@ def test_graph_computes_what_modelopt_calibrated(tmp_path):
     import torch
 
     from nemodiff_compile import load_reference
-    from nemodiff_compile.build.calibration import decoding_loop
+    from nemodiff_compile.quant.calibration import decoding_loop
     from nemodiff_compile.quant.export import quantize_step
-    from nemodiff_compile.runtime.ort_engine import OrtDenoiser
-    from nemodiff_compile.runtime.torch_engine import TorchDenoiser
+    from nemodiff_compile.backends.ort import OrtDenoiser
+    from nemodiff_compile.backends.eager import TorchDenoiser
 
     model, ref = load_reference("tiny"), load_reference("tiny")
     recipe = recipe_for("int8").with_(calib_modes=("dlm",), calib_max_new_tokens=16)
@@ -198,12 +202,14 @@ def test_broken_recipe_fails_the_gate(tmp_path, heldout_subset):
     """int4 per-channel weights with int8 activations, diffusion head included, judged by fp8's
     bounds: validate says FAILED on the held-out prompts and on the build's own prompts, explains
     where (mode, pass kind, pass, per-layer error), and the CLI exits 1 saying why."""
-    from nemodiff_compile.build.pipeline import build_engine
+    from nemodiff_compile.build_config import BuildConfig
+    from nemodiff_compile.pipeline import build_engine
     from nemodiff_compile.validate.engine import validate_engine
 
     broken = recipe_for("fp8").with_(weights="int4", weight_block=None, activations="int8", exclude=(),
                                      calib_max_new_tokens=16)
-    out = build_engine("tiny", output=tmp_path / "broken", precision="fp8", recipe=broken, with_logits=True)
+    out = build_engine(BuildConfig.of(source="tiny", output=tmp_path / "broken", backend="onnxruntime",
+                                      precision="fp8", with_logits=True), recipe=broken)
     v = read_manifest(out).validation                     # the build's own validation
     assert v["passed"] is False and v["prompts"] == 32 and v["explanation"]
     report = validate_engine(out, prompts_file=heldout_subset, max_new_tokens=16, write=False)
@@ -247,8 +253,8 @@ def test_quantized_graph_builds_a_tensorrt_plan(engines, precision, tmp_path):
     """The ONNX Runtime engine's Q/DQ graph, parsed and built by TensorRT (tensorrt_rtx here) for sm89:
     every quantized projection must reach its GEMM through DQ (a Gemm's transB shuffle in between)."""
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is not installed")
-    from nemodiff_compile.build.manifest import read_manifest
-    from nemodiff_compile.build.tensorrt_builder import BuildOptions, build_plan
+    from nemodiff_compile.artifact.manifest import read_manifest
+    from nemodiff_compile.trt.builder import BuildOptions, build_plan
 
     d = engines(precision)
     m = read_manifest(d)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from nemodiff_compile.errors import InvalidArgument
-from nemodiff_compile.runtime.torch_engine import TorchDenoiser
-from nemodiff_compile.sampling import loops
+from nemodiff_compile.backends.eager import TorchDenoiser
+from nemodiff_compile.decoding import loops
 from nemodiff_compile.validate import TOLERANCES, tolerances_for, validate
 from nemodiff_compile.validate import metrics
 from nemodiff_compile.validate.compare import trajectory_agreement

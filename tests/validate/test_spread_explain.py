@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from nemodiff_compile.runtime.torch_engine import TorchDenoiser
+from nemodiff_compile.backends.eager import TorchDenoiser
 from nemodiff_compile.validate import tolerances_for, validate
 from nemodiff_compile.validate import layers, spread
 from nemodiff_compile.validate.explain import explain

@@ -1,0 +1,108 @@
+"""The I/O contract of the exported denoiser step, as data. Stdlib only.
+
+The runtime binds buffers from it and the TensorRT builder makes optimization profiles from it, so
+neither needs the exporter. One graph serves every pass (prefill, bidirectional refinement, causal
+commit / verify) through its inputs; the KV cache is a static max-length layout with per-row lengths.
+
+  input_ids      [batch, block]                                int64
+  cache_lengths  [batch]                                       int64   valid cache positions per row
+  num_valid      [batch]                                       int64   real tokens per row (right padding)
+  causal         []                                            bool    causal inside the block, else bidirectional
+  temperature    []                                            float32 0 = argmax
+  gumbel_noise   [batch, block, vocab]                         float32 Gumbel noise (zeros at temperature 0)
+  past_keys      [layers, batch, kv_heads, cache_len, head_dim] model dtype
+  past_values    same
+  draft_lora     []                                            bool    draft LoRA on (only in graphs of models with one)
+  -> token       [batch, block]                                int64   argmax(logits + temperature * noise)
+  -> confidence  [batch, block]                                float32 softmax(logits)[token]
+  -> new_keys    [layers, batch, kv_heads, block, head_dim]    the block's post-RoPE K (the caller writes
+  -> new_values  same                                          them at cache_lengths on causal passes)
+  -> logits      [batch, block, vocab]                         validation builds only
+
+Graphs exported with the remask stage (`remask="onnx"` standard ops, or `remask="plugin"` the
+`nemodiff::Remask` custom node, kernels/remask/spec.py) also take and give, after the above:
+  canvas         [batch, block]                                int64   the block (mask_id where masked)
+  active         [batch]                                       bool    rows still refining
+  quota          [batch]                                       int64   commits this pass (top-k policy)
+  -> canvas_out  [batch, block]                                int64   canvas with this pass's commits
+  -> commit      [batch, block]                                bool    positions committed by this pass
+The policy (threshold value or top-k) and mask_id are fixed at export, in `extra["remask"]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..config import ModelConfig
+
+OPSET = 21
+REMASK_VARIANTS = ("none", "onnx", "plugin")
+DYNAMIC_DIMS = ("batch", "block", "cache_len")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str                      # numpy-style name: int64, float32, bfloat16, bool, ...
+    shape: tuple[str | int, ...]    # named dims are dynamic, ints are static
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    opset: int = OPSET
+    dynamic_dims: tuple[str, ...] = DYNAMIC_DIMS
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "IOSpec":
+        def specs(items):
+            return tuple(TensorSpec(i["name"], i["dtype"], tuple(i["shape"])) for i in items)
+
+        return cls(specs(d["inputs"]), specs(d["outputs"]), d.get("opset", OPSET),
+                   tuple(d.get("dynamic_dims", DYNAMIC_DIMS)), d.get("extra", {}))
+
+    def has_input(self, name: str) -> bool:
+        return any(t.name == name for t in self.inputs)
+
+    def input(self, name: str) -> TensorSpec:
+        return next(t for t in self.inputs if t.name == name)
+
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+
+def step_spec(cfg: ModelConfig, kv_dtype: str, with_logits: bool, with_lora: bool = False,
+              remask: dict[str, Any] | None = None) -> IOSpec:
+    kv_static = (cfg.num_hidden_layers, "batch", cfg.num_key_value_heads, "cache_len", cfg.head_dim)
+    new_kv = (cfg.num_hidden_layers, "batch", cfg.num_key_value_heads, "block", cfg.head_dim)
+    inputs = (
+        TensorSpec("input_ids", "int64", ("batch", "block")),
+        TensorSpec("cache_lengths", "int64", ("batch",)),
+        TensorSpec("num_valid", "int64", ("batch",)),
+        TensorSpec("causal", "bool", ()),
+        TensorSpec("temperature", "float32", ()),
+        TensorSpec("gumbel_noise", "float32", ("batch", "block", cfg.vocab_size)),
+        TensorSpec("past_keys", kv_dtype, kv_static),
+        TensorSpec("past_values", kv_dtype, kv_static),
+    ) + ((TensorSpec("draft_lora", "bool", ()),) if with_lora else ())
+    if remask is not None:
+        inputs += (TensorSpec("canvas", "int64", ("batch", "block")), TensorSpec("active", "bool", ("batch",)),
+                   TensorSpec("quota", "int64", ("batch",)))
+    outputs = [
+        TensorSpec("token", "int64", ("batch", "block")),
+        TensorSpec("confidence", "float32", ("batch", "block")),
+        TensorSpec("new_keys", kv_dtype, new_kv),
+        TensorSpec("new_values", kv_dtype, new_kv),
+    ]
+    if remask is not None:
+        outputs += [TensorSpec("canvas_out", "int64", ("batch", "block")),
+                    TensorSpec("commit", "bool", ("batch", "block"))]
+    if with_logits:
+        outputs.append(TensorSpec("logits", kv_dtype, ("batch", "block", cfg.vocab_size)))
+    return IOSpec(inputs, tuple(outputs), extra={"remask": dict(remask)} if remask is not None else {})

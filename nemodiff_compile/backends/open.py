@@ -1,0 +1,54 @@
+"""`open_engine(dir)`: a built engine directory as a running `Denoiser`, its manifest read and checked once.
+
+Session.open, validate and bench all open engine directories through here: the manifest (files, sizes,
+runtime version: `artifact/manifest.py`), the model config and I/O spec it records, the backend it names
+(ONNX Runtime, or the TensorRT plan for this GPU: `trt.select_plan`) and the tokenizer files beside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..artifact.manifest import Manifest, read_manifest
+from ..artifact.spec import IOSpec
+from ..config import ModelConfig
+from ..decoding.denoiser import Denoiser
+
+
+@dataclass
+class Engine:
+    path: Path
+    manifest: Manifest
+    config: ModelConfig
+    spec: IOSpec
+    denoiser: Denoiser
+    tokenizer: Any = None             # tokenizers.Tokenizer, or None when the directory has none
+
+
+def open_engine(engine_dir: str | Path, *, max_len: int | None = None, providers: list[str] | None = None,
+                threads: int | None = None, return_logits: bool | None = False) -> Engine:
+    """max_len: KV cache positions (default: the build's max_context); providers / threads: ONNX Runtime's;
+    return_logits: None returns them wherever the graph has them (validation builds), else as asked."""
+    engine_dir = Path(engine_dir)
+    manifest = read_manifest(engine_dir)
+    config = ModelConfig.from_hf(manifest.model_config, source=f"{engine_dir}/manifest.json")
+    spec = IOSpec.from_json(manifest.io_spec)
+    max_len = max_len or int(manifest.buckets["max_context"])
+    if manifest.backend == "tensorrt":      # the plan for this GPU, or a refusal naming what to build
+        from .trt import TrtDenoiser
+
+        den = TrtDenoiser(engine_dir, manifest, config, max_len)
+    else:
+        from .ort import OrtDenoiser
+
+        logits = "logits" in spec.output_names() if return_logits is None else return_logits
+        den = OrtDenoiser(engine_dir / "model.onnx", spec, config, max_len, providers=providers, threads=threads,
+                          return_logits=logits)
+    tok = None
+    if (engine_dir / "tokenizer.json").is_file():
+        from ..model.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(engine_dir)
+    return Engine(engine_dir, manifest, config, spec, den, tok)

@@ -1,0 +1,136 @@
+"""ONNX Runtime backend: the exported step graph (`export/spec.py`) as a `Denoiser`.
+
+Every buffer is a torch tensor bound to the session by pointer (IOBinding), in host memory on the CPU
+execution provider and in device memory on the CUDA one, so nothing is copied to feed a pass: the
+static KV cache [layers, B, kv_heads, max_len, head_dim] goes in whole, the block's new K/V come back
+into preallocated buffers and causal passes scatter them into the cache at each row's length (the
+same writes as `StaticKVCache`). Only token and confidence [B, L] are copied to the host. The cache
+dtype is the spec's: the graph's float dtype, or float8_e4m3fn (1 byte per element) for builds with
+an FP8 cache, whose graph dequantizes the cache and quantizes the block's K/V itself. (ORT 1.32's
+`session.run` rejects ml_dtypes float8 numpy arrays; binding by pointer with element type 17, as here,
+or `OrtValue.ortvalue_from_numpy_with_onnx_type(uint8 view, 17)` both work.)
+
+Graphs of models with a draft LoRA take a `draft_lora` flag; without one, `draft_lora=True` drafts
+with the base weights (linear-spec stays lossless; it may accept fewer drafts than with the LoRA).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import NemodiffError
+from ..decoding.denoiser import StepOut
+from .base import TORCH_DTYPES, BackendDenoiser, scatter_block
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..artifact.spec import IOSpec
+
+# torch dtype -> ONNX TensorProto element type (what IOBinding takes); float8_e4m3fn: the KV cache of
+# fp8-cache builds (quant/kv_cache.py), bound by pointer like the rest
+_ONNX = {torch.float32: 1, torch.int64: 7, torch.bool: 9, torch.float16: 10, torch.bfloat16: 16,
+         torch.float8_e4m3fn: 17}
+_MAX_SHAPES = 8   # (batch, block) output buffer sets kept: decode, block, verify, a few prompt lengths
+
+
+class OrtDenoiser(BackendDenoiser):
+    def __init__(self, onnx_path: str | Path, spec: "IOSpec", config: ModelConfig, max_len: int, *,
+                 providers: list | None = None, threads: int | None = None, return_logits: bool = False,
+                 fuse: bool = True):
+        """fuse=False stops at ORT's basic graph optimizations: Q/DQ graphs then compute exactly what
+        they say (with fuse=True the CPU provider may fold int8 Q/DQ + MatMul into integer kernels
+        that round differently)."""
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if fuse
+                                         else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+        if threads:
+            opts.intra_op_num_threads = threads
+        # int4 weight-only graphs: ORT fuses DQ + MatMul into MatMulNBits, which by default (level 4)
+        # quantizes the activations to int8 on the CPU; the graph says float activations, so compute them so
+        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+        providers = providers or ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), opts, providers=providers)
+        except Exception as e:       # onnxruntime's pybind errors (NotImplemented, Fail, ...) have no common base
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            hint = (" (ONNX Runtime's CPU provider has no bfloat16 kernels for most ops: run bf16 engines on a "
+                    "GPU provider or build --backend tensorrt)" if spec.input("past_keys").dtype == "bfloat16" else "")
+            raise NemodiffError(f"{onnx_path}: ONNX Runtime ({', '.join(map(str, providers))}) cannot load this "
+                                f"graph: {first}{hint}") from None
+        self.spec, self.config = spec, config
+        self.onnx_path = Path(onnx_path)
+        self._check(onnx_path, return_logits)
+        device = torch.device("cpu")
+        if self.session.get_providers()[0] == "CUDAExecutionProvider":
+            dev_id = self.session.get_provider_options()["CUDAExecutionProvider"].get("device_id", 0)
+            device = torch.device("cuda", int(dev_id))
+        super().__init__(config, max_len, device, return_logits=return_logits)
+        self.kv_dtype = TORCH_DTYPES[spec.input("past_keys").dtype]
+        self.io = self.session.io_binding()
+        self.k = self.v = None                                   # [layers, B, kv_heads, max_len, D]
+        self._bufs: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self._flags = {c: torch.tensor(c, device=self.device) for c in (False, True)}   # 0-d bool inputs
+        self._temperature = torch.zeros((), device=self.device)
+
+    def _check(self, path, return_logits: bool) -> None:
+        got = [sorted(t.name for t in ts) for ts in (self.session.get_inputs(), self.session.get_outputs())]
+        want = [sorted(t.name for t in ts) for ts in (self.spec.inputs, self.spec.outputs)]
+        if got != want:
+            raise NemodiffError(f"{path}: graph I/O {got} differs from its I/O spec {want}: re-export it")
+        c = self.config
+        kv = (c.num_hidden_layers, "batch", c.num_key_value_heads, "cache_len", c.head_dim)
+        vocab = self.spec.input("gumbel_noise").shape[2]
+        if tuple(self.spec.input("past_keys").shape) != kv or vocab != c.vocab_size:
+            raise NemodiffError(f"{path}: the graph's KV cache / vocab shapes do not match the model config: "
+                                "re-export it from this checkpoint")
+        if return_logits and "logits" not in self.spec.output_names():
+            raise NemodiffError(f"{path} was exported without logits: export it with with_logits=True "
+                                "to return them")
+
+    def _allocate(self, rows: int) -> None:
+        self.k, self.v = self.kv_cache(rows, self.kv_dtype)
+        self._bufs.clear()
+
+    def _pass(self, tokens, *, causal, write, num_valid, draft_lora, temperature, noise) -> StepOut:
+        B, L = tokens.shape
+        dev, out = self.device, self._buffers(B, L)
+        # the host draw fed as float32; zeros at temperature 0
+        noise = out["zeros"] if noise is None else noise.to(dev, torch.float32)                     # [B, L, V]
+        self._temperature.fill_(float(temperature))
+        feeds = {"input_ids": tokens.to(dev, torch.long).contiguous(),                 # [B, L]
+                 "cache_lengths": self._lengths.to(dev), "num_valid": num_valid.to(dev),  # [B]
+                 "causal": self._flags[bool(causal)], "temperature": self._temperature,  # []
+                 "gumbel_noise": noise, "past_keys": self.k, "past_values": self.v}
+        if self.spec.has_input("draft_lora"):
+            feeds["draft_lora"] = self._flags[bool(draft_lora)]                       # [] bool
+        for name, t in feeds.items():
+            self._bind(self.io.bind_input, name, t)
+        for name in self.spec.output_names():
+            self._bind(self.io.bind_output, name, out[name])
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)     # torch's writes land before ORT reads; ORT syncs at the end of Run
+        self.session.run_with_iobinding(self.io)
+        if write:   # the block's K/V at positions lengths[b] + 0..L-1
+            scatter_block(self.k, self.v, feeds["cache_lengths"], out["new_keys"], out["new_values"])
+        logits = out["logits"].clone() if self.return_logits else None
+        return StepOut(out["token"].to("cpu", copy=True), out["confidence"].to("cpu", copy=True), logits)
+
+    def _buffers(self, B: int, L: int) -> dict[str, torch.Tensor]:
+        """Output buffers (shapes from the spec) and the zero noise, allocated once per (batch, block)."""
+        if (B, L) not in self._bufs:
+            if len(self._bufs) >= _MAX_SHAPES:
+                self._bufs.pop(next(iter(self._bufs)))
+            dims = {"batch": B, "block": L}
+            bufs = {t.name: torch.empty([dims.get(d, d) for d in t.shape], dtype=TORCH_DTYPES[t.dtype],
+                                        device=self.device) for t in self.spec.outputs}
+            bufs["zeros"] = torch.zeros(B, L, self.config.vocab_size, device=self.device)
+            self._bufs[(B, L)] = bufs
+        return self._bufs[(B, L)]
+
+    def _bind(self, bind, name: str, t: torch.Tensor) -> None:
+        bind(name, self.device.type, self.device.index or 0, _ONNX[t.dtype], list(t.shape), t.data_ptr())

@@ -1,1 +1,0 @@
-"""Engine building: the engine directory and its manifest (and, later, the TensorRT builder)."""

@@ -1,1 +1,0 @@
-"""The thin runtime: backends implementing the `Denoiser` contract, and the decode loops on top."""

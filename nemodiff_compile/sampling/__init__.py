@@ -1,1 +1,0 @@
-"""Backend-independent decoding: commit rules and the AR / block-diffusion / linear-spec loops."""

@@ -1,0 +1,96 @@
+"""The backend base: what a new backend gets for free (lengths, trim, the guard, noise, the K/V scatter),
+shown with the smallest backend there is, whose whole implementation is `_allocate` and `_pass`."""
+
+import pytest
+import torch
+
+from nemodiff_compile.backends.base import BackendDenoiser, scatter_block
+from nemodiff_compile.decoding import loops, remask
+from nemodiff_compile.decoding.denoiser import StepOut
+
+
+class Echo(BackendDenoiser):
+    """Predicts token + 1 with confidence 1; its "K/V" is the token id, written at each row's length."""
+
+    def __init__(self, cfg, max_len):
+        super().__init__(cfg, max_len, "cpu")
+        self.allocations, self.noise = 0, []
+
+    def _allocate(self, rows):
+        self.allocations += 1
+        self.k, self.v = self.kv_cache(rows, torch.float32)
+
+    def _pass(self, tokens, *, causal, write, num_valid, draft_lora, temperature, noise):
+        self.noise.append(noise)
+        if write:
+            c, (B, L) = self.config, tokens.shape
+            kv = tokens.float()[None, :, None, :, None].expand(c.num_hidden_layers, B, c.num_key_value_heads, L,
+                                                               c.head_dim)
+            scatter_block(self.k, self.v, self._lengths, kv, kv)
+        return StepOut(tokens + 1, torch.ones(tokens.shape))
+
+
+@pytest.fixture
+def echo(tiny_cfg):
+    return Echo(tiny_cfg, 16)
+
+
+def test_lengths_trim_and_the_cache_writes(echo):
+    echo.reset(2)
+    assert echo.lengths().tolist() == [0, 0] and echo.bucket == 2
+    echo.step(torch.tensor([[5, 6, 7], [8, 9, 0]]), causal=True, write=True, num_valid=torch.tensor([3, 2]))
+    assert echo.lengths().tolist() == [3, 2]
+    echo.step(torch.tensor([[1], [2]]), causal=True, write=True)                   # default: the whole block
+    assert echo.lengths().tolist() == [4, 3] and echo.executed == 2
+    assert echo.k[0, 0, 0, :4, 0].tolist() == [5, 6, 7, 1] and echo.k[0, 1, 0, :3, 0].tolist() == [8, 9, 2]
+    echo.step(torch.tensor([[3, 3], [3, 3]]), causal=False, write=False)           # reads, writes nothing
+    assert echo.lengths().tolist() == [4, 3]
+    echo.trim(torch.tensor([2, 3]))
+    assert echo.lengths().tolist() == [2, 3]
+    with pytest.raises(ValueError, match="only shorten"):
+        echo.trim(torch.tensor([3, 3]))
+
+
+def test_the_guard(echo):
+    echo.reset(2)
+    with pytest.raises(ValueError, match="reset\\(\\) was called for batch 2"):
+        echo.step(torch.zeros(3, 1, dtype=torch.long), causal=True, write=True)
+    with pytest.raises(ValueError, match="bidirectional passes cannot write"):
+        echo.step(torch.zeros(2, 1, dtype=torch.long), causal=False, write=True)
+    with pytest.raises(ValueError, match="KV cache overflow"):
+        echo.step(torch.zeros(2, 17, dtype=torch.long), causal=True, write=True)
+
+
+def test_reallocates_only_when_rows_or_max_len_change(echo):
+    for batch in (2, 2, 3, 3):
+        echo.reset(batch)
+    assert echo.allocations == 2
+    echo.max_len = 32
+    echo.reset(3)
+    assert echo.allocations == 3 and echo.k.shape[3] == 32
+
+
+def test_noise_is_the_references_host_draw(echo, tiny_cfg):
+    echo.reset(1)
+    tok = torch.zeros(1, 4, dtype=torch.long)
+    echo.step(tok, causal=False, write=False)
+    echo.step(tok, causal=False, write=False, temperature=0.7, generator=torch.Generator().manual_seed(3))
+    want = remask.gumbel_noise((1, 4, tiny_cfg.vocab_size), torch.Generator().manual_seed(3))
+    assert echo.noise[0] is None and echo.noise[1].dtype == torch.float64 and torch.equal(echo.noise[1], want)
+
+
+def test_the_loops_run_on_it(echo):
+    for mode in loops.MODES:
+        g = loops.generate(echo, [[1, 500, 501], [1, 700]], mode, max_new_tokens=6, block_length=4)
+        assert [len(t) for t in g.tokens] == [6, 6] and g.nfe == sum(g.nfe_by_phase.values())
+        assert g.tokens[0][0] == 502 and echo.lengths()[1] >= 2 + 6 - 1
+    assert echo.block_refiner(loops.DecodePolicy()) is None              # the capability is opt-in
+
+
+def test_scatter_block_fp8_cache_on_the_cpu():
+    k = torch.zeros(1, 2, 1, 6, 2, dtype=torch.float8_e4m3fn)
+    v = torch.zeros_like(k)
+    new = torch.tensor([0.5, 1.0, 2.0]).to(torch.float8_e4m3fn)[None, None, None, :, None].expand(1, 2, 1, 3, 2)
+    scatter_block(k, v, torch.tensor([1, 3]), new, new.clone())
+    assert k[0, 0, 0, :, 0].float().tolist() == [0, 0.5, 1, 2, 0, 0]
+    assert v[0, 1, 0, :, 1].float().tolist() == [0, 0, 0, 0.5, 1, 2]
