@@ -17,8 +17,9 @@ MAX_PROMPT_TOKENS = 96
 
 # Built-in prompts (package data, one per line; encode_prompts wraps the even-numbered ones in the chat
 # template): the four first are the original set, chat and raw text of different lengths; the 60 after
-# them were drawn by `python -m tinylm.heldout 60 OUT --seed 72026 --exclude
-# docs/prompts/tiny-heldout-200.txt` (the tiny corpus's style; none is a calibration or held-out prompt).
+# them were drawn by `python -m tinylm.heldout 60 OUT --seed 72026 --exclude docs/prompts/tiny-heldout-200.txt
+# --exclude nemodiff_compile/assets/prompts/calibration.txt` (the tiny corpus's style; none is a
+# calibration or held-out prompt).
 PROMPTS_FILE = Path(__file__).resolve().parent / "assets" / "prompts" / "validation.txt"
 TEXT_PROMPTS = ("What is 3 + 4?", "Once upon a time, Mia", "Count from 5:",
                 "Tell me a story about a cat who found a red ball in the garden.")

@@ -193,7 +193,7 @@ class ValidationReport:
                f"{self.settings.get('prompts', '?')} prompts", *_columns(head, rows)]
         out += ["", "trajectory agreement per prompt, and teacher-forced passes by kind:"]
         head = ("mode", "prompts", "mean", "median", "p10", "min", "exact", "pass kind", "positions", "tok agree",
-                "cos min", "cos p01", "KL mean", "KL p99")
+                "cos min", "cos p01", "cos p05", "KL mean", "KL p99")
         rows = []
         for name, m in self.modes.items():
             ps = spread.prompt_spread(m.prompt_agreement)
@@ -202,7 +202,7 @@ class ValidationReport:
             for phase, d in spread.phase_spread(m.passes).items():
                 c, k = d.get("cosine", {}), d.get("kl", {})
                 rows.append((*lead, phase, str(d["positions"]), _f(d["token_agreement"], 4), _f(c.get("min"), 4),
-                             _f(c.get("p01"), 4), _g(k.get("mean")), _g(k.get("p99"))))
+                             _f(c.get("p01"), 4), _f(c.get("p05"), 4), _g(k.get("mean")), _g(k.get("p99"))))
                 lead = ("",) * len(lead)
         out += _columns(head, rows)
         div, fail = self.first_divergence, self.first_failure
@@ -351,13 +351,13 @@ def _judge_mode(m: ModeResult, tol: Tolerances) -> list[str]:
             bad.append(f"prompt {b}: trajectory token agreement {a:.4f} < {tol.token_agreement}")
     if tol.mean_token_agreement is not None and m.token_agreement < tol.mean_token_agreement:
         bad.append(f"trajectory token agreement over all prompts {m.token_agreement:.4f} < {tol.mean_token_agreement}")
-    if tol.cosine_p01 is not None or tol.kl_mean_max is not None:
+    if tol.cosine_p05 is not None or tol.kl_mean_max is not None:
         for phase, d in spread.phase_spread(m.passes).items():
             if "cosine" not in d:
                 continue
-            p01, kl = d["cosine"]["p01"], d["kl"]["mean"]
-            if tol.cosine_p01 is not None and p01 is not None and not p01 >= tol.cosine_p01:
-                bad.append(f"{phase} passes: 1st-percentile logit cosine {p01:.4f} < {tol.cosine_p01} "
+            p05, kl = d["cosine"]["p05"], d["kl"]["mean"]
+            if tol.cosine_p05 is not None and p05 is not None and not p05 >= tol.cosine_p05:
+                bad.append(f"{phase} passes: 5th-percentile logit cosine {p05:.4f} < {tol.cosine_p05} "
                            f"(over {d['positions']} positions)")
             if tol.kl_mean_max is not None and kl is not None and not kl <= tol.kl_mean_max:
                 bad.append(f"{phase} passes: mean KL(reference || engine) {kl:.4g} > {tol.kl_mean_max} nats "

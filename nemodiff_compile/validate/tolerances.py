@@ -6,7 +6,7 @@ Four kinds of bound:
   per mode, over all teacher-forced passes - the fraction of positions with the same token id and of
       eligible positions with the same commit decision (pooled, because one pass can hold a single
       position: an AR decode at batch 1);
-  per pass kind, over all its teacher-forced positions in a mode - the 1st percentile of the logit
+  per pass kind, over all its teacher-forced positions in a mode - the 5th percentile of the logit
       cosine and the mean KL(reference || engine): distribution-level, so a large prompt set does
       not fail a sound engine on its single most extreme position;
   per trajectory (free-running: each backend decodes on its own outputs) - the fraction of
@@ -39,7 +39,7 @@ class Tolerances:
     # per pass kind (prefill, decode, denoise, commit, draft, verify) in each mode, over every
     # teacher-forced position of that kind (distribution-level: they settle as prompts are added,
     # where a minimum keeps falling):
-    cosine_p01: float | None = None     # the 1st percentile of the per-position logit cosine, at least
+    cosine_p05: float | None = None     # the 5th percentile of the per-position logit cosine, at least
     kl_mean_max: float | None = None    # the mean KL(reference || engine) in nats, at most
 
     def to_json(self) -> dict[str, Any]:

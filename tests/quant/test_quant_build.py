@@ -129,7 +129,7 @@ def test_inspect_shows_the_recipe(engines):
     assert r.exit_code == 0, r.output
     assert "recipe      int8: int8 weights per channel, int8 activations per tensor, smoothquant" in r.output
     assert "calibration 5 prompts from" in r.output and "excluded    diffusion_head" in r.output
-    assert "thresholds  " in r.output and "cosine_p01=0.97" in r.output and "kl_mean_max=0.005" in r.output
+    assert "thresholds  " in r.output and "cosine_p05=0.99" in r.output and "kl_mean_max=0.005" in r.output
 
 
 HELDOUT = Path(__file__).resolve().parents[2] / "docs" / "prompts" / "tiny-heldout-200.txt"
@@ -160,7 +160,7 @@ def test_heldout_validation_passes_its_gates(engines, heldout_subset, precision)
         assert mode["token_agreement"] >= bounds["mean_token_agreement"], name
         assert mode["prompt_spread"]["prompts"] == HELDOUT_CI
         for phase, d in mode["phases"].items():
-            assert d["cosine"]["p01"] >= bounds["cosine_p01"] and d["kl"]["mean"] <= bounds["kl_mean_max"], phase
+            assert d["cosine"]["p05"] >= bounds["cosine_p05"] and d["kl"]["mean"] <= bounds["kl_mean_max"], phase
     assert set(js["per_mode"]["linear-spec"]["phases"]) == {"prefill", "draft", "verify"}   # draft reported apart
 
 

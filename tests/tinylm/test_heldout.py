@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 from nemodiff_compile.prompts import prompt_texts, read_prompt_file
-from nemodiff_compile.quant.calib import BUILTIN_PROMPTS
+from nemodiff_compile.quant.calib import CORPUS_PROMPTS_FILE, builtin_texts
 from tinylm import corpus
 from tinylm.heldout import HELDOUT_SEED, heldout_prompts, shipped_prompts, write_prompt_file
 
@@ -19,6 +19,16 @@ def lines(path):
 
 def test_committed_file_is_the_generators_output():
     assert lines(HELDOUT_FILE) == heldout_prompts(200)
+
+
+def test_committed_calibration_and_validation_sets_are_the_generators_output():
+    """The built-in calibration prompts (after the 12 general ones) and validation prompts (after the
+    4 original ones) are drawn with their own seeds, each excluding the sets drawn before it."""
+    held = set(heldout_prompts(200))
+    calib = heldout_prompts(64, seed=777, exclude=shipped_prompts() | held)
+    assert lines(CORPUS_PROMPTS_FILE) == calib and list(builtin_texts()[12:]) == calib
+    val = heldout_prompts(60, seed=72026, exclude=shipped_prompts() | held | set(calib))
+    assert list(prompt_texts()[4:]) == val
 
 
 def test_deterministic_distinct_and_seeded():
@@ -55,14 +65,12 @@ def test_alternates_chat_messages_and_raw_openings():
 
 def test_disjoint_from_calibration_validation_and_hand_written_prompts():
     """Nothing a recipe or a bound was chosen on: the calibration prompts, the built-in validation
-    prompts, the hand-written held-out file. (docs/prompts/tiny-tasks.jsonl, the bench's task prompts,
+    prompts (pairwise disjoint, all three), the hand-written held-out file. (docs/prompts/tiny-tasks.jsonl, the bench's task prompts,
     shares 4 of its short requests such as "Count from 9." with it: both draw from the same templates.)"""
-    held = set(heldout_prompts(200))
-    assert not held & set(BUILTIN_PROMPTS)
-    assert not held & set(prompt_texts())
+    held, calib, val = set(heldout_prompts(200)), set(builtin_texts()), set(prompt_texts())
+    assert not held & calib and not held & val and not calib & val
     assert not held & shipped_prompts()
     assert not held & set(lines(ROOT / "docs" / "prompts" / "tiny-heldout.txt"))
-    assert not set(prompt_texts()) & set(BUILTIN_PROMPTS)
 
 
 def test_write_prompt_file_round_trips(tmp_path):
