@@ -117,9 +117,9 @@ _COMMON = dict(logits_atol=None, logits_rtol=None, conf_atol=None, token_agreeme
                forced_token_agreement=0.95, commit_agreement=0.95, tpf_drop_max=0.1)
 RECIPES: dict[str, Recipe] = {
     "fp8": Recipe("fp8", weights="fp8", weight_block=None, activations="fp8", algorithm="max",
-                  thresholds=dict(_COMMON, cosine_p05=0.99, kl_mean_max=0.005, mean_token_agreement=0.9)),
+                  thresholds=dict(_COMMON, cosine_p05=0.99, kl_mean_max=0.005, mean_token_agreement=0.85)),
     "int8": Recipe("int8", weights="int8", weight_block=None, activations="int8", algorithm="smoothquant",
-                   thresholds=dict(_COMMON, cosine_p05=0.99, kl_mean_max=0.005, mean_token_agreement=0.9)),
+                   thresholds=dict(_COMMON, cosine_p05=0.99, kl_mean_max=0.005, mean_token_agreement=0.85)),
     "int4-awq": Recipe("int4-awq", weights="int4", weight_block=128, activations=None, algorithm="awq_lite",
                        thresholds=dict(_COMMON, cosine_p05=0.98, kl_mean_max=0.015, mean_token_agreement=0.85,
                                        tpf_drop_max=0.2)),
