@@ -116,6 +116,10 @@ class Shapes(_Node):
     block_length: int | None = _leaf(None, "--block-length", "Shapes", "Default: the config's block_size.",
                                      "int", minimum=2, metavar="B")
 
+    def _check_rules(self) -> None:
+        if self.block_length is not None:
+            check_context(self.max_context, self.block_length, given=True)
+
     def to_manifest(self, block_default: int) -> dict:
         """The manifest's `buckets` (block_length resolved against the model's block_size)."""
         return {"batch_sizes": list(self.batch_sizes), "max_context": self.max_context,
@@ -125,8 +129,9 @@ class Shapes(_Node):
 @dataclass(frozen=True)
 class Remask(_Node):
     stage: str = _leaf("none", "--remask", "Remask stage",
-                       "Remask stage in the graph: none (host-side commit rule), onnx (standard ops), "
-                       "plugin (the nemodiff::Remask TensorRT plugin node).", "choice", key="remask",
+                       "Remask stage in the graph (the compiled refinement loop): none (host-side commit "
+                       "rule), onnx (standard ops), plugin (the nemodiff::Remask plugin node: TensorRT, or "
+                       "ONNX Runtime with onnxruntime-extensions).", "choice", key="remask",
                        choices=REMASK_STAGES)
     threshold: float | None = _leaf(0.9, "--remask-threshold", "Remask stage",
                                     "Commit threshold of the remask stage, or 'topk' for the fixed-steps policy.",
@@ -152,8 +157,9 @@ class TensorRT(_Node):
 
 @dataclass(frozen=True)
 class BuildConfig(_Node):
-    source: str = _leaf("tiny", "--checkpoint/--size", "Model",
-                        "Checkpoint folder or preset (tiny, 3b, 8b, 14b).", "source")
+    source: str = _leaf("tiny", "--size/--model", "Model",
+                        "Checkpoint folder, Hugging Face id, or preset (tiny; 3b, 8b, 14b: the published "
+                        "geometry with random weights).", "source")
     precision: str = _leaf("fp32", "--precision", "Precision & quantization",
                            "Precision of the graph; fp8, int8, int4-awq and nvfp4 are quantized (calibrated).",
                            "choice", choices=PRECISIONS)
@@ -186,9 +192,6 @@ class BuildConfig(_Node):
         if self.backend == "onnxruntime":        # "auto" is checked once chosen (for_backend)
             if self.tensorrt.gpus:
                 raise InvalidArgument("--gpus: only TensorRT engines are per GPU; add --backend tensorrt")
-            if self.remask.stage == "plugin":
-                raise InvalidArgument("--remask plugin: the nemodiff::Remask node runs only in TensorRT; add "
-                                      "--backend tensorrt, or use --remask onnx")
 
     # ---- derived configurations ----
 
@@ -242,6 +245,16 @@ class BuildConfig(_Node):
         for keys, value in _flat_pairs(overrides or {}):
             _put(tree, keys, value)
         return _build(cls, tree, str(path))
+
+
+def check_context(max_context: int, block_length: int, *, given: bool) -> None:
+    """An engine serves a prompt only when its cache holds the prompt and one block: max_context >
+    block_length (given: --block-length was given, else the model's block_size)."""
+    if max_context <= block_length:
+        block = f"--block-length {block_length}" if given else f"the model's block_size {block_length}"
+        raise InvalidArgument(f"--max-context {max_context}: the cache must hold a prompt and one block "
+                              f"({block}); expected --max-context >= {block_length + 1}, "
+                              "or a smaller --block-length")
 
 
 # ---- the leaves ----
@@ -452,4 +465,4 @@ def iter_groups() -> Iterator[tuple[str, list[Leaf]]]:
 
 __all__ = ["BuildConfig", "Quantization", "Shapes", "Remask", "TensorRT", "Leaf", "leaves", "iter_groups",
            "PRECISION_DTYPES", "QUANTIZED", "PRECISIONS", "BACKENDS", "KV_CACHE_DTYPES", "CALIB_DEVICES",
-           "REMASK_STAGES", "HW_LEVELS", "GROUPS"]
+           "REMASK_STAGES", "HW_LEVELS", "GROUPS", "check_context"]

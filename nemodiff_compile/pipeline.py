@@ -10,7 +10,12 @@
 `--backend tensorrt --gpus sm89` on an existing TensorRT engine directory adds (or rebuilds) those
 targets from the directory's own model.onnx, keeping the others, when every other field of the
 build configuration equals the one in its manifest; otherwise the whole directory is rebuilt with the
-new configuration (the progress line says what changed). The directory is replaced atomically.
+new configuration (the progress line says what changed).
+
+The output is checked before anything is loaded (artifact/output.py: only a path that does not exist,
+an empty folder or an engine directory this tool wrote is ever replaced). The engine is written and
+validated in a partial folder beside it and swapped in atomically (fsutil.atomic_dir: one build of an
+output at a time, partial folders of killed builds swept, SIGTERM handled like Ctrl-C).
 """
 
 from __future__ import annotations
@@ -18,11 +23,12 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .build_config import PRECISION_DTYPES, BuildConfig
+from .build_config import PRECISION_DTYPES, BuildConfig, check_context
 from .errors import InvalidArgument
 from .fsutil import atomic_dir
 from .artifact.manifest import Manifest, file_digest, write_manifest
@@ -53,12 +59,52 @@ def build_engine(config: BuildConfig, *, recipe: "Recipe | None" = None,
     backend auto: TensorRT where a usable `tensorrt` module and a CUDA GPU are present, else ONNX
     Runtime (choose_backend; the manifest's backend_choice says which and why). backend tensorrt:
     also one engine per GPU target (default: this machine's GPU)."""
+    choice, quant = prepare(config, recipe=recipe)
+    backend = choice["chosen"]
+    output = check_output_path(config, backend)          # before anything is loaded or written
+    check_shapes(config)
+    check = _output_check(config.source)
+    if backend == "tensorrt":
+        return _build_tensorrt(config, choice, output=output, progress=progress, quant=quant, check=check)
+
+    with atomic_dir(output, label="--output", check=check, on_wait=progress) as tmp:
+        model = _export_into(tmp, config, choice, progress=progress, quant=quant)
+        if config.validate:                  # before the swap: an engine is published with its result
+            # (remask-stage graphs too: validate also drives their compiled refinement loop)
+            progress("validating against the PyTorch reference")
+            from .validate.engine import validate_engine
+
+            # a quantized build calibrated `model` in place: the reference is then a fresh float copy
+            report = validate_engine(tmp, reference=None if quant else model, quick=True)
+            s = report.settings
+            progress(f"validation {'PASSED' if report.passed else 'FAILED'} ({s['prompts']} prompts x "
+                     f"{s['max_new_tokens']} tokens; recorded in the manifest)")
+            if report.explanation:
+                progress(f"why: {report.explanation['text']}")
+    return output
+
+
+def check_output_path(config: BuildConfig, backend: str) -> Path:
+    """The engine directory's path (--output, or the default for this source/precision/backend), refused
+    in one line when a build must not replace what is there (artifact/output.py)."""
+    output = Path(config.output or default_output(config.source, config.precision, backend))
+    _output_check(config.source)(output)
+    return output
+
+
+def prepare(config: BuildConfig, *, recipe: "Recipe | None" = None, load: bool = True,
+            check_source: bool = True) -> tuple[dict[str, str], "_Quant | None"]:
+    """Everything `build_engine` checks before it loads anything (one-line InvalidArgument): the
+    backend choice (choose_backend) and the quantization to run (None for float precisions).
+    load=False looks for ModelOpt without importing it (the CLI states its resource plan first);
+    check_source=False skips the source (not fetched yet)."""
     from .quant import is_quantized, recipe_for
 
     choice = choose_backend(config.backend)
     backend = choice["chosen"]
     config.for_backend(backend)              # the rules that depend on the backend, once it is known
-    _check_source(config.source)
+    if check_source:
+        _check_source(config.source)
     quant = None
     if recipe is not None and not is_quantized(config.precision):
         raise InvalidArgument(f"recipe {recipe.name}: recipes apply to quantized precisions, not {config.precision}")
@@ -76,27 +122,8 @@ def build_engine(config: BuildConfig, *, recipe: "Recipe | None" = None,
         from .quant.calibration import read_items
 
         quant = _Quant(recipe, q.calib, read_items(q.calib), _calib_device(q.calib_device))
-        check_available(recipe)
-    output = Path(config.output or default_output(config.source, config.precision, backend))
-    if backend == "tensorrt":
-        return _build_tensorrt(config, choice, output=output, progress=progress, quant=quant)
-
-    with atomic_dir(output) as tmp:
-        model = _export_into(tmp, config, choice, progress=progress, quant=quant)
-    if config.validate and config.remask.stage != "none":
-        progress("validation skipped: the decode loops drive graphs without the remask stage")
-    elif config.validate:
-        progress("validating against the PyTorch reference")
-        from .validate.engine import validate_engine
-
-        # a quantized build calibrated `model` in place: the reference is then a fresh float copy
-        report = validate_engine(output, reference=None if quant else model, quick=True)
-        s = report.settings
-        progress(f"validation {'PASSED' if report.passed else 'FAILED'} ({s['prompts']} prompts x "
-                 f"{s['max_new_tokens']} tokens; recorded in the manifest)")
-        if report.explanation:
-            progress(f"why: {report.explanation['text']}")
-    return output
+        check_available(recipe, load=load)
+    return choice, quant
 
 
 def choose_backend(asked: str) -> dict[str, str]:
@@ -136,6 +163,31 @@ def _cuda_device() -> "DeviceInfo | None":
     from .artifact.targets import current_device
 
     return current_device()
+
+
+def _output_check(source: str) -> Callable[[Path], None]:
+    """check(output): refuses (one line) an output a build must not replace (artifact/output.py)."""
+    from . import checkpoint_folder
+    from .artifact.output import check_output
+
+    folder = checkpoint_folder(source)
+    return lambda out: check_output(out, source_folder=folder)
+
+
+def check_shapes(config: BuildConfig, model_config=None) -> None:
+    """The cache must hold a prompt and one block: --block-length when given (BuildConfig checks it),
+    else the block_size of `model_config` (default: read from the source's config.json or preset)."""
+    from . import checkpoint_folder
+    from .config import ModelConfig, preset
+
+    if config.shapes.block_length is not None:
+        return
+    if model_config is None:
+        folder = checkpoint_folder(config.source)
+        if folder is not None and not (folder / "config.json").is_file():
+            return                           # not a checkpoint folder: the loader says so, with its name
+        model_config = ModelConfig.from_file(folder / "config.json") if folder else preset(config.source)
+    check_context(config.shapes.max_context, model_config.block_size, given=False)
 
 
 def _check_source(source: str) -> None:
@@ -179,8 +231,10 @@ def _export_into(tmp: Path, config: BuildConfig, choice: dict[str, str], *, prog
     progress(f"loading {source} ({precision}{', calibrating on ' + quant.device if quant else ''})")
     # a quantized build calibrates the model as stored (one copy in memory); the graph's float parts
     # are cast to the recipe's float_dtype tensor by tensor while written
+    start = time.perf_counter()
     model = load_reference(source, dtype=None if quant else PRECISION_DTYPES[precision],
                            device=quant.device if quant else "cpu")
+    progress(f"loaded in {time.perf_counter() - start:.1f} s")
     cfg = model.config
     if shapes.max_context > cfg.max_position_embeddings:
         raise InvalidArgument(f"--max-context {shapes.max_context} exceeds the model's "
@@ -190,7 +244,9 @@ def _export_into(tmp: Path, config: BuildConfig, choice: dict[str, str], *, prog
     remask_opts = remask_options(config.remask.stage, mask_id=cfg.mask_token_id, threshold=config.remask.threshold)
     if quant is None:
         progress("exporting the denoiser step to ONNX (dynamo)")
+        start = time.perf_counter()
         spec = export_step(model, tmp, with_logits=config.with_logits, remask=remask_opts)
+        progress(f"exported in {time.perf_counter() - start:.1f} s")
     else:
         from .quant.export import quantize_step
         from .quant import calibration
@@ -220,7 +276,8 @@ def _export_into(tmp: Path, config: BuildConfig, choice: dict[str, str], *, prog
 
 
 def _build_tensorrt(config: BuildConfig, choice: dict[str, str], *, output: Path,
-                    progress: Callable[[str], None], quant: _Quant | None = None) -> Path:
+                    progress: Callable[[str], None], quant: _Quant | None = None,
+                    check: Callable[[Path], None] | None = None) -> Path:
     """Export once (or reuse the directory's graph when only targets are added), then one plan per target."""
     from .artifact.manifest import MANIFEST_NAME, read_manifest
     from .artifact.targets import current_device, engine_file_name
@@ -238,16 +295,16 @@ def _build_tensorrt(config: BuildConfig, choice: dict[str, str], *, output: Path
         raise TrtBuildError(f"--remask plugin: the graph would need nemodiff::Remask/1, and {trt.flavor} "
                             f"{trt.version} cannot build plugin layers (no INetworkDefinition.add_plugin_v3): "
                             "use --remask onnx, or build with the tensorrt module")
-    existing = _existing_manifest(output)
-    reuse = False
-    if existing is not None and gpus is not None:        # adding targets: only onto the same configuration
-        changes = _changes(existing, config, choice, quant)
-        reuse = not changes
-        dropped = ", ".join(e["target"] for e in existing.engines if e["target"] not in targets)
-        if changes:
-            progress(f"rebuilding {output} with the new configuration ({'; '.join(changes)})"
-                     + (f"; its other targets ({dropped}) are dropped" if dropped else ""))
-    with atomic_dir(output) as tmp:
+    with atomic_dir(output, label="--output", check=check, on_wait=progress) as tmp:
+        existing = _existing_manifest(output)            # read under the lock: no other build changes it
+        reuse = False
+        if existing is not None and gpus is not None:    # adding targets: only onto the same configuration
+            changes = _changes(existing, config, choice, quant)
+            reuse = not changes
+            dropped = ", ".join(e["target"] for e in existing.engines if e["target"] not in targets)
+            if changes:
+                progress(f"rebuilding {output} with the new configuration ({'; '.join(changes)})"
+                         + (f"; its other targets ({dropped}) are dropped" if dropped else ""))
         if reuse:
             progress(f"adding {', '.join(gpus)} to {output} (same configuration: its graph is reused)")
             for f in output.iterdir():

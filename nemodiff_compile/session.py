@@ -4,22 +4,35 @@
         out = s.generate("What is 3 + 4?", mode="dlm", max_new_tokens=64)
         for piece in s.stream("Once upon a time"):
             print(piece, end="")
+        out = await s.agenerate("What is 3 + 4?")              # from a coroutine
+        async for piece in s.astream("Once upon a time"):
+            ...
 
-A session owns one engine (one static KV cache); generations are serialised by a lock, so one
-session can be shared by several threads. Open one session per concurrent stream you want.
+A session owns one engine (one KV cache) and one scheduler (decoding/scheduler.py): concurrent `generate` /
+`stream` calls from threads and `agenerate` / `astream` calls from an event loop are batched on the
+engine, each prompt in its own row with its own policy and seed, and get the tokens they would get alone.
+A traced generation (`trace=True`) has the engine to itself (whole-batch `loops.generate`).
+
+Instruct checkpoints: `generate(..., enable_thinking=True, max_thinking_tokens=N)` renders the chat
+template's thinking switch and forces `</think>` after N generated tokens; None takes the
+checkpoint's generation_config.json defaults (thinking off when it has none); every call takes them
+(each row forces its own tag: decoding/rows.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, AsyncIterator, Iterator, Sequence
 
 from .errors import InvalidArgument, NemodiffError
 from .decoding import loops
-from .decoding.policy import DecodePolicy
+from .decoding.arguments import check_token_ids
+from .decoding.policy import DecodePolicy, check_bounds
+from .decoding.scheduler import Request, Scheduler
 
 Prompt = str | Sequence[int]
 
@@ -42,19 +55,34 @@ class Result:
 
 
 class Session:
-    def __init__(self, denoiser: loops.Denoiser, tokenizer: Any = None, manifest: Any = None):
+    def __init__(self, denoiser: loops.Denoiser, tokenizer: Any = None, manifest: Any = None, *,
+                 defaults: Any = None, max_batch: int | None = None, max_queue: int = 1024, observer: Any = None):
+        """defaults: generation_config.json's (thinking); max_batch: rows decoded at once (default: the
+        engine's largest batch bucket); max_queue: prompts waiting for a row before submitting raises
+        QueueFull; observer: the scheduler's metrics hook."""
+        from .model.generation_config import GenerationDefaults
+
         self.denoiser, self.tokenizer, self.manifest = denoiser, tokenizer, manifest
+        self.defaults = defaults or GenerationDefaults()
+        if max_batch is None and manifest is not None and manifest.buckets.get("batch_sizes"):
+            max_batch = max(manifest.buckets["batch_sizes"])
+        self.scheduler = Scheduler(denoiser, max_batch=max_batch, max_queue=max_queue, observer=observer)
         self._lock = threading.Lock()
         self._closed = False
 
     @classmethod
     def open(cls, engine_dir: str | Path, *, providers: list[str] | None = None,
-             threads: int | None = None, max_len: int | None = None) -> "Session":
-        """Open a built engine directory (checks its manifest first)."""
+             threads: int | None = None, max_len: int | None = None, verify: str = "size", **kw) -> "Session":
+        """Open a built engine directory (checks its manifest first). verify: "size" (default: every
+        artifact's size, a stat per file) or "sha256" (also re-hash every byte: seconds per GB, see the
+        README). A directory a build swaps while it is opened is opened again (never a mix of two builds).
+        kw: max_batch, max_queue, observer."""
         from .backends.open import open_engine
+        from .model.generation_config import GenerationDefaults
 
-        engine = open_engine(engine_dir, providers=providers, threads=threads, max_len=max_len)
-        return cls(engine.denoiser, engine.tokenizer, engine.manifest)
+        engine = open_engine(engine_dir, providers=providers, threads=threads, max_len=max_len, verify=verify)
+        return cls(engine.denoiser, engine.tokenizer, engine.manifest,
+                   defaults=GenerationDefaults.read(engine_dir), **kw)
 
     @classmethod
     def from_model(cls, source: str | Path, *, fp8: str | None = None, max_len: int = 2048,
@@ -77,7 +105,9 @@ class Session:
             from .model.tokenizer import load_tokenizer
 
             tok = load_tokenizer(folder)
-        session = cls(den, tok)
+        from .model.generation_config import GenerationDefaults
+
+        session = cls(den, tok, defaults=GenerationDefaults.read(folder))
         if fp8 == "static":
             if not calibration:
                 raise InvalidArgument("fp8='static' needs calibration prompts to set its scales")
@@ -86,16 +116,18 @@ class Session:
 
     @property
     def config(self):
+        self._check_open()
         return self.denoiser.config
 
-    def encode(self, prompt: Prompt, chat: bool = True) -> list[int]:
+    def encode(self, prompt: Prompt, chat: bool = True, **template_kwargs) -> list[int]:
+        """Token ids of a prompt; template_kwargs (e.g. enable_thinking) go to the chat template."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidArgument("this engine has no tokenizer: pass token ids")
             from .model.tokenizer import encode_prompt
 
-            return encode_prompt(self.tokenizer, prompt, chat=chat)
-        return [int(t) for t in prompt]
+            return encode_prompt(self.tokenizer, prompt, chat=chat, **template_kwargs)
+        return check_token_ids(prompt, self.config.vocab_size, "prompt")
 
     def decode(self, ids: Sequence[int]) -> str | None:
         if self.tokenizer is None:
@@ -104,67 +136,209 @@ class Session:
 
         return decode(self.tokenizer, ids)
 
+    def submit(self, prompt: Prompt, *, mode: str = "dlm", max_new_tokens: int = 64, chat: bool = True,
+               policy: DecodePolicy | None = None, on_tokens=None, enable_thinking: bool | None = None,
+               max_thinking_tokens: int | None = None, **knobs) -> Request:
+        """Queue one prompt on the engine; on_tokens(ids) is called (on the scheduler's thread) as tokens
+        commit. The `Request` gives `result()` (its `Generation`) and `cancel()`. Raises QueueFull when the
+        queue is full."""
+        self._check_open()
+        check_bounds(max_new_tokens=max_new_tokens)
+        policy = DecodePolicy.of(policy or mode, knobs)
+        template_kwargs, budget = self.thinking(enable_thinking, max_thinking_tokens)
+        ids = self.encode(prompt, chat, **template_kwargs)
+        return self.scheduler.submit(ids, policy, max_new_tokens, on_tokens=on_tokens, thinking=budget)
+
+    def thinking(self, enable_thinking: bool | None = None, max_thinking_tokens: int | None = None):
+        """(chat-template kwargs, thinking budget or None) of a request: model/generation_config.py."""
+        from .model.generation_config import thinking_setup
+
+        return thinking_setup(self.tokenizer, self.defaults, enable_thinking, max_thinking_tokens)
+
     def generate(self, prompts: Prompt | Sequence[Prompt], *, mode: str = "dlm", max_new_tokens: int = 64,
                  chat: bool = True, on_tokens=None, trace: bool = False, policy: DecodePolicy | None = None,
+                 enable_thinking: bool | None = None, max_thinking_tokens: int | None = None,
                  **knobs) -> Result:
         """Generate for one prompt or a batch (text or token ids). The decoding policy: `policy`, or `mode`
-        and its knobs (block_length, threshold, steps, temperature, seed: decoding/policy.py).
-        on_tokens(row, ids) streams tokens; trace keeps every pass (host passes only)."""
+        and its knobs (block_length, threshold, steps, temperature, seed: decoding/policy.py); prompt i of a
+        batch samples with seed + i. on_tokens(row, ids) streams tokens; trace keeps every pass (host passes
+        only; the engine runs the batch alone, in lock-step). enable_thinking: the chat template's thinking
+        switch; max_thinking_tokens: the thinking budget (needs thinking on); None: generation_config.json's
+        defaults."""
+        self._check_open()
+        check_bounds(max_new_tokens=max_new_tokens)
+        if trace:
+            policy = DecodePolicy.of(policy or mode, knobs)
+            template_kwargs, budget = self.thinking(enable_thinking, max_thinking_tokens)
+            ids = [self.encode(p, chat, **template_kwargs) for p in _batch(prompts)]
+            with self.scheduler.exclusive() as den:
+                g = loops.generate(den, ids, policy, max_new_tokens=max_new_tokens, trace=trace,
+                                   on_tokens=on_tokens, thinking=budget)
+            return self._result(g)
+        reqs = self._submit_all(prompts, mode=mode, max_new_tokens=max_new_tokens, chat=chat, on_tokens=on_tokens,
+                                policy=policy, enable_thinking=enable_thinking,
+                                max_thinking_tokens=max_thinking_tokens, **knobs)
+        try:
+            gens = [r.result() for r in reqs]
+        except BaseException:
+            for r in reqs:
+                r.cancel()
+            raise
+        return self._result(merge(reqs, gens))
+
+    async def agenerate(self, prompts: Prompt | Sequence[Prompt], **kw) -> Result:
+        """`generate` from a coroutine (same arguments): the scheduler's thread decodes, the event loop waits.
+        Cancelling the coroutine cancels its rows."""
+        if kw.get("trace"):
+            return await asyncio.to_thread(self.generate, prompts, **kw)
+        reqs = self._submit_all(prompts, **kw)
+        try:
+            gens = [await _wait(r) for r in reqs]
+        except BaseException:
+            for r in reqs:
+                r.cancel()
+            raise
+        return self._result(merge(reqs, gens))
+
+    def _submit_all(self, prompts, *, mode: str = "dlm", max_new_tokens: int = 64, chat: bool = True,
+                    on_tokens=None, policy: DecodePolicy | None = None, enable_thinking: bool | None = None,
+                    max_thinking_tokens: int | None = None, **knobs) -> list[Request]:
+        self._check_open()
+        check_bounds(max_new_tokens=max_new_tokens)
         policy = DecodePolicy.of(policy or mode, knobs)
-        batch = [prompts] if isinstance(prompts, str) or _is_ids(prompts) else list(prompts)
-        ids = [self.encode(p, chat) for p in batch]
-        with self._lock:
-            if self._closed:
-                raise NemodiffError("session is closed")
-            g = loops.generate(self.denoiser, ids, policy, max_new_tokens=max_new_tokens, trace=trace,
-                               on_tokens=on_tokens)
+        template_kwargs, budget = self.thinking(enable_thinking, max_thinking_tokens)
+        ids = [self.encode(p, chat, **template_kwargs) for p in _batch(prompts)]
+        reqs: list[Request] = []
+        try:
+            for i, p in enumerate(ids):
+                stream = None if on_tokens is None else (lambda new, i=i: on_tokens(i, new))
+                reqs.append(self.scheduler.submit(p, replace(policy, seed=policy.seed + i), max_new_tokens,
+                                                  on_tokens=stream, thinking=budget))
+        except BaseException:
+            for r in reqs:
+                r.cancel()
+            raise
+        return reqs
+
+    def _result(self, g: loops.Generation) -> Result:
         return Result([Completion(t, self.decode(t), f) for t, f in zip(g.tokens, g.finish)], g)
 
     def stream(self, prompt: Prompt, **kw) -> Iterator[str | list[int]]:
-        """Yield text pieces (token-id lists without a tokenizer) as blocks are committed."""
+        """Yield text pieces (token-id lists without a tokenizer) as blocks are committed. Closing the
+        iterator early cancels the request."""
         pieces: queue.Queue = queue.Queue()
-        done = object()
-        seen: list[int] = []
+        req = self.submit(prompt, on_tokens=pieces.put, **kw)
+        req.add_done_callback(lambda r: pieces.put(_DONE))
+        text = TextStream(self)
+        try:
+            while (item := pieces.get()) is not _DONE:
+                if (piece := text.feed(item)) is not None:
+                    yield piece
+            req.result()                                  # raises the request's error, if any
+            if (piece := text.finish()) is not None:
+                yield piece
+        finally:
+            req.cancel()
 
-        def on_tokens(row: int, new: list[int]) -> None:
-            pieces.put(new)
+    async def astream(self, prompt: Prompt, **kw) -> AsyncIterator[str | list[int]]:
+        """`stream` for an event loop: `async for piece in session.astream(...)`. Leaving the loop early (or
+        cancelling the task) cancels the request."""
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue = asyncio.Queue()
+        put = lambda item: loop.call_soon_threadsafe(pieces.put_nowait, item)   # noqa: E731
+        req = self.submit(prompt, on_tokens=put, **kw)
+        req.add_done_callback(lambda r: put(_DONE))
+        text = TextStream(self)
+        try:
+            while (item := await pieces.get()) is not _DONE:
+                if (piece := text.feed(item)) is not None:
+                    yield piece
+            req.result()
+            if (piece := text.finish()) is not None:
+                yield piece
+        finally:
+            req.cancel()
 
-        def run() -> None:
-            try:
-                self.generate(prompt, on_tokens=on_tokens, **kw)
-            except BaseException as e:  # re-raised in the consumer
-                pieces.put(e)
-            finally:
-                pieces.put(done)
-
-        threading.Thread(target=run, daemon=True).start()
-        text = ""
-        while (item := pieces.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            seen.extend(item)
-            if self.tokenizer is None:
-                yield item
-                continue
-            new_text = self.decode(seen)
-            if new_text.startswith(text):        # emit the stable suffix only
-                yield new_text[len(text):]
-                text = new_text
-        if self.tokenizer is not None and seen:
-            final = self.decode(seen)
-            if final != text and final.startswith(text):
-                yield final[len(text):]
-
-    def close(self) -> None:
+    def close(self, drain: bool = True) -> None:
+        """Stop taking prompts; drain=True lets the running and queued ones finish first."""
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
-            self.denoiser = None
+        self.scheduler.close(drain=drain)
+
+    def __del__(self):                      # an unclosed session's scheduler thread stops with it
+        if not getattr(self, "_closed", True) and getattr(self, "scheduler", None) is not None:
+            self.scheduler.close(drain=False, timeout=0)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise NemodiffError("session is closed")
 
     def __enter__(self) -> "Session":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class TextStream:
+    """Incremental detokenization: feed committed ids, get the new stable text (None when there is none);
+    without a tokenizer, the ids themselves."""
+
+    def __init__(self, session: Session):
+        self.session, self.ids, self.text = session, [], ""
+
+    def feed(self, new: list[int]) -> str | list[int] | None:
+        self.ids.extend(new)
+        if self.session.tokenizer is None:
+            return list(new)
+        text = self.session.decode(self.ids)
+        if not text.startswith(self.text) or text == self.text:     # wait until the text is stable
+            return None
+        piece, self.text = text[len(self.text):], text
+        return piece
+
+    def finish(self) -> str | None:
+        if self.session.tokenizer is None or not self.ids:
+            return None
+        text = self.session.decode(self.ids)
+        if text != self.text and text.startswith(self.text):
+            piece, self.text = text[len(self.text):], text
+            return piece
+        return None
+
+
+def merge(reqs: list[Request], gens: list[loops.Generation]) -> loops.Generation:
+    """One `Generation` for rows decoded by the scheduler: each row's tokens and passes; nfe counts the engine
+    passes any of them took part in (as the whole-batch loops count a batch)."""
+    passes = {p for r in reqs for p in r.passes}
+    by_phase: dict[str, int] = {}
+    for _, phase in passes:
+        by_phase[phase] = by_phase.get(phase, 0) + 1
+    return loops.Generation([t for g in gens for t in g.tokens], [f for g in gens for f in g.finish],
+                            len(passes), by_phase, [n for g in gens for n in g.row_nfe],
+                            device_passes=max((g.device_passes for g in gens), default=0))
+
+
+_DONE = object()
+
+
+async def _wait(req: Request) -> loops.Generation:
+    """Await a request from an event loop (its done callback runs on the scheduler's thread)."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    req.add_done_callback(lambda r: loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None)))
+    try:
+        await done
+    except asyncio.CancelledError:
+        req.cancel()
+        raise
+    return req.result()
+
+
+def _batch(prompts) -> list:
+    return [prompts] if isinstance(prompts, str) or _is_ids(prompts) else list(prompts)
 
 
 def _is_ids(p: Any) -> bool:

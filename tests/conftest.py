@@ -92,3 +92,49 @@ def plugin_graph(tmp_path_factory):
     out = tmp_path_factory.mktemp("plugin-graph")
     spec = export_step(model, out, remask=remask_options("plugin", mask_id=model.config.mask_token_id))
     return out / "model.onnx", spec
+
+
+# ---- ONNX Runtime engines with the remask stage (the compiled refinement loop): one build each per session ----
+
+_REMASK_ENGINES: dict = {}
+
+
+@pytest.fixture(scope="session")
+def remask_engine(tmp_path_factory):
+    """remask_engine(variant) -> the embedded tiny model built for ONNX Runtime (fp32) with the remask stage
+    `variant` ("onnx" | "plugin"; threshold 0.9, which also serves every fixed-steps policy), buckets 1 and
+    4; built once per session on first use. The "onnx" build validates itself, as `build` does by default;
+    the "plugin" one is validated by the tests."""
+    pytest.importorskip("onnxruntime")
+
+    def get(variant: str):
+        if variant == "plugin":
+            pytest.importorskip("onnxruntime_extensions", reason="needs onnxruntime-extensions (.[ort-plugin])")
+        if variant not in _REMASK_ENGINES:
+            from nemodiff_compile.build_config import BuildConfig
+            from nemodiff_compile.pipeline import build_engine
+
+            out = tmp_path_factory.mktemp("remask") / f"tiny-{variant}"
+            _REMASK_ENGINES[variant] = build_engine(BuildConfig.of(
+                source="tiny", output=out, backend="onnxruntime", remask=variant, validate=variant == "onnx",
+                batch_sizes=(1, 4), max_context=128))
+        return _REMASK_ENGINES[variant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def int8_remask_dir(tmp_path_factory):
+    """int8 (SmoothQuant) Q/DQ graph with the remask stage as the plugin node (ONNX Runtime directory, short
+    calibration)."""
+    pytest.importorskip("modelopt", reason="needs nvidia-modelopt (pip install -e '.[quant]')")
+    pytest.importorskip("onnxruntime_extensions", reason="needs onnxruntime-extensions (.[ort-plugin])")
+    from nemodiff_compile.build_config import BuildConfig
+    from nemodiff_compile.pipeline import build_engine
+    from nemodiff_compile.quant import recipe_for
+
+    recipe = recipe_for("int8").with_(calib_modes=("dlm",), calib_max_new_tokens=8)
+    out = tmp_path_factory.mktemp("quant-remask") / "tiny-int8-remask-plugin"
+    return build_engine(BuildConfig.of(source="tiny", output=out, backend="onnxruntime", precision="int8",
+                                       remask="plugin", validate=False, batch_sizes=(1, 2), max_context=128),
+                        recipe=recipe)

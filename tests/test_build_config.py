@@ -73,7 +73,6 @@ def test_every_field_is_a_cli_option_in_its_group():
     (dict(keep_last_layers=1), "--keep-first-layers/--keep-last-layers apply to quantized builds, not fp32"),
     (dict(kv_cache="fp8"), "--kv-cache fp8: an fp8 KV cache is calibrated with the weights"),
     (dict(backend="onnxruntime", gpus="sm89"), "--gpus: only TensorRT engines are per GPU; add --backend tensorrt"),
-    (dict(backend="onnxruntime", remask="plugin"), "--remask plugin: the nemodiff::Remask node runs only in"),
     (dict(gpu="sm89"), "unknown build option 'gpu'"),
 ])
 def test_bad_values_are_one_line_naming_the_flag(kw, message):

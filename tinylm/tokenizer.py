@@ -3,6 +3,8 @@
 ids 0..127 are reserved control tokens, as in the real 131072-entry vocabulary:
   0 <unk> (also the pad token)   1 <s> (BOS)   2 </s>
   10 <|im_start|>   11 <|im_end|> (EOS of the instruct model)   100 <|mask|> (the diffusion mask token)
+  12 <think>   13 </think> (the instruct model's thinking tags: the chat template's enable_thinking
+  switch and the thinking budget; the tiny model was not trained on them)
   every other id below 128: <SPECIAL_k>
 ids 128..383 are the 256 byte-level symbols, the rest are BPE merges learnt from the tiny corpus, for
 a vocabulary of exactly `vocab_size` (1024 for PRESETS["tiny"]).
@@ -23,20 +25,26 @@ from pathlib import Path
 from tinylm.corpus import IM_END, IM_START
 
 N_RESERVED = 128
-UNK, BOS, EOS_BASE, IM_START_ID, IM_END_ID, MASK_ID = 0, 1, 2, 10, 11, 100
-MASK = "<|mask|>"
-_NAMED = {UNK: "<unk>", BOS: "<s>", EOS_BASE: "</s>", IM_START_ID: IM_START, IM_END_ID: IM_END, MASK_ID: MASK}
+UNK, BOS, EOS_BASE, IM_START_ID, IM_END_ID, THINK_ID, END_THINK_ID, MASK_ID = 0, 1, 2, 10, 11, 12, 13, 100
+MASK, THINK, END_THINK = "<|mask|>", "<think>", "</think>"
+_NAMED = {UNK: "<unk>", BOS: "<s>", EOS_BASE: "</s>", IM_START_ID: IM_START, IM_END_ID: IM_END,
+          THINK_ID: THINK, END_THINK_ID: END_THINK, MASK_ID: MASK}
 SPECIAL_TOKENS = [_NAMED.get(i, f"<SPECIAL_{i}>") for i in range(N_RESERVED)]
 
-# Same structure as the NLD instruct template (without its system turn and <think></think>):
+# Same structure as the NLD instruct template (without its system turn, and with thinking off
+# without the empty <think></think> the real one writes, so the prompts the tiny model was trained
+# on render unchanged):
 #   <s><|im_start|>user\n{msg}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>
+# enable_thinking=True opens the assistant turn with "<think>\n".
 CHAT_TEMPLATE = (
     "{{- bos_token }}"
     "{%- for message in messages %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' }}"
     "{%- if not loop.last or add_generation_prompt %}{{- '\\n' }}{%- endif %}"
     "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking %}{{- '<think>\\n' }}{%- endif %}"
+    "{%- endif %}"
 )
 
 

@@ -20,13 +20,23 @@ commit / verify) through its inputs; the KV cache is a static max-length layout 
   -> logits      [batch, block, vocab]                         validation builds only
 
 Graphs exported with the remask stage (`remask="onnx"` standard ops, or `remask="plugin"` the
-`nemodiff::Remask` custom node, kernels/remask/spec.py) also take and give, after the above:
-  canvas         [batch, block]                                int64   the block (mask_id where masked)
-  active         [batch]                                       bool    rows still refining
-  quota          [batch]                                       int64   commits this pass (top-k policy)
+`nemodiff::Remask` custom node, kernels/remask/spec.py) run one refinement pass of a diffusion block
+(decoding/refine.py) and also take and give, after the above (stage I/O version `REMASK_IO`):
+  canvas         [batch, block]                                int64   the block (mask_id where masked);
+                                                                       refinement passes bind input_ids to it
+  active         [batch]                                       bool    rows that may refine in this block
+  quota          [batch, block]                                int64   per pass s at [:, s]: >= 0 commit that
+                                                                       many (fixed-steps schedule), -1 the
+                                                                       threshold rule
+  row_nfe        [batch]                                       int64   passes each row has refined in so far
   -> canvas_out  [batch, block]                                int64   canvas with this pass's commits
   -> commit      [batch, block]                                bool    positions committed by this pass
-The policy (threshold value or top-k) and mask_id are fixed at export, in `extra["remask"]`.
+  -> row_nfe_out [batch]                                       int64   row_nfe + (row refined in this pass)
+  -> done        []                                            bool    no row of canvas_out refines any more
+A row refines in a pass when it is active, its block has a mask, and no EOS precedes its first mask
+(refine.py's rule); its pass index is its row_nfe (rows stop for good), so quota[b, row_nfe[b]] is its
+quota. Passes that are not refinement passes bind active all False (nothing commits). The threshold
+(or "topk": none), mask_id and the EOS ids are fixed at export, in `extra["remask"]`.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from ..config import ModelConfig
 
 OPSET = 21
 REMASK_VARIANTS = ("none", "onnx", "plugin")
+REMASK_IO = 2          # version of the remask stage's I/O above (extra["remask"]["io"]; 1: no pass-loop I/O)
 DYNAMIC_DIMS = ("batch", "block", "cache_len")
 
 
@@ -93,7 +104,7 @@ def step_spec(cfg: ModelConfig, kv_dtype: str, with_logits: bool, with_lora: boo
     ) + ((TensorSpec("draft_lora", "bool", ()),) if with_lora else ())
     if remask is not None:
         inputs += (TensorSpec("canvas", "int64", ("batch", "block")), TensorSpec("active", "bool", ("batch",)),
-                   TensorSpec("quota", "int64", ("batch",)))
+                   TensorSpec("quota", "int64", ("batch", "block")), TensorSpec("row_nfe", "int64", ("batch",)))
     outputs = [
         TensorSpec("token", "int64", ("batch", "block")),
         TensorSpec("confidence", "float32", ("batch", "block")),
@@ -102,7 +113,24 @@ def step_spec(cfg: ModelConfig, kv_dtype: str, with_logits: bool, with_lora: boo
     ]
     if remask is not None:
         outputs += [TensorSpec("canvas_out", "int64", ("batch", "block")),
-                    TensorSpec("commit", "bool", ("batch", "block"))]
+                    TensorSpec("commit", "bool", ("batch", "block")),
+                    TensorSpec("row_nfe_out", "int64", ("batch",)), TensorSpec("done", "bool", ())]
     if with_logits:
         outputs.append(TensorSpec("logits", kv_dtype, ("batch", "block", cfg.vocab_size)))
     return IOSpec(inputs, tuple(outputs), extra={"remask": dict(remask)} if remask is not None else {})
+
+
+def remask_stage(spec: "IOSpec | dict[str, Any]", where: str = "this engine") -> dict[str, Any] | None:
+    """The graph's remask stage options (variant, policy, threshold, mask_id, eos_ids, io), None without one;
+    a stage of an older I/O version is refused with the command that rebuilds it."""
+    extra = spec.extra if isinstance(spec, IOSpec) else spec.get("extra", {})
+    stage = extra.get("remask")
+    if stage is None:
+        return None
+    if stage.get("io") != REMASK_IO:
+        from ..errors import NemodiffError
+
+        raise NemodiffError(f"{where}: its remask stage was exported by an older nemodiff-compile (stage I/O "
+                            f"{stage.get('io', 1)}, this runtime drives version {REMASK_IO}): rebuild it with "
+                            f"`nemodiff-compile build --remask {stage.get('variant', 'onnx')} ...`")
+    return stage

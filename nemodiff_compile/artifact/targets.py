@@ -3,8 +3,11 @@
 Stdlib only except `current_device`, which asks torch late; everything else takes a `DeviceInfo`,
 so the selection is testable on CPU with a fake device. Rules (TensorRT engine compatibility docs):
 a plan runs on the compute capability it was built for, under the exact TensorRT it was built with,
-unless it was built version-compatible (then any later runtime of the same major) or with a hardware
-compatibility level (AMPERE_PLUS: any sm >= 80; SAME_COMPUTE_CAPABILITY: the same sm).
+unless it was built version-compatible (then any later runtime, a later major included: TensorRT 11
+runs version-compatible plans of 10) or with a hardware compatibility level (AMPERE_PLUS: any sm >= 80;
+SAME_COMPUTE_CAPABILITY: the same sm). A default plan also runs on another GPU model of its compute
+capability (H100 -> H200): allowed here; `backends.trt.select_plan` warns that its tactics were timed
+elsewhere.
 """
 
 from __future__ import annotations
@@ -100,7 +103,7 @@ def runs_on(entry: dict[str, Any], device: DeviceInfo, flavor: str, version: str
     if entry["trt_module"] != flavor:
         return f"built with {entry['trt_module']}, this runtime is {flavor}"
     if entry["trt_version"] != version:
-        if not (entry.get("version_compatible") and _major(entry["trt_version"]) == _major(version)
+        if not (entry.get("version_compatible") and _major(entry["trt_version"]) >= 10
                 and _vt(version) >= _vt(entry["trt_version"])):
             return f"built with {flavor} {entry['trt_version']}, this is {version}"
     built = parse_target(entry["target"])

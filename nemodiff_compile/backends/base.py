@@ -18,7 +18,8 @@ A new backend implements
   _pass(tokens, ...)   one pass over tokens [B, L] at the rows' lengths -> StepOut (token, confidence on the host);
                        a causal `write` pass stores the block's K/V (the base then advances the lengths)
 and, where it keeps a copy of the lengths on its device, `_set_lengths`; where it can refine a diffusion block
-on its device, `block_refiner` (decoding/refine.py).
+on its device, `block_refiner` (decoding/refine.py); `_kv` (its K/V buffers) lets `regroup` carry rows over when a
+scheduler changes the batch (decoding/scheduler.py).
 """
 
 from __future__ import annotations
@@ -70,12 +71,15 @@ class BackendDenoiser(Denoiser):
         self._set_lengths(lengths.clone())
 
     def step(self, tokens, *, causal, write, num_valid=None, draft_lora=False, temperature=0.0,
-             generator=None) -> StepOut:
+             generator=None, noise=None) -> StepOut:
+        """noise: a [B, L, V] float64 Gumbel draw to use instead of drawing one from `generator` (a scheduler
+        draws each row's from the row's own generator)."""
         B, L = tokens.shape
         self.check_pass(B, L, causal=causal, write=write)
         num_valid = torch.full((B,), L) if num_valid is None else num_valid.to("cpu", torch.long)
-        noise = None
-        if temperature > 0:
+        if temperature <= 0:
+            noise = None
+        elif noise is None:
             noise = remask.gumbel_noise((B, L, self.config.vocab_size), generator)       # [B, L, V] float64
         out = self._pass(tokens, causal=causal, write=write, num_valid=num_valid, draft_lora=draft_lora,
                          temperature=temperature, noise=noise)
@@ -83,6 +87,30 @@ class BackendDenoiser(Denoiser):
         if write:
             self._set_lengths(self._lengths + num_valid)
         return out
+
+    @property
+    def can_regroup(self) -> bool:
+        """The backend declares its K/V buffers (`_kv`), so `regroup` can carry rows over."""
+        return type(self)._kv is not BackendDenoiser._kv
+
+    def regroup(self, keep: list[int], batch: int) -> None:
+        """A new batch of `batch` rows whose first len(keep) are the current rows `keep` (their K/V and lengths
+        carried over, in that order) and the rest empty: how a scheduler adds and drops rows between passes."""
+        if len(keep) > batch or len(set(keep)) != len(keep) or any(not 0 <= r < self.batch for r in keep):
+            raise ValueError(f"regroup: rows {keep} of {self.batch} into a batch of {batch}")
+        rows = self.buckets.pick(batch) if self.buckets is not None else batch
+        lengths = torch.zeros(batch, dtype=torch.long)
+        lengths[: len(keep)] = self._lengths[keep]
+        old, idx = self._kv() if self._allocated is not None else (), torch.tensor(keep, dtype=torch.long)
+        moved = [t.index_select(1, idx.to(t.device)) for t in old]          # [layers, len(keep), H, S, D] each
+        if (rows, self.max_len) != self._allocated:
+            self._allocate(rows)
+            self._allocated = (rows, self.max_len)
+        for dst, src in zip(self._kv(), moved):
+            s = min(dst.shape[3], src.shape[3])                              # windowed caches keep their prefix
+            dst[:, : len(keep), :, :s].copy_(src[:, :, :, :s])
+        self.batch, self.bucket = batch, rows
+        self._set_lengths(lengths)
 
     def check_pass(self, batch: int, block: int, *, causal: bool = False, write: bool = False) -> None:
         """The guard of every pass (refiners call it too): the reset batch, causal writes, room for the block."""
@@ -107,12 +135,16 @@ class BackendDenoiser(Denoiser):
         """The rows' new lengths [batch] (host); backends that mirror them on their device extend this."""
         self._lengths = lengths
 
+    def _kv(self) -> tuple[torch.Tensor, ...]:
+        """The cache buffers, each [layers, rows, kv_heads, S, head_dim] (for `regroup`)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot regroup its rows")
+
     # ---- helpers -------------------------------------------------------------------------------------------
 
-    def kv_cache(self, rows: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zeroed K and V, each [layers, rows, kv_heads, max_len, head_dim]."""
+    def kv_cache(self, rows: int, dtype: torch.dtype, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeroed K and V, each [layers, rows, kv_heads, length (default max_len), head_dim]."""
         c = self.config
-        shape = (c.num_hidden_layers, rows, c.num_key_value_heads, self.max_len, c.head_dim)
+        shape = (c.num_hidden_layers, rows, c.num_key_value_heads, length or self.max_len, c.head_dim)
         return (torch.zeros(shape, dtype=dtype, device=self.device),
                 torch.zeros(shape, dtype=dtype, device=self.device))
 

@@ -24,6 +24,9 @@ class TorchDenoiser(BackendDenoiser):
         super()._set_lengths(lengths)
         self.cache.lengths.copy_(lengths)            # the model reads and advances the cache's own copy
 
+    def _kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.k, self.cache.v
+
     @torch.no_grad()
     def _pass(self, tokens, *, causal, write, num_valid, draft_lora, temperature, noise) -> StepOut:
         logits = self.model(tokens.to(self.device), cache=self.cache,

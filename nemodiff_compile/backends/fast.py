@@ -177,6 +177,9 @@ class FastDenoiser(BackendDenoiser):
         self._loop_bufs: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
         self.graphs.clear()                       # captured graphs point at the old buffers
 
+    def _kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache_k, self.cache_v
+
     def _ids(self, L: int) -> torch.Tensor:
         if L not in self._ids_by_len:
             self._ids_by_len[L] = torch.zeros(self.bucket, L, dtype=torch.long, device=self.device)

@@ -3,6 +3,8 @@
 Session.open, validate and bench all open engine directories through here: the manifest (files, sizes,
 runtime version: `artifact/manifest.py`), the model config and I/O spec it records, the backend it names
 (ONNX Runtime, or the TensorRT plan for this GPU: `trt.select_plan`) and the tokenizer files beside it.
+A directory that a build swaps while it is opened is opened again (fsutil.read_stable), so an Engine never
+mixes the files of two builds.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from ..artifact.manifest import Manifest, read_manifest
 from ..artifact.spec import IOSpec
 from ..config import ModelConfig
 from ..decoding.denoiser import Denoiser
+from ..errors import InvalidArgument
+from ..fsutil import read_stable
 
 
 @dataclass
@@ -28,11 +32,18 @@ class Engine:
 
 
 def open_engine(engine_dir: str | Path, *, max_len: int | None = None, providers: list[str] | None = None,
-                threads: int | None = None, return_logits: bool | None = False) -> Engine:
+                threads: int | None = None, return_logits: bool | None = False, verify: str = "size") -> Engine:
     """max_len: KV cache positions (default: the build's max_context); providers / threads: ONNX Runtime's;
-    return_logits: None returns them wherever the graph has them (validation builds), else as asked."""
-    engine_dir = Path(engine_dir)
-    manifest = read_manifest(engine_dir)
+    return_logits: None returns them wherever the graph has them (validation builds), else as asked;
+    verify: "size" (each artifact's size) or "sha256" (every byte re-hashed against the manifest)."""
+    if verify not in ("size", "sha256"):
+        raise InvalidArgument(f"verify {verify!r}: expected 'size' or 'sha256'")
+    return read_stable(engine_dir, lambda: _open(Path(engine_dir), max_len, providers, threads, return_logits,
+                                                 verify == "sha256"))
+
+
+def _open(engine_dir: Path, max_len, providers, threads, return_logits, deep: bool) -> Engine:
+    manifest = read_manifest(engine_dir, deep=deep)
     config = ModelConfig.from_hf(manifest.model_config, source=f"{engine_dir}/manifest.json")
     spec = IOSpec.from_json(manifest.io_spec)
     max_len = max_len or int(manifest.buckets["max_context"])

@@ -23,6 +23,13 @@ differs, measured here (CPU-only machine, `pip install tensorrt-rtx` = 1.7.1.116
     ("Successfully created plugin: Remask" in its log), ends the process with std::terminate. So the
     `--remask plugin` graph is refused up front on tensorrt_rtx (`can_build_plugins`); it builds only
     with the datacenter module, which has `add_plugin_v3` (TensorRT >= 10).
+  - CUDA graphs on tensorrt_rtx: a context is stream capturable only for plans built with
+    `BuilderFlag.REQUIRE_USER_ALLOCATION` (the builder sets it; the runtime asks
+    `IExecutionContext.is_stream_capturable(stream)` and runs uncaptured otherwise). Its built-in graphs
+    exist in the 1.7.1 Python bindings as `ICudaEngine.create_runtime_config()`,
+    `IRuntimeConfig.cuda_graph_strategy = CudaGraphStrategy.WHOLE_GRAPH_CAPTURE` and
+    `create_execution_context(runtime_config=...)` (spellings read from the module here, not run); the
+    runtime does not use them: it captures one graph per context itself, the same way on both modules.
 """
 
 from __future__ import annotations

@@ -5,6 +5,13 @@ caches hits all of them alike, and share the seed so they see the same noise. Pe
 latency by phase (mean / p50 / p90 ms), tokens per forward, tokens/s (generated tokens / wall time of
 the whole generate call), and peak memory of a run (host RSS growth; torch CUDA allocations; an
 engine's own device allocator, e.g. ONNX Runtime's or TensorRT's, is not seen by torch).
+
+Denoisers with a device block refiner for the policy (the fast engine; engines built with a remask
+stage) refine greedy dlm blocks on their device, as a generation would: those passes are not timed one
+by one (no host sync inside a block); each refined block's time is split evenly over the passes the
+device ran. `refine_ms_per_pass` puts every variant on one scale: the time of a generation spent
+outside its prefill / commit passes (refinement passes with whatever the host does between them:
+the host commit rule, bindings, done-flag reads) over the refinement passes run.
 """
 
 from __future__ import annotations
@@ -33,6 +40,14 @@ class DenoiserBench:
     peak_rss_delta_mb: float = 0.0                              # host peak RSS over a run's start, max over runs
     peak_cuda_mb: float | None = None                           # torch CUDA allocations over the start
     output: list[list[int]] = field(default_factory=list, repr=False)
+    device_loop: bool = False                                   # dlm blocks refined on the device
+    device_passes: int = 0                                      # refinement passes the device ran (last repeat)
+    refine_s: float = 0.0                                       # wall time outside prefill/commit passes (dlm)
+    refine_passes: int = 0                                      # refinement passes run in that time
+
+    @property
+    def refine_ms_per_pass(self) -> float | None:
+        return self.refine_s * 1e3 / self.refine_passes if self.refine_passes else None
 
     @property
     def tokens_per_s(self) -> float:
@@ -47,7 +62,9 @@ class DenoiserBench:
         return dict(tokens_per_s=self.tokens_per_s, wall_s_mean=sum(self.wall_s) / max(1, len(self.wall_s)),
                     tokens=self.tokens[-1] if self.tokens else 0, nfe=self.nfe, nfe_by_phase=self.nfe_by_phase,
                     tokens_per_forward=self.tokens_per_forward, pass_ms=self.latency(),
-                    peak_rss_delta_mb=self.peak_rss_delta_mb, peak_cuda_mb=self.peak_cuda_mb)
+                    peak_rss_delta_mb=self.peak_rss_delta_mb, peak_cuda_mb=self.peak_cuda_mb,
+                    device_loop=self.device_loop, device_passes=self.device_passes,
+                    refine_ms_per_pass=self.refine_ms_per_pass)
 
 
 @dataclass
@@ -62,6 +79,8 @@ class BenchReport:
         for k, r in self.results.items():
             if base is not None and k != "reference":
                 out["denoisers"][k]["same_tokens_as_reference"] = r.output == base.output
+                ref = base.tokens_per_s
+                out["denoisers"][k]["speedup"] = r.tokens_per_s / ref if ref > 0 else None
         for k in ("engine", "reference"):
             if k in self.results:
                 out[f"{k}_tokens_per_s"] = self.results[k].tokens_per_s
@@ -72,12 +91,15 @@ class BenchReport:
 
     def to_table(self) -> str:
         s = self.settings
-        head = ("denoiser", "tok/s", "tok/fwd", "nfe", "ms/pass mean", "p50", "p90", "peak RSS +MB", "peak CUDA MB")
+        head = ("denoiser", "tok/s", "tok/fwd", "nfe", "ms/pass mean", "p50", "p90", "refine ms/pass", "loop",
+                "peak RSS +MB", "peak CUDA MB")
         rows = []
         for name, r in self.results.items():
             lat = r.latency().get("all", {})
+            rp = r.refine_ms_per_pass
             rows.append((name, f"{r.tokens_per_s:.1f}", f"{r.tokens_per_forward:.2f}", str(r.nfe),
                          f"{lat.get('mean', 0):.2f}", f"{lat.get('p50', 0):.2f}", f"{lat.get('p90', 0):.2f}",
+                         "-" if rp is None else f"{rp:.2f}", "device" if r.device_loop else "host",
                          f"{r.peak_rss_delta_mb:.1f}", "-" if r.peak_cuda_mb is None else f"{r.peak_cuda_mb:.1f}"))
         widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
         line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
@@ -87,30 +109,33 @@ class BenchReport:
         for name, r in self.results.items():
             per_phase = ", ".join(f"{ph} {d['mean']:.2f}" for ph, d in r.latency().items() if ph != "all")
             out.append(f"{name} ms/pass by phase: {per_phase}")
-        sp = self.to_json().get("speedup")
-        if sp is not None:
-            out.append(f"speedup (engine / reference tokens/s): {sp:.2f}x")
+        js = self.to_json()
+        for name, d in js["denoisers"].items():
+            if d.get("speedup") is not None:
+                out.append(f"speedup ({name} / reference tokens/s): {d['speedup']:.2f}x")
         return "\n".join(out)
 
 
 def bench(denoisers: dict[str, Denoiser], prompts: list[list[int]], *, mode: str = "dlm",
           max_new_tokens: int = 64, block_length: int | None = None, threshold: float | None = 0.9,
+          steps: int | None = None,
           temperature: float = 0.0, seed: int = 0, warmup: int = 1, repeats: int = 3) -> BenchReport:
-    """threshold applies to dlm (None: the policy's default); linear-spec and ar use their defaults. Every
-    pass runs on the host (timed one by one), device block refiners included."""
+    """threshold applies to dlm (None: the policy's default), steps selects dlm's fixed-steps policy
+    instead; linear-spec and ar use their defaults. Passes through `step` are timed one by one; greedy dlm
+    blocks go to a denoiser's device block refiner where it has one for the policy (module docstring)."""
     if not denoisers:
         raise InvalidArgument("bench needs at least one denoiser")
     if repeats < 1 or warmup < 0:
         raise InvalidArgument(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
-    policy = DecodePolicy(mode, block_length=block_length, threshold=threshold if mode == "dlm" else None,
-                          temperature=temperature, seed=seed)
+    policy = DecodePolicy(mode, block_length=block_length, threshold=threshold if mode == "dlm" and steps is None
+                          else None, steps=steps, temperature=temperature, seed=seed)
     results = {name: DenoiserBench(name) for name in denoisers}
     for rep in range(warmup + repeats):
         for name, den in denoisers.items():                      # interleaved
-            timed = TimingDenoiser(den)
+            timed = TimingDenoiser(den, mode)
             with PeakMemory() as mem:
                 t0 = time.perf_counter()
-                gen = loops.generate(timed, prompts, policy, max_new_tokens=max_new_tokens, trace=True)
+                gen = loops.generate(timed, prompts, policy, max_new_tokens=max_new_tokens)
                 wall = time.perf_counter() - t0
             r = results[name]
             r.peak_rss_delta_mb = max(r.peak_rss_delta_mb, mem.rss_mb)     # warmup included: first
@@ -120,12 +145,19 @@ def bench(denoisers: dict[str, Denoiser], prompts: list[list[int]], *, mode: str
                 continue
             r.wall_s.append(wall)
             r.tokens.append(sum(len(t) for t in gen.tokens))
-            for rec, s in zip(gen.trace, timed.step_s, strict=True):  # one trace record per step call
-                r.pass_ms.setdefault(rec.phase, []).append(s * 1e3)
+            for phase, s in zip(timed.phases, timed.step_s, strict=True):
+                r.pass_ms.setdefault(phase, []).append(s * 1e3)
+            for s, n in timed.refine_s:                                   # device-refined blocks
+                r.pass_ms.setdefault("denoise", []).extend([s * 1e3 / n] * n)
+            if mode == "dlm":
+                other = sum(s for phase, s in zip(timed.phases, timed.step_s) if phase != "denoise")
+                r.refine_s += wall - other
+                r.refine_passes += gen.device_passes or gen.nfe_by_phase.get("denoise", 0)
+            r.device_loop, r.device_passes = bool(timed.refine_s), gen.device_passes
             r.nfe, r.nfe_by_phase, r.tokens_per_forward = gen.nfe, gen.nfe_by_phase, gen.tokens_per_forward
             r.output = gen.tokens
     settings = dict(mode=mode, batch=len(prompts), max_new_tokens=max_new_tokens, block_length=block_length,
-                    threshold=threshold if mode == "dlm" else None, temperature=temperature, seed=seed,
+                    threshold=policy.threshold if mode == "dlm" else None, steps=steps, temperature=temperature, seed=seed,
                     warmup=warmup, repeats=repeats)
     return BenchReport(settings, results)
 

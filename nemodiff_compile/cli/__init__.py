@@ -11,6 +11,7 @@ from .doctor import doctor
 from .generate import generate
 from .info import info
 from .inspect import inspect
+from .serve import serve
 from .validate import bench, validate
 
 
@@ -20,7 +21,7 @@ def cli() -> None:
     """Compile, run and validate NVIDIA Nemotron-Labs-Diffusion language models."""
 
 
-for command in (build, doctor, generate, info, inspect, validate, bench, bench_gpu):
+for command in (build, doctor, generate, info, inspect, validate, bench, bench_gpu, serve):
     cli.add_command(command)
 
 

@@ -13,7 +13,8 @@ from ..errors import NemodiffError
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Turn a NemodiffError into one line on stderr and exit status 2 (no traceback)."""
+    """Turn a NemodiffError into one line on stderr and exit status 2 (no traceback); Ctrl-C, and
+    SIGTERM during a build (fsutil.atomic_dir), into one line and 128 + the signal's number."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -22,28 +23,42 @@ def user_errors(fn: Callable) -> Callable:
         except NemodiffError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt as e:
+            import signal
+
+            signum = getattr(e, "signum", signal.SIGINT)
+            click.echo(f"error: interrupted ({signal.Signals(signum).name}); nothing was left half-written",
+                       err=True)
+            sys.exit(128 + signum)
 
     return wrapper
 
 
 def model_source(fn: Callable) -> Callable:
-    """--checkpoint DIR or --size PRESET (default: the embedded trained tiny model)."""
-    fn = click.option("--size", default=None, metavar="PRESET",
-                      help="tiny (the trained model shipped in the package, default), or 3b/8b/14b "
-                           "(published geometry, seeded random weights: for timing only).")(fn)
-    fn = click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
-                      help="Hugging Face checkpoint folder (config.json + safetensors).")(fn)
+    """--size NAME | --model ID_OR_DIR (alias --checkpoint) [--random-weights]; default: the embedded
+    tiny model. Resolution: nemodiff_compile/model/hub.py."""
+    fn = click.option("--random-weights", is_flag=True,
+                      help="With --size 3b|8b|14b: the published geometry with seeded random weights "
+                           "(timing builds; nothing is downloaded).")(fn)
+    fn = click.option("--size", default=None, metavar="NAME",
+                      help="tiny (the trained model shipped in the package, default), or a published "
+                           "checkpoint: 3b, 8b, 14b (instruct) or 3b-base, 8b-base, 14b-base "
+                           "(nvidia/Nemotron-Labs-Diffusion-<size>[-Base], from the Hugging Face cache "
+                           "or downloaded).")(fn)
+    fn = click.option("--model", "--checkpoint", "model", default=None, metavar="ID_OR_DIR",
+                      help="A Hugging Face model id (org/name) or a checkpoint folder "
+                           "(config.json + safetensors).")(fn)
     return fn
 
 
-def resolve_source(checkpoint: Path | None, size: str | None) -> str | Path:
-    from ..config import preset
+def model_ref(model: str | None, size: str | None, random_weights: bool = False):
+    """The ModelRef of --model/--size/--random-weights (no download yet)."""
+    from ..hub import model_ref as ref
 
-    if checkpoint is not None and size is not None:
-        raise click.UsageError("give either --checkpoint or --size, not both")
-    if checkpoint is not None:
-        if not checkpoint.is_dir():
-            raise NemodiffError(f"--checkpoint {checkpoint}: not a folder (expected a Hugging Face checkpoint folder)")
-        return checkpoint
-    preset(size or "tiny")          # one-line error for an unknown name
-    return (size or "tiny").lower()
+    return ref(size=size, model=model, random_weights=random_weights)
+
+
+def resolve_source(model: str | None, size: str | None, random_weights: bool = False) -> str | Path:
+    """What the model loaders take: a checkpoint folder (fetched into the Hugging Face cache when
+    needed) or a preset name ("tiny", or "3b"/"8b"/"14b" with --random-weights)."""
+    return model_ref(model, size, random_weights).fetch(echo=lambda msg: click.echo(f"[model] {msg}", err=True))

@@ -43,21 +43,23 @@ def _ints(ctx, param, value: str) -> tuple[int, ...]:
 @click.option("--json-out", type=click.Path(path_type=Path), default=None,
               help="Also write the report here (with --sweep: its JSON lines).")
 @user_errors
-def bench_gpu(checkpoint, size, precision, batch, block, context, iters, no_modes, sweep, tasks_file, prompts_file,
-              plot, plot_size, mode, max_new_tokens, repeats, json_out):
+def bench_gpu(model, size, random_weights, precision, batch, block, context, iters, no_modes, sweep, tasks_file,
+              prompts_file, plot, plot_size, mode, max_new_tokens, repeats, json_out):
     """Time refinement passes (CUDA graph + fused remask) and generations against the eager reference.
 
-    Defaults to the 8B geometry with seeded random weights (timing only). With --sweep: the fast
-    engine over a grid of decode settings, as `bench --sweep` (use --size tiny or --checkpoint for
-    meaningful quality figures)."""
+    Defaults to the 8B geometry with seeded random weights (timing only, nothing downloaded). With
+    --sweep: the fast engine over a grid of decode settings, as `bench --sweep` (use --size tiny or
+    --model for meaningful quality figures)."""
+    if model is None and size is None:          # the timing default: 8B geometry, random weights
+        size, random_weights = "8b", True
     if sweep:
-        _sweep(checkpoint, size, precision, batch[0], sweep, tasks_file, prompts_file, plot, plot_size, mode,
-               max_new_tokens, repeats, json_out)
+        _sweep(model, size, random_weights, precision, batch[0], sweep, tasks_file, prompts_file, plot, plot_size,
+               mode, max_new_tokens, repeats, json_out)
         return
     no_sweep_flags(tasks_file=tasks_file, prompts_file=prompts_file, plot=plot, plot_size=plot_size)
     from ..bench.gpu import gpu_report, report_table
 
-    source = resolve_source(checkpoint, size or "8b")
+    source = resolve_source(model, size, random_weights)
     report = gpu_report(source, precisions=tuple((precision or "bf16,fp8").split(",")), batches=batch, blocks=block,
                         context=context, iters=iters, modes=not no_modes, log=click.echo)
     click.echo(report_table(report))
@@ -69,7 +71,7 @@ def bench_gpu(checkpoint, size, precision, batch, block, context, iters, no_mode
     click.echo(line)
 
 
-def _sweep(checkpoint, size, precision, batch, sweep, tasks_file, prompts_file, plot, plot_size, mode,
+def _sweep(model, size, random_weights, precision, batch, sweep, tasks_file, prompts_file, plot, plot_size, mode,
            max_new_tokens, repeats, json_out) -> None:
     import torch
 
@@ -82,7 +84,7 @@ def _sweep(checkpoint, size, precision, batch, sweep, tasks_file, prompts_file, 
         raise InvalidArgument("bench-gpu needs a CUDA GPU (torch.cuda.is_available() is False); "
                               "`bench ENGINE_DIR --sweep` runs on the CPU")
     size_px = check_outputs(plot, plot_size, json_out)
-    report = sweep_fast(resolve_source(checkpoint, size or "8b"), sweep, precision=precision, device="cuda",
+    report = sweep_fast(resolve_source(model, size, random_weights), sweep, precision=precision, device="cuda",
                         mode=mode, max_new_tokens=max_new_tokens, batch=batch, repeats=repeats,
                         tasks_file=tasks_file, prompts_file=prompts_file, log=lambda m: click.echo(m, err=True))
     emit(report, as_json=False, json_out=json_out, plot=plot, size=size_px)

@@ -13,6 +13,10 @@ Accounting, the same in every mode:
   device_passes  refinement passes a backend's device block refiner ran (refine.py): the nfe above counts
                  the passes the host loop would run, the surplus ran after every row had stopped
 The policy (mode, block length, commit rule, temperature, seed) is one `DecodePolicy` (policy.py).
+
+Thinking budget (instruct models, `thinking=ThinkingBudget(...)`, a request's option beside the
+policy): the closing tag is forced at generated index max_tokens in every mode (thinking.py says how
+each loop does it).
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ import torch
 
 from . import remask
 from ..errors import InvalidArgument
+from .arguments import check_room, check_token_ids
 from .denoiser import Denoiser
-from .policy import MODES, DecodePolicy
+from .policy import MODES, DecodePolicy, check_bounds
 from .refine import BlockRefiner
+from .thinking import ThinkingBudget
 
 
 @dataclass
@@ -69,8 +75,9 @@ class _Run:
     output (cut at its first EOS and at max_new_tokens, streamed to `on_tokens` as it grows)."""
 
     def __init__(self, den: Denoiser, batch: int, policy: DecodePolicy, *, trace: bool,
-                 max_new_tokens: int, on_tokens: OnTokens | None):
-        self.den, self.temperature = den, policy.temperature
+                 max_new_tokens: int, on_tokens: OnTokens | None, thinking: ThinkingBudget | None = None):
+        check_bounds(max_new_tokens=max_new_tokens)
+        self.den, self.policy, self.temperature = den, policy, policy.temperature
         self.eos = den.config.eos_ids
         self.max_new_tokens, self.on_tokens = max_new_tokens, on_tokens
         self.generator = torch.Generator().manual_seed(policy.seed)
@@ -80,6 +87,8 @@ class _Run:
         self.rows: list[list[int]] = [[] for _ in range(batch)]
         self.finish: list[str | None] = [None] * batch
         self.trace: list[PassRecord] | None = [] if trace else None
+        self.thinking = thinking
+        self.thought = [thinking is None] * batch          # rows that closed their thinking
 
     @property
     def done(self) -> torch.Tensor:
@@ -128,8 +137,22 @@ class _Run:
                 break
         if self.finish[b] is None and len(row) == self.max_new_tokens:
             self.finish[b] = "length"
+        if not self.thought[b] and self.thinking.end_id in new:
+            self.thought[b] = True
         if new and self.on_tokens is not None:
             self.on_tokens(b, new)
+
+    def think(self, b: int, tokens: list[int]) -> list[int]:
+        """Tokens about to be emitted to row b, with the thinking budget's closing tag forced."""
+        return tokens if self.thought[b] else self.thinking.cut(len(self.rows[b]), tokens)
+
+    def think_block(self, blk: torch.Tensor, active: torch.Tensor) -> None:
+        """Put the closing tag into the block [B, L] of each row that reaches its budget there."""
+        for b in active.nonzero()[:, 0].tolist():
+            if not self.thought[b]:
+                pos = self.thinking.block_position(len(self.rows[b]), blk.shape[1])
+                if pos is not None:
+                    blk[b, pos] = self.thinking.end_id
 
     def result(self) -> Generation:
         return Generation([list(r) for r in self.rows], [f or "length" for f in self.finish],
@@ -138,16 +161,22 @@ class _Run:
 
 
 def _prefill(run: _Run, prompts: list[list[int]], room: int) -> torch.Tensor:
-    """Causal pass over the right-padded prompts; returns the first new token [B]."""
-    if not prompts or any(len(p) == 0 for p in prompts):
+    """Causal pass over the right-padded prompts; returns the first new token [B]. The token ids are
+    checked against the vocabulary and the prompt + `room` positions against the cache first
+    (arguments.py: the message blames the prompt, block_length or max_new_tokens)."""
+    if not prompts:
         raise InvalidArgument("every prompt needs at least one token")
+    cfg = run.den.config
+    prompts = [check_token_ids(p, cfg.vocab_size, f"prompt {i}" if len(prompts) > 1 else "prompt")
+               for i, p in enumerate(prompts)]
     B = len(prompts)
     n = torch.tensor([len(p) for p in prompts])                                     # [B]
     need = int(n.max()) + room
     if need > run.den.max_len:
+        check_room(int(n.max()), mode=run.policy.mode, max_new_tokens=run.max_new_tokens,
+                   block_length=run.policy.block_length or 1, max_len=run.den.max_len)
         raise InvalidArgument(f"prompt ({int(n.max())}) + generation ({room}) needs {need} cache positions, "
-                         f"the backend has {run.den.max_len}: raise max_len or lower max_new_tokens")
-    cfg = run.den.config
+                              f"the backend has {run.den.max_len}: raise max_len or lower max_new_tokens")
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_ids[0]   # never attended to
     ids = torch.full((B, int(n.max())), pad_id, dtype=torch.long)
     for b, p in enumerate(prompts):
@@ -169,15 +198,17 @@ def _policy(mode: str, policy: DecodePolicy | None, knobs: dict, cfg) -> DecodeP
 
 def ar_generate(den: Denoiser, prompts: list[list[int]], policy: DecodePolicy | None = None, *,
                 max_new_tokens: int, trace: bool = False, on_tokens: OnTokens | None = None,
-                **knobs) -> Generation:
+                thinking: ThinkingBudget | None = None, **knobs) -> Generation:
     """Causal decoding, one token per pass; each row stops at its first EOS.
     policy: a DecodePolicy("ar", ...), or its fields as keywords (temperature, seed)."""
     policy = _policy("ar", policy, knobs, den.config)
-    run = _Run(den, len(prompts), policy, trace=trace, max_new_tokens=max_new_tokens, on_tokens=on_tokens)
+    run = _Run(den, len(prompts), policy, trace=trace, max_new_tokens=max_new_tokens, on_tokens=on_tokens,
+               thinking=thinking)
     tok = _prefill(run, prompts, max_new_tokens)                                     # [B]
     for i in range(max_new_tokens):
         active = ~run.done
         for b in active.nonzero()[:, 0].tolist():
+            tok[b] = run.think(b, [int(tok[b])])[0]
             run.emit(b, [int(tok[b])])
         if bool(run.done.all()):
             break
@@ -189,7 +220,7 @@ def ar_generate(den: Denoiser, prompts: list[list[int]], policy: DecodePolicy | 
 
 def diffusion_generate(den: Denoiser, prompts: list[list[int]], policy: DecodePolicy | None = None, *,
                        max_new_tokens: int, trace: bool = False, on_tokens: OnTokens | None = None,
-                       **knobs) -> Generation:
+                       thinking: ThinkingBudget | None = None, **knobs) -> Generation:
     """Block diffusion with a causal prefix cache (upstream `generate`, causal_context=True).
     policy: a DecodePolicy("dlm", ...), or its fields as keywords (block_length, threshold, steps, ...).
 
@@ -206,13 +237,16 @@ def diffusion_generate(den: Denoiser, prompts: list[list[int]], policy: DecodePo
     policy = _policy("dlm", policy, knobs, cfg)
     blen = policy.block_length
     n_blocks = math.ceil(max_new_tokens / blen)
-    run = _Run(den, B, policy, trace=trace, max_new_tokens=max_new_tokens, on_tokens=on_tokens)
+    run = _Run(den, B, policy, trace=trace, max_new_tokens=max_new_tokens, on_tokens=on_tokens,
+               thinking=thinking)
     seed_tok = _prefill(run, prompts, n_blocks * blen)                               # [B]
     refiner = den.block_refiner(policy) if policy.device_refine and policy.greedy and not trace else None
     for k in range(n_blocks):
         active = ~run.done
         blk = torch.full((B, blen), cfg.mask_token_id, dtype=torch.long)             # [B, blen]
         blk[:, 0] = seed_tok
+        if thinking is not None:
+            run.think_block(blk, active)
         quota = None
         if policy.steps is not None:
             quota = remask.even_split((blk == cfg.mask_token_id).sum(1), policy.steps)   # [B, steps]
@@ -253,7 +287,7 @@ def _refine_on_host(run: _Run, blk: torch.Tensor, active: torch.Tensor, quota: t
 
 def linear_spec_generate(den: Denoiser, prompts: list[list[int]], policy: DecodePolicy | None = None, *,
                          max_new_tokens: int, trace: bool = False, on_tokens: OnTokens | None = None,
-                         **knobs) -> Generation:
+                         thinking: ThinkingBudget | None = None, **knobs) -> Generation:
     """Draft a block bidirectionally (draft LoRA on), verify it causally (LoRA off), keep the
     agreeing prefix plus the verifier's next token, and trim the rejected K/V.
     policy: a DecodePolicy("linear-spec", ...), or its fields as keywords (block_length, threshold, ...).
@@ -265,9 +299,11 @@ def linear_spec_generate(den: Denoiser, prompts: list[list[int]], policy: Decode
     cfg, B = den.config, len(prompts)
     policy = _policy("linear-spec", policy, knobs, cfg)
     blen, threshold = policy.block_length, policy.threshold
-    run = _Run(den, B, policy, trace=trace, max_new_tokens=max_new_tokens, on_tokens=on_tokens)
+    run = _Run(den, B, policy, trace=trace, max_new_tokens=max_new_tokens, on_tokens=on_tokens,
+               thinking=thinking)
     seed_tok = _prefill(run, prompts, max_new_tokens + blen)                         # [B]
     for b in range(B):
+        seed_tok[b] = run.think(b, [int(seed_tok[b])])[0]
         run.emit(b, [int(seed_tok[b])])
     k = 0
     while not bool(run.done.all()):
@@ -291,6 +327,11 @@ def linear_spec_generate(den: Denoiser, prompts: list[list[int]], policy: Decode
         verify = run.step("verify", blk, active, block=k).token                     # [B, blen]
         agree = (verify[:, :-1] == blk[:, 1:]).long()                                # [B, blen-1]
         n_acc = torch.cumprod(agree, dim=1).sum(1)                                   # [B] accepted drafts
+        if thinking is not None:               # a round reaching the budget: cut, the tag is the bonus
+            for b in active.nonzero()[:, 0].tolist():
+                keep = run.think(b, verify[b, : int(n_acc[b]) + 1].tolist())
+                n_acc[b] = len(keep) - 1
+                verify[b, n_acc[b]] = keep[-1]
         den.trim(torch.where(active, start + n_acc + 1, start))                      # keep seed + accepted
         seed_tok = verify[torch.arange(B), n_acc]                                    # bonus token
         for b in active.nonzero()[:, 0].tolist():
@@ -303,9 +344,11 @@ _LOOPS = {"ar": ar_generate, "dlm": diffusion_generate, "linear-spec": linear_sp
 
 
 def generate(den: Denoiser, prompts: list[list[int]], policy: DecodePolicy | str, *, max_new_tokens: int,
-             trace: bool = False, on_tokens: OnTokens | None = None, **knobs) -> Generation:
+             trace: bool = False, on_tokens: OnTokens | None = None, thinking: ThinkingBudget | None = None,
+             **knobs) -> Generation:
     """Decode with `policy`: a DecodePolicy, or a mode name with the policy's fields as keywords
-    (block_length, threshold, steps, temperature, seed, ...; their defaults: policy.py)."""
+    (block_length, threshold, steps, temperature, seed, ...; their defaults: policy.py).
+    thinking: the instruct models' thinking budget (thinking.py), None for none."""
     policy = DecodePolicy.of(policy, knobs)
     return _LOOPS[policy.mode](den, prompts, policy, max_new_tokens=max_new_tokens, trace=trace,
-                               on_tokens=on_tokens)
+                               on_tokens=on_tokens, thinking=thinking)

@@ -9,10 +9,16 @@ The commit rules of block diffusion (research note §4):
               even split of the block's masks (the LLaDA schedule)
 The block length defaults to the model's `block_size`: `resolve(config)` fills it in. AR ignores the block
 length and the threshold.
+
+`check_bounds` holds the bounds of every generation argument (max_new_tokens too, which is not a policy
+field) for the CLI, the Python API and the server alike: the same bounds and the same sentence, naming the
+argument as the caller spells it (`API` keywords, or the `CLI` flags).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
@@ -20,6 +26,39 @@ from ..errors import InvalidArgument
 
 MODES = ("ar", "dlm", "linear-spec")
 DEFAULT_THRESHOLD = {"dlm": 0.9, "linear-spec": 0.0}
+
+# how messages name each argument: Python keywords, or the `generate` command's flags
+API = {"max_new_tokens": "max_new_tokens", "block_length": "block_length", "steps": "steps",
+       "threshold": "threshold", "temperature": "temperature", "seed": "seed", "prompt": "prompt",
+       "max_len": "raise the backend's max_len (Session.open(max_len=N), up to the engine's --max-context)"}
+CLI = {"max_new_tokens": "--max-new-tokens", "block_length": "--block-length", "steps": "--steps",
+       "threshold": "--threshold", "temperature": "--temperature", "seed": "--seed", "prompt": "--prompt-ids",
+       "max_len": "rebuild the engine with a larger --max-context"}
+
+
+def check_bounds(*, max_new_tokens=None, block_length=None, steps=None, threshold=None, temperature=0.0,
+                 seed=0, names: Mapping[str, str] = API) -> None:
+    """InvalidArgument (one line, `names` naming the argument) for a value out of bounds:
+    max_new_tokens >= 1, block_length >= 2, steps >= 1, threshold in [0, 1], temperature >= 0 and finite,
+    seed an integer. None skips an argument (max_new_tokens, block_length, steps, threshold)."""
+    for key, value, low in (("max_new_tokens", max_new_tokens, 1), ("block_length", block_length, 2),
+                            ("steps", steps, 1)):
+        if value is not None and (not _integer(value) or value < low):
+            raise InvalidArgument(f"{names[key]} {value!r}: expected an integer >= {low}")
+    if threshold is not None and not (_real(threshold) and 0.0 <= threshold <= 1.0):
+        raise InvalidArgument(f"{names['threshold']} {threshold!r}: expected a number in [0, 1]")
+    if not (_real(temperature) and 0.0 <= temperature < math.inf):
+        raise InvalidArgument(f"{names['temperature']} {temperature!r}: expected a number >= 0")
+    if not _integer(seed):
+        raise InvalidArgument(f"{names['seed']} {seed!r}: expected an integer")
+
+
+def _integer(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isnan(v)
 
 
 @dataclass(frozen=True)
@@ -38,17 +77,13 @@ class DecodePolicy:
             raise InvalidArgument(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.steps is not None and (self.mode != "dlm" or self.threshold is not None):
             raise InvalidArgument("steps (the fixed-steps schedule) is a dlm policy and excludes threshold")
+        check_bounds(block_length=None if self.mode == "ar" else self.block_length,     # AR ignores it
+                     steps=self.steps, threshold=self.threshold, temperature=self.temperature, seed=self.seed)
         if self.threshold is None and self.steps is None and self.mode != "ar":
             object.__setattr__(self, "threshold", DEFAULT_THRESHOLD[self.mode])
-        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
-            raise InvalidArgument(f"threshold must be in [0, 1], got {self.threshold}")
-        if self.block_length is not None and self.mode != "ar" and self.block_length < 2:
-            raise InvalidArgument(f"block_length must be at least 2, got {self.block_length}")
         if self.steps is not None and not 1 <= self.steps <= (self.block_length or self.steps):
             top = self.block_length or "the model's block size"
-            raise InvalidArgument(f"steps must be between 1 and block_length ({top}), got {self.steps}")
-        if self.temperature < 0:
-            raise InvalidArgument(f"temperature must be >= 0, got {self.temperature}")
+            raise InvalidArgument(f"steps {self.steps}: expected an integer between 1 and block_length ({top})")
         if self.check_every < 1:
             raise InvalidArgument(f"check_every must be at least 1, got {self.check_every}")
 

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import InvalidArgument, NemodiffError
 from ..model.model import NemotronLabsDiffusion, block_mask
-from ..artifact.spec import DYNAMIC_DIMS, OPSET, REMASK_VARIANTS, IOSpec, step_spec
+from ..artifact.spec import DYNAMIC_DIMS, OPSET, REMASK_IO, REMASK_VARIANTS, IOSpec, step_spec
 
 ONNX_NAME = "model.onnx"
 WEIGHTS_NAME = "model.onnx.data"
@@ -32,8 +32,9 @@ class StepGraph(torch.nn.Module):
     """The exported function: inputs and outputs as in `spec.step_spec`.
 
     remask None: token/confidence only (the host applies the commit rule). remask {"variant": "onnx"
-    | "plugin", "policy", "threshold", "mask_id"}: the pass also applies the commit rule to `canvas`,
-    in standard ops (export/remask_graph.py) or as one `nemodiff::Remask` node for TensorRT.
+    | "plugin", "policy", "threshold", "mask_id", "eos_ids"}: the pass is also one refinement pass of a
+    block (export/remask_graph.py): the stop rule, the commit rule on `canvas` (standard ops, or one
+    `nemodiff::Remask` node), the row counters and the done flag.
     """
 
     def __init__(self, model: NemotronLabsDiffusion, with_logits: bool, remask: dict | None = None):
@@ -41,31 +42,24 @@ class StepGraph(torch.nn.Module):
         self.model, self.with_logits, self.remask = model, with_logits, remask
 
     def forward(self, input_ids, cache_lengths, num_valid, causal, temperature, gumbel_noise,
-                past_keys, past_values, draft_lora=None, canvas=None, active=None, quota=None):
+                past_keys, past_values, draft_lora=None, canvas=None, active=None, quota=None, row_nfe=None):
         B, L = input_ids.shape
         S = past_keys.shape[3]
         lora = False if draft_lora is None else draft_lora
         positions = cache_lengths[:, None] + torch.arange(L, device=input_ids.device)      # [B, L]
         mask = block_mask(causal, cache_lengths, S, L, num_valid)                          # [B, 1, L, S+L]
         logits, new_k, new_v = self.model.step(input_ids, positions, mask, past_keys, past_values, lora)
-        if self.remask is not None and self.remask["variant"] == "plugin":
-            from .remask_graph import remask_plugin_node
-
-            canvas_out, token, conf, commit = remask_plugin_node(
-                logits, canvas, active, quota, temperature * gumbel_noise, self.remask)
-        else:
+        if self.remask is None:
             scores = logits.float() + temperature * gumbel_noise                           # [B, L, V]
             token = scores.argmax(-1)                                                      # [B, L]
             conf = torch.softmax(logits, dim=-1).gather(-1, token[..., None])[..., 0].float()  # [B, L]
-            if self.remask is not None:
-                from .remask_graph import commit_by_rank
+            outs = (token, conf, new_k, new_v)
+        else:
+            from .remask_graph import remask_stage
 
-                masked = (canvas == self.remask["mask_id"]) & active[:, None]
-                commit = commit_by_rank(conf, masked, self.remask["threshold"], quota)
-                canvas_out = torch.where(commit, token, canvas)
-        outs = (token, conf, new_k, new_v)
-        if self.remask is not None:
-            outs += (canvas_out, commit)
+            token, conf, *stage = remask_stage(logits, temperature * gumbel_noise, canvas, active, quota, row_nfe,
+                                               self.remask)
+            outs = (token, conf, new_k, new_v, *stage)       # + canvas_out, commit, row_nfe_out, done
         return outs + (logits,) if self.with_logits else outs
 
 
@@ -78,7 +72,8 @@ def example_inputs(model: NemotronLabsDiffusion, batch: int = 2, block: int = 4,
     if remask:
         canvas = torch.full((batch, block), cfg.mask_token_id, dtype=torch.long, device=dev)
         lora = (lora or (None,)) + (canvas, torch.ones(batch, dtype=torch.bool, device=dev),
-                                    torch.ones(batch, dtype=torch.long, device=dev))
+                                    torch.ones(batch, block, dtype=torch.long, device=dev),
+                                    torch.zeros(batch, dtype=torch.long, device=dev))
     return (
         torch.zeros(batch, block, dtype=torch.long, device=dev),
         torch.tensor([3] * batch, dtype=torch.long, device=dev),
@@ -120,6 +115,8 @@ def trace_step(model: NemotronLabsDiffusion, *, with_logits: bool = False, remas
     from .weights import meta_twin
 
     twin = meta_twin(model.eval(), dtype or model.dtype)
+    if remask is not None:                  # the stage's stop rule needs the EOS ids; its I/O version
+        remask = {**remask, "eos_ids": [int(e) for e in twin.config.eos_ids], "io": REMASK_IO}
     spec = step_spec(twin.config, _dtype_name(twin.dtype), with_logits, with_lora=twin.has_draft_lora,
                      remask=remask)
     names = [t.name for t in spec.inputs]
@@ -127,7 +124,8 @@ def trace_step(model: NemotronLabsDiffusion, *, with_logits: bool = False, remas
     dims = {"input_ids": {0: batch, 1: block}, "cache_lengths": {0: batch}, "num_valid": {0: batch},
             "causal": None, "temperature": None, "gumbel_noise": {0: batch, 1: block},
             "past_keys": {1: batch, 3: cache}, "past_values": {1: batch, 3: cache}, "draft_lora": None,
-            "canvas": {0: batch, 1: block}, "active": {0: batch}, "quota": {0: batch}}
+            "canvas": {0: batch, 1: block}, "active": {0: batch}, "quota": {0: batch, 1: block},
+            "row_nfe": {0: batch}}
     args = example_inputs(twin, remask=remask is not None)
     shapes = tuple(dims[n] for n in names)
     if remask is not None and not twin.has_draft_lora:      # the absent draft_lora slot
@@ -166,7 +164,16 @@ def save_step(graph, spec: IOSpec, weights: torch.nn.Module, out_dir: str | Path
     tmp = Path(tempfile.mkdtemp(prefix=".export.", dir=out_dir))
     try:
         # Written tensor by tensor: each lazy initializer is read, converted, written and dropped.
-        ir.save(graph, tmp / ONNX_NAME, external_data=WEIGHTS_NAME, alignment=64)
+        from .. import progress
+        from . import weights as weights_mod
+
+        total = sum(v.const_value.nbytes for v in graph.graph.initializers.values() if v.const_value is not None)
+        with progress.bar("writing weights", total=total, unit="GiB", scale=1 / 2**30) as tick:
+            weights_mod.on_write = tick
+            try:
+                ir.save(graph, tmp / ONNX_NAME, external_data=WEIGHTS_NAME, alignment=64)
+            finally:
+                weights_mod.on_write = None
         check_graph(tmp / ONNX_NAME, spec)
         for name in (ONNX_NAME, WEIGHTS_NAME):
             os.chmod(tmp / name, 0o644)

@@ -24,6 +24,8 @@ from ..errors import NemodiffError
 
 
 CHUNK_BYTES = 16 << 20                 # a model tensor is converted and written this much at a time
+# called with the bytes of every chunk `Lazy.tofile` writes (save_step's progress bar); None: silent
+on_write: Callable[[int], None] | None = None
 
 
 class Lazy(ir.LazyTensor):
@@ -35,13 +37,19 @@ class Lazy(ir.LazyTensor):
 
     def tofile(self, file) -> None:
         if self.source is None:
-            self._evaluate().tofile(file)
+            array = self._evaluate()
+            array.tofile(file)
+            if on_write is not None:
+                on_write(array.nbytes)
             return
         tensor, dtype, perm = self.source
         t = tensor.detach() if perm is None else tensor.detach().permute(perm)
         row_bytes = (t[0].numel() if t.dim() else 1) * dtype.itemsize
         for chunk in (t.split(max(1, CHUNK_BYTES // row_bytes)) if t.dim() else (t,)):
-            file.write(numpy(chunk.to("cpu", dtype).contiguous()).reshape(-1).view(np.uint8).data)  # no copy
+            data = numpy(chunk.to("cpu", dtype).contiguous()).reshape(-1).view(np.uint8)
+            file.write(data.data)  # no copy
+            if on_write is not None:
+                on_write(data.nbytes)
 
 
 def model_tensor(tensor: torch.Tensor, dtype: torch.dtype, name: str, perm: tuple[int, ...] | None = None) -> Lazy:

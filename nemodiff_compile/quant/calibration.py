@@ -53,9 +53,18 @@ def decoding_loop(prompts: list[list[int]], modes: tuple[str, ...], max_new_toke
         from ..backends.eager import TorchDenoiser
         from ..decoding import loops
 
+        from .. import progress
+
         longest = max(map(len, prompts))
         den = TorchDenoiser(model, longest + max_new_tokens + 2 * block_length)
-        with torch.no_grad():
+        step = den.step
+        with torch.no_grad(), progress.bar("calibration", unit="pass") as tick:
+            def counted(*args, **kw):          # one tick per forward pass
+                out = step(*args, **kw)
+                tick()
+                return out
+
+            den.step = counted
             for mode in modes:
                 for i in range(0, len(prompts), batch):
                     loops.generate(den, prompts[i:i + batch], mode, max_new_tokens=max_new_tokens,

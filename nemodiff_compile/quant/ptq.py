@@ -40,8 +40,9 @@ class QuantizedLinear:
     pre_scale: np.ndarray | None       # float32 [in]: SmoothQuant / AWQ input multiplier
 
 
-def check_available(recipe: Recipe) -> None:
-    """One-line errors for what this machine cannot calibrate, before any work is done."""
+def check_available(recipe: Recipe, *, load: bool = True) -> None:
+    """One-line errors for what this machine cannot calibrate, before any work is done.
+    load=False: only look for ModelOpt (a quick check before a plan is stated), do not import it."""
     if recipe.needs_cuda:
         import torch
 
@@ -52,6 +53,13 @@ def check_available(recipe: Recipe) -> None:
                               "use fp8, int8 or int4-awq")
     import warnings
 
+    if not load:
+        from importlib.util import find_spec
+
+        if find_spec("modelopt") is None:
+            raise InvalidArgument(f"--precision {recipe.name}: needs nvidia-modelopt "
+                                  "(pip install 'nemodiff-compile[quant]')")
+        return
     try:
         with warnings.catch_warnings():       # "transformers X is not tested with modelopt": we use no HF path
             warnings.simplefilter("ignore")

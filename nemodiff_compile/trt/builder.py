@@ -151,6 +151,9 @@ def build_plan(onnx_path: str | Path, *, io_spec: dict[str, Any], buckets: dict[
     if options.hardware_compatibility not in HW_LEVELS:
         raise InvalidArgument(f"--hardware-compatibility {options.hardware_compatibility}: expected one of "
                               f"{', '.join(HW_LEVELS)}")
+    if not trt.has("HardwareCompatibilityLevel", options.hardware_compatibility):     # SAME_COMPUTE_CAPABILITY: 10.9+
+        raise InvalidArgument(f"--hardware-compatibility {options.hardware_compatibility}: {trt.flavor} "
+                              f"{trt.version} does not have it (TensorRT 10.9 added SAME_COMPUTE_CAPABILITY)")
     if options.version_compatible and trt.is_rtx:
         raise InvalidArgument(f"--version-compatible: {trt.flavor} {trt.version} cannot build version-compatible "
                               "engines (it needs libnvinfer_lean, which its wheel lacks); build them with the "
@@ -198,9 +201,7 @@ def build_plan(onnx_path: str | Path, *, io_spec: dict[str, Any], buckets: dict[
     if options.optimization_level is not None:
         config.builder_optimization_level = int(options.optimization_level)
     config.profiling_verbosity = mod.ProfilingVerbosity.DETAILED       # layer info for the inspector
-    config.hardware_compatibility_level = getattr(mod.HardwareCompatibilityLevel, options.hardware_compatibility)
-    if options.version_compatible:
-        config.set_flag(mod.BuilderFlag.VERSION_COMPATIBLE)
+    set_compatibility(config, trt, options)
     if trt.is_rtx:
         config.num_compute_capabilities = 1
         config.set_compute_capability(getattr(mod.ComputeCapability, target.upper()), 0)
@@ -222,13 +223,26 @@ def build_plan(onnx_path: str | Path, *, io_spec: dict[str, Any], buckets: dict[
     data = bytes(plan)
 
     if device is not None and device.target == target:
-        report = _inspect(trt, data, precision, logger) or report
+        report = _inspect(trt, data, precision, logger, version_compatible=options.version_compatible) or report
         if options.check_precision:
             report.raise_if_failed(f"{onnx_path} ({target} engine)")
     info = PlanInfo(target=target, trt_module=trt.flavor, trt_version=trt.version, build_seconds=round(seconds, 3),
                     precision_check=report.to_json(), profiles=[p.to_json() for p in profiles],
                     plugins=[p.qualified_version for p in needed], timing_cache=cache_info, phases=phases[:8])
     return data, info
+
+
+def set_compatibility(config, trt: Trt, options: BuildOptions) -> None:
+    """Hardware / version compatibility, and what tensorrt_rtx needs for CUDA-graph capture."""
+    mod = trt.mod
+    config.hardware_compatibility_level = getattr(mod.HardwareCompatibilityLevel, options.hardware_compatibility)
+    if options.version_compatible:
+        config.set_flag(mod.BuilderFlag.VERSION_COMPATIBLE)
+    if trt.is_rtx and trt.has("BuilderFlag", "REQUIRE_USER_ALLOCATION"):
+        # tensorrt_rtx captures a context's enqueue in a CUDA graph only when every allocation is the
+        # user's (IExecutionContext::isStreamCapturable); the runtime gives it all (USER_MANAGED memory,
+        # static outputs)
+        config.set_flag(mod.BuilderFlag.REQUIRE_USER_ALLOCATION)
 
 
 def _load_timing_cache(trt: Trt, config, path: Path) -> dict[str, Any]:
@@ -260,14 +274,18 @@ def _save_timing_cache(trt: Trt, config, path: Path) -> dict[str, Any]:
     return {"saved_bytes": len(blob)}
 
 
-def _inspect(trt: Trt, plan: bytes, precision: str, logger):
-    """The engine inspector's layer report, or None where the plan cannot be deserialized here.
-    Not executed on this CPU machine (no GPU): written from the IEngineInspector docs."""
+def _inspect(trt: Trt, plan: bytes, precision: str, logger, *, version_compatible: bool = False):
+    """The engine inspector's layer report, or None where the plan cannot be deserialized here or the
+    inspector lists no GEMM layer (all inside Myelin regions: the network check stands). Not executed on
+    this CPU machine (no GPU): written from the IEngineInspector docs, tested against a fake runtime."""
     mod = trt.mod
     runtime = mod.Runtime(logger)
+    if version_compatible:
+        runtime.engine_host_code_allowed = True      # else a version-compatible plan deserializes to None
     engine = runtime.deserialize_cuda_engine(plan)
     if engine is None:
         return None
     inspector = engine.create_engine_inspector()
     info = inspector.get_engine_information(mod.LayerInformationFormat.JSON)
-    return precision_check.check_inspector(info, precision)
+    report = precision_check.check_inspector(info, precision)
+    return report if report.gemms else None

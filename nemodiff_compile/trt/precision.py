@@ -24,8 +24,13 @@ from ..errors import NemodiffError
 # precision -> (GEMM input type name in TensorRT's DataType, quantized?)
 EXPECTED = {"fp32": ("FLOAT", False), "fp16": ("HALF", False), "bf16": ("BF16", False),
             "fp8": ("FP8", True), "int8": ("INT8", True)}
-# inspector datatype words -> DataType names
-_INSPECTOR_WORDS = {"FP32": "FLOAT", "FP16": "HALF", "BF16": "BF16", "FP8": "FP8", "Int8": "INT8", "INT8": "INT8"}
+# the engine inspector's "Format/Datatype" strings ("Row major linear FP16 format", "Float", "Half",
+# "BFloat16", "Int8", ...) -> DataType names: upper-cased substrings, most specific first (Polygraphy's
+# backend/trt/util.py matches the same way, BFLOAT16 before FLOAT); "FLOAT" alone is float32
+_INSPECTOR_FORMATS = (("BFLOAT16", "BF16"), ("BF16", "BF16"), ("FP8", "FP8"), ("FLOAT8", "FP8"), ("E4M3", "FP8"),
+                      ("FP16", "HALF"), ("HALF", "HALF"), ("FLOAT16", "HALF"), ("FP4", "FP4"), ("INT8", "INT8"),
+                      ("INT4", "INT4"), ("INT32", "INT32"), ("INT64", "INT64"), ("BOOL", "BOOL"), ("FP32", "FLOAT"),
+                      ("FLOAT", "FLOAT"))
 
 
 class PrecisionError(NemodiffError):
@@ -113,15 +118,24 @@ def _dequantized_from(tensor, producer: dict, trt_mod) -> str | None:
     return None
 
 
-_GEMM_WORDS = ("matrixmultiply", "matmul", "gemm", "convolution")
+# GEMM-like layers, by the inspector's LayerType only (never by name: a Myelin region may be named after
+# a MatMul it contains while its listed inputs are the region's boundary tensors)
+_GEMM_LAYER_TYPES = ("matrixmultiply", "gemm", "convolution")
+
+
+def inspector_dtype(fmt: str) -> str:
+    """An inspector "Format/Datatype" string -> a TensorRT DataType name (the string itself if unknown)."""
+    up = fmt.upper()
+    return next((name for word, name in _INSPECTOR_FORMATS if word in up), fmt)
 
 
 def check_inspector(info_json: str, precision: str) -> PrecisionReport:
     """Inspect IEngineInspector.get_engine_information(LayerInformationFormat.JSON) at DETAILED verbosity.
 
     Documented layout: {"Layers": [{"Name", "LayerType", "Inputs": [{"Name", "Format/Datatype"}], ...}]}.
-    Myelin-fused regions show up as one layer whose inputs are the region's boundary tensors; their
-    inner GEMMs are not listed, so this check is weaker than `check_network` there.
+    Myelin-fused regions show up as one layer (LayerType "Myelin") whose inputs are the region's boundary
+    tensors; their inner GEMMs are not listed, so they are not counted (the builder keeps the network
+    check's verdict when the inspector lists no GEMM at all).
     """
     want, quantized = EXPECTED[precision]
     rep = PrecisionReport(precision, "engine_inspector")
@@ -129,14 +143,11 @@ def check_inspector(info_json: str, precision: str) -> PrecisionReport:
     for layer in info.get("Layers", []):
         if isinstance(layer, str):        # LAYER_NAMES_ONLY verbosity: nothing to check
             continue
-        kind = f"{layer.get('LayerType', '')} {layer.get('Name', '')}".lower()
-        if not any(w in kind for w in _GEMM_WORDS):
+        kind = str(layer.get("LayerType", "")).lower()
+        if not any(w in kind for w in _GEMM_LAYER_TYPES):
             continue
         rep.gemms += 1
-        types = []
-        for t in layer.get("Inputs", [])[:2]:
-            fmt = t.get("Format/Datatype", "")
-            types.append(next((v for k, v in _INSPECTOR_WORDS.items() if k in fmt.split()), fmt))
+        types = [inspector_dtype(t.get("Format/Datatype", "")) for t in layer.get("Inputs", [])[:2]]
         if all(t == want for t in types):
             rep.in_precision += 1
         elif quantized and all(t in ("FLOAT", "HALF", "BF16") for t in types):

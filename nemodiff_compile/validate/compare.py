@@ -10,6 +10,11 @@ For each decoding mode, two runs with the same prompts, policy and seed (hence t
                   reference (positions equal up to the shorter length / the longer length), and the
                   first divergence: the first pass whose outcome differs for a prompt that ends
                   differently
+  device loop     (dlm, engines that declare a device block refiner for the policy: the fast engine,
+                  engines built with a remask stage) the same free-running decode with the block's
+                  refinement passes on the device, untraced: its tokens and NFE must equal the engine's
+                  host passes exactly (same graph, same rule), and its agreement with the reference is
+                  held to the trajectory bounds
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ class ModeResult:
     passes: list[PassStats]
     first_divergence: dict[str, Any] | None
     failures: list[str] = field(default_factory=list)    # mode-level bounds not met
+    device: dict[str, Any] | None = None          # the device refinement loop's run (dlm), see the module docstring
 
     @property
     def token_agreement(self) -> float:
@@ -127,7 +133,7 @@ class ModeResult:
                    failures=list(self.failures), first_failure=failed[0].to_json() if failed else None,
                    first_divergence=self.first_divergence, kl_mean=spread.mode_kl(self.passes),
                    prompt_spread=spread.prompt_spread(self.prompt_agreement),
-                   phases=spread.phase_spread(self.passes))
+                   phases=spread.phase_spread(self.passes), device_loop=self.device)
         if per_pass:
             out["passes"] = [p.to_json() for p in self.passes]
         return out
@@ -205,6 +211,12 @@ class ValidationReport:
                              _f(c.get("p01"), 4), _f(c.get("p05"), 4), _g(k.get("mean")), _g(k.get("p99"))))
                 lead = ("",) * len(lead)
         out += _columns(head, rows)
+        for name, m in self.modes.items():
+            d = m.device
+            if d is not None:
+                out.append(f"{name} device loop: tok agree {d['token_agreement']:.4f} with the reference, "
+                           f"{'same' if d['same_as_host_passes'] else 'NOT the same'} tokens and NFE as the "
+                           f"host passes; nfe {d['nfe']}, device passes {d['device_passes']}")
         div, fail = self.first_divergence, self.first_failure
         out.append("first divergence: " + (_where(div) + f" ({div['kind']})" if div else "none"))
         out.append("first failing pass: " + (_where(fail) + ": " + "; ".join(fail["failures"]) if fail else "none"))
@@ -250,8 +262,9 @@ def validate(reference: Denoiser, engine: Denoiser, prompts: list[list[int]], *,
     """Compare `engine` with `reference` in each mode; see the module docstring.
 
     threshold / steps: the dlm policy (threshold rule, default 0.9, or the fixed-steps schedule when steps
-    is set); spec_threshold: the linear-spec draft rule (0 = one draft pass per block). Every pass runs on
-    the host (the comparison is per pass), device block refiners included.
+    is set); spec_threshold: the linear-spec draft rule (0 = one draft pass per block). Every compared pass
+    runs on the host (the comparison is per pass); where the engine has a device block refiner for the dlm
+    policy, one more untraced dlm run goes through it (the "device loop" of the module docstring).
     batch: prompts per decode batch (default all at once); a large set runs in chunks of `batch`,
     pooled into one report (pass indices run on across chunks).
     """
@@ -268,6 +281,8 @@ def validate(reference: Denoiser, engine: Denoiser, prompts: list[list[int]], *,
         kw = dict(max_new_tokens=max_new_tokens, trace=True)
         rule = _commit_rule(policy)
         passes, agree, divergence = [], [], None
+        device_loop = mode == "dlm" and policy.greedy and engine.block_refiner(policy) is not None
+        device_runs: list[tuple[loops.Generation, loops.Generation, loops.Generation, int]] = []
         nfe = {"reference": 0, "engine": 0}
         tpf = {"reference": 0.0, "engine": 0.0}
         for lo in range(0, len(prompts), batch):                # chunks of `batch` prompts, one batch each
@@ -283,11 +298,17 @@ def validate(reference: Denoiser, engine: Denoiser, prompts: list[list[int]], *,
                 tpf[side] += g.tokens_per_forward * len(chunk)                # a mean over rows: weight by rows
             if divergence is None:
                 divergence = first_divergence(mode, chunk, ref, eng, first_prompt=lo)
+            if device_loop:
+                dev = loops.generate(engine, chunk, policy, max_new_tokens=max_new_tokens)      # untraced
+                device_runs.append((dev, eng, ref, lo))
         n = max(len(prompts), 1)
         result = ModeResult(
             mode, [_ratio(*a) for a in agree], sum(m for m, _ in agree), sum(t for _, t in agree),
             nfe, {k: v / n for k, v in tpf.items()}, passes, divergence)
         result.failures = _judge_mode(result, tol)
+        if device_loop:
+            result.device, bad = _device_loop(device_runs, tol)
+            result.failures += bad
         results[mode] = result
     settings = dict(modes=list(modes), prompts=len(prompts), max_new_tokens=max_new_tokens,
                     block_length=block_length, threshold=policies["dlm"].threshold if "dlm" in policies else threshold,
@@ -368,6 +389,34 @@ def _judge_mode(m: ModeResult, tol: Tolerances) -> list[str]:
         bad.append(f"tokens per forward fell {drop:.1%} ({tpf['reference']:.3f} -> {tpf['engine']:.3f}), "
                    f"more than {tol.tpf_drop_max:.0%}")
     return bad
+
+
+def _device_loop(runs: list[tuple[loops.Generation, loops.Generation, loops.Generation, int]],
+                 tol: Tolerances) -> tuple[dict[str, Any], list[str]]:
+    """The device refinement loop's runs (dev, host, ref, first prompt), one per chunk of prompts, against
+    the engine's host passes (exactly) and the reference."""
+    agree, rows, same, nfe, device_passes, tpf = [], [], True, 0, 0, 0.0
+    for dev, host, ref, lo in runs:
+        agree += [trajectory_agreement(a, b) for a, b in zip(ref.tokens, dev.tokens)]
+        rows += [lo + b for b, (x, y) in enumerate(zip(host.tokens, dev.tokens)) if x != y]
+        same = same and dev.tokens == host.tokens and dev.nfe_by_phase == host.nfe_by_phase \
+            and dev.row_nfe == host.row_nfe
+        nfe, device_passes = nfe + dev.nfe, device_passes + dev.device_passes
+        tpf += dev.tokens_per_forward * len(dev.tokens)                   # a mean over rows: weight by rows
+    summary = dict(token_agreement=_ratio(sum(m for m, _ in agree), sum(t for _, t in agree)),
+                   prompt_agreement=[_ratio(*a) for a in agree], same_as_host_passes=same, nfe=nfe,
+                   device_passes=device_passes, tokens_per_forward=tpf / max(len(agree), 1))
+    bad = []
+    if not same:
+        what = f"tokens of prompt(s) {rows}" if rows else "pass counts"
+        bad.append(f"device refinement loop: {what} differ from the engine's host passes")
+    for b, a in enumerate(summary["prompt_agreement"]):
+        if tol.token_agreement is not None and a < tol.token_agreement:
+            bad.append(f"device refinement loop, prompt {b}: trajectory token agreement {a:.4f} < {tol.token_agreement}")
+    if tol.mean_token_agreement is not None and summary["token_agreement"] < tol.mean_token_agreement:
+        bad.append(f"device refinement loop: trajectory token agreement {summary['token_agreement']:.4f} < "
+                   f"{tol.mean_token_agreement}")
+    return summary, bad
 
 
 # ---- free-running comparison -------------------------------------------------------------------------

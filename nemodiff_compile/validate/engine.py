@@ -41,10 +41,14 @@ def open_pair(engine_dir: str | Path, *, reference: Any = None, reference_source
 def validate_engine(engine_dir: str | Path, *, reference: Any = None, reference_source: str | Path | None = None,
                     quick: bool = False, max_new_tokens: int | None = None,
                     modes: tuple[str, ...] = ("ar", "dlm", "linear-spec"), write: bool = True,
-                    prompts_file: str | Path | None = None):
+                    prompts_file: str | Path | None = None, threshold: float | None = None,
+                    steps: int | None = None):
     """Compare the engine with the reference per pass on the built-in prompts (or those of
-    `prompts_file`, a --prompts file: prompts.py); record it in the manifest."""
+    `prompts_file`, a --prompts file: prompts.py); record it in the manifest (only in the directory it
+    ran on: not when a build has replaced the directory meanwhile). threshold / steps: the dlm policy
+    (default: `stage_policy`)."""
     from ..artifact.manifest import write_manifest
+    from ..fsutil import read_stable_at, update_if_same
     from . import tolerances_for, validate
 
     items = None
@@ -52,7 +56,8 @@ def validate_engine(engine_dir: str | Path, *, reference: Any = None, reference_
         from ..prompts import read_prompt_file
 
         items = read_prompt_file(prompts_file, "--prompts")
-    manifest, engine, ref, tok = open_pair(engine_dir, reference=reference, reference_source=reference_source)
+    (manifest, engine, ref, tok), opened = read_stable_at(      # never a mix of two builds swapped in meanwhile
+        engine_dir, lambda: open_pair(engine_dir, reference=reference, reference_source=reference_source))
     q = manifest.quantization
     if items is None:
         prompts = builtin_prompts(tok, ref.config,
@@ -68,13 +73,16 @@ def validate_engine(engine_dir: str | Path, *, reference: Any = None, reference_
         engine.max_len = ref.max_len = min(need, engine.max_len)         # before the first reset allocates
     tol = tolerances_for(manifest.precision, q.get("thresholds") if q else None)
     report = validate(ref, engine, prompts, modes=modes, max_new_tokens=max_new_tokens, tolerances=tol,
-                      batch=VALIDATION_BATCH)
+                      batch=VALIDATION_BATCH,
+                      **({"threshold": threshold, "steps": steps} if threshold is not None or
+                         steps is not None else stage_policy(manifest, ref.config)))
     if not report.passed:
         from .explain import explain
 
         report.explanation = explain(report, ref, engine, prompts)
     if write:
         summary = report.to_json()
+        device = {k: v["device_loop"] for k, v in summary["per_mode"].items() if v.get("device_loop")}
         manifest.validation = {
             "passed": summary["passed"], "token_agreement": summary["token_agreement"],
             "passes_compared": summary["passes_compared"], "first_divergence": summary["first_divergence"],
@@ -90,22 +98,60 @@ def validate_engine(engine_dir: str | Path, *, reference: Any = None, reference_
                          for k, v in summary["per_mode"].items()},
             "failures": summary["failures"],
             "explanation": (summary.get("explanation") or {}).get("text"),
+            "device_loop": {k: {"token_agreement": d["token_agreement"], "same_as_host_passes": d["same_as_host_passes"],
+                                "nfe": d["nfe"], "device_passes": d["device_passes"]} for k, d in device.items()},
+            "dlm_policy": {"threshold": report.settings["threshold"], "steps": report.settings["steps"]},
             "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        write_manifest(Path(engine_dir), manifest)
+        try:
+            same = update_if_same(engine_dir, opened, lambda: write_manifest(Path(engine_dir), manifest))
+            report.not_recorded = None if same else f"{engine_dir} was rebuilt while it was validated"
+        except (NemodiffError, OSError) as e:               # a read-only engine directory: still report
+            report.not_recorded = f"cannot write {engine_dir}/manifest.json ({getattr(e, 'strerror', None) or e})"
     return report
 
 
-def bench_engine(engine_dir: str | Path, *, batch: int = 1, mode: str = "dlm", max_new_tokens: int = 64,
-                 repeats: int = 3, warmup: int = 1, threads: int | None = None):
-    """Engine and reference on the same prompts in the same run."""
+def stage_policy(manifest, config) -> dict[str, Any]:
+    """The dlm policy validate uses by default: one the engine's remask stage serves (its threshold, or for
+    a `--remask-threshold topk` stage a fixed schedule of block_length // 4 passes), so the compiled loop
+    is validated too; engines without a stage: the default (threshold 0.9)."""
+    stage = manifest.io_spec.get("extra", {}).get("remask")
+    if stage is None:
+        return {}
+    if stage["policy"] == "topk":
+        return {"steps": max(1, config.block_size // 4)}
+    return {"threshold": float(stage["threshold"])}
+
+
+def bench_engine(engine_dir: "str | Path | list[str | Path]", *, batch: int = 1, mode: str = "dlm",
+                 max_new_tokens: int = 64, repeats: int = 3, warmup: int = 1, threads: int | None = None,
+                 threshold: float | None = None, steps: int | None = None):
+    """Engines (one directory, or several of the same model side by side: e.g. built with --remask none,
+    onnx and plugin) and their reference, on the same prompts in the same run. A single engine is named
+    "engine", several by their directory names. threshold / steps: the dlm policy (default: the one the
+    first engine's remask stage serves, else threshold 0.9)."""
     from ..bench import bench
 
-    manifest, engine, ref, tok = open_pair(engine_dir, threads=threads)
-    ref.return_logits = engine.return_logits = False
+    dirs = [Path(d) for d in ([engine_dir] if isinstance(engine_dir, (str, Path)) else engine_dir)]
+    if not dirs:
+        raise NemodiffError("bench needs at least one engine directory")
+    manifest, engine, ref, tok = open_pair(dirs[0], threads=threads)
+    engines = {"engine" if len(dirs) == 1 else _name(dirs, 0): engine}
+    for i, d in enumerate(dirs[1:], 1):
+        m, e, _, _ = open_pair(d, reference=ref.model, threads=threads)
+        engines[_name(dirs, i)] = e
+    for e in (ref, *engines.values()):
+        e.return_logits = False
     prompts = (builtin_prompts(tok, ref.config, 4) * batch)[:batch]
-    return bench({"engine": engine, "reference": ref}, prompts, mode=mode, max_new_tokens=max_new_tokens,
-                 repeats=repeats, warmup=warmup)
+    policy = {"threshold": threshold, "steps": steps} if threshold is not None or steps is not None else \
+        {"threshold": 0.9, **stage_policy(manifest, ref.config)}
+    return bench({**engines, "reference": ref}, prompts, mode=mode, max_new_tokens=max_new_tokens,
+                 repeats=repeats, warmup=warmup, **policy)
+
+
+def _name(dirs: list[Path], i: int) -> str:
+    names = [d.name for d in dirs]
+    return names[i] if names.count(names[i]) == 1 else f"{names[i]}#{i}"
 
 
 def sweep_engine(engine_dir: str | Path, specs: tuple[str, ...], *, mode: str = "dlm", max_new_tokens: int = 64,

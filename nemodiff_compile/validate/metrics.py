@@ -8,8 +8,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..decoding import remask
-
 
 def valid_positions(tokens: torch.Tensor, num_valid: torch.Tensor | None) -> torch.Tensor:
     """tokens [B, L], num_valid [B] or None -> [B, L] bool: the real (not right-padding) positions."""
@@ -109,6 +107,10 @@ class CommitRule:
     kind: "threshold" (dlm threshold policy), "topk" (dlm fixed-steps policy), "spec" (linear-spec draft).
     Which rows take part and how many positions a top-k pass commits are read off the reference's
     committed mask, so both sides are judged against the same eligible set.
+
+    Written here a second time, row by row in plain Python from the definitions in decoding/remask.py
+    (rank = order by confidence descending, ties to the lower position), not by calling the functions
+    the loop commits with: a fault in those shows up as a disagreement with the loop's own commits.
     """
 
     kind: str
@@ -118,14 +120,25 @@ class CommitRule:
               mask_id: int) -> torch.Tensor:
         """conf [B, L], tokens [B, L] (pass input), ref_committed [B, L] bool -> commit [B, L] bool."""
         masked = self.eligible(tokens, ref_committed, mask_id)
-        if self.kind == "threshold":
-            return remask.commit_threshold(conf, masked, self.threshold)
-        if self.kind == "topk":
-            return remask.commit_topk(conf, masked, ref_committed.sum(1))
-        if self.threshold > 0:                                                   # spec, multi-pass draft
-            commit = masked & (conf >= self.threshold)
-            return commit | (remask.top1(conf, masked) & ~commit.any(1, keepdim=True))
-        return masked                                                            # spec, one-pass draft
+        commit = torch.zeros_like(masked)
+        for b in range(masked.shape[0]):
+            c = conf[b].tolist()
+            ranked = sorted(masked[b].nonzero()[:, 0].tolist(), key=lambda i: (-c[i], i))
+            commit[b, self._pick(ranked, c, int(ref_committed[b].sum()))] = True
+        return commit
+
+    def _pick(self, ranked: list[int], c: list[float], k: int) -> list[int]:
+        """ranked: a row's eligible positions, most confident first -> the positions it commits."""
+        if not ranked:
+            return []
+        sure = [i for i in ranked if c[i] >= self.threshold]
+        if self.kind == "threshold":                        # the top one, and every one at/above threshold
+            return [ranked[0]] + sure
+        if self.kind == "topk":                             # the k most confident
+            return ranked[:k]
+        if self.threshold > 0:                              # spec, multi-pass draft: the top one if none is sure
+            return sure or [ranked[0]]
+        return ranked                                       # spec, one-pass draft: every mask
 
     @staticmethod
     def eligible(tokens: torch.Tensor, ref_committed: torch.Tensor, mask_id: int) -> torch.Tensor:

@@ -94,3 +94,65 @@ def test_scatter_block_fp8_cache_on_the_cpu():
     scatter_block(k, v, torch.tensor([1, 3]), new, new.clone())
     assert k[0, 0, 0, :, 0].float().tolist() == [0, 0.5, 1, 2, 0, 0]
     assert v[0, 1, 0, :, 1].float().tolist() == [0, 0, 0, 0.5, 1, 2]
+
+
+class Recorder(BackendDenoiser):
+    """Records what the base hands `_pass` and `_allocate`."""
+
+    def __init__(self, cfg, max_len, **kw):
+        super().__init__(cfg, max_len, "cpu", **kw)
+        self.calls, self.allocated = [], []
+
+    def _allocate(self, rows):
+        self.allocated.append(rows)
+        self.k, self.v = self.kv_cache(rows, torch.float16)
+
+    def _pass(self, tokens, **kw):
+        self.calls.append(kw)
+        return StepOut(tokens, torch.ones(tokens.shape))
+
+
+def test_what_the_base_hands_a_backend(tiny_cfg):
+    from nemodiff_compile.artifact.buckets import BatchBuckets
+
+    r = Recorder(tiny_cfg, 16)
+    assert (r.device, r.buckets, r.return_logits) == (torch.device("cpu"), None, False)
+    assert (r.batch, r.bucket, r.executed, r._allocated) == (0, 0, 0, None)
+    assert r.lengths().dtype == torch.long and r.lengths().shape == (0,)
+    r.reset(3)
+    assert r.allocated == [3] and r.k.dtype == r.v.dtype == torch.float16 and r.k.device.type == "cpu"
+    assert r.k.shape == (tiny_cfg.num_hidden_layers, 3, tiny_cfg.num_key_value_heads, 16, tiny_cfg.head_dim)
+    assert r.v.shape == r.k.shape and not r.k.any()
+    r.step(torch.zeros(3, 2, dtype=torch.long), causal=True, write=True, num_valid=torch.tensor([1, 2, 0], dtype=torch.int32),
+           draft_lora=True)
+    kw = r.calls[-1]
+    assert kw["causal"] is True and kw["write"] is True and kw["draft_lora"] is True and kw["temperature"] == 0.0
+    assert kw["num_valid"].dtype == torch.long and kw["num_valid"].tolist() == [1, 2, 0] and kw["noise"] is None
+    assert r.lengths().dtype == torch.long and r.lengths().tolist() == [1, 2, 0]
+    r.step(torch.zeros(3, 2, dtype=torch.long), causal=False, write=False, temperature=0.7,
+           generator=torch.Generator().manual_seed(0))
+    kw = r.calls[-1]
+    assert kw["causal"] is False and kw["draft_lora"] is False and kw["temperature"] == 0.7
+    assert kw["noise"].shape == (3, 2, tiny_cfg.vocab_size) and kw["noise"].dtype == torch.float64
+    r.trim(torch.tensor([1, 1, 0], dtype=torch.int32))
+    assert r.lengths().dtype == torch.long and r.lengths().tolist() == [1, 1, 0]
+    r.reset(3)
+    assert r.allocated == [3] and r.executed == 0                    # same rows: buffers kept
+    with pytest.raises(ValueError) as e:
+        r.step(torch.zeros(3, 1, dtype=torch.long), causal=False, write=True)
+    assert str(e.value) == "the KV cache only holds causal K/V: bidirectional passes cannot write it"
+    r.check_pass(3, 2)                                               # a refiner's guard: a read-only pass
+    with pytest.raises(ValueError, match="cannot write"):
+        r.check_pass(3, 2, write=True)                               # causal defaults to False
+    b = Recorder(tiny_cfg, 16, buckets=BatchBuckets((1, 4)), return_logits=True)
+    b.reset(3)
+    assert (b.batch, b.bucket, b.allocated, b.return_logits) == (3, 4, [4], True)
+
+
+def test_scatter_block_writes_at_each_rows_length():
+    k = torch.zeros(1, 2, 1, 6, 1)
+    v = torch.zeros(1, 2, 1, 6, 1)
+    new = torch.tensor([[1.0, 2.0], [3.0, 4.0]])[None, :, None, :, None]      # [1, 2, 1, 2, 1]
+    scatter_block(k, v, torch.tensor([1, 3]), new, -new)
+    assert k[0, :, 0, :, 0].tolist() == [[0, 1, 2, 0, 0, 0], [0, 0, 0, 3, 4, 0]]
+    assert torch.equal(v, -k)

@@ -130,6 +130,22 @@ def test_graph_bookkeeping(trained):
     assert den.bucket == 4
 
 
+def test_replayed_passes_match_reference_confidence_per_pass(trained):
+    """Host dlm passes through the (fake) graph pool: per-pass candidates AND confidences equal the
+    reference's, so a replay of the wrong graph (a commit pass replaying the bidirectional denoise
+    capture of the same length) is caught even where the tiny model's tokens survive it."""
+    pool = FakeGraphs()
+    kw = dict(max_new_tokens=24, block_length=8, threshold=0.9, trace=True)
+    ref = loops.diffusion_generate(TorchDenoiser(trained, MAX_LEN), PROMPTS, **kw)
+    got = loops.diffusion_generate(FastDenoiser(trained, MAX_LEN, graphs=pool), PROMPTS, **kw)
+    assert [r.phase for r in got.trace] == [r.phase for r in ref.trace]
+    for r, g in zip(ref.trace, got.trace):
+        assert torch.equal(g.out_token, r.out_token), r.phase
+        torch.testing.assert_close(g.conf, r.conf, rtol=1e-4, atol=1e-5, msg=lambda m: f"{r.phase}: {m}")
+    steps = {(k[2], k[3]) for k in pool.graphs if k[0] == "step"}
+    assert {(8, True), (8, False)} <= steps                    # commit and denoise passes: two graphs
+
+
 def test_capture_warmup_does_not_advance_state():
     pool = FakeGraphs(warmup=3)
     x = torch.zeros(2)

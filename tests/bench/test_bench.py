@@ -8,6 +8,7 @@ import torch
 
 from nemodiff_compile.bench import bench
 from nemodiff_compile.bench.run import _quantile
+from nemodiff_compile.decoding import loops
 from nemodiff_compile.errors import InvalidArgument
 from nemodiff_compile.backends.eager import TorchDenoiser
 
@@ -27,9 +28,22 @@ def test_engine_vs_reference_reports_speedup(random_tiny):
         assert lat["all"]["mean"] > 0 and lat["all"]["p50"] <= lat["all"]["p90"]
         assert lat["all"]["n"] == 2 * d["nfe"]                                  # every pass of every repeat
         assert {ph: v["n"] for ph, v in lat.items() if ph != "all"} == {ph: 2 * n for ph, n in d["nfe_by_phase"].items()}
-    assert "same_tokens_as_reference" in js["denoisers"]["engine"]
+    want = [loops.generate(d, PROMPTS, "dlm", max_new_tokens=16, block_length=8).tokens for d in dens.values()]
+    assert js["denoisers"]["engine"]["same_tokens_as_reference"] is (want[0] == want[1])
     table = rep.to_table()
     assert "speedup" in table and "engine" in table and "reference" in table
+
+
+def test_same_tokens_as_reference_is_true_and_false_when_it_should_be(random_tiny):
+    """The same model under both names agrees; a model with a perturbed head does not."""
+    other = copy.deepcopy(random_tiny)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    for engine, same in ((random_tiny, True), (other, False)):
+        dens = {"engine": TorchDenoiser(engine, 64), "reference": TorchDenoiser(random_tiny, 64)}
+        rep = bench(dens, PROMPTS[:1], mode="ar", max_new_tokens=8, warmup=0, repeats=1)
+        assert rep.to_json()["denoisers"]["engine"]["same_tokens_as_reference"] is same
 
 
 @pytest.mark.parametrize("mode", ["ar", "linear-spec"])
@@ -49,3 +63,27 @@ def test_arguments_and_quantiles(random_tiny):
         bench({"engine": TorchDenoiser(random_tiny, 64)}, PROMPTS, repeats=0)
     assert _quantile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5 and _quantile([5.0], 0.9) == 5.0
     assert _quantile([0.0, 10.0], 0.9) == pytest.approx(9.0)
+
+
+def test_bench_three_remask_variants_side_by_side(tiny_engine, remask_engine):
+    """`bench` on the host remask (no stage), the standard-ops stage and the plugin stage in one run: the
+    stage engines refine their dlm blocks on the device, every variant reports its refinement ms per pass,
+    and all three write the reference's tokens (fp32)."""
+    from click.testing import CliRunner
+
+    from nemodiff_compile.cli import cli
+
+    dirs = [tiny_engine, remask_engine("onnx"), remask_engine("plugin")]
+    r = CliRunner().invoke(cli, ["bench", *map(str, dirs), "--max-new-tokens", "16", "--repeats", "1",
+                                 "--batch", "1", "--threads", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    js = json.loads(r.output)
+    assert list(js["denoisers"]) == [d.name for d in dirs] + ["reference"]
+    loops_ = {k: d["device_loop"] for k, d in js["denoisers"].items()}
+    assert loops_ == {dirs[0].name: False, dirs[1].name: True, dirs[2].name: True, "reference": False}
+    for name in (d.name for d in dirs):
+        d = js["denoisers"][name]
+        assert d["same_tokens_as_reference"] and d["refine_ms_per_pass"] > 0 and d["speedup"] > 0
+        assert d["pass_ms"]["denoise"]["n"] == (d["device_passes"] if d["device_loop"] else d["nfe_by_phase"]["denoise"])
+    r = CliRunner().invoke(cli, ["bench", *map(str, dirs[:2]), "--sweep", "threshold=0.5,0.9"])
+    assert r.exit_code == 2 and "--sweep takes one ENGINE_DIR" in r.output

@@ -8,7 +8,6 @@ from nemodiff_compile.cli import cli
 
 @pytest.mark.parametrize("args,needle", [
     (["--gpus", "sm89"], "--gpus: only TensorRT engines are per GPU"),
-    (["--remask", "plugin"], "--remask plugin: the nemodiff::Remask node runs only in TensorRT"),
     (["--backend", "tensorrt", "--gpus", "h100"], "--gpus 'h100'"),
     (["--backend", "tensorrt", "--remask-threshold", "x"], "--remask-threshold"),
 ])

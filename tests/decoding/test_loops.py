@@ -116,19 +116,20 @@ def test_linear_spec_is_lossless(den):
 
 
 def test_rows_finish_at_different_times(random_tiny, tiny_cfg):
-    """Make a different token the EOS for each run so one row stops early and the other runs on."""
+    """Make a different token the EOS for each run so one row stops early and the other runs on.
+    Per mode: the EOS is a token of row 0's own output (dlm commits differ from AR), absent from
+    row 1's; row 0 then stops there with the same tokens, and spends fewer passes."""
     den = TorchDenoiser(random_tiny, max_len=160)
-    ref = loops.ar_generate(den, PROMPTS[:2], max_new_tokens=20)
-    cut = next(i for i, t in enumerate(ref.tokens[0]) if i >= 3 and t not in ref.tokens[0][:i] + ref.tokens[1])
-    eos = ref.tokens[0][cut]
-    den.config = tiny_cfg.replace(eos_token_id=eos)
     for mode in loops.MODES:
-        g = loops.generate(den, PROMPTS[:2], mode, max_new_tokens=20, block_length=8,
-                           threshold=0.3 if mode == "dlm" else None)
-        assert g.finish[1] == "length" and len(g.tokens[1]) == 20
-        if mode != "dlm":
-            assert g.finish[0] == "eos" and g.tokens[0] == ref.tokens[0][: cut + 1]
-        assert g.row_nfe[0] < g.row_nfe[1] or mode == "dlm"
+        kw = dict(max_new_tokens=20, block_length=8, threshold=0.3 if mode == "dlm" else None)
+        den.config = tiny_cfg
+        ref = loops.generate(den, PROMPTS[:2], mode, **kw)
+        cut = next(i for i, t in enumerate(ref.tokens[0]) if 3 <= i < 12 and t not in ref.tokens[0][:i] + ref.tokens[1])
+        den.config = tiny_cfg.replace(eos_token_id=ref.tokens[0][cut])
+        g = loops.generate(den, PROMPTS[:2], mode, **kw)
+        assert g.finish[1] == "length" and g.tokens[1] == ref.tokens[1], mode
+        assert g.finish[0] == "eos" and g.tokens[0] == ref.tokens[0][: cut + 1], mode
+        assert g.row_nfe[0] < g.row_nfe[1], mode
 
 
 def test_temperature_sampling_is_seeded(den):
@@ -164,3 +165,35 @@ def test_streamed_chunks_add_up_to_the_result(den, mode):
     assert all(len(t) == 13 for t in g.tokens)
     if mode == "dlm":                      # whole blocks stream at once (the last one cut to 13)
         assert [len(c) for c in chunks[0]] == [4, 4, 4, 1]
+
+
+class CertainDenoiser:
+    """`den` with every confidence exactly 1.0 (what bf16 reaches on a peaked output)."""
+
+    def __init__(self, den):
+        self.den, self.config, self.max_len = den, den.config, den.max_len
+
+    def reset(self, batch):
+        self.den.reset(batch)
+
+    def lengths(self):
+        return self.den.lengths()
+
+    def trim(self, lengths):
+        self.den.trim(lengths)
+
+    def block_refiner(self, policy):
+        return None
+
+    def step(self, tokens, **kw):
+        out = self.den.step(tokens, **kw)
+        return StepOut(out.token, torch.ones_like(out.conf))
+
+
+def test_confidence_equal_to_the_threshold_commits_in_the_loops(den):
+    """Threshold 1.0 with confidences of exactly 1.0: one pass fills a block (>=, not >)."""
+    sure = CertainDenoiser(den)
+    g = loops.diffusion_generate(sure, PROMPTS[:2], max_new_tokens=16, block_length=8, threshold=1.0)
+    assert g.nfe_by_phase == {"prefill": 1, "denoise": 2, "commit": 2}
+    g = loops.linear_spec_generate(sure, PROMPTS[:1], max_new_tokens=8, block_length=8, threshold=1.0)
+    assert g.nfe_by_phase["draft"] == g.nfe_by_phase["verify"]            # one draft pass per block

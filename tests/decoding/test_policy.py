@@ -25,12 +25,12 @@ def test_defaults_resolved_once(tiny_cfg):
     (dict(mode="beam"), "mode must be one of"),
     (dict(steps=3, threshold=0.5), "excludes threshold"),
     (dict(mode="linear-spec", steps=3), "is a dlm policy"),
-    (dict(threshold=1.5), "threshold must be in"),
-    (dict(mode="linear-spec", threshold=-0.1), "threshold must be in"),
-    (dict(block_length=1), "block_length must be at least 2"),
+    (dict(threshold=1.5), r"threshold 1.5: expected a number in \[0, 1\]"),
+    (dict(mode="linear-spec", threshold=-0.1), "threshold -0.1: expected a number in"),
+    (dict(block_length=1), "block_length 1: expected an integer >= 2"),
     (dict(block_length=8, steps=9), r"between 1 and block_length \(8\)"),
-    (dict(steps=0), "steps must be between 1"),
-    (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(steps=0), "steps 0: expected an integer >= 1"),
+    (dict(temperature=-1.0), "temperature -1.0: expected a number >= 0"),
     (dict(check_every=0), "check_every must be at least 1"),
 ])
 def test_refusals(kw, match):
@@ -71,3 +71,26 @@ def test_drive_reads_the_done_flag_every_check_every_passes():
     assert drive(lambda: None, lambda: False, 7, 3) == 7                    # never past the budget
     reads.clear()
     assert drive(lambda: None, lambda: reads.append(1) or True, 3, 3) == 3 and reads == []   # no read at the end
+
+
+def test_boundaries_and_messages():
+    """Each bound at its edge (accepted) and one past it (refused with the exact sentence)."""
+    from nemodiff_compile.decoding.policy import DecodePolicy
+    from nemodiff_compile.errors import InvalidArgument
+
+    for ok in (dict(threshold=1.0), dict(threshold=0.0), dict(block_length=2), dict(block_length=2, threshold=None, steps=1),
+               dict(block_length=4, threshold=None, steps=4), dict(check_every=1), dict(mode="ar", block_length=1),
+               dict(threshold=None, steps=2)):
+        DecodePolicy(**ok)
+    bad = [(dict(mode="beam"), "mode must be one of ar, dlm, linear-spec, got 'beam'"),
+           (dict(mode="ar", steps=2), "steps (the fixed-steps schedule) is a dlm policy and excludes threshold"),
+           (dict(threshold=1.01), "threshold 1.01: expected a number in [0, 1]"),      # policy.check_bounds
+           (dict(block_length=1), "block_length 1: expected an integer >= 2"),
+           (dict(block_length=4, threshold=None, steps=5), "steps 5: expected an integer between 1 and block_length (4)"),
+           (dict(threshold=None, steps=0), "steps 0: expected an integer >= 1"),
+           (dict(temperature=-0.5), "temperature -0.5: expected a number >= 0"),
+           (dict(check_every=0), "check_every must be at least 1, got 0")]
+    for kw, msg in bad:
+        with pytest.raises(InvalidArgument) as e:
+            DecodePolicy(**kw)
+        assert str(e.value) == msg, kw

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from nemodiff_compile.decoding import remask
@@ -59,3 +60,48 @@ def test_pick_confidence_uses_raw_logits():
     freq = torch.bincount(tok, minlength=3).float() / 4000        # Gumbel-max samples softmax(logits)
     torch.testing.assert_close(freq, torch.softmax(logits[0], -1), atol=0.03, rtol=0)
     assert torch.allclose(conf, torch.softmax(logits, -1)[0][tok])
+
+
+def test_confidence_equal_to_the_threshold_commits():
+    """conf == threshold commits (>=, not >): 1.0 is reached in bf16, 0.5 and 0.25 are exact."""
+    masked = torch.tensor([[True, True, True, False, True]])
+    for t in (1.0, 0.5, 0.25):
+        conf = torch.tensor([[t, t, t, t, t / 2]])
+        assert remask.commit_threshold(conf, masked, t).tolist() == [[True, True, True, False, False]]
+    one = torch.softmax(torch.tensor([[[0.0, 200.0, 0.0]] * 4]).bfloat16(), -1)     # one-hot in bf16
+    tok, conf = remask.pick(torch.log(one.float() + 1e-30))
+    assert conf.eq(1.0).all()
+    assert remask.commit_threshold(conf, torch.ones(1, 4, dtype=torch.bool), 1.0).all()
+
+
+def test_topk_ties_over_a_long_row_go_to_the_lower_positions():
+    """Many equal confidences (an unstable sort would scatter the picks): the k lowest positions."""
+    conf = torch.full((2, 4096), 0.5)
+    masked = torch.ones(2, 4096, dtype=torch.bool)
+    masked[1, :3] = False
+    got = remask.commit_topk(conf, masked, torch.tensor([5, 2]))
+    assert got[0].nonzero()[:, 0].tolist() == [0, 1, 2, 3, 4]
+    assert got[1].nonzero()[:, 0].tolist() == [3, 4]
+
+
+def test_gumbel_noise_is_seeded_float64_gumbel():
+    a = remask.gumbel_noise((20000,), torch.Generator().manual_seed(3))
+    b = remask.gumbel_noise((20000,), torch.Generator().manual_seed(3))
+    assert a.dtype == torch.float64 and torch.equal(a, b)
+    assert abs(float(a.mean()) - 0.5772) < 0.03 and abs(float(a.var()) - 1.6449) < 0.1   # Euler gamma, pi^2/6
+    with pytest.raises(ValueError, match="^temperature > 0 needs Gumbel noise$"):
+        remask.pick(torch.zeros(1, 3), temperature=1.0)
+
+
+def test_eos_mask_and_eos_complete():
+    M, E = 9, 2
+    blk = torch.tensor([[5, E, M, 7],        # EOS with no mask before it: complete
+                        [M, E, 5, 5],        # a mask before the first EOS: not yet
+                        [5, 6, M, M],        # no EOS: not complete
+                        [5, 6, 7, 3]])       # second EOS id
+    masked = blk == M
+    assert remask.eos_mask(blk, (E, 3)).tolist() == [[False, True, False, False], [False, True, False, False],
+                                                     [False, False, False, False], [False, False, False, True]]
+    assert torch.equal(remask.eos_mask(blk, torch.tensor([E, 3])), remask.eos_mask(blk, (E, 3)))
+    assert remask.eos_complete(blk, masked, (E, 3)).tolist() == [True, False, False, True]
+    assert remask.eos_complete(blk, masked, (E,)).tolist() == [True, False, False, False]

@@ -23,6 +23,21 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BF16 = dict(rtol=8e-3, atol=0)
 
 
+def _assert_fp8_values_equal(q, q_ref):
+    """The fp8 codes equal torch's. On CUDA bit for bit; Triton's CPU interpreter casts to e4m3 dropping
+    the carry of a mantissa round-up into the exponent (x/s = -125.8 gives -64, not -128), so there the
+    only differences allowed are those: a reference of +-2^k and exactly half of it, on few elements."""
+    got, want = q.float(), q_ref.float()
+    assert q.dtype == q_ref.dtype == torch.float8_e4m3fn and got.shape == want.shape
+    if DEV == "cuda":
+        assert torch.equal(got, want)
+        return
+    off = got != want
+    assert bool((got[off] * 2 == want[off]).all()), "fp8 values differ beyond the interpreter's carry loss"
+    assert bool((torch.log2(want[off].abs()) % 1 == 0).all())
+    assert int(off.sum()) <= 0.05 * got.numel()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_res", [False, True])
 def test_add_rmsnorm(dtype, with_res):
@@ -48,13 +63,9 @@ def test_quant_fp8_matches_definition():
     x = torch.randn(6, 320, generator=torch.Generator().manual_seed(2)).to(DEV) * 3
     x[0] = 0                                                      # an all-zero row keeps a finite scale
     q_ref, s_ref = kernels.quant_fp8_torch(x)
-    try:
-        q, s = tk.quant_fp8_triton(x)
-    except Exception as e:                                        # interpreter builds without fp8 casts
-        pytest.skip(f"Triton cannot cast to fp8 here: {type(e).__name__}")
+    q, s = tk.quant_fp8_triton(x)
     torch.testing.assert_close(s, s_ref)
-    if DEV == "cuda":       # the interpreter's fp8 casts are not the GPU's (seen 0.5 relative off)
-        assert torch.equal(q.float(), q_ref.float())
+    _assert_fp8_values_equal(q, q_ref)
     assert (q_ref.float() * s_ref - x).abs().max() <= x.abs().max() / 16    # e4m3: 3 mantissa bits
 
 
@@ -99,14 +110,10 @@ def test_round_as_matches_torch_bf16():
 def test_quant_fp8_tensor_matches_definition():
     x = torch.randn(5, 200, generator=torch.Generator().manual_seed(4)).to(DEV) * 2
     q_ref, s_ref = kernels.quant_fp8_tensor_torch(x)
-    try:
-        q, s = tk.quant_fp8_tensor_triton(x)
-    except Exception as e:                                        # interpreter builds without fp8 casts
-        pytest.skip(f"Triton cannot cast to fp8 here: {type(e).__name__}")
+    q, s = tk.quant_fp8_tensor_triton(x)
     torch.testing.assert_close(s, s_ref)
     assert s_ref.shape == () and float(s_ref) == pytest.approx(float(x.abs().max()) / 448)
-    if DEV == "cuda":
-        assert torch.equal(q.float(), q_ref.float())
+    _assert_fp8_values_equal(q, q_ref)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -141,14 +148,15 @@ def test_producers_emit_static_fp8():
          lambda: kernels.block_attention_torch(q, ck, cv, lengths, nv, True)),
     ]
     for fused, plain in cases:
-        try:
-            got = fused(scale)
-        except Exception as e:                                   # interpreter builds without fp8 casts
-            pytest.skip(f"Triton cannot cast to fp8 here: {type(e).__name__}")
+        got = fused(scale)
         ref = kernels.quant_static_torch(plain(), scale)
         assert got.dtype == torch.float8_e4m3fn and got.shape == ref.shape
         deq, ref_deq = got.float() * scale, ref.float() * scale
-        if DEV == "cuda":      # one bf16 ulp upstream can move a value by one e4m3 step, no more
-            assert bool(((deq - ref_deq).abs() <= ref_deq.abs() / 8 + scale).all())
+        # one bf16 ulp upstream can move a value by one e4m3 step, no more (the interpreter: its
+        # carry loss, a value halved, is the one other difference allowed)
+        near = (deq - ref_deq).abs() <= ref_deq.abs() / 8 + scale
+        if DEV != "cuda":
+            near |= deq * 2 == ref_deq
+        assert bool(near.all()) and int((deq != ref_deq).sum()) <= 0.05 * deq.numel()
         cos = torch.nn.functional.cosine_similarity(deq.flatten(), ref_deq.flatten(), dim=0)
         assert cos > 0.99

@@ -82,3 +82,18 @@ def test_temperature_uses_the_noise():
     noise = remask.gumbel_noise(logits.shape, torch.Generator().manual_seed(0)).to(DEV)
     _, token, _, _ = _check(logits, canvas, active, threshold=0.5, temperature=1.0, noise=noise.float())
     assert not torch.equal(token, logits.argmax(-1))           # the noise moved some picks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_confidence_equal_to_the_threshold_commits(dtype):
+    """Peaked logits give conf exactly 1.0, a two-way tie exactly 0.5: both commit at that threshold."""
+    V, L = 300, 6
+    logits = torch.zeros(1, L, V)
+    logits[0, :, 3] = 100.0                                  # conf 1.0 everywhere
+    canvas = torch.full((1, L), MASK)
+    active = torch.ones(1, dtype=torch.bool)
+    _, _, conf, commit = _check(logits.to(dtype).to(DEV), canvas.to(DEV), active.to(DEV), threshold=1.0)
+    assert conf.eq(1.0).all() and commit.all()
+    logits[0, :, 200] = 100.0                                # tie: conf 0.5 everywhere, token 3
+    _, token, conf, commit = _check(logits.to(dtype).to(DEV), canvas.to(DEV), active.to(DEV), threshold=0.5)
+    assert conf.eq(0.5).all() and commit.all() and token.eq(3).all()

@@ -11,7 +11,7 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "nemodiff_compile"
-RUNTIME = {"errors", "fsutil", "config", "build_config", "prompts", "model", "decoding", "kernels",
+RUNTIME = {"errors", "fsutil", "config", "build_config", "prompts", "hub", "progress", "model", "decoding", "kernels",
            "artifact", "backends", "session", "serve"}
 BUILD_SIDE = {"export", "quant", "trt", "pipeline"}
 

@@ -108,7 +108,58 @@ def test_trt_qdq_nodes_become_native():
     onnx.checker.check_model(m)
     x = np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)
     y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    np.testing.assert_allclose(y, x @ w, atol=0.5)           # fp8 rounding of x, nothing more
+    import torch
+
+    x8 = (torch.from_numpy(x / 0.01).to(torch.float8_e4m3fn).float() * 0.01).numpy()   # x through e4m3
+    assert np.abs(x8 - x).max() > 1e-3                       # the pair rounds: doing nothing would show
+    np.testing.assert_allclose(y, x8 @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_trt_int4_weight_dequant_becomes_native_and_dequantizes():
+    """A blocked int4 weight DQ (trt::TRT_INT4DequantizeLinear, axis 0, block 4) rewritten to the
+    standard op computes x @ (codes * scale per block), not x @ the float weights it approximates."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto as T, helper as h, numpy_helper as nh
+
+    from nemodiff_compile.quant.qdq import native_qdq
+
+    rng = np.random.default_rng(2)
+    K, N, blk = 8, 3, 4
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    scale = (np.abs(w).reshape(K // blk, blk, N).max(1) / 7).astype(np.float32)          # [K/blk, N]
+    codes = np.clip(np.round(w / np.repeat(scale, blk, 0)), -8, 7).astype(np.int8)      # [K, N] in int4 range
+    deq = codes.astype(np.float32) * np.repeat(scale, blk, 0)
+    nodes = [h.make_node("TRT_INT4DequantizeLinear", ["wq", "ws"], ["wd"], domain="trt", axis=0, block_size=blk,
+                         junk=1),
+             h.make_node("MatMul", ["x", "wd"], ["y"])]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [2, K])],
+                     [h.make_tensor_value_info("y", T.FLOAT, [2, N])],
+                     [h.make_tensor("wq", T.INT4, [K, N], codes.flatten().tolist()), nh.from_array(scale, "ws")])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 21), h.make_opsetid("trt", 1)])
+    m.ir_version = 10
+    assert native_qdq(m) == 1
+    dq = m.graph.node[0]
+    assert (dq.op_type, dq.domain) == ("DequantizeLinear", "") and len(dq.input) == 2      # no zero point added
+    assert {a.name: a.i for a in dq.attribute} == {"axis": 0, "block_size": blk}          # unknown attrs dropped
+    assert [o.domain for o in m.opset_import] == [""]
+    onnx.checker.check_model(m)
+    x = rng.standard_normal((2, K)).astype(np.float32)
+    y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ deq, rtol=1e-5, atol=1e-5)
+    assert np.abs(x @ deq - x @ w).max() > 1e-2                 # int4 rounding is visible: the DQ did work
+
+
+def test_unknown_custom_quantize_op_is_refused():
+    onnx = pytest.importorskip("onnx")
+    from onnx import helper as h
+
+    from nemodiff_compile.errors import NemodiffError
+    from nemodiff_compile.quant.qdq import native_qdq
+
+    g = h.make_graph([h.make_node("MyQuantizeLinear", ["x"], ["y"], domain="acme")], "g", [], [])
+    with pytest.raises(NemodiffError, match="acme::MyQuantizeLinear has no native ONNX equivalent"):
+        native_qdq(h.make_model(g))
 
 
 def test_recipe_thresholds_become_tolerances():
@@ -134,3 +185,37 @@ def test_tpf_drop_and_pooled_agreement_gates():
     assert _judge_mode(m, tol) == []
     m.matched = 10                                                    # pooled trajectory agreement 0.5
     assert [f for f in _judge_mode(m, tol) if "over all prompts 0.5000 < 0.7" in f]
+
+
+def test_native_nodes_are_kept_and_rewritten_nodes_keep_their_options():
+    """Standard Q/DQ nodes (domain "" or "ai.onnx") before the custom ones are left alone; every
+    unnamed custom FP8 quantize gets its own zero point; `saturate` survives the rewrite."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto as T, helper as h, numpy_helper as nh
+
+    from nemodiff_compile.quant.qdq import native_qdq
+
+    nodes = [h.make_node("QuantizeLinear", ["x", "s8", "zp8"], ["xq0"]),
+             h.make_node("DequantizeLinear", ["xq0", "s8", "zp8"], ["x0"], domain="ai.onnx"),
+             h.make_node("TRT_FP8QuantizeLinear", ["x0", "s"], ["xq1"], domain="trt", saturate=1),
+             h.make_node("TRT_FP8DequantizeLinear", ["xq1", "s"], ["x1"], domain="trt"),
+             h.make_node("TRT_FP8QuantizeLinear", ["x1", "s"], ["xq2"], domain="trt"),
+             h.make_node("TRT_FP8DequantizeLinear", ["xq2", "s"], ["y"], domain="trt")]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [2, 8])],
+                     [h.make_tensor_value_info("y", T.FLOAT, [2, 8])],
+                     [nh.from_array(np.array(0.01, np.float32), "s"), nh.from_array(np.array(0.05, np.float32), "s8"),
+                      nh.from_array(np.array(0, np.int8), "zp8")])
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 21), h.make_opsetid("trt", 1)])
+    m.ir_version = 10
+    assert native_qdq(m) == 4
+    assert [n.domain for n in m.graph.node] == ["", "ai.onnx", "", "", "", ""]
+    assert [a.name for a in m.graph.node[2].attribute] == ["saturate"]
+    names = [t.name for t in m.graph.initializer]
+    assert len(names) == len(set(names)) == 5                       # two new zero points, distinct
+    m.graph.node[1].domain = ""                                     # "ai.onnx" is the same domain; ORT spells it ""
+    onnx.checker.check_model(m)
+    x = np.random.default_rng(3).standard_normal((2, 8)).astype(np.float32)
+    y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    x0 = np.clip(np.round(x / 0.05), -128, 127) * 0.05                # the int8 pair ran
+    np.testing.assert_allclose(y, x0, rtol=1 / 16, atol=1e-6)

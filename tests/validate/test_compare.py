@@ -152,3 +152,20 @@ def test_tolerances_lookup_and_arguments(random_tiny):
         validate(d, d, PROMPTS)
     with pytest.raises(InvalidArgument):
         validate(d, den(random_tiny), PROMPTS, modes=("beam",))
+
+
+def test_commit_rule_by_hand():
+    """The validator's own rule (not the loop's functions) on hand-made rows: ties to the lower
+    position, conf == threshold commits, top-k from the reference's count, spec fallbacks."""
+    M = 9
+    tokens = torch.tensor([[M, M, M, 4, M], [M, M, M, M, M]])
+    conf = torch.tensor([[0.5, 0.7, 0.7, 0.99, 0.5], [0.1, 0.2, 0.2, 0.05, 0.3]])
+    ref = torch.tensor([[True, False, False, False, False], [False, True, True, False, False]])
+    rows = lambda rule: metrics.CommitRule(*rule).apply(conf, tokens, ref, M).int().tolist()  # noqa: E731
+    assert rows(("threshold", 0.5)) == [[1, 1, 1, 0, 1], [0, 0, 0, 0, 1]]
+    assert rows(("threshold", 0.9)) == [[0, 1, 0, 0, 0], [0, 0, 0, 0, 1]]     # top-1 only; tie: lower position
+    assert rows(("topk",)) == [[0, 1, 0, 0, 0], [0, 1, 0, 0, 1]]               # k = 1 and 2 from ref
+    assert rows(("spec", 0.6)) == [[0, 1, 1, 0, 0], [0, 0, 0, 0, 1]]           # none sure: the top one
+    assert rows(("spec", 0.0)) == [[1, 1, 1, 0, 1], [1, 1, 1, 1, 1]]
+    none = torch.zeros_like(ref)
+    assert not metrics.CommitRule("threshold", 0.0).apply(conf, tokens, none, M).any()   # rows not taking part

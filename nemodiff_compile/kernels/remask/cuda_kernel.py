@@ -74,13 +74,16 @@ def remask_cuda(logits, canvas, active, quota=None, *, mask_id: int, threshold: 
     B, L, V = logits.shape
     dev = logits.device
     logits, canvas = logits.contiguous(), canvas.to(torch.long).contiguous()
-    active = active.to(torch.bool).contiguous()
+    active = active.to(torch.int32).contiguous()                 # no bool at the kernel's boundary
     if threshold is None and quota is None:
         raise ValueError("the top-k policy (threshold None) needs a quota per row")
-    q = quota.to(torch.long).contiguous() if quota is not None else torch.zeros(B, dtype=torch.long, device=dev)
+    # the kernel's rule is per row (quota >= 0: top-k, < 0: threshold); this wrapper keeps the reference's
+    # contract (threshold None: top-k for every row, else the threshold rule for every row)
+    q = (quota.to(torch.long).contiguous() if threshold is None
+         else torch.full((B,), -1, dtype=torch.long, device=dev))
     g = noise.to(torch.float32).contiguous() if (noise is not None and temperature > 0) else None
     outs = (torch.empty(B, L, dtype=torch.long, device=dev), torch.empty(B, L, dtype=torch.long, device=dev),
-            torch.empty(B, L, dtype=torch.float32, device=dev), torch.empty(B, L, dtype=torch.bool, device=dev))
+            torch.empty(B, L, dtype=torch.float32, device=dev), torch.empty(B, L, dtype=torch.int32, device=dev))
     err = load().nemodiffRemaskLaunch(
         logits.data_ptr(), _DTYPES[str(logits.dtype).replace("torch.", "")], canvas.data_ptr(), active.data_ptr(),
         q.data_ptr(), g.data_ptr() if g is not None else None, *(o.data_ptr() for o in outs), B, L, V, int(mask_id),
@@ -88,4 +91,4 @@ def remask_cuda(logits, canvas, active, quota=None, *, mask_id: int, threshold: 
         torch.cuda.current_stream(dev).cuda_stream)
     if err != 0:
         raise RuntimeError(f"nemodiffRemaskLaunch failed with cudaError {err}")
-    return outs
+    return outs[0], outs[1], outs[2], outs[3] != 0            # commit as bool, like the reference

@@ -21,3 +21,24 @@ def remask_reference(logits: torch.Tensor, canvas: torch.Tensor, active: torch.T
     else:
         commit = remask.commit_threshold(conf, masked, threshold)
     return torch.where(commit, token, canvas), token, conf, commit
+
+
+def stage_commit(conf: torch.Tensor, masked: torch.Tensor, quota: torch.Tensor, *, policy: str,
+                 threshold: float) -> torch.Tensor:
+    """The rule of the exported remask stage (export/remask_graph.py) and of the plugin node: policy "topk"
+    commits quota[b] per row; policy "threshold" per row: quota[b] >= 0 the top-k rule, < 0 the threshold
+    rule. conf [B, L], masked [B, L] bool, quota [B] int64 -> commit [B, L] bool."""
+    topk = remask.commit_topk(conf, masked, quota.clamp(min=0))
+    if policy == "topk":
+        return topk
+    return torch.where(quota[:, None] >= 0, topk, remask.commit_threshold(conf, masked, threshold))
+
+
+def remask_node(logits, canvas, active, quota, noise, *, mask_id: int, policy: str, threshold: float,
+                temperature: float):
+    """The `nemodiff::Remask` node (kernels/remask/spec.py): active [B] bool (or 0/1), quota [B] int64 ->
+    canvas_out, token, conf, commit [B, L] bool."""
+    token, conf = remask.pick(logits, temperature, noise if temperature > 0 else None)
+    masked = (canvas == mask_id) & (active != 0)[:, None]
+    commit = stage_commit(conf, masked, quota, policy=policy, threshold=threshold)
+    return torch.where(commit, token, canvas), token, conf, commit

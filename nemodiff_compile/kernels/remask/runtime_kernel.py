@@ -1,6 +1,7 @@
 """The Python Remask plugin's enqueue: wrap TensorRT's device pointers as torch tensors (CUDA array
-interface, no copy) and run the Triton kernel (where Triton imports) or the torch reference on
-TensorRT's stream (`plugins.remask.remask`). Not executed here (no GPU); a GPU-less machine never calls it.
+interface, no copy) and run the node's rule (`reference.remask_node`: the Triton pick where Triton imports,
+then the per-row commit rule in torch ops) on TensorRT's stream, no host sync. Not executed here (no GPU);
+a GPU-less machine never calls it.
 """
 
 from __future__ import annotations
@@ -28,11 +29,19 @@ def run_remask(plugin, input_desc, output_desc, inputs, outputs, stream) -> None
     import torch
 
     logits, canvas, active, quota, noise = (_tensor(p, d) for p, d in zip(inputs, input_desc))
+    active = active != 0                                   # INT32 at the plugin boundary (no BOOL there)
     outs = [_tensor(p, d) for p, d in zip(outputs, output_desc)]
-    threshold = plugin.threshold if plugin.policy == "threshold" else None
     with torch.cuda.stream(torch.cuda.ExternalStream(int(stream))):
-        from . import remask as fn                          # Triton where it imports, else the reference
-        res = fn(logits, canvas, active, quota, mask_id=plugin.mask_id, threshold=threshold,
-                 temperature=plugin.temperature, noise=noise)
+        from . import pick
+        from ...decoding.remask import pick as pick_noisy
+        from .reference import stage_commit
+
+        if plugin.temperature > 0:
+            token, conf = pick_noisy(logits, plugin.temperature, noise)
+        else:
+            token, conf = pick(logits)                      # Triton where it imports, else the reference
+        masked = (canvas == plugin.mask_id) & active[:, None]
+        commit = stage_commit(conf, masked, quota, policy=plugin.policy, threshold=plugin.threshold)
+        res = (torch.where(commit, token, canvas), token, conf, commit)
         for dst, src in zip(outs, res):
-            dst.copy_(src.to(dst.dtype))
+            dst.copy_(src.to(dst.dtype))                   # commit: bool -> INT32 0/1

@@ -2,14 +2,15 @@
 
 Semantics (the same as `decoding.loops.diffusion_generate` applies per pass):
   inputs   logits [B, L, V] float, canvas [B, L] int64 (mask_id where still masked),
-           active [B] bool (rows still refining), quota [B] int64 (top-k policy: commits this pass),
-           noise [B, L, V] float (optional, Gumbel noise for temperature > 0)
-  outputs  canvas_out [B, L] int64, token [B, L] int64, confidence [B, L] float32, commit [B, L] bool
+           active [B] int32 (nonzero: rows still refining), quota [B] int64 (>= 0: commits this pass,
+           the top-k rule; < 0: the threshold rule), noise [B, L, V] float (Gumbel noise, temperature > 0)
+  outputs  canvas_out [B, L] int64, token [B, L] int64, confidence [B, L] float32, commit [B, L] int32
+           (no BOOL at a TensorRT plugin's boundary: documented unsupported; the graph casts around it)
   attrs    mask_id (int), policy ("threshold" | "topk"), threshold (float), temperature (float)
   token      argmax over V of logits + temperature * noise (plain argmax at temperature 0)
   confidence softmax(logits)[token], rounded to the logits' dtype as the reference's softmax is
-  commit     masked & active & (threshold: top-1 or conf >= threshold | topk: rank < quota), ties to
-             the lower position
+  commit     masked & active & (quota >= 0 or policy topk: rank < quota | else top-1 or conf >= threshold),
+             ties to the lower position (kernels/remask/reference.py: remask_node, stage_commit)
 """
 
 from __future__ import annotations

@@ -13,9 +13,12 @@ mechanism both flavors offer from Python is this one. Consequences, stated plain
     kernels/csrc/ (C++/CUDA, shipped with the package) is the no-Python runtime path; it registers the same id. Never executed
     here (no GPU): enqueue is written from the TensorRT Python plugin sample, not run.
 
-I/O (spec.py): logits [B,L,V] float/half/bf16, canvas [B,L] int64, active [B] bool, quota [B] int64,
+I/O (spec.py): logits [B,L,V] float/half/bf16, canvas [B,L] int64, active [B] int32, quota [B] int64,
 noise [B,L,V] float32 -> canvas_out [B,L] int64, token [B,L] int64, confidence [B,L] float32,
-commit [B,L] bool. Fields: mask_id (int), policy ("threshold" | "topk"), threshold, temperature.
+commit [B,L] int32. No BOOL at the boundary: `PluginTensorDesc::type` documents kBOOL (and kUINT8) as
+unsupported for plugins (TensorRT 10.2-11.1; NVIDIA/TensorRT#3959 "could not find any supported
+formats"), so the graph casts `active` to INT32 before the node and `commit` back after it.
+Fields: mask_id (int), policy ("threshold" | "topk"), threshold, temperature.
 """
 
 from __future__ import annotations
@@ -98,7 +101,7 @@ def make_creator(trt_mod):
             return c
 
         def get_output_data_types(self, input_types):
-            return [trt.DataType.INT64, trt.DataType.INT64, trt.DataType.FLOAT, trt.DataType.BOOL]
+            return [trt.DataType.INT64, trt.DataType.INT64, trt.DataType.FLOAT, trt.DataType.INT32]
 
         def get_output_shapes(self, inputs, shape_inputs, expr_builder):
             canvas = trt.DimsExprs(inputs[1])          # [B, L]
@@ -109,9 +112,9 @@ def make_creator(trt_mod):
             if desc.format != trt.TensorFormat.LINEAR:
                 return False
             want = {0: (trt.DataType.FLOAT, trt.DataType.HALF, trt.DataType.BF16), 1: (trt.DataType.INT64,),
-                    2: (trt.DataType.BOOL,), 3: (trt.DataType.INT64,), 4: (trt.DataType.FLOAT,),
+                    2: (trt.DataType.INT32,), 3: (trt.DataType.INT64,), 4: (trt.DataType.FLOAT,),
                     5: (trt.DataType.INT64,), 6: (trt.DataType.INT64,), 7: (trt.DataType.FLOAT,),
-                    8: (trt.DataType.BOOL,)}
+                    8: (trt.DataType.INT32,)}
             return desc.type in want[pos]
 
         def configure_plugin(self, inputs, outputs):
@@ -124,17 +127,19 @@ def make_creator(trt_mod):
             return []
 
         def get_fields_to_serialize(self):
-            # PluginField keeps a raw pointer to the array: the arrays must outlive the collection
+            # PluginField keeps a raw pointer to its array and the binding a pointer into the collection's
+            # vector: both stay alive on self until the next call (TensorRT reads them right after this one)
             self._serialized = (np.array([self.mask_id], np.int32),
                                 np.frombuffer(self.policy.encode() + b"\0", np.int8).copy(),
                                 np.array([self.threshold], np.float32), np.array([self.temperature], np.float32))
             m, p, th, te = self._serialized
-            return trt.PluginFieldCollection([
+            self._field_collection = trt.PluginFieldCollection([
                 trt.PluginField("mask_id", m, trt.PluginFieldType.INT32),
                 trt.PluginField("policy", p, trt.PluginFieldType.CHAR),
                 trt.PluginField("threshold", th, trt.PluginFieldType.FLOAT32),
                 trt.PluginField("temperature", te, trt.PluginFieldType.FLOAT32),
             ])
+            return self._field_collection
 
         # ---- runtime (Python, on TensorRT's stream; not executed here) -------------------------
         def on_shape_change(self, inputs, outputs):
@@ -158,7 +163,6 @@ def make_creator(trt_mod):
             self.name = REMASK.name
             self.plugin_namespace = REMASK.namespace
             self.plugin_version = REMASK.version
-            self._alive = []
             self._empty = (np.array([], np.int32), np.array([], np.int8), np.array([], np.float32),
                            np.array([], np.float32))          # kept alive: PluginField holds pointers
             self.field_names = trt.PluginFieldCollection([
@@ -169,8 +173,8 @@ def make_creator(trt_mod):
             ])
 
         def create_plugin(self, name, fc, phase):
-            plugin = RemaskPlugin(_fields(fc))
-            self._alive.append(plugin)        # TensorRT owns it from here; keep the Python object alive
-            return plugin
+            # the bindings take ownership of the returned plugin (and catch its exceptions): no list of
+            # every plugin ever made is kept here
+            return RemaskPlugin(_fields(fc))
 
     return RemaskCreator()

@@ -90,7 +90,7 @@ int32_t RemaskPlugin::getOutputDataTypes(
     outputTypes[0] = DataType::kINT64; // canvas_out
     outputTypes[1] = DataType::kINT64; // token
     outputTypes[2] = DataType::kFLOAT; // confidence
-    outputTypes[3] = DataType::kBOOL;  // commit
+    outputTypes[3] = DataType::kINT32; // commit (0/1: no kBOOL at a plugin's boundary)
     return 0;
 }
 
@@ -123,8 +123,8 @@ bool RemaskPlugin::supportsFormatCombination(
     case 3:
     case 5:
     case 6: return d.type == DataType::kINT64;
-    case 2:
-    case 8: return d.type == DataType::kBOOL;
+    case 2:                                          // active, commit: INT32 0/1 (kBOOL is unsupported
+    case 8: return d.type == DataType::kINT32;       // for plugin I/O; the graph casts around the node)
     case 4:
     case 7: return d.type == DataType::kFLOAT;
     default: return false;
@@ -159,9 +159,9 @@ int32_t RemaskPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDes
         return -1;
     }
     cudaError_t const err = nemodiffRemaskLaunch(inputs[0], dtype, static_cast<int64_t const*>(inputs[1]),
-        static_cast<bool const*>(inputs[2]), static_cast<int64_t const*>(inputs[3]), static_cast<float const*>(inputs[4]),
+        static_cast<int32_t const*>(inputs[2]), static_cast<int64_t const*>(inputs[3]), static_cast<float const*>(inputs[4]),
         static_cast<int64_t*>(outputs[0]), static_cast<int64_t*>(outputs[1]), static_cast<float*>(outputs[2]),
-        static_cast<bool*>(outputs[3]), static_cast<int32_t>(d.d[0]), static_cast<int32_t>(d.d[1]),
+        static_cast<int32_t*>(outputs[3]), static_cast<int32_t>(d.d[0]), static_cast<int32_t>(d.d[1]),
         static_cast<int32_t>(d.d[2]), mMaskId, mPolicy, mThreshold, mTemperature, stream);
     return err == cudaSuccess ? 0 : -1;
 }

@@ -106,22 +106,25 @@ __global__ void pickKernel(T const* __restrict__ logits, float const* __restrict
     }
 }
 
-__global__ void commitKernel(int64_t const* __restrict__ canvas, bool const* __restrict__ active,
+__global__ void commitKernel(int64_t const* __restrict__ canvas, int32_t const* __restrict__ active,
     int64_t const* __restrict__ quota, int64_t const* __restrict__ token, float const* __restrict__ conf,
-    int64_t* __restrict__ canvasOut, bool* __restrict__ commit, int32_t L, int64_t maskId, int32_t policy,
+    int64_t* __restrict__ canvasOut, int32_t* __restrict__ commit, int32_t L, int64_t maskId, int32_t policy,
     float threshold)
 {
     extern __shared__ float score[]; // [L]: confidence of masked positions, -1 elsewhere
     int32_t const b = blockIdx.x;
     int64_t const base = static_cast<int64_t>(b) * L;
-    bool const rowActive = active[b];
+    bool const rowActive = active[b] != 0;
     for (int32_t i = threadIdx.x; i < L; i += blockDim.x)
     {
         bool const masked = rowActive && canvas[base + i] == maskId;
         score[i] = masked ? conf[base + i] : -1.f;
     }
     __syncthreads();
-    int64_t const k = (policy == kRemaskTopK && quota) ? quota[b] : 0;
+    // per row: quota >= 0 -> the top-k rule (fixed steps); quota < 0 (or none) -> the threshold rule,
+    // unless the node's policy is top-k (then a negative quota commits nothing)
+    int64_t const q = quota ? quota[b] : -1;
+    bool const topk = policy == kRemaskTopK || q >= 0;
     for (int32_t i = threadIdx.x; i < L; i += blockDim.x)
     {
         float const si = score[i];
@@ -133,15 +136,15 @@ __global__ void commitKernel(int64_t const* __restrict__ canvas, bool const* __r
             rank += (sj > si || (sj == si && j < i)) ? 1 : 0;
         }
         bool c;
-        if (policy == kRemaskTopK)
+        if (topk)
         {
-            c = masked && rank < k;
+            c = masked && rank < q;
         }
         else
         {
             c = masked && (rank == 0 || conf[base + i] >= threshold);
         }
-        commit[base + i] = c;
+        commit[base + i] = c ? 1 : 0;
         canvasOut[base + i] = c ? token[base + i] : canvas[base + i];
     }
 }
@@ -157,8 +160,8 @@ cudaError_t launchPick(void const* logits, float const* noise, int64_t* token, f
 } // namespace
 
 extern "C" cudaError_t nemodiffRemaskLaunch(void const* logits, int32_t dtype, int64_t const* canvas,
-    bool const* active, int64_t const* quota, float const* noise, int64_t* canvasOut, int64_t* token, float* conf,
-    bool* commit, int32_t B, int32_t L, int32_t V, int64_t maskId, int32_t policy, float threshold, float temperature,
+    int32_t const* active, int64_t const* quota, float const* noise, int64_t* canvasOut, int64_t* token, float* conf,
+    int32_t* commit, int32_t B, int32_t L, int32_t V, int64_t maskId, int32_t policy, float threshold, float temperature,
     cudaStream_t stream)
 {
     if (B <= 0 || L <= 0)
