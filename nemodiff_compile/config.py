@@ -19,6 +19,9 @@ from typing import Any
 from .errors import ConfigError
 
 MODEL_TYPE = "nemotron_labs_diffusion"
+# The vision-language checkpoint: the same text fields at the top level plus a `vision_config` (and the
+# projector / image-token fields), all kept in `extra` (model/vision_config.py reads them).
+VLM_MODEL_TYPE = "nemotron_labs_diffusion_vlm"
 
 # The fields `ModelConfig` reads; anything else in config.json goes to `extra` untouched.
 _REQUIRED = (
@@ -86,6 +89,11 @@ class ModelConfig:
         return self.num_key_value_heads * self.head_dim
 
     @property
+    def is_vlm(self) -> bool:
+        """A vision-language checkpoint (vision tower + projector beside the decoder)."""
+        return self.extra.get("model_type") == VLM_MODEL_TYPE
+
+    @property
     def eos_ids(self) -> tuple[int, ...]:
         e = self.eos_token_id
         return (e,) if isinstance(e, int) else tuple(e)
@@ -111,8 +119,10 @@ class ModelConfig:
             raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
         raw = copy.deepcopy(raw)
         model_type = raw.pop("model_type", MODEL_TYPE)
-        if model_type != MODEL_TYPE:
+        if model_type not in (MODEL_TYPE, VLM_MODEL_TYPE):
             raise ConfigError(f"{source}: model_type is {model_type!r}, expected {MODEL_TYPE!r}")
+        if model_type == VLM_MODEL_TYPE:
+            raw["model_type"] = model_type          # kept in `extra`: to_hf writes it back, is_vlm reads it
         missing = [k for k in _REQUIRED if k not in raw]
         if missing:
             raise ConfigError(f"{source}: missing required field(s) {', '.join(missing)}")

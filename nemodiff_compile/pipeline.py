@@ -242,6 +242,9 @@ def _export_into(tmp: Path, config: BuildConfig, choice: dict[str, str], *, prog
     folder = checkpoint_folder(source)
     quantization = None
     remask_opts = remask_options(config.remask.stage, mask_id=cfg.mask_token_id, threshold=config.remask.threshold)
+    if cfg.is_vlm and remask_opts is not None:
+        raise InvalidArgument(f"--remask {config.remask.stage}: not supported yet for vision-language checkpoints "
+                              "(build with --remask none)")
     if quant is None:
         progress("exporting the denoiser step to ONNX (dynamo)")
         start = time.perf_counter()
@@ -256,6 +259,11 @@ def _export_into(tmp: Path, config: BuildConfig, choice: dict[str, str], *, prog
         loop = calibration.decoding_loop(prompts, r.calib_modes, r.calib_max_new_tokens, cfg.block_size)
         spec, quantization = quantize_step(model, r, loop, tmp, with_logits=config.with_logits, remask=remask_opts,
                                            calibration=calibration.record(prompts, quant.calib), progress=progress)
+    if cfg.is_vlm:                  # the second graph: vision encoder + projector, float (export/vision.py)
+        from .export.vision import export_vision
+
+        progress("exporting the vision encoder + projector to ONNX")
+        spec.extra["vision"] = export_vision(model, tmp)
     (tmp / CONFIG_NAME).write_text(_json(cfg.to_hf()))
     for name in TOKENIZER_FILES:
         if folder is not None and (folder / name).is_file():
@@ -332,6 +340,11 @@ def _build_tensorrt(config: BuildConfig, choice: dict[str, str], *, output: Path
                      "plugins": info.plugins, "profiles": info.profiles,
                      "precision_check": info.precision_check, "build_seconds": info.build_seconds,
                      "bytes": len(data), "timing_cache": info.timing_cache}
+            if "vision" in manifest.io_spec.get("extra", {}):     # a VLM: the vision graph's plan beside it
+                from .trt.vision_plan import build_vision_plan
+
+                _, entry["vision"] = build_vision_plan(tmp, manifest.io_spec["extra"]["vision"], name, target=target,
+                                                       options=options, progress=progress, trt=trt, device=device)
             manifest.engines = [e for e in manifest.engines if e["file"] != name] + [entry]
             progress(f"{name}: {len(data):,} bytes in {info.build_seconds:.1f} s")
         held = tuple(dict.fromkeys(e["target"] for e in manifest.engines))

@@ -56,13 +56,18 @@ class Result:
 
 class Session:
     def __init__(self, denoiser: loops.Denoiser, tokenizer: Any = None, manifest: Any = None, *,
-                 defaults: Any = None, max_batch: int | None = None, max_queue: int = 1024, observer: Any = None):
+                 defaults: Any = None, max_batch: int | None = None, max_queue: int = 1024, observer: Any = None,
+                 image_prefill: str = "causal"):
         """defaults: generation_config.json's (thinking); max_batch: rows decoded at once (default: the
         engine's largest batch bucket); max_queue: prompts waiting for a row before submitting raises
-        QueueFull; observer: the scheduler's metrics hook."""
+        QueueFull; observer: the scheduler's metrics hook; image_prefill: how a vision-language prompt's
+        image span is prefilled, "causal" (as the text; an unverified assumption) or "bidirectional"
+        (decoding/embeds.py)."""
         from .model.generation_config import GenerationDefaults
 
         self.denoiser, self.tokenizer, self.manifest = denoiser, tokenizer, manifest
+        self.image_prefill = image_prefill
+        self._prompter = None
         self.defaults = defaults or GenerationDefaults()
         if max_batch is None and manifest is not None and manifest.buckets.get("batch_sizes"):
             max_batch = max(manifest.buckets["batch_sizes"])
@@ -141,13 +146,17 @@ class Session:
                max_thinking_tokens: int | None = None, **knobs) -> Request:
         """Queue one prompt on the engine; on_tokens(ids) is called (on the scheduler's thread) as tokens
         commit. The `Request` gives `result()` (its `Generation`) and `cancel()`. Raises QueueFull when the
-        queue is full."""
+        queue is full. images (vision-language models): the prompt's images, as in `generate`."""
         self._check_open()
         check_bounds(max_new_tokens=max_new_tokens)
+        images = knobs.pop("images", None)
         policy = DecodePolicy.of(policy or mode, knobs)
         template_kwargs, budget = self.thinking(enable_thinking, max_thinking_tokens)
-        ids = self.encode(prompt, chat, **template_kwargs)
-        return self.scheduler.submit(ids, policy, max_new_tokens, on_tokens=on_tokens, thinking=budget)
+        if images is not None:
+            (ids,), (feats,) = self._with_images(prompt, images, chat, template_kwargs)
+        else:
+            ids, feats = self.encode(prompt, chat, **template_kwargs), None
+        return self.scheduler.submit(ids, policy, max_new_tokens, on_tokens=on_tokens, thinking=budget, images=feats)
 
     def thinking(self, enable_thinking: bool | None = None, max_thinking_tokens: int | None = None):
         """(chat-template kwargs, thinking budget or None) of a request: model/generation_config.py."""
@@ -155,29 +164,86 @@ class Session:
 
         return thinking_setup(self.tokenizer, self.defaults, enable_thinking, max_thinking_tokens)
 
+    # ---- images (vision-language checkpoints) -----------------------------------------------------------
+
+    def image_prompter(self):
+        """The model's `ImagePrompter` (model/image_prompt.py); InvalidArgument for a text-only model/engine."""
+        if self._prompter is None:
+            encode = getattr(self.denoiser, "encode_image", None)
+            if encode is None or not getattr(self.denoiser, "accepts_embeds", False) or not self.config.is_vlm:
+                raise InvalidArgument("images: this model takes no images (expected a vision-language checkpoint, "
+                                      "or an engine built from one)")
+            from .model.image_prompt import ImagePrompter
+            from .model.vision_config import ImageTokenIds, VisionConfig
+
+            self._prompter = ImagePrompter(VisionConfig.of(self.config), ImageTokenIds.of(self.config, self.tokenizer),
+                                           encode, image_prefill=self.image_prefill)
+        return self._prompter
+
+    def prepare(self, prompt: Prompt, images: Sequence[Any], chat: bool = True, **template_kwargs):
+        """(token ids, PromptImages) of a prompt with images (paths, bytes, PIL images or preprocessed pixels
+        [3, H, W]): text gets one <|image_start|> per image in front unless it has them; token ids must hold
+        one image start token per image. Bad images: InvalidArgument naming the file."""
+        from .model.image_prompt import image_prompt_text
+
+        prompter = self.image_prompter()
+        if isinstance(prompt, str):
+            prompt = image_prompt_text(prompt, len(images))
+        return prompter.prepare(self.encode(prompt, chat, **template_kwargs), list(images))
+
+    def _with_images(self, prompts, images, chat: bool, template_kwargs: dict):
+        """(ids per prompt, PromptImages or None per prompt). images: for one prompt, its list of images;
+        for a batch, one list (or None) per prompt; a `PromptImages` (from `prepare`) goes with its prompt's
+        expanded token ids as they are."""
+        from .decoding.embeds import PromptImages
+
+        batch = _batch(prompts)
+        single = isinstance(prompts, str) or _is_ids(prompts)
+        per = [images] if single else list(images)
+        if len(per) != len(batch):
+            raise InvalidArgument(f"images: {len(per)} image lists for {len(batch)} prompts (expected one per prompt)")
+        ids, imgs = [], []
+        for p, ims in zip(batch, per):
+            if isinstance(ims, PromptImages):
+                ids.append(self.encode(p, chat, **template_kwargs))
+                imgs.append(ims)
+            elif ims:
+                i, pi = self.prepare(p, ims, chat, **template_kwargs)
+                ids.append(i)
+                imgs.append(pi)
+            else:
+                ids.append(self.encode(p, chat, **template_kwargs))
+                imgs.append(None)
+        return ids, imgs
+
     def generate(self, prompts: Prompt | Sequence[Prompt], *, mode: str = "dlm", max_new_tokens: int = 64,
                  chat: bool = True, on_tokens=None, trace: bool = False, policy: DecodePolicy | None = None,
                  enable_thinking: bool | None = None, max_thinking_tokens: int | None = None,
-                 **knobs) -> Result:
+                 images: Sequence[Any] | None = None, **knobs) -> Result:
         """Generate for one prompt or a batch (text or token ids). The decoding policy: `policy`, or `mode`
         and its knobs (block_length, threshold, steps, temperature, seed: decoding/policy.py); prompt i of a
         batch samples with seed + i. on_tokens(row, ids) streams tokens; trace keeps every pass (host passes
         only; the engine runs the batch alone, in lock-step). enable_thinking: the chat template's thinking
         switch; max_thinking_tokens: the thinking budget (needs thinking on); None: generation_config.json's
-        defaults."""
+        defaults. images (vision-language models): for one prompt, its images (paths, bytes, PIL images); for a
+        batch, one list per prompt (None for none)."""
         self._check_open()
         check_bounds(max_new_tokens=max_new_tokens)
         if trace:
             policy = DecodePolicy.of(policy or mode, knobs)
             template_kwargs, budget = self.thinking(enable_thinking, max_thinking_tokens)
-            ids = [self.encode(p, chat, **template_kwargs) for p in _batch(prompts)]
+            if images is not None:
+                ids, imgs = self._with_images(prompts, images, chat, template_kwargs)
+            else:
+                ids, imgs = [self.encode(p, chat, **template_kwargs) for p in _batch(prompts)], None
             with self.scheduler.exclusive() as den:
                 g = loops.generate(den, ids, policy, max_new_tokens=max_new_tokens, trace=trace,
-                                   on_tokens=on_tokens, thinking=budget)
+                                   on_tokens=on_tokens, thinking=budget,
+                                   images=imgs if imgs and any(i is not None for i in imgs) else None)
             return self._result(g)
         reqs = self._submit_all(prompts, mode=mode, max_new_tokens=max_new_tokens, chat=chat, on_tokens=on_tokens,
                                 policy=policy, enable_thinking=enable_thinking,
-                                max_thinking_tokens=max_thinking_tokens, **knobs)
+                                max_thinking_tokens=max_thinking_tokens, images=images, **knobs)
         try:
             gens = [r.result() for r in reqs]
         except BaseException:
@@ -202,18 +268,22 @@ class Session:
 
     def _submit_all(self, prompts, *, mode: str = "dlm", max_new_tokens: int = 64, chat: bool = True,
                     on_tokens=None, policy: DecodePolicy | None = None, enable_thinking: bool | None = None,
-                    max_thinking_tokens: int | None = None, **knobs) -> list[Request]:
+                    max_thinking_tokens: int | None = None, images=None, **knobs) -> list[Request]:
         self._check_open()
         check_bounds(max_new_tokens=max_new_tokens)
         policy = DecodePolicy.of(policy or mode, knobs)
         template_kwargs, budget = self.thinking(enable_thinking, max_thinking_tokens)
-        ids = [self.encode(p, chat, **template_kwargs) for p in _batch(prompts)]
+        if images is not None:
+            ids, feats = self._with_images(prompts, images, chat, template_kwargs)
+        else:
+            ids = [self.encode(p, chat, **template_kwargs) for p in _batch(prompts)]
+            feats = [None] * len(ids)
         reqs: list[Request] = []
         try:
-            for i, p in enumerate(ids):
+            for i, (p, f) in enumerate(zip(ids, feats)):
                 stream = None if on_tokens is None else (lambda new, i=i: on_tokens(i, new))
                 reqs.append(self.scheduler.submit(p, replace(policy, seed=policy.seed + i), max_new_tokens,
-                                                  on_tokens=stream, thinking=budget))
+                                                  on_tokens=stream, thinking=budget, images=f))
         except BaseException:
             for r in reqs:
                 r.cancel()

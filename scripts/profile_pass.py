@@ -24,9 +24,10 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=32)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--fp8", action="store_true")
+    ap.add_argument("--gemv", action="store_true", help="projections through the split-K small-M kernel")
     args = ap.parse_args()
     model = load_reference(args.size, dtype="bfloat16", device="cuda")
-    den = FastDenoiser(model, args.context + 2 * args.block, fp8=args.fp8, graphs=False)
+    den = FastDenoiser(model, args.context + 2 * args.block, fp8=args.fp8, graphs=False, gemv=args.gemv)
     den.reset(args.batch)
     den.assume_context(args.context)
     den.num_valid.fill_(args.block)
@@ -44,7 +45,8 @@ def main() -> None:
 
 
 def gemms(cfg, M: int) -> None:
-    """One layer's projections at M = batch * block rows: bf16 vs the two FP8 paths, by CUDA events."""
+    """One layer's projections at M = batch * block rows: bf16 vs the two FP8 paths, each rowwise one with
+    and without the split-K GEMV kernel (used for M <= 64), by CUDA events."""
     import torch
 
     from nemodiff_compile.bench.gpu import time_ms
@@ -57,10 +59,11 @@ def gemms(cfg, M: int) -> None:
         w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         row = [f"{name:8} M={M} N={N} K={K}:"]
-        for mode in (None, "row", "tensor"):
-            lin = Linear(w, mode)
+        for mode, gemv in ((None, False), (None, True), ("row", False), ("row", True), ("tensor", False)):
+            lin = Linear(w, mode, gemv=gemv)
             ms = time_ms(lambda: lin(x), iters=50)
-            row.append(f"{mode or 'bf16'} {ms * 1e3:.1f} us ({lin.nbytes / (ms / 1e3) / 1e12:.2f} TB/s)")
+            row.append(f"{mode or 'bf16'}{'+gemv' if gemv else ''} {ms * 1e3:.1f} us "
+                       f"({lin.nbytes / (ms / 1e3) / 1e12:.2f} TB/s)")
         print("  ".join(row))
 
 

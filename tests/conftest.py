@@ -138,3 +138,64 @@ def int8_remask_dir(tmp_path_factory):
     return build_engine(BuildConfig.of(source="tiny", output=out, backend="onnxruntime", precision="int8",
                                        remask="plugin", validate=False, batch_sizes=(1, 2), max_context=128),
                         recipe=recipe)
+
+
+# ---- the tiny vision-language checkpoint (issue 20): the trained tiny text model cut to its first 2 layers
+# (exports in about half the time of all 6) + a small random vision tower and projector, in the real HF
+# layout (flat text config + vision_config, encoder.vision_tower.* / encoder.multi_modal_projector.* tensors,
+# the tokenizer with the four image tokens) ----
+
+TINY_VLM_LAYERS = 2
+TINY_VISION_CONFIG = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, head_dim=16, patch_size=14, image_size=112, num_channels=3,
+                          rope_theta=10000.0, hidden_act="silu")
+# the tiny tokenizer's unused special tokens 18-21 become the image tokens (research note's candidate ids)
+TINY_IMAGE_TOKENS = {"<SPECIAL_18>": "<|image_start|>", "<SPECIAL_19>": "<|image_pad|>",
+                     "<SPECIAL_20>": "<|image_break|>", "<SPECIAL_21>": "<|image_end|>"}
+
+
+def tiny_vlm_config_dict() -> dict:
+    import json
+
+    from nemodiff_compile import TINY_ASSET
+
+    raw = json.loads((TINY_ASSET / "config.json").read_text())
+    raw.update(model_type="nemotron_labs_diffusion_vlm", architectures=["NemotronLabsDiffusionVLMModel"],
+               num_hidden_layers=TINY_VLM_LAYERS,
+               vision_config=dict(TINY_VISION_CONFIG), spatial_merge_size=2, projector_hidden_act="gelu",
+               multimodal_projector_bias=False, vision_feature_layer=-1)
+    return raw
+
+
+def make_tiny_vlm(out, seed: int = 0):
+    """Write the tiny VLM checkpoint folder `out` (config.json, model.safetensors, tokenizer files)."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from nemodiff_compile import TINY_ASSET
+    from nemodiff_compile.config import ModelConfig
+    from nemodiff_compile.model.checkpoint import load_checkpoint, save_checkpoint
+    from nemodiff_compile.model.vision import NemotronLabsDiffusionVLM
+
+    cfg = ModelConfig.from_hf(tiny_vlm_config_dict())
+    torch.manual_seed(seed)
+    model = NemotronLabsDiffusionVLM(cfg).eval()
+    ours = model.state_dict()
+    text = {k: v for k, v in load_checkpoint(TINY_ASSET, dtype="float32").state_dict().items() if k in ours}
+    missing, _ = model.load_state_dict(text, strict=False)
+    assert all(k.startswith(("encoder.vision_tower.", "encoder.multi_modal_projector.")) for k in missing)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {}
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            s = (TINY_ASSET / name).read_text()
+            for old, new in TINY_IMAGE_TOKENS.items():
+                s = s.replace(json.dumps(old), json.dumps(new))
+            (Path(tmp) / name).write_text(s)
+            files[name] = Path(tmp) / name
+        return save_checkpoint(model, out, extra_files=files)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory):
+    return make_tiny_vlm(tmp_path_factory.mktemp("vlm") / "tiny-vlm")

@@ -76,6 +76,14 @@ def make_profiles(io_spec: Mapping[str, Any], buckets: Mapping[str, Any]) -> lis
     return out
 
 
+def vision_profile(vision: Mapping[str, Any]) -> Profile:
+    """The vision graph's one profile (vision: IOSpec extra["vision"]): pixels [3, H, W], H and W from one
+    merge patch up to max_side, tuned (opt) for max_side (preprocessing downscales large images to it)."""
+    m, top = int(vision["merge_patch"]), int(vision["max_side"])
+    dims = {"height": (m, top, top), "width": (m, top, top)}
+    return Profile(1, dims, {"pixels": tuple((3, dims["height"][i], dims["width"][i]) for i in range(3))})
+
+
 def profile_for(profiles: list[Profile], shapes: Mapping[str, Shape]) -> int:
     """Index of the first profile containing every input shape."""
     for i, p in enumerate(profiles):

@@ -33,6 +33,13 @@ Graphs exported with the remask stage (`remask="onnx"` standard ops, or `remask=
   -> commit      [batch, block]                                bool    positions committed by this pass
   -> row_nfe_out [batch]                                       int64   row_nfe + (row refined in this pass)
   -> done        []                                            bool    no row of canvas_out refines any more
+Graphs of vision-language models also take, last, the prefill's input embeddings (decoding/embeds.py):
+  embed_mask     [batch, block]                                bool    positions whose embedding is `embeds`
+  embeds         [batch, block, hidden]                        model dtype  image features (zeros elsewhere)
+and the engine directory holds a second graph, the vision encoder + projector (`vision_spec`, in
+`extra["vision"]`): pixels [3, height, width] float32 (preprocessed, height and width multiples of
+`merge_patch`, at most `max_side`) -> features [tokens, hidden] float32, tokens = (height/28)*(width/28).
+
 A row refines in a pass when it is active, its block has a mask, and no EOS precedes its first mask
 (refine.py's rule); its pass index is its row_nfe (rows stop for good), so quota[b, row_nfe[b]] is its
 quota. Passes that are not refinement passes bind active all False (nothing commits). The threshold
@@ -88,8 +95,21 @@ class IOSpec:
         return [t.name for t in self.outputs]
 
 
+# the step graph's inputs in the order of StepGraph.forward's parameters (absent ones are None slots)
+STEP_SLOTS = ("input_ids", "cache_lengths", "num_valid", "causal", "temperature", "gumbel_noise", "past_keys",
+              "past_values", "draft_lora", "canvas", "active", "quota", "row_nfe", "embed_mask", "embeds")
+VISION_ONNX = "vision.onnx"
+
+
+def vision_spec(hidden: int, merge_patch: int, max_side: int) -> dict[str, Any]:
+    """The vision graph's I/O (what `extra["vision"]` records)."""
+    return {"file": VISION_ONNX, "inputs": [{"name": "pixels", "dtype": "float32", "shape": [3, "height", "width"]}],
+            "outputs": [{"name": "features", "dtype": "float32", "shape": ["tokens", hidden]}],
+            "merge_patch": merge_patch, "max_side": max_side}
+
+
 def step_spec(cfg: ModelConfig, kv_dtype: str, with_logits: bool, with_lora: bool = False,
-              remask: dict[str, Any] | None = None) -> IOSpec:
+              remask: dict[str, Any] | None = None, with_embeds: bool = False) -> IOSpec:
     kv_static = (cfg.num_hidden_layers, "batch", cfg.num_key_value_heads, "cache_len", cfg.head_dim)
     new_kv = (cfg.num_hidden_layers, "batch", cfg.num_key_value_heads, "block", cfg.head_dim)
     inputs = (
@@ -105,6 +125,9 @@ def step_spec(cfg: ModelConfig, kv_dtype: str, with_logits: bool, with_lora: boo
     if remask is not None:
         inputs += (TensorSpec("canvas", "int64", ("batch", "block")), TensorSpec("active", "bool", ("batch",)),
                    TensorSpec("quota", "int64", ("batch", "block")), TensorSpec("row_nfe", "int64", ("batch",)))
+    if with_embeds:
+        inputs += (TensorSpec("embed_mask", "bool", ("batch", "block")),
+                   TensorSpec("embeds", kv_dtype, ("batch", "block", cfg.hidden_size)))
     outputs = [
         TensorSpec("token", "int64", ("batch", "block")),
         TensorSpec("confidence", "float32", ("batch", "block")),

@@ -5,8 +5,9 @@
   buckets         backends with static shapes pad a batch up to a bucket (`buckets`); `bucket` = rows allocated
   the guard       the batch is the one `reset` was called for; only causal passes write; the block fits
   num_valid       default: the whole block
-  noise           Gumbel noise drawn on the host in float64 from the loop's generator (`remask.gumbel_noise`),
-                  the reference's draw, so every backend samples the same tokens
+  noise           Gumbel noise in float64 from the loop's `GumbelStream` (`decoding/noise.py`: counter-based, the
+                  same values on any device), so every backend samples the same tokens; drawn on the host, or
+                  on the backend's device where it sets `noise_on_device` (eager torch, fast)
   executed        forwards run since `reset` (device block refiners add the passes they run)
 and the helpers: `kv_cache` (the static [layers, rows, kv_heads, max_len, head_dim] K/V buffers),
 `scatter_block` (write a block's K/V at each row's length, FP8 caches included) and `TORCH_DTYPES` (the I/O
@@ -30,6 +31,8 @@ from ..artifact.buckets import BatchBuckets
 from ..config import ModelConfig
 from ..decoding import remask
 from ..decoding.denoiser import Denoiser, StepOut
+from ..decoding.noise import GumbelStream
+from ..errors import InvalidArgument
 from ..model.cache import check_room, check_trim
 
 # I/O spec dtype name -> torch dtype. float8_e4m3fn: the KV cache of fp8-cache builds (quant/kv_cache.py)
@@ -38,6 +41,8 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 
 
 class BackendDenoiser(Denoiser):
+    noise_on_device = False          # draw a GumbelStream's noise on self.device (its _pass takes it there)
+
     def __init__(self, config: ModelConfig, max_len: int, device: torch.device | str, *,
                  buckets: BatchBuckets | None = None, return_logits: bool = False):
         self.config, self.max_len = config, max_len
@@ -70,19 +75,38 @@ class BackendDenoiser(Denoiser):
         check_trim(self._lengths, lengths)
         self._set_lengths(lengths.clone())
 
+    # backends whose `_pass` takes `embeds` (decoding/embeds.py: a vision-language prefill) set this; and
+    # `accepts_spans` where it also prefills an image span bidirectionally (image_prefill="bidirectional")
+    accepts_embeds = False
+    accepts_spans = False
+
     def step(self, tokens, *, causal, write, num_valid=None, draft_lora=False, temperature=0.0,
-             generator=None, noise=None) -> StepOut:
+             generator=None, noise=None, embeds=None) -> StepOut:
         """noise: a [B, L, V] float64 Gumbel draw to use instead of drawing one from `generator` (a scheduler
-        draws each row's from the row's own generator)."""
+        draws each row's from the row's own generator). embeds: a causal writing pass's input embeddings
+        (PrefillEmbeds: image features in place of the image pad tokens)."""
         B, L = tokens.shape
         self.check_pass(B, L, causal=causal, write=write)
+        extra = {}
+        if embeds is not None:
+            if not self.accepts_embeds:
+                raise InvalidArgument(f"{type(self).__name__}: this engine takes no image input "
+                                      "(build it from a vision-language checkpoint)")
+            if not (causal and write):
+                raise ValueError("input embeddings enter through a causal writing pass (the prefill)")
+            if embeds.spans is not None and not self.accepts_spans:
+                raise InvalidArgument(f"image_prefill 'bidirectional': the reference only ({type(self).__name__} "
+                                      "prefills image spans causally)")
+            extra["embeds"] = embeds
         num_valid = torch.full((B,), L) if num_valid is None else num_valid.to("cpu", torch.long)
         if temperature <= 0:
             noise = None
         elif noise is None:
-            noise = remask.gumbel_noise((B, L, self.config.vocab_size), generator)       # [B, L, V] float64
+            on_device = self.noise_on_device and isinstance(generator, GumbelStream)
+            noise = remask.gumbel_noise((B, L, self.config.vocab_size), generator,       # [B, L, V] float64
+                                        self.device if on_device else "cpu")
         out = self._pass(tokens, causal=causal, write=write, num_valid=num_valid, draft_lora=draft_lora,
-                         temperature=temperature, noise=noise)
+                         temperature=temperature, noise=noise, **extra)
         self.executed += 1
         if write:
             self._set_lengths(self._lengths + num_valid)

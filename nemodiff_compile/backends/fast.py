@@ -4,7 +4,8 @@ Two ways the decode loops drive it:
   FastDenoiser.step     the `Denoiser` contract, so every decode loop, `validate` and `bench` run it
                         unchanged (one host copy of token/confidence per pass)
   FastDenoiser.refine   the device block refiner (decoding/refine.py) that `loops.diffusion_generate`
-                        hands greedy blocks to: forward, fused remask, canvas update and the stop test
+                        hands dlm blocks to (greedy, or sampled with the Gumbel noise drawn on the
+                        device, decoding/noise.py): forward, remask, canvas update and the stop test
                         are one captured graph; the host only looks at a done flag every `check_every`
                         passes and reads the finished block once. Same tokens and NFE as the host
                         passes (a test holds them equal).
@@ -22,7 +23,9 @@ import torch
 from ..model.model import NemotronLabsDiffusion
 from ..errors import InvalidArgument
 from ..kernels import remask as remask_op
+from ..kernels.gumbel import gumbel_pick
 from ..decoding import loops, remask
+from ..decoding.noise import GumbelStream
 from ..decoding.denoiser import StepOut
 from ..decoding.policy import DecodePolicy
 from ..decoding.refine import Refined, drive
@@ -41,12 +44,15 @@ class DlmPasses:
 
 
 class FastDenoiser(BackendDenoiser):
+    noise_on_device = True           # the GumbelStream draws straight onto the GPU (no [B, L, V] copy)
+
     def __init__(self, model: NemotronLabsDiffusion | FastModel, max_len: int, *, fp8: bool | str | None = None,
                  buckets: BatchBuckets = BatchBuckets(), graphs: bool | GraphPool = True,
-                 return_logits: bool = False):
+                 return_logits: bool = False, gemv: bool = False):
         """model: the reference (re-laid out here; fp8 None, "row", "tensor" or "static", see
-        fast_model.Linear; "static" needs calibrate() before use) or an already built FastModel."""
-        self.fast = model if isinstance(model, FastModel) else FastModel(model, fp8=fp8)
+        fast_model.Linear; "static" needs calibrate() before use; gemv: the split-K small-M projection
+        kernel, kernels/gemv.py) or an already built FastModel."""
+        self.fast = model if isinstance(model, FastModel) else FastModel(model, fp8=fp8, gemv=gemv)
         super().__init__(self.fast.config, max_len, self.fast.head.device, buckets=buckets,
                          return_logits=return_logits)
         if isinstance(graphs, GraphPool):
@@ -112,15 +118,23 @@ class FastDenoiser(BackendDenoiser):
     # ---- block refinement on the device (decoding/refine.py) -------------------------------------------
 
     def block_refiner(self, policy: DecodePolicy) -> "FastDenoiser":
-        return self          # the fused remask runs both rules (threshold, fixed steps)
+        return self          # both rules (threshold, fixed steps), greedy or sampled (Gumbel drawn on the device)
 
     @torch.no_grad()
     def refine(self, canvas: torch.Tensor, refining: torch.Tensor, quota: torch.Tensor | None,
-               policy: DecodePolicy) -> Refined:
+               policy: DecodePolicy, noise: GumbelStream | None = None) -> Refined:
         B, blen = canvas.shape
         self.check_pass(B, blen)
-        p = self.dlm_passes(blen, policy.threshold, policy.passes)
+        if (noise is None) != policy.greedy:
+            raise ValueError("a sampled policy needs the run's noise stream, a greedy one none")
+        p = self.dlm_passes(blen, policy.threshold, policy.passes, policy.temperature)
         dev_canvas, dev_refining, dev_quota, s_idx, row_nfe, nfe = p.buffers
+        if noise is not None:                                          # rows' keys and draw counters
+            keys, counters = self._noise_bufs
+            keys.zero_()
+            counters.zero_()
+            keys[:B].copy_(noise.keys)
+            counters[:B].copy_(noise.counters)
         self.num_valid.fill_(blen)
         dev_canvas.fill_(self.config.mask_token_id)                   # padding rows: all masks, not refining
         dev_canvas[:B].copy_(canvas)
@@ -136,9 +150,12 @@ class FastDenoiser(BackendDenoiser):
         self.executed += executed
         return Refined(dev_canvas[:B].cpu(), row_nfe[:B].cpu(), int(nfe), executed)
 
-    def dlm_passes(self, blen: int, threshold: float | None, passes: int) -> "DlmPasses":
+    def dlm_passes(self, blen: int, threshold: float | None, passes: int, temperature: float = 0.0) -> "DlmPasses":
         """The captured refinement pass of a block for the current bucket, over persistent buffers
-        (captured graphs keep pointing at them across calls). The caller sets num_valid to blen."""
+        (captured graphs keep pointing at them across calls). The caller sets num_valid to blen, and at
+        temperature > 0 the rows' noise keys and counters (`_noise_bufs`): pass s draws at counters + s,
+        the host loop's draw (decoding/noise.py), and picks in float64 as `remask.pick` does on the host
+        (kernels/gumbel.py: on CUDA the noise is computed inside the pick kernel, never written)."""
         P, dev, mask_id = self.bucket, self.device, self.config.mask_token_id
         key = (blen, passes)
         if key not in self._loop_bufs:
@@ -156,7 +173,15 @@ class FastDenoiser(BackendDenoiser):
             refining.logical_and_(masked.any(1) & ~remask.eos_complete(canvas, masked, self._eos))
             logits = self._forward(canvas, False, False)
             q = quota.gather(1, s_idx)[:, 0] if threshold is None else None
-            out, _, _, _ = remask_op.remask(logits, canvas, refining, q, mask_id=mask_id, threshold=threshold)
+            if temperature > 0:                    # the host's float64 Gumbel-max, noise computed here
+                keys, counters = self._noise_bufs
+                token, conf = gumbel_pick(logits, keys, counters + s_idx[:, 0], temperature)   # [P, blen]
+                masked = (canvas == mask_id) & refining[:, None]
+                commit = (remask.commit_topk(conf, masked, q) if threshold is None
+                          else remask.commit_threshold(conf, masked, threshold))
+                out = torch.where(commit, token, canvas)
+            else:
+                out, _, _, _ = remask_op.remask(logits, canvas, refining, q, mask_id=mask_id, threshold=threshold)
             canvas.copy_(out)
             row_nfe.add_(refining.long())
             nfe.add_(refining.any().long())
@@ -164,7 +189,7 @@ class FastDenoiser(BackendDenoiser):
 
         policy = "topk" if threshold is None else f"threshold={threshold}"
         return DlmPasses(bufs, denoise, (canvas, refining, row_nfe, nfe, s_idx),
-                         ("denoise", P, blen, passes, policy))
+                         ("denoise", P, blen, passes, policy, float(temperature)))
 
     # ---- internals ---------------------------------------------------------------------------------
 
@@ -175,6 +200,8 @@ class FastDenoiser(BackendDenoiser):
         self._ids_by_len: dict[int, torch.Tensor] = {}
         self._outs_by_len: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._loop_bufs: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+        self._noise_bufs = (torch.zeros(rows, dtype=torch.long, device=self.device),   # keys [P]
+                            torch.zeros(rows, dtype=torch.long, device=self.device))   # counters [P]
         self.graphs.clear()                       # captured graphs point at the old buffers
 
     def _kv(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ..model import rope
 from ..model.model import NemotronLabsDiffusion
 from ..kernels import fused as kernels
+from ..kernels import gemv as gemv_kernel
 
 
 FP8_MODES = ("row", "tensor", "static")
@@ -39,10 +40,12 @@ class Linear:
               producing x can then emit FP8 directly (x arrives as float8_e4m3fn)
     """
 
-    def __init__(self, weight: torch.Tensor, fp8: str | None):
+    def __init__(self, weight: torch.Tensor, fp8: str | None, gemv: bool = False):
+        """gemv: products of at most 64 rows on CUDA go through the split-K kernel (kernels/gemv.py), FP8
+        scales applied in its epilogue; off by default until measured on a GPU (scripts/gpu_check.py)."""
         if fp8 not in (None, *FP8_MODES):
             raise ValueError(f"fp8 mode must be one of {FP8_MODES} or None, got {fp8!r}")
-        self.fp8 = fp8
+        self.fp8, self.gemv = fp8, gemv
         self.x_scale: torch.Tensor | None = None        # static: [] float32 once calibrated
         self.amax: torch.Tensor | None = None           # static: running |x| max while calibrating
         if fp8:
@@ -66,6 +69,8 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fp8:
+            if self.gemv and gemv_kernel.usable(x):
+                return gemv_kernel.gemv(x, self.weight)
             return F.linear(x, self.weight)
         lead, K = x.shape[:-1], x.shape[-1]
         x = x.reshape(-1, K)
@@ -81,7 +86,11 @@ class Linear:
         else:
             quant = kernels.quant_fp8 if self.fp8 == "row" else kernels.quant_fp8_tensor
             q, sx = quant(x)                                                           # [M, K]; [M, 1] or []
-        if q.is_cuda:
+        if self.gemv and gemv_kernel.usable(q):       # scales [M, 1] x [1, N] in the kernel's epilogue
+            M, N = q.shape[0], self.weight.shape[0]
+            y = gemv_kernel.gemv(q, self.weight, sx.float().expand(M, 1), self.scale.float().expand(1, N),
+                                 out_dtype=self.out_dtype)
+        elif q.is_cuda:
             y = torch._scaled_mm(q, self.weight.t(), scale_a=sx, scale_b=self.scale, out_dtype=self.out_dtype)
         else:   # the same product on the CPU: dequantize, multiply in fp32
             w = self.weight.float() * (self.scale.t() if self.fp8 == "row" else self.scale)
@@ -106,11 +115,12 @@ class FastModel:
     """Weights of `model` in the fast layout (fused copies; unfused tensors are shared, not copied)."""
 
     def __init__(self, model: NemotronLabsDiffusion, *, fp8: bool | str | None = None,
-                 attention: str = "auto"):
+                 attention: str = "auto", gemv: bool = False):
         """fp8: None (the model dtype), "row", "tensor" or "static" (see Linear); True means "row".
-        attention: "auto" (Triton on CUDA, torch SDPA elsewhere), "triton" or "sdpa"."""
+        attention: "auto" (Triton on CUDA, torch SDPA elsewhere), "triton" or "sdpa".
+        gemv: the split-K small-M kernel for the decoder's projections (Linear; default off)."""
         fp8 = "row" if fp8 is True else (fp8 or None)
-        self.attention = attention
+        self.attention, self.gemv = attention, gemv
         cfg = self.config = model.config
         self.dtype = model.dtype
         self.fp8 = fp8
@@ -128,11 +138,11 @@ class FastModel:
                 a, m = layer.self_attn, layer.mlp
                 self.layers.append(Layer(
                     attn_norm=layer.input_layernorm.weight,
-                    qkv=Linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), fp8),
-                    o=Linear(a.o_proj.weight, fp8),
+                    qkv=Linear(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), fp8, gemv),
+                    o=Linear(a.o_proj.weight, fp8, gemv),
                     mlp_norm=layer.post_attention_layernorm.weight,
-                    gate_up=Linear(torch.cat([m.gate_proj.weight, m.up_proj.weight]), fp8),
-                    down=Linear(m.down_proj.weight, fp8),
+                    gate_up=Linear(torch.cat([m.gate_proj.weight, m.up_proj.weight]), fp8, gemv),
+                    down=Linear(m.down_proj.weight, fp8, gemv),
                     lora_a=a.lora_a, lora_b=a.lora_b, lora_scale=a.lora_scale))
 
     def linears(self) -> list[Linear]:

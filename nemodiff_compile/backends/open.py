@@ -57,9 +57,30 @@ def _open(engine_dir: Path, max_len, providers, threads, return_logits, deep: bo
         logits = "logits" in spec.output_names() if return_logits is None else return_logits
         den = OrtDenoiser(engine_dir / "model.onnx", spec, config, max_len, providers=providers, threads=threads,
                           return_logits=logits)
+    vision = spec.extra.get("vision")
+    if vision is not None:              # a vision-language engine: its second graph encodes the images
+        den.encode_image = _vision(engine_dir, manifest, den, vision, providers, threads)
     tok = None
     if (engine_dir / "tokenizer.json").is_file():
         from ..model.tokenizer import load_tokenizer
 
         tok = load_tokenizer(engine_dir)
     return Engine(engine_dir, manifest, config, spec, den, tok)
+
+
+def _vision(engine_dir: Path, manifest: Manifest, den, vision: dict, providers, threads):
+    """The vision plan of the chosen TensorRT plan (trt_vision.py); ONNX Runtime's session of vision.onnx for
+    ONNX Runtime directories and for TensorRT directories built before vision plans existed (with a warning)."""
+    if manifest.backend == "tensorrt":
+        if "vision" in den.entry:
+            from .trt_vision import TrtVision
+
+            return TrtVision(engine_dir, den.entry["vision"], vision, trt=den.trt, runtime=den.runtime,
+                             device=den.device)
+        import warnings
+
+        warnings.warn(f"{engine_dir}: {den.entry['file']} has no vision plan (an older build): the vision graph "
+                      "runs under ONNX Runtime; rebuild the directory for a TensorRT vision plan", stacklevel=3)
+    from .ort_vision import OrtVision
+
+    return OrtVision(engine_dir, vision, providers=providers, threads=threads)

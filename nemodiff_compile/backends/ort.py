@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover
 _ONNX = {torch.float32: 1, torch.int64: 7, torch.bool: 9, torch.float16: 10, torch.bfloat16: 16,
          torch.float8_e4m3fn: 17}
 _MAX_SHAPES = 16  # (batch, block) output buffer sets kept: decode, block, verify, a few prompt lengths
+_MAX_GATHERED = 4  # (rows, window) K/V buffers of subset passes kept on the CPU: the kinds of pass in turn
 
 
 class OrtDenoiser(BackendDenoiser):
@@ -100,6 +101,7 @@ class OrtDenoiser(BackendDenoiser):
         self.window = window
         self.k = self.v = None                                   # [layers, B, kv_heads, W, D]
         self._bufs: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self._gathered: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}   # (rows, window) -> K/V
         self._flags = {c: torch.tensor(c, device=self.device) for c in (False, True)}   # 0-d bool inputs
         self._temperature = torch.zeros((), device=self.device)
         self._stage = None
@@ -128,6 +130,7 @@ class OrtDenoiser(BackendDenoiser):
         cap = self.max_len if not self.window else min(self.max_len, self.window if self.k is None else self.k.shape[3])
         self.k, self.v = self.kv_cache(rows, self.kv_dtype, cap)
         self._bufs.clear()
+        self._gathered.clear()
         if self._stage is not None:
             self._stage.clear()
 
@@ -147,11 +150,15 @@ class OrtDenoiser(BackendDenoiser):
     def _kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k, self.v
 
+    def _target(self, need: int) -> int:
+        """The window for `need` positions: rounded up to `window` (window 0: max_len)."""
+        return self.max_len if not self.window else min(self.max_len, -(-max(need, 1) // self.window) * self.window)
+
     def _fit(self, need: int) -> None:
         """A cache window of at least `need` positions: grow (or shrink, when under half used) to `need`
         rounded up to `window`, carrying the cached prefix over."""
         cap = self.k.shape[3]
-        target = self.max_len if not self.window else min(self.max_len, -(-max(need, 1) // self.window) * self.window)
+        target = self._target(need)
         if target > cap or 2 * target < cap:
             k, v = self.kv_cache(self.k.shape[1], self.kv_dtype, target)
             s = min(cap, target)
@@ -169,9 +176,10 @@ class OrtDenoiser(BackendDenoiser):
         if rows is None or list(rows) == list(range(self.batch)):
             return super().step(tokens, **kw)
         idx = torch.tensor(rows, dtype=torch.long)
-        self._fit(int(self._lengths[idx].max()) + tokens.shape[1])
+        need = int(self._lengths[idx].max()) + tokens.shape[1]
+        self._fit(need)
         full = (self.k, self.v, self._lengths, self.batch)
-        self.k, self.v = self.k.index_select(1, idx.to(self.device)), self.v.index_select(1, idx.to(self.device))
+        self.k, self.v = self._gather(idx.to(self.device), self._target(need))   # the rows' own window
         self._lengths, self.batch = full[2][idx], len(rows)
         try:
             out = super().step(tokens, **kw)
@@ -185,7 +193,30 @@ class OrtDenoiser(BackendDenoiser):
             self._lengths = full[2]
         return out
 
-    def _pass(self, tokens, *, causal, write, num_valid, draft_lora, temperature, noise) -> StepOut:
+    def _gather(self, idx: torch.Tensor, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first w positions of rows idx [R], K and V each [layers, R, kv_heads, w, D] (a pass costs in
+        proportion to its window, and these rows may be shorter than the batch's longest), in buffers kept per
+        (R, w) on the CPU, the last few only: a fresh megabyte-sized tensor per pass costs more in page faults
+        than the copy itself (on a GPU, torch's caching allocator already reuses its blocks)."""
+        key, shape = (len(idx), w), (self.k.shape[0], len(idx), self.k.shape[2], w, self.k.shape[4])
+        bufs = self._gathered.pop(key, None)
+        if bufs is None:
+            bufs = (torch.empty(shape, dtype=self.k.dtype, device=self.device),
+                    torch.empty(shape, dtype=self.v.dtype, device=self.device))
+        if self.device.type == "cpu":
+            self._gathered[key] = bufs                       # most recent last
+            if len(self._gathered) > _MAX_GATHERED:
+                self._gathered.pop(next(iter(self._gathered)))
+        torch.index_select(self.k[:, :, :, :w], 1, idx, out=bufs[0])
+        torch.index_select(self.v[:, :, :, :w], 1, idx, out=bufs[1])
+        return bufs
+
+    @property
+    def accepts_embeds(self) -> bool:
+        """Graphs of vision-language models take the prefill's input embeddings (embed_mask, embeds)."""
+        return self.spec.has_input("embeds")
+
+    def _pass(self, tokens, *, causal, write, num_valid, draft_lora, temperature, noise, embeds=None) -> StepOut:
         B, L = tokens.shape
         self._fit(int(self._lengths.max()) + L)
         dev, out = self.device, self._buffers(B, L)
@@ -198,6 +229,10 @@ class OrtDenoiser(BackendDenoiser):
                  "gumbel_noise": noise, "past_keys": self.k, "past_values": self.v}
         if self.spec.has_input("draft_lora"):
             feeds["draft_lora"] = self._flags[bool(draft_lora)]                       # [] bool
+        if self.accepts_embeds:                        # image features on the prefill, none elsewhere
+            dt = TORCH_DTYPES[self.spec.input("embeds").dtype]
+            feeds["embed_mask"] = out["no_embed_mask"] if embeds is None else embeds.mask.to(dev).contiguous()
+            feeds["embeds"] = out["no_embeds"] if embeds is None else embeds.values.to(dev, dt).contiguous()
         if self.stage is not None:                     # not a refinement pass: the stage commits nothing
             feeds.update(idle_stage_feeds(feeds["input_ids"]))
         for name, t in feeds.items():
@@ -221,6 +256,10 @@ class OrtDenoiser(BackendDenoiser):
             bufs = {t.name: torch.empty([dims.get(d, d) for d in t.shape], dtype=TORCH_DTYPES[t.dtype],
                                         device=self.device) for t in self.spec.outputs}
             bufs["zeros"] = torch.zeros(B, L, self.config.vocab_size, device=self.device)
+            if self.accepts_embeds:
+                bufs["no_embed_mask"] = torch.zeros(B, L, dtype=torch.bool, device=self.device)
+                bufs["no_embeds"] = torch.zeros(B, L, self.config.hidden_size, device=self.device,
+                                                dtype=TORCH_DTYPES[self.spec.input("embeds").dtype])
             self._bufs[(B, L)] = bufs
         return self._bufs[(B, L)]
 

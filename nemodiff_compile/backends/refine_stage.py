@@ -120,7 +120,9 @@ class StageRefiner:
 
     @torch.no_grad()
     def refine(self, canvas: torch.Tensor, refining: torch.Tensor, quota: torch.Tensor | None,
-               policy: DecodePolicy) -> Refined:
+               policy: DecodePolicy, noise=None) -> Refined:
+        if noise is not None or not policy.greedy:     # block_refiner never hands out a sampled policy
+            raise ValueError("the compiled remask stage refines greedy policies only")
         be = self.backend
         B, blen = canvas.shape
         be.check_pass(B, blen)

@@ -171,7 +171,12 @@ class TrtDenoiser(BackendDenoiser):
         self._loops.clear()
         self.graphs.clear()               # and so do the captured graphs
 
-    def _pass(self, tokens, *, causal, write, num_valid, draft_lora, temperature, noise) -> StepOut:
+    @property
+    def accepts_embeds(self) -> bool:
+        """Plans of vision-language models take the prefill's input embeddings (embed_mask, embeds)."""
+        return self.io_spec.has_input("embeds")
+
+    def _pass(self, tokens, *, causal, write, num_valid, draft_lora, temperature, noise, embeds=None) -> StepOut:
         B, L = tokens.shape
         binding = self.plan.plan(B, L)
         captured = L <= self.graph_max_tokens
@@ -192,6 +197,11 @@ class TrtDenoiser(BackendDenoiser):
                 bufs["gumbel_noise"].zero_()
             if "draft_lora" in bufs:
                 bufs["draft_lora"].fill_(bool(draft_lora))
+            if "embed_mask" in bufs:      # image features on the prefill; every other pass: none
+                bufs["embed_mask"].zero_()
+                if embeds is not None:
+                    bufs["embed_mask"][:B].copy_(embeds.mask)
+                    bufs["embeds"][:B].copy_(embeds.values.to(bufs["embeds"].dtype))
             if captured:
                 self._run(("step", binding.bucket, L), bound)
             else:

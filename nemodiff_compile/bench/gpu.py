@@ -31,8 +31,13 @@ PEAK_BANDWIDTH = (("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12),
 
 
 # bench variant -> FastModel options (backends/fast_model.py): FP8 mode and attention backend
+# (-gemv: the split-K small-M kernel of kernels/gemv.py for the projections, to compare side by side)
 FAST_VARIANTS = {"bf16": {}, "bf16-sdpa": dict(attention="sdpa"), "fp8": dict(fp8="row"),
-                 "fp8-tensor": dict(fp8="tensor"), "fp8-static": dict(fp8="static")}
+                 "fp8-tensor": dict(fp8="tensor"), "fp8-static": dict(fp8="static"),
+                 "bf16-gemv": dict(gemv=True), "fp8-gemv": dict(fp8="row", gemv=True),
+                 "fp8-static-gemv": dict(fp8="static", gemv=True), "bf16-sampled": {}, "fp8-sampled": dict(fp8="row")}
+# variants whose timed pass samples (Gumbel-max at this temperature, noise drawn on the device: decoding/noise.py)
+SAMPLED = {"bf16-sampled": 1.0, "fp8-sampled": 1.0}
 
 
 def calibration_prompts(cfg, batch: int = 2, length: int = 64) -> list[list[int]]:
@@ -134,24 +139,74 @@ class PassResult:
                     engine_TFLOPs=r(self.flops / (self.engine_ms / 1e3) / 1e12, 1),
                     memory_bound_ms=r(self.memory_ms), compute_bound_ms=r(self.compute_ms),
                     bound_ms=r(self.bound_ms), bound_kind=self.bound_kind,
-                    bound_fraction=r(self.bound_ms / self.engine_ms) if self.bound_ms else None)
+                    bound_fraction=r(self.bound_ms / self.engine_ms) if self.bound_ms else None,
+                    memory_fraction=r(self.memory_ms / self.engine_ms) if self.memory_ms else None,
+                    compute_fraction=r(self.compute_ms / self.engine_ms) if self.compute_ms else None)
+
+
+# issue 17's goals for a pass, checked per geometry by `pass_targets`
+TARGETS = dict(memory_fraction_b1=0.70, fp8_over_bf16=0.55, compute_fraction_b8=0.65)
+
+
+def pass_targets(passes: list[dict], *, small=(1, 32), large=(8, 64)) -> list[dict]:
+    """From one geometry's pass rows (PassResult.to_json): the bf16 pass at `small` (batch, block) against
+    the memory floor, fp8 over bf16 at `small` in the same run, the bf16 pass at `large` against the compute
+    floor; each for the faster variant of the family (plain or -gemv; sampled variants excluded).
+    -> [{check, variant, value, target, met}] (value and met None where a row is missing)."""
+    def rows(family: str, at):
+        return {p["precision"]: p for p in passes if (p["batch"], p["block"]) == tuple(at)
+                and p["precision"] in (family, family + "-gemv")}
+
+    def best(family: str, at):
+        r = rows(family, at)
+        return min(r.values(), key=lambda p: p["engine_ms"]) if r else None
+
+    out = []
+    b1, b8 = best("bf16", small), best("bf16", large)
+    out.append(dict(check=f"bf16 batch {small[0]} block {small[1]}: fraction of the memory floor",
+                    variant=b1 and b1["precision"], value=b1 and b1["memory_fraction"],
+                    target=TARGETS["memory_fraction_b1"], higher_is_better=True))
+    for fam in ("fp8", "fp8-static", "fp8-tensor"):
+        f = best(fam, small)
+        if f is None:
+            continue
+        ratio = round(f["engine_ms"] / b1["engine_ms"], 4) if b1 else None
+        out.append(dict(check=f"{fam} / bf16 pass time at batch {small[0]} block {small[1]}",
+                        variant=f"{f['precision']} / {b1 and b1['precision']}", value=ratio,
+                        target=TARGETS["fp8_over_bf16"], higher_is_better=False))
+    out.append(dict(check=f"bf16 batch {large[0]} block {large[1]}: fraction of the compute floor",
+                    variant=b8 and b8["precision"], value=b8 and b8["compute_fraction"],
+                    target=TARGETS["compute_fraction_b8"], higher_is_better=True))
+    for t in out:
+        v, higher = t["value"], t.pop("higher_is_better")
+        t["met"] = None if v is None else (v >= t["target"] if higher else v <= t["target"])
+    return out
+
+
+def grid(batches, blocks, pairs=None) -> list[tuple[int, int]]:
+    """The (batch, block) points timed: `pairs` where given, else every batch x block."""
+    return [tuple(p) for p in pairs] if pairs else [(b, l) for b in batches for l in blocks]
 
 
 def bench_passes(model, *, precisions=("bf16", "fp8"), batches=(1, 4, 8), blocks=(16, 32, 64),
                  context: int = 512, iters: int = 20, threshold: float = 0.9, device_name: str = "",
-                 log=print) -> list[PassResult]:
-    """The refinement pass, fast (graph replay) vs eager reference, over the grid. `context` cached
-    positions per row are treated as filled (their values do not change the time)."""
+                 log=print, pairs=None) -> list[PassResult]:
+    """The refinement pass, fast (graph replay) vs eager reference, over the grid (or only `pairs` of
+    (batch, block)). `context` cached positions per row are treated as filled (their values do not
+    change the time)."""
     cfg = model.config
+    points = grid(batches, blocks, pairs)
+    batches = tuple(sorted({b for b, _ in points}))
+    blocks = tuple(sorted({l for _, l in points}))
     bandwidth = peak_bandwidth(device_name)
     emb = model.encoder.embed_tokens.weight
     matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2) - emb.numel()
-    ref_ms = _reference_pass_ms(model, batches, blocks, context, iters, log)
+    ref_ms = _reference_pass_ms(model, batches, blocks, context, iters, log, points)
     results = []
     for precision in precisions:
         # one variant at a time: its fused weights and captured graphs are freed before the next
         for batch, block, ms, weight_bytes, fp8 in _fast_pass_ms(model, precision, batches, blocks, context,
-                                                                  iters, threshold):
+                                                                  iters, threshold, points):
             nbytes = pass_bytes(weight_bytes, cfg, batch, block, context, model.dtype.itemsize)
             flops = pass_flops(cfg, matmul_params, batch, block, context)
             rate = peak_flops(device_name, fp8=fp8)
@@ -167,7 +222,8 @@ def bench_passes(model, *, precisions=("bf16", "fp8"), batches=(1, 4, 8), blocks
     return results
 
 
-def _reference_pass_ms(model, batches, blocks, context: int, iters: int, log) -> dict[tuple[int, int], float]:
+def _reference_pass_ms(model, batches, blocks, context: int, iters: int, log, points=None
+                       ) -> dict[tuple[int, int], float]:
     """(batch, block) -> ms of the eager reference's refinement pass (forward over the cache + pick)."""
     from ..model.cache import StaticKVCache
     from ..model.model import Pattern
@@ -179,6 +235,8 @@ def _reference_pass_ms(model, batches, blocks, context: int, iters: int, log) ->
         cache = StaticKVCache(cfg, batch, context + 2 * max(blocks), model.dtype, dev)
         cache.lengths.fill_(context)
         for block in blocks:
+            if points is not None and (batch, block) not in points:
+                continue
             canvas = torch.randint(0, cfg.vocab_size, (batch, block), device=dev)
 
             def eager():
@@ -190,7 +248,8 @@ def _reference_pass_ms(model, batches, blocks, context: int, iters: int, log) ->
     return out
 
 
-def _fast_pass_ms(model, precision: str, batches, blocks, context: int, iters: int, threshold: float):
+def _fast_pass_ms(model, precision: str, batches, blocks, context: int, iters: int, threshold: float,
+                  points=None):
     """[(batch, block, ms, weight bytes, fp8?)] of the fast engine's captured refinement pass."""
     from ..artifact.buckets import BatchBuckets
     from ..backends.fast import FastDenoiser
@@ -206,8 +265,10 @@ def _fast_pass_ms(model, precision: str, batches, blocks, context: int, iters: i
         den.reset(batch)
         den.assume_context(context)
         for block in blocks:
+            if points is not None and (batch, block) not in points:
+                continue
             den.num_valid.fill_(block)
-            p = den.dlm_passes(block, threshold, block)
+            p = den.dlm_passes(block, threshold, block, SAMPLED.get(precision, 0.0))   # noise keys: zeros
             canvas, refining = p.buffers[0], p.buffers[1]
 
             def replay():
@@ -275,7 +336,7 @@ def bench_modes(model, *, batches=(1, 4, 8), block: int = 32, context: int = 512
 
 
 def gpu_report(source, *, precisions=("bf16", "fp8"), batches=(1, 4, 8), blocks=(16, 32, 64),
-               context: int = 512, iters: int = 20, modes: bool = True, log=print) -> dict:
+               context: int = 512, iters: int = 20, modes: bool = True, log=print, pairs=None) -> dict:
     """Everything `bench-gpu` prints: the card, its ceilings, the pass grid and whole generations."""
     from .. import load_reference
     from ..errors import InvalidArgument
@@ -296,7 +357,7 @@ def gpu_report(source, *, precisions=("bf16", "fp8"), batches=(1, 4, 8), blocks=
     model = load_reference(source, dtype="bfloat16", device="cuda")
     random_weights = isinstance(source, str) and source.lower() in ("3b", "8b", "14b")
     passes = bench_passes(model, precisions=precisions, batches=batches, blocks=blocks, context=context,
-                          iters=iters, device_name=name, log=log)
+                          iters=iters, device_name=name, log=log, pairs=pairs)
     rows = bench_modes(model, batches=batches, context=context, log=log) if modes else []
     return dict(device=name, capability=list(torch.cuda.get_device_capability()),
                 torch=torch.__version__, peak_bandwidth=peak, copy_bandwidth=copy, source=str(source),
@@ -310,13 +371,14 @@ def report_table(report: dict) -> str:
     lines = [f"{report['device']}  source {report['source']}  context {report['context']}"
              + ("  (random weights)" if report["random_weights"] else ""),
              f"{'variant':10} {'batch':>5} {'block':>5} {'engine ms':>10} {'ref ms':>8} {'speedup':>8} "
-             f"{'GB/s':>7} {'TFLOP/s':>8} {'floor ms':>9} {'of floor':>9}"]
+             f"{'GB/s':>7} {'TFLOP/s':>8} {'floor ms':>9} {'of floor':>9} {'of mem':>7} {'of comp':>8}"]
     for p in report["passes"]:
         floor = f"{p['bound_ms']:.3f}{'m' if p['bound_kind'] == 'memory' else 'c'}" if p["bound_ms"] else "n/a"
-        frac = f"{p['bound_fraction']:.0%}" if p["bound_fraction"] is not None else "n/a"
+        pct = lambda key: f"{p[key]:.0%}" if p.get(key) is not None else "n/a"  # noqa: E731
         lines.append(f"{p['precision']:10} {p['batch']:>5} {p['block']:>5} {p['engine_ms']:>10.3f} "
                      f"{p['reference_ms']:>8.3f} {p['speedup']:>7.2f}x {p['engine_GBps']:>7.0f} "
-                     f"{p['engine_TFLOPs']:>8.1f} {floor:>9} {frac:>9}")
+                     f"{p['engine_TFLOPs']:>8.1f} {floor:>9} {pct('bound_fraction'):>9} "
+                     f"{pct('memory_fraction'):>7} {pct('compute_fraction'):>8}")
     lines.append("floor: m = memory-bound (bytes at the datasheet bandwidth), c = compute-bound (FLOPs at "
                  "the datasheet dense rate)")
     if report["modes"]:

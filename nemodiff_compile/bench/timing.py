@@ -56,8 +56,8 @@ class _TimedRefiner:
     def __init__(self, inner, record: list[tuple[float, int]]):
         self.inner, self.record = inner, record
 
-    def refine(self, canvas, refining, quota, policy) -> Refined:
+    def refine(self, canvas, refining, quota, policy, noise=None) -> Refined:
         t0 = time.perf_counter()
-        out = self.inner.refine(canvas, refining, quota, policy)    # host tensors back: the device is done
+        out = self.inner.refine(canvas, refining, quota, policy, noise)    # host tensors back: the device is done
         self.record.append((time.perf_counter() - t0, out.executed))
         return out

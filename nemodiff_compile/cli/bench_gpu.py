@@ -26,7 +26,9 @@ def _ints(ctx, param, value: str) -> tuple[int, ...]:
 @model_source
 @click.option("--precision", default=None,
               help="Comma-separated: bf16, bf16-sdpa (torch attention), fp8 (per-channel weights, "
-                   "per-row activations), fp8-tensor (per-tensor scales) [default: bf16,fp8; with --sweep "
+                   "per-row activations), fp8-tensor (per-tensor scales), fp8-static; a -gemv suffix (bf16-gemv, "
+                   "fp8-gemv, fp8-static-gemv) puts the projections through the split-K small-M kernel; "
+                   "bf16-sampled / fp8-sampled time a temperature-1 pass [default: bf16,fp8; with --sweep "
                    "one of bf16, fp8, fp8-tensor, fp8-static, default bf16].")
 @click.option("--batch", default="1,4,8", show_default=True, callback=_ints,
               help="Batch sizes (with --sweep: the first is the rows per generation).")

@@ -44,10 +44,17 @@ DEMO_PROMPTS = ("Once upon a time, Mia", "What is 3 + 4?")
 @click.option("--max-thinking-tokens", type=click.IntRange(min=0), default=None,
               help="Thinking budget: after this many generated tokens the closing </think> is forced "
                    "(needs thinking on). Default: the checkpoint's generation_config.json, else none.")
+@click.option("--image", "images", multiple=True, type=click.Path(path_type=Path),
+              help="Vision-language models: an image file for the prompt (repeatable; every prompt gets them). "
+                   "Placed where the prompt writes <|image_start|>, else before its text.")
+@click.option("--image-prefill", type=click.Choice(["causal", "bidirectional"]), default="causal", show_default=True,
+              help="Reference only. How the image span is prefilled: causal like the text (an unverified "
+                   "assumption about the released model) or bidirectional within each image's span.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @user_errors
 def generate(model, size, random_weights, engine, prompts, prompt_ids, mode, max_new_tokens, block_length, threshold,
-             steps, temperature, seed, chat, dtype, lora, thinking, max_thinking_tokens, as_json):
+             steps, temperature, seed, chat, dtype, lora, thinking, max_thinking_tokens, images, image_prefill,
+             as_json):
     """Generate text in AR, block-diffusion or linear self-speculation mode, with the PyTorch
     reference (default) or a built engine (--engine)."""
     from ..decoding.arguments import check_room, check_token_ids
@@ -61,7 +68,10 @@ def generate(model, size, random_weights, engine, prompts, prompt_ids, mode, max
     if engine is not None and (model is not None or size is not None or random_weights):
         raise NemodiffError("--engine runs a built engine: drop --model/--size")
     ids = [_parse_ids(s) for s in prompt_ids]
+    if engine is not None and image_prefill != "causal":
+        raise NemodiffError("--image-prefill bidirectional: the reference only (engines prefill causally)")
     session = _open(engine, model, size, random_weights, dtype, lora, seed)
+    session.image_prefill = image_prefill
     with session:
         from ..model.generation_config import thinking_setup
 
@@ -71,7 +81,15 @@ def generate(model, size, random_weights, engine, prompts, prompt_ids, mode, max
         if prompts or not ids:
             if session.tokenizer is None:
                 raise NemodiffError("this model has no tokenizer; pass --prompt-ids instead of --prompt")
-            ids += [session.encode(t, chat, **template_kwargs) for t in prompts or DEMO_PROMPTS]
+            texts = list(prompts or DEMO_PROMPTS)
+            if images:          # ids with the image spans expanded, and each prompt's image features
+                prepared = [session.prepare(t, [str(i) for i in images], chat, **template_kwargs) for t in texts]
+                ids += [i for i, _ in prepared]
+            else:
+                ids += [session.encode(t, chat, **template_kwargs) for t in texts]
+        elif images:
+            raise NemodiffError("--image: goes with --prompt (text), not --prompt-ids")
+        image_feats = None if not images else [None] * len(prompt_ids) + [pi for _, pi in prepared]
         policy = policy.resolve(session.config)
         blen = policy.block_length or session.config.block_size
         if engine is None:        # size the reference's cache to the request (an engine's is its bucket)
@@ -81,7 +99,8 @@ def generate(model, size, random_weights, engine, prompts, prompt_ids, mode, max
                    backend=f"the engine {engine}" if engine is not None else "the reference")
         start = time.perf_counter()
         result = session.generate(ids, policy=policy, max_new_tokens=max_new_tokens,
-                                  enable_thinking=thinking, max_thinking_tokens=max_thinking_tokens)
+                                  enable_thinking=thinking, max_thinking_tokens=max_thinking_tokens,
+                                  images=image_feats)
         seconds = time.perf_counter() - start
     g = result.generation
     n_tokens = sum(len(t) for t in g.tokens)
@@ -94,7 +113,8 @@ def generate(model, size, random_weights, engine, prompts, prompt_ids, mode, max
               "tokens_per_second": round(n_tokens / seconds, 2) if seconds > 0 else None,
               "block_length": blen, "threshold": threshold, "steps": steps, "temperature": temperature,
               "enable_thinking": template_kwargs["enable_thinking"],
-              "max_thinking_tokens": budget.max_tokens if budget else None}
+              "max_thinking_tokens": budget.max_tokens if budget else None,
+              "images": [str(i) for i in images], "image_prefill": image_prefill if images else None}
     if as_json:
         click.echo(json.dumps(report))
         return

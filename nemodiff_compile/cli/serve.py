@@ -25,12 +25,18 @@ SERVE_EXTRA = ("fastapi", "uvicorn", "prometheus_client")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads per engine.")
 @click.option("--num-gpus", type=click.FloatRange(min=0), default=None,
               help="GPUs per Ray Serve replica [default: 1 for TensorRT engines, else 0].")
+@click.option("--allow-image-dir", "image_dirs", multiple=True, type=click.Path(path_type=Path),
+              help="Vision-language engines: a directory chat image parts may name local files in (repeatable; "
+                   "default none: data URLs only).")
 @user_errors
-def serve(engine_dir, host, port, replicas, max_batch, max_queue, threads, num_gpus):
+def serve(engine_dir, host, port, replicas, max_batch, max_queue, threads, num_gpus, image_dirs):
     """Serve an engine directory over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
     /v1/models, /health, /metrics); with --replicas N, as N Ray Serve replicas behind one route."""
     from ..artifact.manifest import read_manifest
 
+    for d in image_dirs:
+        if not d.is_dir():
+            raise NemodiffError(f"--allow-image-dir {d}: not a directory")
     read_manifest(engine_dir)                         # a one-line error for a missing or broken directory
     missing = [m for m in SERVE_EXTRA + (("ray",) if replicas else ()) if not _importable(m)]
     if missing:
@@ -39,6 +45,8 @@ def serve(engine_dir, host, port, replicas, max_batch, max_queue, threads, num_g
     if num_gpus is not None and not replicas:
         raise click.UsageError("--num-gpus goes with --replicas (Ray Serve)")
     if replicas:
+        if image_dirs:
+            raise click.UsageError("--allow-image-dir: not supported with --replicas yet")
         from ..serve.ray_app import run
 
         run(engine_dir, replicas=replicas, host=host, port=port, max_batch=max_batch, max_queue=max_queue,
@@ -46,7 +54,8 @@ def serve(engine_dir, host, port, replicas, max_batch, max_queue, threads, num_g
     else:
         from ..serve.server import run
 
-        run(engine_dir, host=host, port=port, max_batch=max_batch, max_queue=max_queue, threads=threads)
+        run(engine_dir, host=host, port=port, max_batch=max_batch, max_queue=max_queue, threads=threads,
+            image_dirs=list(image_dirs))
 
 
 def _importable(name: str) -> bool:

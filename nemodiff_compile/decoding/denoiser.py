@@ -42,11 +42,12 @@ class Denoiser(Protocol):
 
     def step(self, tokens: torch.Tensor, *, causal: bool, write: bool,
              num_valid: torch.Tensor | None = None, draft_lora: bool = False,
-             temperature: float = 0.0, generator: torch.Generator | None = None) -> StepOut:
+             temperature: float = 0.0, generator: torch.Generator | None = None, embeds=None) -> StepOut:
         """Run tokens [B, L] at positions lengths[b] + 0..L-1 over the cached prefix.
 
         causal: causal attention inside the block (else bidirectional); write: append the block's K/V
-        (causal passes only) and advance lengths by num_valid [B] (default L).
+        (causal passes only) and advance lengths by num_valid [B] (default L). embeds: a prefill's input
+        embeddings (embeds.PrefillEmbeds, vision-language models; backends without image input refuse it).
         """
 
     def block_refiner(self, policy: "DecodePolicy") -> "BlockRefiner | None":

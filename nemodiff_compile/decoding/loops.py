@@ -31,6 +31,8 @@ from . import remask
 from ..errors import InvalidArgument
 from .arguments import check_room, check_token_ids
 from .denoiser import Denoiser
+from .embeds import PrefillEmbeds, PromptImages
+from .noise import GumbelStream
 from .policy import MODES, DecodePolicy, check_bounds
 from .refine import BlockRefiner
 from .thinking import ThinkingBudget
@@ -68,6 +70,7 @@ class Generation:
 
 
 OnTokens = Callable[[int, list[int]], None]
+Images = list[PromptImages | None] | None      # per prompt: its image features (vision-language models)
 
 
 class _Run:
@@ -80,7 +83,7 @@ class _Run:
         self.den, self.policy, self.temperature = den, policy, policy.temperature
         self.eos = den.config.eos_ids
         self.max_new_tokens, self.on_tokens = max_new_tokens, on_tokens
-        self.generator = torch.Generator().manual_seed(policy.seed)
+        self.generator = GumbelStream(policy.seed, batch)          # counter-based: device loops draw the same
         self.nfe_by_phase: dict[str, int] = {}
         self.device_passes = 0
         self.row_nfe = torch.zeros(batch, dtype=torch.long)
@@ -111,7 +114,9 @@ class _Run:
     def refine(self, refiner: BlockRefiner, blk: torch.Tensor, active: torch.Tensor,
                quota: torch.Tensor | None, policy: DecodePolicy) -> torch.Tensor:
         """A block's refinement passes on the backend's device; counted as the host passes would be."""
-        out = refiner.refine(blk, active.clone(), quota, policy)
+        out = refiner.refine(blk, active.clone(), quota, policy, None if policy.greedy else self.generator)
+        if not policy.greedy:
+            self.generator.advance(out.nfe)                     # the draws the host passes would have made
         if out.nfe:
             self.nfe_by_phase["denoise"] = self.nfe_by_phase.get("denoise", 0) + out.nfe
         self.row_nfe += out.row_nfe
@@ -160,10 +165,11 @@ class _Run:
                           self.row_nfe.tolist(), self.trace or [], self.device_passes)
 
 
-def _prefill(run: _Run, prompts: list[list[int]], room: int) -> torch.Tensor:
+def _prefill(run: _Run, prompts: list[list[int]], room: int, images: Images = None) -> torch.Tensor:
     """Causal pass over the right-padded prompts; returns the first new token [B]. The token ids are
     checked against the vocabulary and the prompt + `room` positions against the cache first
-    (arguments.py: the message blames the prompt, block_length or max_new_tokens)."""
+    (arguments.py: the message blames the prompt, block_length or max_new_tokens). images: per row, the
+    image features that replace its image pad tokens (embeds.py), or None."""
     if not prompts:
         raise InvalidArgument("every prompt needs at least one token")
     cfg = run.den.config
@@ -182,7 +188,9 @@ def _prefill(run: _Run, prompts: list[list[int]], room: int) -> torch.Tensor:
     for b, p in enumerate(prompts):
         ids[b, : len(p)] = torch.tensor(p)
     run.den.reset(B)
-    out = run.step("prefill", ids, torch.ones(B, dtype=torch.bool), num_valid=n)
+    embeds = None if images is None else PrefillEmbeds.of(list(images), ids.shape[1])
+    extra = {} if embeds is None else {"embeds": embeds}
+    out = run.step("prefill", ids, torch.ones(B, dtype=torch.bool), num_valid=n, **extra)
     return out.token[torch.arange(B), n - 1]
 
 
@@ -198,13 +206,13 @@ def _policy(mode: str, policy: DecodePolicy | None, knobs: dict, cfg) -> DecodeP
 
 def ar_generate(den: Denoiser, prompts: list[list[int]], policy: DecodePolicy | None = None, *,
                 max_new_tokens: int, trace: bool = False, on_tokens: OnTokens | None = None,
-                thinking: ThinkingBudget | None = None, **knobs) -> Generation:
+                thinking: ThinkingBudget | None = None, images: Images = None, **knobs) -> Generation:
     """Causal decoding, one token per pass; each row stops at its first EOS.
     policy: a DecodePolicy("ar", ...), or its fields as keywords (temperature, seed)."""
     policy = _policy("ar", policy, knobs, den.config)
     run = _Run(den, len(prompts), policy, trace=trace, max_new_tokens=max_new_tokens, on_tokens=on_tokens,
                thinking=thinking)
-    tok = _prefill(run, prompts, max_new_tokens)                                     # [B]
+    tok = _prefill(run, prompts, max_new_tokens, images)                             # [B]
     for i in range(max_new_tokens):
         active = ~run.done
         for b in active.nonzero()[:, 0].tolist():
@@ -220,7 +228,7 @@ def ar_generate(den: Denoiser, prompts: list[list[int]], policy: DecodePolicy | 
 
 def diffusion_generate(den: Denoiser, prompts: list[list[int]], policy: DecodePolicy | None = None, *,
                        max_new_tokens: int, trace: bool = False, on_tokens: OnTokens | None = None,
-                       thinking: ThinkingBudget | None = None, **knobs) -> Generation:
+                       thinking: ThinkingBudget | None = None, images: Images = None, **knobs) -> Generation:
     """Block diffusion with a causal prefix cache (upstream `generate`, causal_context=True).
     policy: a DecodePolicy("dlm", ...), or its fields as keywords (block_length, threshold, steps, ...).
 
@@ -231,7 +239,8 @@ def diffusion_generate(den: Denoiser, prompts: list[list[int]], policy: DecodePo
       per pass, the LLaDA schedule, a hard budget on passes per block.
     A row stops refining once its block has no mask left, or has an EOS with no mask before it.
     Then a causal commit pass writes the block's K/V and its last position gives the next seed.
-    Greedy untraced blocks go to the backend's device block refiner where it has one (`refine.py`).
+    Untraced blocks go to the backend's device block refiner where it has one for the policy (`refine.py`;
+    sampled blocks too where the backend samples on its device).
     """
     cfg, B = den.config, len(prompts)
     policy = _policy("dlm", policy, knobs, cfg)
@@ -239,8 +248,8 @@ def diffusion_generate(den: Denoiser, prompts: list[list[int]], policy: DecodePo
     n_blocks = math.ceil(max_new_tokens / blen)
     run = _Run(den, B, policy, trace=trace, max_new_tokens=max_new_tokens, on_tokens=on_tokens,
                thinking=thinking)
-    seed_tok = _prefill(run, prompts, n_blocks * blen)                               # [B]
-    refiner = den.block_refiner(policy) if policy.device_refine and policy.greedy and not trace else None
+    seed_tok = _prefill(run, prompts, n_blocks * blen, images)                       # [B]
+    refiner = den.block_refiner(policy) if policy.device_refine and not trace else None   # None: not this policy
     for k in range(n_blocks):
         active = ~run.done
         blk = torch.full((B, blen), cfg.mask_token_id, dtype=torch.long)             # [B, blen]
@@ -287,7 +296,7 @@ def _refine_on_host(run: _Run, blk: torch.Tensor, active: torch.Tensor, quota: t
 
 def linear_spec_generate(den: Denoiser, prompts: list[list[int]], policy: DecodePolicy | None = None, *,
                          max_new_tokens: int, trace: bool = False, on_tokens: OnTokens | None = None,
-                         thinking: ThinkingBudget | None = None, **knobs) -> Generation:
+                         thinking: ThinkingBudget | None = None, images: Images = None, **knobs) -> Generation:
     """Draft a block bidirectionally (draft LoRA on), verify it causally (LoRA off), keep the
     agreeing prefix plus the verifier's next token, and trim the rejected K/V.
     policy: a DecodePolicy("linear-spec", ...), or its fields as keywords (block_length, threshold, ...).
@@ -301,7 +310,7 @@ def linear_spec_generate(den: Denoiser, prompts: list[list[int]], policy: Decode
     blen, threshold = policy.block_length, policy.threshold
     run = _Run(den, B, policy, trace=trace, max_new_tokens=max_new_tokens, on_tokens=on_tokens,
                thinking=thinking)
-    seed_tok = _prefill(run, prompts, max_new_tokens + blen)                         # [B]
+    seed_tok = _prefill(run, prompts, max_new_tokens + blen, images)                 # [B]
     for b in range(B):
         seed_tok[b] = run.think(b, [int(seed_tok[b])])[0]
         run.emit(b, [int(seed_tok[b])])
@@ -345,10 +354,11 @@ _LOOPS = {"ar": ar_generate, "dlm": diffusion_generate, "linear-spec": linear_sp
 
 def generate(den: Denoiser, prompts: list[list[int]], policy: DecodePolicy | str, *, max_new_tokens: int,
              trace: bool = False, on_tokens: OnTokens | None = None, thinking: ThinkingBudget | None = None,
-             **knobs) -> Generation:
+             images: Images = None, **knobs) -> Generation:
     """Decode with `policy`: a DecodePolicy, or a mode name with the policy's fields as keywords
     (block_length, threshold, steps, temperature, seed, ...; their defaults: policy.py).
-    thinking: the instruct models' thinking budget (thinking.py), None for none."""
+    thinking: the instruct models' thinking budget (thinking.py), None for none. images: per prompt, its
+    image features (embeds.PromptImages, vision-language models) or None."""
     policy = DecodePolicy.of(policy, knobs)
     return _LOOPS[policy.mode](den, prompts, policy, max_new_tokens=max_new_tokens, trace=trace,
-                               on_tokens=on_tokens, thinking=thinking)
+                               on_tokens=on_tokens, thinking=thinking, images=images)

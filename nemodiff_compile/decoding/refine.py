@@ -4,7 +4,11 @@
 refinement passes itself (one `step` per pass, token and confidence back on the host, the commit
 rule applied there) or, when the backend declares a `BlockRefiner` for the policy
 (`Denoiser.block_refiner(policy)`, None by default) and the policy allows it (greedy, untraced),
-hands the block to the refiner: canvas in, finished canvas and pass counts out. Inside a block the
+hands the block to the refiner: canvas in, finished canvas and pass counts out. A backend that can
+sample (temperature > 0) accepts such policies in `block_refiner` and gets the run's `GumbelStream`
+(noise.py): pass s of the block draws each row's noise at `counters + s` on the device, exactly the
+host loop's draw for that pass; the loop then advances the stream by the host loop's passes (`nfe`).
+A backend that cannot (a compiled remask stage that only runs greedy rules) returns None for them. Inside a block the
 refiner reads only a done flag (rows still refining?) every `policy.check_every` passes; its passes
 follow the host loop's rules exactly, so tokens, NFE and per-row NFE are the host loop's:
 
@@ -26,6 +30,7 @@ from typing import TYPE_CHECKING, Callable, Protocol
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .noise import GumbelStream
     from .policy import DecodePolicy
 
 
@@ -39,9 +44,10 @@ class Refined:
 
 class BlockRefiner(Protocol):
     def refine(self, canvas: torch.Tensor, refining: torch.Tensor, quota: torch.Tensor | None,
-               policy: "DecodePolicy") -> Refined:
+               policy: "DecodePolicy", noise: "GumbelStream | None" = None) -> Refined:
         """canvas [B, L] int64 (host): [seed, MASK, ...]; refining [B] bool (host): rows still generating;
-        quota [B, policy.steps] int64: masks to commit per pass (fixed-steps policy), else None.
+        quota [B, policy.steps] int64: masks to commit per pass (fixed-steps policy), else None;
+        noise: the run's stream when policy.temperature > 0 (read, not advanced), else None.
         The rows sit at the lengths of the backend's last `step`; the cache is read, never written."""
 
 

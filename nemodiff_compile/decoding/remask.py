@@ -15,10 +15,15 @@ from __future__ import annotations
 
 import torch
 
+from .noise import GumbelStream
 
-def gumbel_noise(shape: torch.Size | tuple[int, ...], generator: torch.Generator | None,
+
+def gumbel_noise(shape: torch.Size | tuple[int, ...], generator: "torch.Generator | GumbelStream | None",
                  device: torch.device | str = "cpu") -> torch.Tensor:
-    """Standard Gumbel noise, float64 (upstream draws its uniforms in float64)."""
+    """Standard Gumbel noise, float64 (upstream draws its uniforms in float64). The decode loops pass a
+    `GumbelStream` (noise.py: counter-based, so device loops draw the same); a torch.Generator still works."""
+    if isinstance(generator, GumbelStream):
+        return generator.draw(shape, device)
     u = torch.rand(shape, dtype=torch.float64, generator=generator, device=device)
     return -torch.log(-torch.log(u.clamp_min(1e-300)))
 

@@ -7,8 +7,9 @@ generator, cache length and output; its `program` is a generator that yields wha
   Pass   one engine pass over the row's tokens [1, L] (causal passes write the row's K/V: all L
          positions, or the prompt's for the prefill); it is sent back the row's `StepOut` slice [1, L]
   Trim   the row's cache length after linear-spec rejected drafts (no pass; sent back None)
-  Refine a greedy dlm block's refinement passes, where the backend declares a device block refiner
-         (decoding/refine.py) and the policy allows it: sent back the finished block [1, L] (the
+  Refine a dlm block's refinement passes, where the backend declares a device block refiner for the
+         policy (decoding/refine.py; sampled ones draw each row's own noise stream on the device):
+         sent back the finished block [1, L] (the
          scheduler runs one refinement for every row of a batch at the same point; same tokens and
          NFE as the host passes, the refiner's contract)
 
@@ -39,7 +40,9 @@ from . import remask
 from ..errors import InvalidArgument
 from .arguments import check_room, check_token_ids
 from .denoiser import Denoiser, StepOut
+from .embeds import PromptImages
 from .loops import Generation, OnTokens, _Run
+from .noise import GumbelStream
 from .policy import DecodePolicy, check_bounds
 from .thinking import ThinkingBudget
 
@@ -88,7 +91,8 @@ class Row:
     `generation()` is its result. on_tokens(0, ids) is called as tokens are committed."""
 
     def __init__(self, den: Denoiser, prompt: list[int], policy: DecodePolicy, max_new_tokens: int, *,
-                 on_tokens: OnTokens | None = None, thinking: ThinkingBudget | None = None):
+                 on_tokens: OnTokens | None = None, thinking: ThinkingBudget | None = None,
+                 images: PromptImages | None = None):
         if not prompt:
             raise InvalidArgument("every prompt needs at least one token")
         check_bounds(max_new_tokens=max_new_tokens)
@@ -102,15 +106,16 @@ class Row:
                                   f"{self.need} cache positions, the engine has {den.max_len}: "
                                   "shorten the prompt or lower max_new_tokens")
         self.config = den.config
-        greedy_dlm = self.policy.mode == "dlm" and self.policy.greedy and self.policy.device_refine
-        self.refiner = den.block_refiner(self.policy) if greedy_dlm else None
+        dlm = self.policy.mode == "dlm" and self.policy.device_refine      # the backend says which policies
+        self.refiner = den.block_refiner(self.policy) if dlm else None
         self.thinking = thinking
+        self.images = images                 # the prompt's image features (its prefill's embeddings), or None
         self.run = _Run(den, 1, self.policy, trace=False, max_new_tokens=max_new_tokens, on_tokens=on_tokens,
                         thinking=thinking)
         self.program: Iterator[Step] = _PROGRAMS[self.policy.mode](self)
 
     @property
-    def generator(self) -> torch.Generator:
+    def generator(self) -> "GumbelStream":
         return self.run.generator
 
     @property

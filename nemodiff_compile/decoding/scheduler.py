@@ -6,10 +6,14 @@ rows whose next step is of that kind run in it together:
 
   step kind   prefill (causal; the joiners' prompts, right-padded) | a causal pass of L tokens (AR decode,
               dlm commit, linear-spec verify) | a bidirectional pass of L tokens (dlm denoise; linear-spec
-              draft, with the draft LoRA) | a device block refinement (greedy dlm on backends with one)
+              draft, with the draft LoRA) | a device block refinement (dlm on backends with one for the policy)
               and the sampling temperature (rows sampled at different temperatures never share a pass)
   which next  the kind with the most rows waiting plus the longest any of them has waited (in passes), so
               the rows of one mode move in lock-step as in `loops.generate`, and nothing starves
+  riders      a text prefill whose prompt fits in a causal pass of L tokens (dlm commit, linear-spec verify) may
+              run in it (its prompt right-padded, num_valid its length; a causal pass writes and reads the
+              same either way): a row that joins mid-block costs no pass of its own and starts its first
+              block with the rows that just committed theirs
   other rows  ride along idle: their outputs are dropped, causal passes write nothing for them (their
               cache length is trimmed back after the pass; what the pass wrote past it is never read)
 
@@ -34,8 +38,10 @@ import torch
 
 from . import remask
 from .denoiser import Denoiser, StepOut
+from .embeds import PrefillEmbeds
 from .loops import Generation
 from .policy import DecodePolicy
+from .noise import GumbelStream
 from .rows import Pass, Refine, Row, Step, Trim
 from .thinking import ThinkingBudget
 from ..errors import NemodiffError
@@ -156,12 +162,13 @@ class Scheduler:
     # ---- the caller's side ----------------------------------------------------------------------------
 
     def submit(self, prompt: list[int], policy: DecodePolicy, max_new_tokens: int, *,
-               on_tokens: Callable[[list[int]], None] | None = None, thinking: ThinkingBudget | None = None) -> Request:
+               on_tokens: Callable[[list[int]], None] | None = None, thinking: ThinkingBudget | None = None,
+               images: Any = None) -> Request:
         """Queue a prompt (token ids); on_tokens(ids) is called (on the scheduler's thread) as tokens commit;
-        thinking: the row's thinking budget. Raises InvalidArgument (the request cannot run on this engine),
-        QueueFull or SchedulerClosed."""
+        thinking: the row's thinking budget; images: its image features (embeds.PromptImages) for the prefill.
+        Raises InvalidArgument (the request cannot run on this engine), QueueFull or SchedulerClosed."""
         req = Request(on_tokens)
-        req.row = Row(self.den, prompt, policy, max_new_tokens, on_tokens=req._emit, thinking=thinking)
+        req.row = Row(self.den, prompt, policy, max_new_tokens, on_tokens=req._emit, thinking=thinking, images=images)
         with self._cond:
             if self._closing:
                 raise SchedulerClosed("the engine is shutting down")
@@ -284,6 +291,11 @@ class Scheduler:
             rows = lengths[members] if subset and not isinstance(self._slots[members[0]]._step, Refine) else lengths
             return int(rows.max()) + max(self._slots[b]._step.length for b in members) <= self.den.max_len
 
+        for k, bs in list(groups.items()):            # prefills ride along a causal pass that covers their prompt
+            if k[0] == "pass" and k[1] and not k[3]:   # (text prompts: an image prefill feeds embeddings)
+                groups[k] = sorted(bs + [b for pk, ps in groups.items() if pk[0] == "prefill" and pk[4] == k[4]
+                                         for b in ps if self._slots[b]._step.length <= k[2]
+                                         and self._slots[b].row.images is None])
         runnable = {k: bs for k, bs in groups.items() if fits(bs)}
         if not runnable:       # cannot happen: the longest row's own next pass always fits (Row checks room)
             raise RuntimeError(f"no pass fits the KV cache (lengths {lengths.tolist()})")
@@ -320,6 +332,8 @@ class Scheduler:
                 noise[at[b], : s.length] = remask.gumbel_noise((1, s.length, cfg.vocab_size),
                                                                self._slots[b].row.generator)[0]
         kw = dict(rows=members) if subset else {}
+        if first.phase == "prefill" and any(self._slots[b].row.images is not None for b in members):
+            kw["embeds"] = PrefillEmbeds.of([self._slots[b].row.images if b in steps else None for b in rows], L)
         out = den.step(tokens, causal=first.causal, write=first.causal, num_valid=num_valid,
                        draft_lora=first.draft_lora, temperature=temperature, noise=noise, **kw)
         if first.causal and not subset and len(members) < B:          # idle rows keep their lengths
@@ -349,11 +363,16 @@ class Scheduler:
             refining[b] = True
             if quota is not None:
                 quota[b] = s.quota[0]
-        out = row.refiner.refine(canvas, refining, quota, row.policy)
+        noise = None
+        if not row.policy.greedy:                  # each row's own stream, advanced by the passes it took part in
+            noise = GumbelStream.of_rows([self._slots[b].row.generator if b in steps else None for b in range(B)])
+        out = row.refiner.refine(canvas, refining, quota, row.policy, noise)
         index = self._count_passes(out.nfe)
         for b in members:
             req, n = self._slots[b], int(out.row_nfe[b])
             req.row.refined(n, out.executed)
+            if noise is not None:
+                req.row.generator.advance(n)
             req.passes.extend((index + i, "denoise") for i in range(n))
             self._advance(b, out.canvas[b : b + 1])
 
@@ -414,7 +433,7 @@ def _key(req: Request) -> tuple:
     step, policy = req._step, req.row.policy
     if isinstance(step, Refine):
         return ("refine", step.length, policy.threshold, policy.steps, policy.check_every,
-                None if step.quota is None else step.quota.shape[1])
+                None if step.quota is None else step.quota.shape[1], policy.temperature)
     length = None if step.phase == "prefill" else step.length      # prompts of any length prefill together
     return ("prefill" if step.phase == "prefill" else "pass", step.causal, length, step.draft_lora,
             policy.temperature)

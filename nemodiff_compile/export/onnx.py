@@ -22,7 +22,7 @@ import torch
 
 from ..errors import InvalidArgument, NemodiffError
 from ..model.model import NemotronLabsDiffusion, block_mask
-from ..artifact.spec import DYNAMIC_DIMS, OPSET, REMASK_IO, REMASK_VARIANTS, IOSpec, step_spec
+from ..artifact.spec import DYNAMIC_DIMS, OPSET, REMASK_IO, REMASK_VARIANTS, STEP_SLOTS, IOSpec, step_spec
 
 ONNX_NAME = "model.onnx"
 WEIGHTS_NAME = "model.onnx.data"
@@ -42,13 +42,15 @@ class StepGraph(torch.nn.Module):
         self.model, self.with_logits, self.remask = model, with_logits, remask
 
     def forward(self, input_ids, cache_lengths, num_valid, causal, temperature, gumbel_noise,
-                past_keys, past_values, draft_lora=None, canvas=None, active=None, quota=None, row_nfe=None):
+                past_keys, past_values, draft_lora=None, canvas=None, active=None, quota=None, row_nfe=None,
+                embed_mask=None, embeds=None):
         B, L = input_ids.shape
         S = past_keys.shape[3]
         lora = False if draft_lora is None else draft_lora
         positions = cache_lengths[:, None] + torch.arange(L, device=input_ids.device)      # [B, L]
         mask = block_mask(causal, cache_lengths, S, L, num_valid)                          # [B, 1, L, S+L]
-        logits, new_k, new_v = self.model.step(input_ids, positions, mask, past_keys, past_values, lora)
+        logits, new_k, new_v = self.model.step(input_ids, positions, mask, past_keys, past_values, lora,
+                                               embed_mask, embeds)
         if self.remask is None:
             scores = logits.float() + temperature * gumbel_noise                           # [B, L, V]
             token = scores.argmax(-1)                                                      # [B, L]
@@ -74,6 +76,10 @@ def example_inputs(model: NemotronLabsDiffusion, batch: int = 2, block: int = 4,
         lora = (lora or (None,)) + (canvas, torch.ones(batch, dtype=torch.bool, device=dev),
                                     torch.ones(batch, block, dtype=torch.long, device=dev),
                                     torch.zeros(batch, dtype=torch.long, device=dev))
+    embeds = ()
+    if cfg.is_vlm:                              # the trailing prefill-embedding slots
+        embeds = (None,) * (13 - 8 - len(lora)) + (torch.zeros(batch, block, dtype=torch.bool, device=dev),
+                                                   torch.zeros(batch, block, cfg.hidden_size, dtype=dt, device=dev))
     return (
         torch.zeros(batch, block, dtype=torch.long, device=dev),
         torch.tensor([3] * batch, dtype=torch.long, device=dev),
@@ -83,7 +89,7 @@ def example_inputs(model: NemotronLabsDiffusion, batch: int = 2, block: int = 4,
         torch.zeros(batch, block, cfg.vocab_size, device=dev),
         torch.zeros(kv, dtype=dt, device=dev),
         torch.zeros(kv, dtype=dt, device=dev),
-    ) + lora
+    ) + lora + embeds
 
 
 def remask_options(variant: str | None, *, mask_id: int, threshold: float | None = 0.9) -> dict | None:
@@ -118,18 +124,16 @@ def trace_step(model: NemotronLabsDiffusion, *, with_logits: bool = False, remas
     if remask is not None:                  # the stage's stop rule needs the EOS ids; its I/O version
         remask = {**remask, "eos_ids": [int(e) for e in twin.config.eos_ids], "io": REMASK_IO}
     spec = step_spec(twin.config, _dtype_name(twin.dtype), with_logits, with_lora=twin.has_draft_lora,
-                     remask=remask)
+                     remask=remask, with_embeds=twin.config.is_vlm)
     names = [t.name for t in spec.inputs]
     batch, block, cache = (torch.export.Dim(n, min=1) for n in DYNAMIC_DIMS)
     dims = {"input_ids": {0: batch, 1: block}, "cache_lengths": {0: batch}, "num_valid": {0: batch},
             "causal": None, "temperature": None, "gumbel_noise": {0: batch, 1: block},
             "past_keys": {1: batch, 3: cache}, "past_values": {1: batch, 3: cache}, "draft_lora": None,
             "canvas": {0: batch, 1: block}, "active": {0: batch}, "quota": {0: batch, 1: block},
-            "row_nfe": {0: batch}}
+            "row_nfe": {0: batch}, "embed_mask": {0: batch, 1: block}, "embeds": {0: batch, 1: block}}
     args = example_inputs(twin, remask=remask is not None)
-    shapes = tuple(dims[n] for n in names)
-    if remask is not None and not twin.has_draft_lora:      # the absent draft_lora slot
-        shapes = shapes[:8] + (None,) + shapes[8:]
+    shapes = tuple(dims[n] if n in names else None for n in STEP_SLOTS[: len(args)])   # None: an absent slot
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")                     # the exporter's deprecation chatter
         # optimize=False: the optimizer would fold constants it cannot read on the meta device;

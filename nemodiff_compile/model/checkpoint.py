@@ -33,6 +33,7 @@ from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError, NemodiffError
 from ..fsutil import atomic_dir
 from .model import NemotronLabsDiffusion
+from .vision import NemotronLabsDiffusionVLM
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -110,9 +111,11 @@ def read_config(folder: str | Path) -> ModelConfig:
 
 
 def meta_model(cfg: ModelConfig) -> NemotronLabsDiffusion:
-    """The model with every parameter on the `meta` device: shapes only, no storage, no init cost."""
+    """The model with every parameter on the `meta` device: shapes only, no storage, no init cost.
+    A vision-language config (model_type nemotron_labs_diffusion_vlm) gives the model with its vision
+    tower and projector (model/vision.py)."""
     with torch.device("meta"):
-        return NemotronLabsDiffusion(cfg)
+        return (NemotronLabsDiffusionVLM if cfg.is_vlm else NemotronLabsDiffusion)(cfg)
 
 
 def _checkpoint_folder(path: str | Path) -> Path:

@@ -142,6 +142,10 @@ class NemotronLabsDiffusion(nn.Module):
         draft_lora: bool = False,
         positions: torch.Tensor | None = None,       # [B, L] override (training layouts; no cache)
         attn_mask: torch.Tensor | None = None,       # [B or 1, L, L] bool override (training; no cache)
+        embed_mask: torch.Tensor | None = None,      # [B, L] bool: positions that take `embeds` (image pads)
+        embeds: torch.Tensor | None = None,          # [B, L, H] input embeddings there (image features)
+        spans: torch.Tensor | None = None,           # [B, L] int64: >0 = image span id; a causal pass then lets
+                                                     # a span's positions see each other (image_prefill=bidirectional)
     ) -> torch.Tensor:                               # logits [B, L, V] in the model dtype
         pattern = Pattern(pattern)
         B, L = input_ids.shape
@@ -169,22 +173,31 @@ class NemotronLabsDiffusion(nn.Module):
             else:
                 mask = block_mask(pattern is Pattern.CAUSAL, None, 0, L, num_valid)
 
+        if spans is not None:
+            same = (spans[:, :, None] == spans[:, None, :]) & (spans[:, :, None] > 0)   # [B, L, L]
+            mask = mask.clone()
+            mask[:, 0, :, -L:] |= same
         logits, k_new, v_new = self.step(input_ids, positions, mask,
                                          None if cache is None else cache.k,
-                                         None if cache is None else cache.v, draft_lora)
+                                         None if cache is None else cache.v, draft_lora, embed_mask, embeds)
         if write:
             for i in range(self.config.num_hidden_layers):
                 cache.write(i, k_new[i], v_new[i])
             cache.advance(num_valid)
         return logits
 
-    def step(self, input_ids, positions, mask, past_k=None, past_v=None, draft_lora=False):
+    def step(self, input_ids, positions, mask, past_k=None, past_v=None, draft_lora=False,
+             embed_mask=None, embeds=None):
         """The pure function every backend compiles.
 
         input_ids [B, L], positions [B, L], mask [B, 1, L, S+L] bool over [cache ; block] keys,
         past_k/v [layers, B, Hkv, S, D] or None -> logits [B, L, V], k_new/v_new [layers, B, Hkv, L, D].
+        embed_mask [B, L] bool / embeds [B, L, H]: input embeddings that replace the token embedding where
+        the mask is set (a VLM prefill's image features).
         """
         h = self.encoder.embed_tokens(input_ids)                                      # [B, L, H]
+        if embed_mask is not None:
+            h = torch.where(embed_mask[..., None], embeds.to(h.dtype), h)
         cos, sin = rope.cos_sin(positions, self.inv_freq.to(h.device), self.rope_scale, h.dtype)
         qscale = rope.query_scale(self.config, positions)
         ks, vs = [], []

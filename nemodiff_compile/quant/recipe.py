@@ -26,8 +26,9 @@ FORMATS = {"fp8": ("FLOAT8E4M3FN", 448.0), "int8": ("INT8", 127.0), "int4": ("IN
 ALGORITHMS = ("max", "smoothquant", "awq_lite")
 CALIB_MODES = ("ar", "dlm", "linear-spec")
 # Layers that never take Q/DQ whatever the recipe says: the token embedding (a Gather, not a
-# MatMul) and the RMSNorms (no weights to quantize). Listed so the manifest says so.
-ALWAYS_HIGH = ("encoder.embed_tokens", "*norm*")
+# MatMul), the RMSNorms (no weights to quantize), and a VLM's vision tower and projector (their own
+# float graph, export/vision.py: not measured quantized). Listed so the manifest says so.
+ALWAYS_HIGH = ("encoder.embed_tokens", "*norm*", "encoder.vision_tower", "encoder.multi_modal_projector")
 # KV_CACHE_DTYPES (build_config): "model" the graph's float dtype; "fp8" FLOAT8E4M3FN with one static
 # scale per layer for K and one for V (quant/kv_cache.py)
 

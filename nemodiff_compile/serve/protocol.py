@@ -8,7 +8,8 @@ default, as in Session.generate), `seed`, `stream`, `stream_options.include_usag
 decoding knobs in the body: `mode` (ar | dlm | linear-spec, default dlm), `block_length`, `threshold`,
 `steps`, and the instruct models' `enable_thinking` / `max_thinking_tokens` (Session.generate's names). OpenAI fields this runtime does not implement (`stop`, `logprobs`, `n` > 1, `top_p` < 1,
 penalties, tools...) are refused with a 400 naming the field rather than ignored; `user` is accepted.
-`usage` adds `nfe` (engine passes the request took part in) and `tokens_per_forward`.
+`usage` adds `nfe` (engine passes the request took part in) and `tokens_per_forward`. Vision-language
+engines: chat content parts `{"type": "image_url", "image_url": {"url": ...}}` (serve/images.py).
 """
 
 from __future__ import annotations
@@ -78,14 +79,37 @@ class ContentPart(BaseModel):
     text: str
 
 
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None      # accepted; the image is used as preprocessed
+
+
+class ImagePart(BaseModel):
+    """Vision-language engines: an image (serve/images.py says which URLs are accepted); it sits in the text
+    where the part is, as the chat template's <|image_start|> marker."""
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+IMAGE_MARKER = "<|image_start|>"        # model/vision_config.IMAGE_TOKENS["start"]
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
+    content: str | list[ContentPart | ImagePart]
     name: str | None = None
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text if isinstance(p, ContentPart) else IMAGE_MARKER for p in self.content)
+
+    def image_urls(self) -> list[str]:
+        return [] if isinstance(self.content, str) else [p.image_url.url for p in self.content
+                                                         if isinstance(p, ImagePart)]
 
 
 class ChatRequest(_Common):
@@ -97,6 +121,15 @@ class ChatRequest(_Common):
 
     def conversation(self) -> list[dict[str, str]]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+    def images(self) -> list[tuple[str, str]]:
+        """(where, url) of every image part, in conversation order."""
+        out = []
+        for i, m in enumerate(self.messages):
+            if not isinstance(m.content, str):
+                out += [(f"messages[{i}].content[{j}].image_url", p.image_url.url)
+                        for j, p in enumerate(m.content) if isinstance(p, ImagePart)]
+        return out
 
 
 # ---- responses -----------------------------------------------------------------------------------------

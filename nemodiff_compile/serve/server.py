@@ -41,9 +41,12 @@ class _HttpError(Exception):
 
 
 def create_app(session: Session, *, model_name: str, metrics: Metrics | None = None,
-               replica: str | None = None, close_session: bool = True) -> FastAPI:
+               replica: str | None = None, close_session: bool = True,
+               image_dirs: list[Path] | None = None) -> FastAPI:
     """The app over `session` (its scheduler reports to `metrics`); replica: sent back as the
-    x-nemodiff-replica header (Ray Serve replicas); close_session: drain and close it at shutdown."""
+    x-nemodiff-replica header (Ray Serve replicas); close_session: drain and close it at shutdown;
+    image_dirs: where chat image parts may name local files (serve/images.py)."""
+    image_dirs = [Path(d) for d in image_dirs or ()]
     metrics = metrics or Metrics()
     if session.scheduler.observer is None:
         session.scheduler.observer = metrics
@@ -99,9 +102,23 @@ def create_app(session: Session, *, model_name: str, metrics: Metrics | None = N
     @app.post("/v1/chat/completions")
     async def chat(body: protocol.ChatRequest, request: HttpRequest):
         template_kwargs, _ = _checked(lambda: session.thinking(body.enable_thinking, body.max_thinking_tokens))
-        return await _serve(request, body, [_encode_chat(session, body.conversation(), template_kwargs)], "chat")
+        ids = _encode_chat(session, body.conversation(), template_kwargs)
+        if not body.images():
+            return await _serve(request, body, [ids], "chat")
+        # image parts: resolved and decoded here (HTTP 400 when bad), their features made before queueing
+        from .images import open_image
 
-    async def _serve(request: HttpRequest, body: protocol._Common, prompts: list[list[int]], kind: str):
+        prompter = _checked(session.image_prompter)             # a text-only engine: 400 before any decoding
+        def prepare():                                            # decoding + the vision encoder: off the loop
+            images = [_checked(lambda w=w, u=u: open_image(u, image_dirs, w)) for w, u in body.images()]
+            return _checked(lambda: prompter.prepare(ids, images))
+
+        ids, feats = await asyncio.to_thread(prepare)
+        return await _serve(request, body, [ids], "chat", [feats])
+
+    async def _serve(request: HttpRequest, body: protocol._Common, prompts: list[list[int]], kind: str,
+                     images: list | None = None):
+        images = images or [None] * len(prompts)
         endpoint = request.url.path
         if body.model is not None and body.model != model_name:
             raise _HttpError(404, f"The model '{body.model}' does not exist (this server serves '{model_name}')",
@@ -114,15 +131,15 @@ def create_app(session: Session, *, model_name: str, metrics: Metrics | None = N
         if body.stream:
             items: asyncio.Queue = asyncio.Queue()
             put = _threadsafe(loop, items.put_nowait)
-            req = _submit(session, prompts[0], policy, body, put)
+            req = _submit(session, prompts[0], policy, body, put, images[0])
             req.add_done_callback(lambda r: put(_DONE))
             return StreamingResponse(_events(session, req, items, rid, model_name, kind, body.include_usage,
                                              metrics, endpoint),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         reqs: list[Request] = []
         try:
-            for ids in prompts:
-                reqs.append(_submit(session, ids, policy, body, None))
+            for ids, feats in zip(prompts, images):
+                reqs.append(_submit(session, ids, policy, body, None, feats))
             if not await _wait_all(request, reqs):
                 metrics.request(endpoint, "cancelled")
                 return Response(status_code=499)                   # nobody is listening
@@ -149,10 +166,11 @@ def _checked(make):
         raise _HttpError(400, str(e), "invalid_request_error") from None
 
 
-def _submit(session: Session, ids: list[int], policy, body: protocol._Common, on_tokens) -> Request:
+def _submit(session: Session, ids: list[int], policy, body: protocol._Common, on_tokens, images=None) -> Request:
     try:
         return session.submit(ids, policy=policy, max_new_tokens=body.new_tokens(), on_tokens=on_tokens,
-                              enable_thinking=body.enable_thinking, max_thinking_tokens=body.max_thinking_tokens)
+                              enable_thinking=body.enable_thinking, max_thinking_tokens=body.max_thinking_tokens,
+                              images=images)
     except QueueFull as e:
         raise _HttpError(503, f"the server is overloaded ({e}): retry later", "server_overloaded") from None
     except SchedulerClosed as e:
@@ -266,7 +284,8 @@ def host_threads() -> None:
 
 
 def run(engine_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int | None = None,
-        max_queue: int = 64, threads: int | None = None, log_level: str = "info") -> None:
+        max_queue: int = 64, threads: int | None = None, log_level: str = "info",
+        image_dirs: list[Path] | None = None) -> None:
     """Open the engine and serve it until SIGINT / SIGTERM, then drain: uvicorn stops accepting and waits for the
     open connections, the session finishes what is queued, and this returns (exit status 0)."""
     import signal
@@ -276,7 +295,7 @@ def run(engine_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, ma
     host_threads()
     metrics = Metrics()
     session = Session.open(engine_dir, threads=threads, max_batch=max_batch, max_queue=max_queue, observer=metrics)
-    app = create_app(session, model_name=Path(engine_dir).name, metrics=metrics)
+    app = create_app(session, model_name=Path(engine_dir).name, metrics=metrics, image_dirs=image_dirs)
     # uvicorn handles the signal while it runs and re-raises it once it has shut down; handled here, the
     # re-raised signal ends nothing, so a drained shutdown exits 0 instead of dying by the signal
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -137,7 +137,9 @@ def resolve_target(trt: Trt, target: str | None, device: DeviceInfo | None) -> s
 def build_plan(onnx_path: str | Path, *, io_spec: dict[str, Any], buckets: dict[str, Any], precision: str,
                target: str | None = None, options: BuildOptions = BuildOptions(),
                progress: Callable[[str], None] = lambda m: None, trt: Trt | None = None,
-               device: DeviceInfo | None = None) -> tuple[bytes, PlanInfo]:
+               device: DeviceInfo | None = None, profiles: list | None = None) -> tuple[bytes, PlanInfo]:
+    """profiles: the optimization profiles (artifact.profiles.Profile); default one per batch bucket of
+    `buckets` (the step graph's)."""
     from ..kernels.registry import graph_plugin_ids, register_plugins
 
     trt = trt or load()
@@ -188,7 +190,7 @@ def build_plan(onnx_path: str | Path, *, io_spec: dict[str, Any], buckets: dict[
         report.raise_if_failed(str(onnx_path))
 
     config = builder.create_builder_config()
-    profiles = make_profiles(io_spec, buckets)
+    profiles = profiles or make_profiles(io_spec, buckets)
     for p in profiles:
         prof = builder.create_optimization_profile()
         for name, (lo, opt, hi) in p.shapes.items():

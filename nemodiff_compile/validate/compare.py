@@ -145,10 +145,12 @@ class ValidationReport:
     modes: dict[str, ModeResult]
     settings: dict[str, Any]
     explanation: dict[str, Any] | None = None     # explain.explain(...): why it failed, where it was set
+    # vision-language engines: the vision graph against the reference's tower (validate/images.py)
+    vision: dict[str, Any] | None = None
 
     @property
     def passed(self) -> bool:
-        return all(m.passed for m in self.modes.values())
+        return all(m.passed for m in self.modes.values()) and (self.vision is None or self.vision["passed"])
 
     @property
     def token_agreement(self) -> float:
@@ -174,13 +176,15 @@ class ValidationReport:
             out += [f"{name}: {f}" for f in m.failures]
             if m.failed_passes:
                 out.append(f"{name}: {len(m.failed_passes)} of {len(m.passes)} passes out of tolerance")
+        if self.vision is not None and not self.vision["passed"]:
+            out.append(f"vision graph: features cosine {self.vision['features_cosine_min']:.6f} below the bound")
         return out
 
     def to_json(self, per_pass: bool = False) -> dict[str, Any]:
         return dict(passed=self.passed, token_agreement=self.token_agreement,
                     passes_compared=self.passes_compared, first_divergence=self.first_divergence,
                     first_failure=self.first_failure, failures=self.failures,
-                    tolerances=self.tolerances.to_json(), settings=self.settings,
+                    tolerances=self.tolerances.to_json(), settings=self.settings, vision=self.vision,
                     per_mode={k: m.to_json(per_pass) for k, m in self.modes.items()}, explanation=self.explanation)
 
     def to_table(self) -> str:
@@ -217,6 +221,10 @@ class ValidationReport:
                 out.append(f"{name} device loop: tok agree {d['token_agreement']:.4f} with the reference, "
                            f"{'same' if d['same_as_host_passes'] else 'NOT the same'} tokens and NFE as the "
                            f"host passes; nfe {d['nfe']}, device passes {d['device_passes']}")
+        if self.vision is not None:
+            v = self.vision
+            out.append(f"vision graph: {v['images']} images, features cosine min {v['features_cosine_min']:.6f}, "
+                       f"max |diff| {v['features_max_abs_diff']:.3g}")
         div, fail = self.first_divergence, self.first_failure
         out.append("first divergence: " + (_where(div) + f" ({div['kind']})" if div else "none"))
         out.append("first failing pass: " + (_where(fail) + ": " + "; ".join(fail["failures"]) if fail else "none"))
@@ -258,13 +266,14 @@ def validate(reference: Denoiser, engine: Denoiser, prompts: list[list[int]], *,
              modes: tuple[str, ...] = loops.MODES, max_new_tokens: int = 32, block_length: int | None = None,
              threshold: float | None = None, steps: int | None = None, spec_threshold: float = 0.0,
              temperature: float = 0.0, tolerances: Tolerances | None = None, seed: int = 0,
-             batch: int | None = None) -> ValidationReport:
+             batch: int | None = None, images: list | None = None) -> ValidationReport:
     """Compare `engine` with `reference` in each mode; see the module docstring.
 
     threshold / steps: the dlm policy (threshold rule, default 0.9, or the fixed-steps schedule when steps
     is set); spec_threshold: the linear-spec draft rule (0 = one draft pass per block). Every compared pass
     runs on the host (the comparison is per pass); where the engine has a device block refiner for the dlm
-    policy, one more untraced dlm run goes through it (the "device loop" of the module docstring).
+    policy, one more untraced dlm run goes through it (the "device loop" of the module docstring). images: per
+    prompt its image features (decoding/embeds.PromptImages) or None; both sides prefill the same ones.
     batch: prompts per decode batch (default all at once); a large set runs in chunks of `batch`,
     pooled into one report (pass indices run on across chunks).
     """
@@ -287,6 +296,7 @@ def validate(reference: Denoiser, engine: Denoiser, prompts: list[list[int]], *,
         tpf = {"reference": 0.0, "engine": 0.0}
         for lo in range(0, len(prompts), batch):                # chunks of `batch` prompts, one batch each
             chunk = prompts[lo:lo + batch]
+            kw["images"] = images[lo:lo + batch] if images is not None else None
             shadow = ShadowDenoiser(reference, engine, logits_atol=tol.logits_atol, logits_rtol=tol.logits_rtol)
             ref = loops.generate(shadow, chunk, policy, **kw)                 # teacher-forced
             eng = loops.generate(engine, chunk, policy, **kw)                 # free-running
@@ -299,7 +309,8 @@ def validate(reference: Denoiser, engine: Denoiser, prompts: list[list[int]], *,
             if divergence is None:
                 divergence = first_divergence(mode, chunk, ref, eng, first_prompt=lo)
             if device_loop:
-                dev = loops.generate(engine, chunk, policy, max_new_tokens=max_new_tokens)      # untraced
+                dev = loops.generate(engine, chunk, policy, max_new_tokens=max_new_tokens,     # untraced
+                                     images=kw["images"])
                 device_runs.append((dev, eng, ref, lo))
         n = max(len(prompts), 1)
         result = ModeResult(

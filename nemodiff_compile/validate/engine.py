@@ -66,6 +66,13 @@ def validate_engine(engine_dir: str | Path, *, reference: Any = None, reference_
         from ..prompts import encode_prompts
 
         prompts = encode_prompts(items, tok, ref.config, f"--prompts {prompts_file}")
+    images, vision = None, None
+    if getattr(engine, "encode_image", None) is not None:     # a vision-language engine: image prompts too
+        from .images import image_prompts
+
+        image_ids, image_feats, vision = image_prompts(ref, engine, tok)
+        images = [None] * len(prompts) + image_feats
+        prompts = prompts + image_ids
     max_new_tokens = max_new_tokens or (16 if quick else 32)
     if manifest.backend != "tensorrt":      # (TensorRT binds the cache at max_context exactly)
         # the cache these prompts need, not the engine's largest: attention runs over all of it
@@ -73,9 +80,10 @@ def validate_engine(engine_dir: str | Path, *, reference: Any = None, reference_
         engine.max_len = ref.max_len = min(need, engine.max_len)         # before the first reset allocates
     tol = tolerances_for(manifest.precision, q.get("thresholds") if q else None)
     report = validate(ref, engine, prompts, modes=modes, max_new_tokens=max_new_tokens, tolerances=tol,
-                      batch=VALIDATION_BATCH,
+                      batch=VALIDATION_BATCH, images=images,
                       **({"threshold": threshold, "steps": steps} if threshold is not None or
                          steps is not None else stage_policy(manifest, ref.config)))
+    report.vision = vision
     if not report.passed:
         from .explain import explain
 
@@ -101,6 +109,7 @@ def validate_engine(engine_dir: str | Path, *, reference: Any = None, reference_
             "device_loop": {k: {"token_agreement": d["token_agreement"], "same_as_host_passes": d["same_as_host_passes"],
                                 "nfe": d["nfe"], "device_passes": d["device_passes"]} for k, d in device.items()},
             "dlm_policy": {"threshold": report.settings["threshold"], "steps": report.settings["steps"]},
+            "vision": vision,
             "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         try:

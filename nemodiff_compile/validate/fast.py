@@ -18,12 +18,13 @@ CALIBRATION_TEXTS = ("The weather today is", "Write a list of three fruits:", "W
 
 def validate_fast(source: str | Path, *, precision: str = "bf16", device: str | None = None,
                   quick: bool = False, max_new_tokens: int | None = None,
-                  modes: tuple[str, ...] = ("ar", "dlm", "linear-spec"), max_len: int = 256):
+                  modes: tuple[str, ...] = ("ar", "dlm", "linear-spec"), max_len: int = 256, gemv: bool = False):
+    """gemv: the engine's projections through the split-K small-M kernel (kernels/gemv.py)."""
     from ..backends.eager import TorchDenoiser
     from . import tolerances_for, validate
     from ..prompts import builtin_prompts
 
-    model, engine, tok = open_fast(source, precision=precision, device=device, max_len=max_len)
+    model, engine, tok = open_fast(source, precision=precision, device=device, max_len=max_len, gemv=gemv)
     prompts = builtin_prompts(tok, model.config, 2 if quick else 4)
     reference = TorchDenoiser(model, max_len, return_logits=True)
     return validate(reference, engine, prompts, modes=modes, max_new_tokens=max_new_tokens or (16 if quick else 32),
@@ -31,7 +32,7 @@ def validate_fast(source: str | Path, *, precision: str = "bf16", device: str | 
 
 
 def open_fast(source: str | Path, *, precision: str = "bf16", device: str | None = None, max_len: int = 256,
-              batch_sizes: tuple[int, ...] | None = None):
+              batch_sizes: tuple[int, ...] | None = None, gemv: bool = False):
     """(reference model, FastDenoiser at `precision`, tokenizer or None); static FP8 calibrated."""
     import torch
 
@@ -54,7 +55,7 @@ def open_fast(source: str | Path, *, precision: str = "bf16", device: str | None
         from ..model.tokenizer import load_tokenizer
         tok = load_tokenizer(folder)
     buckets = BatchBuckets(batch_sizes) if batch_sizes else BatchBuckets()
-    engine = FastDenoiser(model, max_len, fp8=fp8, buckets=buckets)
+    engine = FastDenoiser(model, max_len, fp8=fp8, buckets=buckets, gemv=gemv)
     if fp8 == "static":
         calib = [p for p in (_encode(tok, t) for t in CALIBRATION_TEXTS) if p] if tok is not None else \
             builtin_prompts(None, model.config, 6)[4:]

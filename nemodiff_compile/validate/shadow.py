@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..decoding.denoiser import Denoiser, StepOut
+from ..decoding.noise import GumbelStream
 from . import metrics
 
 
@@ -55,12 +56,16 @@ class ShadowDenoiser(Denoiser):
             self.passes[-1].lengths_ok &= self._lengths_equal()
 
     def step(self, tokens, *, causal, write, num_valid=None, draft_lora=False, temperature=0.0,
-             generator=None) -> StepOut:
+             generator=None, embeds=None) -> StepOut:
         eng_gen = None
-        if generator is not None:                         # the engine draws the same noise
+        if isinstance(generator, GumbelStream):           # the engine draws the same noise
+            eng_gen = generator.clone()
+        elif generator is not None:
             eng_gen = torch.Generator(generator.device)
             eng_gen.set_state(generator.get_state())
         kw = dict(causal=causal, write=write, draft_lora=draft_lora, temperature=temperature)
+        if embeds is not None:                            # an image prompt's prefill: the same features
+            kw["embeds"] = embeds
         nv = None if num_valid is None else num_valid.clone()
         ref = self.reference.step(tokens, num_valid=num_valid, generator=generator, **kw)
         eng = self.engine.step(tokens.clone(), num_valid=None if nv is None else nv.clone(), generator=eng_gen, **kw)

@@ -109,7 +109,12 @@ class FakeEngine:
         from nemodiff_compile.artifact.profiles import _resolve
 
         io = self.session().io_binding()
-        dims = {"batch": shapes["input_ids"][0], "block": shapes["input_ids"][1], "cache_len": shapes["past_keys"][3]}
+        if "merge_patch" in self.plan["io_spec"]:       # the vision graph: tokens from the image size, as TensorRT
+            m, (_, H, W) = self.plan["io_spec"]["merge_patch"], shapes["pixels"]        # infers it from the graph
+            dims = {"height": H, "width": W, "tokens": (H // m) * (W // m)}
+        else:
+            dims = {"batch": shapes["input_ids"][0], "block": shapes["input_ids"][1],
+                    "cache_len": shapes["past_keys"][3]}
         for name, t in self.inputs.items():
             io.bind_input(name, "cpu", 0, ELEM[t["dtype"]], list(shapes[name]), addresses[name])
         for name, t in self.outputs.items():

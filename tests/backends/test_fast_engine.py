@@ -104,14 +104,34 @@ def test_device_loop_equals_reference_loop(trained, kw, check_every):
     assert got.device_passes >= got.nfe_by_phase["denoise"] > 0 and got.nfe == ref.nfe
 
 
-def test_the_loop_hands_only_greedy_untraced_blocks_to_the_refiner(trained):
+def test_the_loop_hands_only_untraced_blocks_to_the_refiner(trained):
     den = FastDenoiser(trained, MAX_LEN, graphs=FakeGraphs())
     device = loops.generate(den, PROMPTS[:1], "dlm", max_new_tokens=16)
     assert device.device_passes >= device.nfe_by_phase["denoise"] > 0
-    for kw in (dict(trace=True), dict(device_refine=False), dict(temperature=1.0)):
+    for kw in (dict(trace=True), dict(device_refine=False)):
         g = loops.generate(den, PROMPTS[:1], "dlm", max_new_tokens=16, **kw)
-        assert g.device_passes == 0 and (kw.get("temperature") or g.tokens == device.tokens)
+        assert g.device_passes == 0 and g.tokens == device.tokens
     assert TorchDenoiser(trained, MAX_LEN).block_refiner(loops.DecodePolicy()) is None
+
+
+@pytest.mark.parametrize("kw", [dict(threshold=0.5), dict(threshold=None, steps=4)])
+def test_sampled_device_loop_equals_the_host_loop(trained, kw):
+    """Temperature > 0 stays on the device loop (Gumbel noise drawn there, decoding/noise.py) and gives
+    the host passes' tokens and NFE for the same seed; another seed gives other tokens."""
+    pool = FakeGraphs()
+    den = FastDenoiser(trained, MAX_LEN, graphs=pool)
+    kw = dict(max_new_tokens=40, block_length=8, temperature=1.5, check_every=3, **kw)
+    device = loops.diffusion_generate(den, PROMPTS, seed=11, **kw)
+    assert device.device_passes >= device.nfe_by_phase["denoise"] > 0
+    assert any(k[0] == "denoise" and k[-1] == 1.5 for k in pool.graphs)       # the sampled pass is captured
+    host = loops.diffusion_generate(den, PROMPTS, seed=11, device_refine=False, **kw)
+    assert host.device_passes == 0
+    _same(device, host)
+    ref = loops.diffusion_generate(TorchDenoiser(trained, MAX_LEN), PROMPTS, seed=11, **kw)
+    _same(device, ref)                                               # the eager reference draws the same
+    greedy = loops.diffusion_generate(den, PROMPTS, **{**kw, "temperature": 0.0})
+    other = loops.diffusion_generate(den, PROMPTS, seed=12, **kw)
+    assert device.tokens != greedy.tokens and device.tokens != other.tokens
 
 
 def test_graph_bookkeeping(trained):
@@ -221,3 +241,24 @@ def test_session_from_model_uses_the_device_loop(trained):
         assert streamed == s.generate("Once upon a time", mode="dlm", max_new_tokens=16).text
     with pytest.raises(InvalidArgument, match="calibration"):
         Session.from_model("tiny", fp8="static", max_len=MAX_LEN)
+
+
+def test_scheduler_refines_sampled_rows_on_the_device(trained):
+    """Sampled dlm rows of different seeds share device refinements in the scheduler (each row's own noise
+    stream, advanced by the passes it took part in) and each gets its solo run's tokens and NFE."""
+    from nemodiff_compile.decoding.policy import DecodePolicy
+    from nemodiff_compile.decoding.scheduler import Scheduler
+
+    den = FastDenoiser(trained, MAX_LEN, graphs=FakeGraphs())
+    policies = [DecodePolicy("dlm", temperature=1.0, seed=s, block_length=8, threshold=0.5) for s in (1, 2, 3)]
+    solo = [loops.generate(den, [p], pol, max_new_tokens=24) for p, pol in zip(PROMPTS, policies)]
+    assert all(g.device_passes > 0 for g in solo)
+    s = Scheduler(den, max_batch=4)
+    try:
+        got = [r.result(120) for r in [s.submit(p, pol, 24) for p, pol in zip(PROMPTS, policies)]]
+    finally:
+        s.close()
+    for want, g in zip(solo, got):
+        assert g.tokens == want.tokens and g.nfe_by_phase == want.nfe_by_phase and g.row_nfe == want.row_nfe
+        assert g.device_passes > 0
+    assert s.passes < sum(g.nfe for g in solo)                     # the rows shared passes

@@ -1,7 +1,8 @@
-"""The ONNX Runtime engine binds a window of the KV cache (the rows' longest length plus the block, rounded up),
-not max_len, and can run a pass over some rows of its batch: the same tokens as the whole cache and the whole
-batch. The window changes the float summation order of the attention (the block's keys follow the window), so
-confidences agree to rounding (~1e-6 here), not bit for bit; a pass over some rows is bit for bit."""
+"""The ONNX Runtime engine binds a window of the KV cache (the rows' longest length plus the block, rounded up;
+for a pass over some rows, their longest), not max_len, and can run a pass over some rows of its batch: the
+same tokens as the whole cache and the whole batch. The window changes the float summation order of the
+attention (the block's keys follow the window), so confidences agree to rounding (~1e-6 here), not bit for
+bit; a pass over some rows over the same window is bit for bit."""
 
 import pytest
 import torch
@@ -47,3 +48,20 @@ def test_a_pass_over_some_rows(engines):
     assert torch.equal(sub.token, full.token[[0, 2]]) and torch.equal(sub.conf, full.conf[[0, 2]])
     assert den.lengths().tolist() == [4, 0, 4]
     assert torch.equal(den.k[:, [0, 2], :, :4], k_full[:, [0, 2], :, :4])
+
+
+def test_a_pass_over_short_rows_reads_their_own_window(engines):
+    """Rows shorter than the batch's longest run over their own window (the pass costs in proportion to it):
+    the same tokens as over the batch's window, confidences to rounding."""
+    den, _ = engines
+    den.reset(3)
+    den.step(torch.tensor([[1] + list(range(40, 139))] * 3), causal=True, write=True,
+             num_valid=torch.tensor([5, 100, 7]))                                  # lengths 5, 100, 7
+    assert den.k.shape[3] == 128                                                   # the 100-token pass
+    block = torch.full((2, 16), den.config.mask_token_id)
+    block[:, 0] = torch.tensor([44, 46])
+    whole = den.step(torch.cat([block[:1], block[:1], block[1:]]), causal=False, write=False)
+    sub = den.step(block, causal=False, write=False, rows=[0, 2])
+    assert (2, 64) in den._gathered                                                # 7 + 16 positions, rounded up
+    assert torch.equal(sub.token, whole.token[[0, 2]])
+    assert torch.allclose(sub.conf, whole.conf[[0, 2]], rtol=0, atol=1e-5)

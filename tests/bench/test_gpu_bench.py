@@ -62,3 +62,38 @@ def test_bench_gpu_cli_needs_a_gpu():
 
     res = CliRunner().invoke(cli, ["bench-gpu", "--size", "tiny"])
     assert res.exit_code == 2 and "needs a CUDA GPU" in res.output
+
+
+def test_pairs_sampled_and_gemv_variants_on_cpu(random_tiny):
+    """Only the asked (batch, block) pairs are timed; the -gemv and -sampled variants run (on the CPU the
+    GEMV kernel falls back to torch; the sampled pass draws its noise in the captured body)."""
+    passes = gpu.bench_passes(random_tiny, precisions=("bf16", "bf16-gemv", "bf16-sampled"), batches=(), blocks=(),
+                              pairs=((1, 8), (2, 4)), context=16, iters=3, device_name="NVIDIA H200", log=lambda m: 0)
+    assert [(p.precision, p.batch, p.block) for p in passes] == [
+        (v, b, l) for v in ("bf16", "bf16-gemv", "bf16-sampled") for b, l in ((1, 8), (2, 4))]
+    js = passes[0].to_json()
+    assert js["memory_fraction"] == pytest.approx(js["memory_bound_ms"] / js["engine_ms"], abs=1e-4)
+    assert js["compute_fraction"] == pytest.approx(js["compute_bound_ms"] / js["engine_ms"], abs=1e-4)
+    assert gpu.grid((1, 8), (32, 64)) == [(1, 32), (1, 64), (8, 32), (8, 64)]
+    assert gpu.grid((1,), (2,), pairs=[[8, 64]]) == [(8, 64)]
+
+
+def _row(precision, batch, block, ms, mem, comp):
+    return dict(precision=precision, batch=batch, block=block, engine_ms=ms, memory_fraction=mem,
+                compute_fraction=comp)
+
+
+def test_pass_targets_arithmetic():
+    rows = [_row("bf16", 1, 32, 5.4, 0.62, 0.01), _row("bf16-gemv", 1, 32, 4.7, 0.71, 0.01),
+            _row("fp8", 1, 32, 3.0, 0.5, 0.01), _row("fp8-gemv", 1, 32, 2.5, 0.6, 0.01),
+            _row("bf16", 8, 64, 15.7, 0.2, 0.53), _row("bf16-gemv", 8, 64, 15.9, 0.2, 0.52),
+            _row("bf16-sampled", 1, 32, 1.0, 0.99, 0.9)]                     # never counted as bf16
+    t = {x["check"].split(":")[0].split(" pass")[0]: x for x in gpu.pass_targets(rows)}
+    mem = t["bf16 batch 1 block 32"]
+    assert (mem["variant"], mem["value"], mem["met"]) == ("bf16-gemv", 0.71, True)
+    ratio = t["fp8 / bf16"]
+    assert ratio["variant"] == "fp8-gemv / bf16-gemv" and ratio["value"] == round(2.5 / 4.7, 4) and ratio["met"]
+    comp = t["bf16 batch 8 block 64"]
+    assert (comp["variant"], comp["value"], comp["met"]) == ("bf16", 0.53, False)
+    missing = gpu.pass_targets([_row("bf16", 1, 32, 5.0, 0.66, 0.0)])
+    assert [x["met"] for x in missing] == [False, None]                   # no batch-8 row: not judged

@@ -1,6 +1,6 @@
 """The scheduler: rows of different prompts and policies share engine passes, and each gets exactly what it
 gets alone (tokens and NFE), whatever the batching (passes over member rows only, whole-batch passes with
-idle rows, fixed slots of a plain Denoiser); the queue refuses when full; cancelled rows leave."""
+idle rows, fixed slots of a contract-only Denoiser); the queue refuses when full; cancelled rows leave."""
 
 import asyncio
 import threading
@@ -9,8 +9,9 @@ import time
 import pytest
 import torch
 
+from contract_denoiser import ContractOnly  # tests/contract_denoiser.py
+
 from nemodiff_compile.decoding import loops
-from nemodiff_compile.decoding.denoiser import Denoiser
 from nemodiff_compile.decoding.policy import DecodePolicy
 from nemodiff_compile.decoding.scheduler import Cancelled, QueueFull, Scheduler, SchedulerClosed
 from nemodiff_compile.errors import InvalidArgument
@@ -22,28 +23,6 @@ POLICIES = [DecodePolicy("ar"), DecodePolicy("dlm"), DecodePolicy("linear-spec")
             DecodePolicy("ar", temperature=0.8, seed=3), DecodePolicy("dlm", temperature=1.0, seed=5),
             DecodePolicy("linear-spec", threshold=0.5, block_length=8)]
 NEW = 24
-
-
-class Plain(Denoiser):
-    """A denoiser with only the contract (no regroup, no subset passes): the scheduler's fixed slots.
-    delay: seconds added to every pass (a slow engine keeps rows busy)."""
-
-    def __init__(self, inner, delay: float = 0.0):
-        self.inner, self.delay = inner, delay
-        self.config, self.max_len = inner.config, inner.max_len
-
-    def reset(self, batch):
-        self.inner.reset(batch)
-
-    def lengths(self):
-        return self.inner.lengths()
-
-    def trim(self, lengths):
-        self.inner.trim(lengths)
-
-    def step(self, tokens, **kw):
-        time.sleep(self.delay)
-        return self.inner.step(tokens, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +43,7 @@ def test_every_row_equals_its_solo_run(engine, solo, batching, monkeypatch):
     den = engine.denoiser
     if batching == "whole batch":
         monkeypatch.setattr(den, "subset_passes", False)
-    target = Plain(den) if batching == "fixed slots" else den
+    target = ContractOnly(den) if batching == "fixed slots" else den
     s = Scheduler(target, max_batch=8)
     try:
         reqs = [s.submit(p, pol, NEW) for p, pol in zip(PROMPTS, POLICIES)]
@@ -77,8 +56,31 @@ def test_every_row_equals_its_solo_run(engine, solo, batching, monkeypatch):
     assert s.passes < sum(g.nfe for g in solo)                 # rows shared passes
 
 
+def test_joiners_prefill_inside_commit_passes(engine):
+    """A row joining mid-block prefills inside another row's commit pass (decoding/scheduler.py, riders) and
+    still gets exactly its solo tokens and NFE."""
+    den = engine.denoiser
+    pols = [DecodePolicy("dlm", threshold=t) for t in (0.9, 0.5)] * 4
+    want = [loops.generate(den, [p], pol, max_new_tokens=NEW) for p, pol in zip(PROMPTS, pols)]
+    s = Scheduler(den, max_batch=3)
+    try:
+        with s.exclusive():                      # everything queued before the first pass: a fixed schedule
+            reqs = [s.submit(p, pol, NEW) for p, pol in zip(PROMPTS, pols)]
+        gens = [r.result(120) for r in reqs]
+    finally:
+        s.close()
+    for pol, w, g in zip(pols, want, gens):
+        assert g.tokens == w.tokens and g.nfe_by_phase == w.nfe_by_phase and g.row_nfe == w.row_nfe, pol
+    phases: dict[int, set[str]] = {}
+    for r in reqs:
+        for index, phase in r.passes:
+            phases.setdefault(index, set()).add(phase)
+    assert any(p == {"prefill", "commit"} for p in phases.values())
+    assert s.passes == len(phases)
+
+
 def test_queue_full_cancel_and_close(engine, solo):
-    slow = Plain(engine.denoiser, delay=0.02)
+    slow = ContractOnly(engine.denoiser, delay=0.02)
     s = Scheduler(slow, max_batch=1, max_queue=1)
     long = s.submit(PROMPTS[1], DecodePolicy("dlm", threshold=1.0), 48)     # one commit per pass: many passes
     _until(lambda: s.stats()["running"] == 1)

@@ -63,3 +63,34 @@ def test_fp8_tracks_bf16(mode):
     total = sum(len(r) for r in ref.tokens)
     print(f"fp8 ({mode}) vs bf16 reference: position-wise token agreement {agree}/{total}")
     assert agree / total > 0.5
+
+
+@pytest.mark.parametrize("kw", [dict(threshold=0.5), dict(threshold=None, steps=4)])
+def test_sampled_device_loop_equals_host_loop(model, kw):
+    """Temperature > 0 on the captured device loop: noise drawn on the GPU (decoding/noise.py) gives the host
+    loop's tokens (noise drawn on the CPU) for the same seed; the eager reference too."""
+    kw = dict(max_new_tokens=48, temperature=1.0, seed=5, **kw)
+    den = FastDenoiser(model, MAX_LEN)
+    device = loops.diffusion_generate(den, PROMPTS, **kw)
+    assert device.device_passes >= device.nfe_by_phase["denoise"] > 0
+    assert any(k[0] == "denoise" and k[-1] == 1.0 for k in den.graphs.graphs)
+    host = loops.diffusion_generate(den, PROMPTS, device_refine=False, **kw)
+    ref = loops.diffusion_generate(TorchDenoiser(model, MAX_LEN), PROMPTS, **kw)
+    assert device.tokens == host.tokens == ref.tokens
+    assert device.nfe_by_phase == host.nfe_by_phase and device.row_nfe == host.row_nfe
+
+
+@pytest.mark.parametrize("fp8", [None, "row"])
+def test_gemv_kernel_in_the_engine(model, fp8):
+    """The split-K small-M projections (kernels/gemv.py) under graph replay: the same dlm tokens as the
+    engine without them up to near-ties (each product within one ulp of the output dtype; a broken kernel
+    agrees on almost nothing)."""
+    if fp8 and (model.dtype != torch.bfloat16 or torch.cuda.get_device_capability() < (8, 9)):
+        pytest.skip("FP8 GEMV: bf16 model on sm_89+")
+    kw = dict(max_new_tokens=48, threshold=0.9)
+    off = loops.diffusion_generate(FastDenoiser(model, MAX_LEN, fp8=fp8), PROMPTS, **kw)
+    den = FastDenoiser(model, MAX_LEN, fp8=fp8, gemv=True)
+    on = loops.diffusion_generate(den, PROMPTS, **kw)
+    assert den.graphs.captures >= 2
+    agree = sum(a == b for x, y in zip(on.tokens, off.tokens) for a, b in zip(x, y)) / sum(map(len, off.tokens))
+    assert agree >= 0.9, agree

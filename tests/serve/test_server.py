@@ -22,7 +22,8 @@ pytest.importorskip("fastapi", reason="needs the serve extra (pip install -e '.[
 pytest.importorskip("uvicorn", reason="needs the serve extra (pip install -e '.[serve]')")
 openai = pytest.importorskip("openai", reason="needs the openai client (pip install -e '.[test]')")
 
-from nemodiff_compile.decoding.denoiser import Denoiser  # noqa: E402
+from contract_denoiser import ContractOnly  # noqa: E402  (tests/contract_denoiser.py)
+
 from nemodiff_compile.serve.server import create_app  # noqa: E402
 from nemodiff_compile.session import Session  # noqa: E402
 
@@ -31,27 +32,6 @@ TEXTS = ["Once upon a time", "What is 3 + 4?", "The cat sat on", "Tom has 3 appl
 KNOBS = [dict(mode="ar"), dict(), dict(mode="linear-spec"), dict(steps=4, block_length=8),
          dict(threshold=0.5), dict(mode="ar"), dict(block_length=8), dict(mode="linear-spec", block_length=8)]
 NEW = 24
-
-
-class Slow(Denoiser):
-    """An engine whose passes take `delay` seconds longer (keeps its rows busy); the contract only."""
-
-    def __init__(self, inner, delay: float):
-        self.inner, self.delay = inner, delay
-        self.config, self.max_len = inner.config, inner.max_len
-
-    def reset(self, batch):
-        self.inner.reset(batch)
-
-    def lengths(self):
-        return self.inner.lengths()
-
-    def trim(self, lengths):
-        self.inner.trim(lengths)
-
-    def step(self, tokens, **kw):
-        time.sleep(self.delay)
-        return self.inner.step(tokens, **kw)
 
 
 @contextmanager
@@ -164,7 +144,7 @@ def test_full_queue_is_503_and_a_disconnect_frees_the_row(tiny_engine):
     from nemodiff_compile.backends.open import open_engine
 
     engine = open_engine(tiny_engine, threads=1)
-    slow = Session(Slow(engine.denoiser, 0.03), engine.tokenizer, engine.manifest, max_batch=1, max_queue=1)
+    slow = Session(ContractOnly(engine.denoiser, 0.03), engine.tokenizer, engine.manifest, max_batch=1, max_queue=1)
     with serving(create_app(slow, model_name="tiny")) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=60)
         stream = client.completions.create(model="tiny", prompt=TEXTS[0], max_tokens=200, stream=True,
