@@ -75,7 +75,12 @@ def build_engine(config: BuildConfig, *, recipe: "Recipe | None" = None,
             from .validate.engine import validate_engine
 
             # a quantized build calibrated `model` in place: the reference is then a fresh float copy
-            validate_engine(tmp, reference=None if quant else model, quick=True)
+            report = validate_engine(tmp, reference=None if quant else model, quick=True)
+            s = report.settings
+            progress(f"validation {'PASSED' if report.passed else 'FAILED'} ({s['prompts']} prompts x "
+                     f"{s['max_new_tokens']} tokens; recorded in the manifest)")
+            if report.explanation:
+                progress(f"why: {report.explanation['text']}")
     return output
 
 

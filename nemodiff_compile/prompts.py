@@ -15,19 +15,30 @@ from .errors import InvalidArgument
 MAX_PROMPT_TOKENS = 96
 
 
-# Built-in prompts: chat and raw text, of different lengths (the tiny model was trained on such text).
+# Built-in prompts (package data, one per line; encode_prompts wraps the even-numbered ones in the chat
+# template): the four first are the original set, chat and raw text of different lengths; the 60 after
+# them were drawn by `python -m tinylm.heldout 60 OUT --seed 72026 --exclude docs/prompts/tiny-heldout-200.txt
+# --exclude nemodiff_compile/assets/prompts/calibration.txt` (the tiny corpus's style; none is a
+# calibration or held-out prompt).
+PROMPTS_FILE = Path(__file__).resolve().parent / "assets" / "prompts" / "validation.txt"
 TEXT_PROMPTS = ("What is 3 + 4?", "Once upon a time, Mia", "Count from 5:",
                 "Tell me a story about a cat who found a red ball in the garden.")
 
 
+def prompt_texts() -> tuple[str, ...]:
+    """The built-in prompts' texts, in order (TEXT_PROMPTS first)."""
+    return tuple(line.strip() for line in PROMPTS_FILE.read_text(encoding="utf-8").splitlines() if line.strip())
+
+
 def builtin_prompts(tok: Any, cfg, count: int) -> list[list[int]]:
-    """`count` prompts of different lengths: encoded text when there is a tokenizer, else seeded ids."""
+    """The first `count` built-in prompts, of different lengths: encoded text when there is a tokenizer,
+    else seeded ids."""
     if tok is not None:
-        return encode_prompts([{"text": t} for t in TEXT_PROMPTS[:count]], tok, cfg, "built-in prompts")
+        return encode_prompts([{"text": t} for t in prompt_texts()[:count]], tok, cfg, "built-in prompts")
     import random
 
     rng = random.Random(0)
-    return [[cfg.bos_token_id or 1] + [rng.randrange(128, cfg.vocab_size) for _ in range(3 + 5 * i)]
+    return [[cfg.bos_token_id or 1] + [rng.randrange(128, cfg.vocab_size) for _ in range(3 + 5 * (i % 8))]
             for i in range(count)]
 
 

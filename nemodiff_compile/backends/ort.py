@@ -89,6 +89,7 @@ class OrtDenoiser(BackendDenoiser):
             raise NemodiffError(f"{onnx_path}: ONNX Runtime ({', '.join(map(str, providers))}) cannot load this "
                                 f"graph: {first}{hint}") from None
         self.spec, self.config = spec, config
+        self.onnx_path = Path(onnx_path)
         self._check(onnx_path, return_logits)
         device = torch.device("cpu")
         if self.session.get_providers()[0] == "CUDAExecutionProvider":

@@ -43,7 +43,7 @@ def record(prompts: list[list[int]], calib) -> dict[str, Any]:
 
 
 def decoding_loop(prompts: list[list[int]], modes: tuple[str, ...], max_new_tokens: int, block_length: int,
-                  batch: int = 4) -> Callable[[Any], None]:
+                  batch: int = 8) -> Callable[[Any], None]:
     """The ModelOpt forward loop: `loop(model)` decodes every prompt in every mode (greedy, threshold
     policy) so the quantizers see prefill, denoise, commit, draft and verify passes."""
 

@@ -92,43 +92,42 @@ class Recipe:
         return self
 
 
-# Bounds against the fp32 reference (validate: teacher-forced per pass and per mode, free-running
-# per trajectory; tolerances.py). Set from the trained tiny model (hidden 192: quantization noise is
-# large next to a 7B+ model's), with room for other prompts:
-#   teacher-forced token / commit-decision agreement: measured >= 0.97 (fp8, int8), >= 0.95
-#     (int4-awq); stable, the main discriminator between a sound and a broken calibration
-#   min per-pass logit cosine: measured 0.983 / 0.962 (fp8), 0.955 / 0.944 (int8), 0.898 / 0.869
-#     (int4-awq) on the 4 built-in / 16 held-out prompts (docs/prompts/tiny-heldout.txt; a minimum
-#     falls as passes are added, hence fp8's bound 0.95, not the 0.97 first set from the built-in
-#     prompts alone); a deliberately broken recipe (test_broken_recipe_fails_the_gate) scores
-#     0.848 / 0.728 and teacher-forced token agreement 0.903 / 0.925
-#   free-running trajectory agreement pooled over prompts, per mode: measured 0.78-1.0 (fp8),
-#     0.70-1.0 (int8), 0.38-0.67 (int4-awq). The tiny model's many near-ties make one flipped argmax
-#     rewrite the rest of a row (a deliberately broken recipe scores in the same range), so this is
-#     a loose floor and the per-prompt minimum (token_agreement) is reported, not enforced.
-#     fp8 measured 0.903 pooled on the 4 built-in validation prompts; its three divergences are
-#     near-ties of the fp32 reference (p 0.0774 vs 0.0769 at one ar/linear-spec position, logit
-#     margins 0.08 at the other two), and the whole model in bf16, unquantized, scores 0.943.
-#     Multiplying every activation amax by 0.98..1.02 moves the fp8 figure between 0.51 and 0.93
-#     while the teacher-forced KL stays 1.0e-3..1.2e-3 and 16 held-out prompts stay 0.91..0.98;
-#     the Q/DQ error of every activation is E4M3's mantissa floor (relative squared error 7e-4,
-#     <0.02% clipped), so no calibration choice lowers it (scripts/quant_sensitivity.py).
-#   TPF drop: measured <= 3% (and rises of up to 33%).
-_COMMON = dict(logits_atol=None, logits_rtol=None, conf_atol=None, token_agreement=None)
+# Bounds against the fp32 reference (validate/tolerances.py; README "Quantization" has the tables and
+# docs/benchmarks/quant-tiny/ the raw reports). Set from the trained tiny model (hidden 192: quantization
+# noise is large next to a 7B+ model's), measured on ONNX Runtime engines over 200 held-out prompts
+# (docs/prompts/tiny-heldout-200.txt, tinylm/heldout.py's own seed) and every prompt file in the repo:
+#   teacher-forced token / commit-decision agreement >= 0.95: measured >= 0.975 (fp8, int8), >= 0.959
+#     (int4-awq); the deliberately broken recipe (tests/quant) 0.92 .. 0.94
+#   per pass kind, the 5th percentile over positions of the logit cosine: measured >= 0.997 (fp8,
+#     int8), >= 0.984 (int4-awq), broken <= 0.966. Not the minimum: it keeps falling as prompts are
+#     added (fp8's draft passes: 0.986 on 64 prompts, 0.970 on 200), nor the 1st percentile, which
+#     one prompt moves
+#   per pass kind, the mean KL(reference || engine): measured <= 2.1e-3 (fp8, int8), <= 9.4e-3
+#     (int4-awq), broken >= 3.5e-2 in its worst pass kind
+#   free-running trajectory agreement pooled over prompts, per mode, a loose floor 0.85: measured on
+#     the 200 held-out prompts 0.950 (fp8), 0.975 (int8), 0.901 (int4-awq), 0.769 (broken), 0.960 with
+#     the whole model in bf16, unquantized: the tiny model's near-ties flip with any rounding, and one
+#     flip rewrites the rest of a row. fp8 falls to 0.834 in dlm on docs/prompts/tiny-tasks.jsonl
+#     (FAILED; keeping decoder layer 0 in float measures 0.945 there and 0.974 in dlm on the 200
+#     held-out prompts, with the largest mean KL 1.7e-3 -> 1.1e-3: fake-quantized torch; not yet the default)
+#   tokens per forward: measured within 2% (fp8, int8)
+# int4-awq is not usable at hidden 192 (the tiny model): its trajectory agreement on the 64 built-in
+# validation prompts is 0.785 in ar (the build's own validation FAILS) while the 200 held-out prompts
+# pass at 0.901; wider models were not measured (no trained checkpoint here). Use fp8 or int8 there.
+_COMMON = dict(logits_atol=None, logits_rtol=None, conf_atol=None, token_agreement=None, cosine_min=None,
+               forced_token_agreement=0.95, commit_agreement=0.95, tpf_drop_max=0.1)
 RECIPES: dict[str, Recipe] = {
     "fp8": Recipe("fp8", weights="fp8", weight_block=None, activations="fp8", algorithm="max",
-                  thresholds=dict(_COMMON, cosine_min=0.95, forced_token_agreement=0.95, commit_agreement=0.95,
-                                  mean_token_agreement=0.7, tpf_drop_max=0.1)),
+                  thresholds=dict(_COMMON, cosine_p05=0.99, kl_mean_max=0.005, mean_token_agreement=0.85)),
     "int8": Recipe("int8", weights="int8", weight_block=None, activations="int8", algorithm="smoothquant",
-                   thresholds=dict(_COMMON, cosine_min=0.93, forced_token_agreement=0.95, commit_agreement=0.95,
-                                   mean_token_agreement=0.6, tpf_drop_max=0.1)),
+                   thresholds=dict(_COMMON, cosine_p05=0.99, kl_mean_max=0.005, mean_token_agreement=0.85)),
     "int4-awq": Recipe("int4-awq", weights="int4", weight_block=128, activations=None, algorithm="awq_lite",
-                       thresholds=dict(_COMMON, cosine_min=0.85, forced_token_agreement=0.9, commit_agreement=0.9,
-                                       mean_token_agreement=0.3, tpf_drop_max=0.2)),
+                       thresholds=dict(_COMMON, cosine_p05=0.98, kl_mean_max=0.015, mean_token_agreement=0.85,
+                                       tpf_drop_max=0.2)),
     "nvfp4": Recipe("nvfp4", weights="nvfp4", weight_block=16, activations="nvfp4", algorithm="max",
                     needs_cuda=True,
-                    thresholds=dict(_COMMON, cosine_min=0.9, forced_token_agreement=0.9, commit_agreement=0.9,
-                                    mean_token_agreement=0.5, tpf_drop_max=0.2)),
+                    thresholds=dict(_COMMON, cosine_p05=0.98, kl_mean_max=0.015, mean_token_agreement=0.85,
+                                    tpf_drop_max=0.2)),
 }
 
 

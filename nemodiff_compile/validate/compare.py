@@ -28,7 +28,7 @@ from ..errors import InvalidArgument
 from ..decoding import loops
 from ..decoding.denoiser import Denoiser
 from ..decoding.policy import DecodePolicy
-from . import metrics
+from . import metrics, spread
 from .shadow import ShadowDenoiser, ShadowPass
 from .tolerances import TOLERANCES, Tolerances
 
@@ -49,6 +49,8 @@ class PassStats:
     commit: tuple[int, int] | None                # (same decision, eligible positions): denoise / draft only
     lengths_ok: bool                              # cache lengths equal after the pass (and its trim)
     failures: list[str] = field(default_factory=list)
+    first_prompt: int = 0                         # the prompt index of the pass's batch row 0
+    divergence: dict | None = field(default=None, repr=False)   # metrics.position_divergence (cos, kl, row)
 
     @property
     def passed(self) -> bool:
@@ -129,7 +131,9 @@ class ModeResult:
                    nfe=self.nfe, tokens_per_forward=self.tokens_per_forward, tpf_drop=self.tpf_drop,
                    passes_compared=len(self.passes), failed_passes=len(failed), worst=self.worst(),
                    failures=list(self.failures), first_failure=failed[0].to_json() if failed else None,
-                   first_divergence=self.first_divergence, device_loop=self.device)
+                   first_divergence=self.first_divergence, kl_mean=spread.mode_kl(self.passes),
+                   prompt_spread=spread.prompt_spread(self.prompt_agreement),
+                   phases=spread.phase_spread(self.passes), device_loop=self.device)
         if per_pass:
             out["passes"] = [p.to_json() for p in self.passes]
         return out
@@ -140,6 +144,7 @@ class ValidationReport:
     tolerances: Tolerances
     modes: dict[str, ModeResult]
     settings: dict[str, Any]
+    explanation: dict[str, Any] | None = None     # explain.explain(...): why it failed, where it was set
     # vision-language engines: the vision graph against the reference's tower (validate/images.py)
     vision: dict[str, Any] | None = None
 
@@ -180,7 +185,7 @@ class ValidationReport:
                     passes_compared=self.passes_compared, first_divergence=self.first_divergence,
                     first_failure=self.first_failure, failures=self.failures,
                     tolerances=self.tolerances.to_json(), settings=self.settings, vision=self.vision,
-                    per_mode={k: m.to_json(per_pass) for k, m in self.modes.items()})
+                    per_mode={k: m.to_json(per_pass) for k, m in self.modes.items()}, explanation=self.explanation)
 
     def to_table(self) -> str:
         head = ("mode", "passes", "failed", "tok agree", "min prompt", "forced tok", "commit",
@@ -193,11 +198,23 @@ class ValidationReport:
                          _f(m.commit_agreement, 4), _g(w["logits_max_abs_diff"]), _f(w["logits_cosine_min"], 6),
                          _g(w["conf_max_abs_diff"]), f"{m.nfe['reference']}/{m.nfe['engine']}",
                          f"{m.tokens_per_forward['reference']:.2f}/{m.tokens_per_forward['engine']:.2f}"))
-        widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
-        line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
         out = [f"validation ({self.tolerances.precision} tolerances): {'PASSED' if self.passed else 'FAILED'}, "
-               f"token agreement {self.token_agreement:.4f} over {self.passes_compared} passes",
-               line(head), line(tuple("-" * w for w in widths)), *map(line, rows)]
+               f"token agreement {self.token_agreement:.4f} over {self.passes_compared} passes, "
+               f"{self.settings.get('prompts', '?')} prompts", *_columns(head, rows)]
+        out += ["", "trajectory agreement per prompt, and teacher-forced passes by kind:"]
+        head = ("mode", "prompts", "mean", "median", "p10", "min", "exact", "pass kind", "positions", "tok agree",
+                "cos min", "cos p01", "cos p05", "KL mean", "KL p99")
+        rows = []
+        for name, m in self.modes.items():
+            ps = spread.prompt_spread(m.prompt_agreement)
+            lead = (name, str(ps["prompts"]), _f(ps["mean"], 4), _f(ps["median"], 4), _f(ps["p10"], 4),
+                    _f(ps["min"], 4), _f(ps["exact"], 3))
+            for phase, d in spread.phase_spread(m.passes).items():
+                c, k = d.get("cosine", {}), d.get("kl", {})
+                rows.append((*lead, phase, str(d["positions"]), _f(d["token_agreement"], 4), _f(c.get("min"), 4),
+                             _f(c.get("p01"), 4), _f(c.get("p05"), 4), _g(k.get("mean")), _g(k.get("p99"))))
+                lead = ("",) * len(lead)
+        out += _columns(head, rows)
         for name, m in self.modes.items():
             d = m.device
             if d is not None:
@@ -212,7 +229,16 @@ class ValidationReport:
         out.append("first divergence: " + (_where(div) + f" ({div['kind']})" if div else "none"))
         out.append("first failing pass: " + (_where(fail) + ": " + "; ".join(fail["failures"]) if fail else "none"))
         out += [f"failed: {f}" for f in self.failures]
+        if self.explanation:
+            out.append(f"why: {self.explanation['text']}")
         return "\n".join(out)
+
+
+def _columns(head: tuple, rows: list[tuple]) -> list[str]:
+    """A header, a rule and the rows, right-aligned but for the first column."""
+    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
+    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return [line(head), line(tuple("-" * w for w in widths)), *map(line, rows)]
 
 
 def _ratio(n: int, d: int) -> float:
@@ -240,7 +266,7 @@ def validate(reference: Denoiser, engine: Denoiser, prompts: list[list[int]], *,
              modes: tuple[str, ...] = loops.MODES, max_new_tokens: int = 32, block_length: int | None = None,
              threshold: float | None = None, steps: int | None = None, spec_threshold: float = 0.0,
              temperature: float = 0.0, tolerances: Tolerances | None = None, seed: int = 0,
-             images: list | None = None) -> ValidationReport:
+             batch: int | None = None, images: list | None = None) -> ValidationReport:
     """Compare `engine` with `reference` in each mode; see the module docstring.
 
     threshold / steps: the dlm policy (threshold rule, default 0.9, or the fixed-steps schedule when steps
@@ -248,6 +274,8 @@ def validate(reference: Denoiser, engine: Denoiser, prompts: list[list[int]], *,
     runs on the host (the comparison is per pass); where the engine has a device block refiner for the dlm
     policy, one more untraced dlm run goes through it (the "device loop" of the module docstring). images: per
     prompt its image features (decoding/embeds.PromptImages) or None; both sides prefill the same ones.
+    batch: prompts per decode batch (default all at once); a large set runs in chunks of `batch`,
+    pooled into one report (pass indices run on across chunks).
     """
     tol = tolerances or TOLERANCES["fp32"]
     if engine is reference:
@@ -256,31 +284,47 @@ def validate(reference: Denoiser, engine: Denoiser, prompts: list[list[int]], *,
     policies = {mode: DecodePolicy(mode, block_length=block_length, temperature=temperature, seed=seed,
                                    threshold={"dlm": threshold, "linear-spec": spec_threshold}.get(mode),
                                    steps=steps if mode == "dlm" else None) for mode in modes}
+    batch = batch or len(prompts) or 1
     results = {}
     for mode, policy in policies.items():
-        kw = dict(max_new_tokens=max_new_tokens, trace=True, images=images)
-        shadow = ShadowDenoiser(reference, engine, logits_atol=tol.logits_atol, logits_rtol=tol.logits_rtol)
-        ref = loops.generate(shadow, prompts, policy, **kw)                     # teacher-forced
-        eng = loops.generate(engine, prompts, policy, **kw)                     # free-running
+        kw = dict(max_new_tokens=max_new_tokens, trace=True)
         rule = _commit_rule(policy)
-        passes = [_pass_stats(mode, i, rec, sp, rule, reference.config.mask_token_id, tol)
-                  for i, (rec, sp) in enumerate(zip(ref.trace, shadow.passes, strict=True))]
-        agree = [trajectory_agreement(a, b) for a, b in zip(ref.tokens, eng.tokens)]
+        passes, agree, divergence = [], [], None
+        device_loop = mode == "dlm" and policy.greedy and engine.block_refiner(policy) is not None
+        device_runs: list[tuple[loops.Generation, loops.Generation, loops.Generation, int]] = []
+        nfe = {"reference": 0, "engine": 0}
+        tpf = {"reference": 0.0, "engine": 0.0}
+        for lo in range(0, len(prompts), batch):                # chunks of `batch` prompts, one batch each
+            chunk = prompts[lo:lo + batch]
+            kw["images"] = images[lo:lo + batch] if images is not None else None
+            shadow = ShadowDenoiser(reference, engine, logits_atol=tol.logits_atol, logits_rtol=tol.logits_rtol)
+            ref = loops.generate(shadow, chunk, policy, **kw)                 # teacher-forced
+            eng = loops.generate(engine, chunk, policy, **kw)                 # free-running
+            passes += [_pass_stats(mode, len(passes) + i, rec, sp, rule, reference.config.mask_token_id, tol, lo)
+                       for i, (rec, sp) in enumerate(zip(ref.trace, shadow.passes, strict=True))]
+            agree += [trajectory_agreement(a, b) for a, b in zip(ref.tokens, eng.tokens)]
+            for side, g in (("reference", ref), ("engine", eng)):
+                nfe[side] += g.nfe
+                tpf[side] += g.tokens_per_forward * len(chunk)                # a mean over rows: weight by rows
+            if divergence is None:
+                divergence = first_divergence(mode, chunk, ref, eng, first_prompt=lo)
+            if device_loop:
+                dev = loops.generate(engine, chunk, policy, max_new_tokens=max_new_tokens,     # untraced
+                                     images=kw["images"])
+                device_runs.append((dev, eng, ref, lo))
+        n = max(len(prompts), 1)
         result = ModeResult(
             mode, [_ratio(*a) for a in agree], sum(m for m, _ in agree), sum(t for _, t in agree),
-            {"reference": ref.nfe, "engine": eng.nfe},
-            {"reference": ref.tokens_per_forward, "engine": eng.tokens_per_forward},
-            passes, first_divergence(mode, prompts, ref, eng))
+            nfe, {k: v / n for k, v in tpf.items()}, passes, divergence)
         result.failures = _judge_mode(result, tol)
-        if mode == "dlm" and policy.greedy and engine.block_refiner(policy) is not None:
-            dev = loops.generate(engine, prompts, policy, max_new_tokens=max_new_tokens, images=images)  # untraced
-            result.device, bad = _device_loop(dev, eng, ref, tol)
+        if device_loop:
+            result.device, bad = _device_loop(device_runs, tol)
             result.failures += bad
         results[mode] = result
     settings = dict(modes=list(modes), prompts=len(prompts), max_new_tokens=max_new_tokens,
                     block_length=block_length, threshold=policies["dlm"].threshold if "dlm" in policies else threshold,
                     steps=steps,
-                    spec_threshold=spec_threshold, temperature=temperature, seed=seed)
+                    spec_threshold=spec_threshold, temperature=temperature, seed=seed, batch=batch)
     return ValidationReport(tol, results, settings)
 
 
@@ -293,14 +337,15 @@ def _commit_rule(policy: DecodePolicy) -> metrics.CommitRule | None:
 
 
 def _pass_stats(mode: str, i: int, rec: loops.PassRecord, sp: ShadowPass, rule: metrics.CommitRule | None,
-                mask_id: int, tol: Tolerances) -> PassStats:
+                mask_id: int, tol: Tolerances, first_prompt: int = 0) -> PassStats:
     valid = metrics.valid_positions(sp.tokens, sp.num_valid)                   # [B, L]
     commit = None
     if rule is not None and rec.phase in DECISION_PHASES and rec.committed is not None:
         commit = metrics.commit_matches(rule, sp.tokens, rec.committed, sp.ref_conf, sp.eng_conf, mask_id)
     st = PassStats(mode, i, rec.phase, rec.block, rec.step, int(valid.sum()),
                    metrics.token_matches(sp.eng_token, sp.ref_token, valid),
-                   metrics.conf_max_abs_diff(sp.eng_conf, sp.ref_conf, valid), sp.logits, commit, sp.lengths_ok)
+                   metrics.conf_max_abs_diff(sp.eng_conf, sp.ref_conf, valid), sp.logits, commit, sp.lengths_ok,
+                   first_prompt=first_prompt, divergence=sp.divergence)
     st.failures = _judge_pass(st, tol)
     return st
 
@@ -338,6 +383,17 @@ def _judge_mode(m: ModeResult, tol: Tolerances) -> list[str]:
             bad.append(f"prompt {b}: trajectory token agreement {a:.4f} < {tol.token_agreement}")
     if tol.mean_token_agreement is not None and m.token_agreement < tol.mean_token_agreement:
         bad.append(f"trajectory token agreement over all prompts {m.token_agreement:.4f} < {tol.mean_token_agreement}")
+    if tol.cosine_p05 is not None or tol.kl_mean_max is not None:
+        for phase, d in spread.phase_spread(m.passes).items():
+            if "cosine" not in d:
+                continue
+            p05, kl = d["cosine"]["p05"], d["kl"]["mean"]
+            if tol.cosine_p05 is not None and p05 is not None and not p05 >= tol.cosine_p05:
+                bad.append(f"{phase} passes: 5th-percentile logit cosine {p05:.4f} < {tol.cosine_p05} "
+                           f"(over {d['positions']} positions)")
+            if tol.kl_mean_max is not None and kl is not None and not kl <= tol.kl_mean_max:
+                bad.append(f"{phase} passes: mean KL(reference || engine) {kl:.4g} > {tol.kl_mean_max} nats "
+                           f"(over {d['positions']} positions)")
     drop = m.tpf_drop
     if tol.tpf_drop_max is not None and drop is not None and not drop <= tol.tpf_drop_max:
         tpf = m.tokens_per_forward
@@ -346,17 +402,23 @@ def _judge_mode(m: ModeResult, tol: Tolerances) -> list[str]:
     return bad
 
 
-def _device_loop(dev: loops.Generation, host: loops.Generation, ref: loops.Generation,
+def _device_loop(runs: list[tuple[loops.Generation, loops.Generation, loops.Generation, int]],
                  tol: Tolerances) -> tuple[dict[str, Any], list[str]]:
-    """The device refinement loop's run against the engine's host passes (exactly) and the reference."""
-    agree = [trajectory_agreement(a, b) for a, b in zip(ref.tokens, dev.tokens)]
-    same = dev.tokens == host.tokens and dev.nfe_by_phase == host.nfe_by_phase and dev.row_nfe == host.row_nfe
+    """The device refinement loop's runs (dev, host, ref, first prompt), one per chunk of prompts, against
+    the engine's host passes (exactly) and the reference."""
+    agree, rows, same, nfe, device_passes, tpf = [], [], True, 0, 0, 0.0
+    for dev, host, ref, lo in runs:
+        agree += [trajectory_agreement(a, b) for a, b in zip(ref.tokens, dev.tokens)]
+        rows += [lo + b for b, (x, y) in enumerate(zip(host.tokens, dev.tokens)) if x != y]
+        same = same and dev.tokens == host.tokens and dev.nfe_by_phase == host.nfe_by_phase \
+            and dev.row_nfe == host.row_nfe
+        nfe, device_passes = nfe + dev.nfe, device_passes + dev.device_passes
+        tpf += dev.tokens_per_forward * len(dev.tokens)                   # a mean over rows: weight by rows
     summary = dict(token_agreement=_ratio(sum(m for m, _ in agree), sum(t for _, t in agree)),
-                   prompt_agreement=[_ratio(*a) for a in agree], same_as_host_passes=same, nfe=dev.nfe,
-                   device_passes=dev.device_passes, tokens_per_forward=dev.tokens_per_forward)
+                   prompt_agreement=[_ratio(*a) for a in agree], same_as_host_passes=same, nfe=nfe,
+                   device_passes=device_passes, tokens_per_forward=tpf / max(len(agree), 1))
     bad = []
     if not same:
-        rows = [b for b, (x, y) in enumerate(zip(host.tokens, dev.tokens)) if x != y]
         what = f"tokens of prompt(s) {rows}" if rows else "pass counts"
         bad.append(f"device refinement loop: {what} differ from the engine's host passes")
     for b, a in enumerate(summary["prompt_agreement"]):
@@ -376,7 +438,7 @@ def trajectory_agreement(ref: list[int], eng: list[int]) -> tuple[int, int]:
 
 
 def first_divergence(mode: str, prompts: list[list[int]], ref: loops.Generation,
-                     eng: loops.Generation) -> dict[str, Any] | None:
+                     eng: loops.Generation, first_prompt: int = 0) -> dict[str, Any] | None:
     """The first pass (in run order) whose outcome differs, for a prompt whose final output differs.
 
     The outcome of a pass is what the loop keeps from it: prefill the last prompt position (the first
@@ -391,13 +453,13 @@ def first_divergence(mode: str, prompts: list[list[int]], ref: loops.Generation,
         for b in rows:
             diff = _pass_difference(r, e, b, len(prompts[b]))
             if diff is not None:
-                return dict(mode=mode, prompt=b, pass_index=i, phase=r.phase, block=r.block, step=r.step, **diff)
+                return dict(mode=mode, prompt=first_prompt + b, pass_index=i, phase=r.phase, block=r.block, step=r.step, **diff)
     if len(ref.trace) != len(eng.trace):                                       # one run has more passes
         n = min(len(ref.trace), len(eng.trace))
         extra = (ref.trace if len(ref.trace) > n else eng.trace)[n]
-        return dict(mode=mode, prompt=rows[0], pass_index=n, phase=extra.phase, block=extra.block,
+        return dict(mode=mode, prompt=first_prompt + rows[0], pass_index=n, phase=extra.phase, block=extra.block,
                     step=extra.step, kind="schedule")
-    return dict(mode=mode, prompt=rows[0], pass_index=None, phase=None, block=None, step=None, kind="output")
+    return dict(mode=mode, prompt=first_prompt + rows[0], pass_index=None, phase=None, block=None, step=None, kind="output")
 
 
 def _pass_difference(r: loops.PassRecord, e: loops.PassRecord, b: int, prompt_len: int) -> dict | None:

@@ -48,27 +48,54 @@ def logits_metrics(eng: torch.Tensor, ref: torch.Tensor, valid: torch.Tensor,
     return stats
 
 
+def position_divergence(eng: torch.Tensor, ref: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+    """eng, ref [B, L, V] logits, valid [B, L] -> per valid position (row-major order), float32 [N]:
+    cos  the cosine of the two logit vectors
+    kl   KL(reference || engine) of the two softmax distributions, in nats
+    row  the batch row of each position (int64), to attribute it to its prompt"""
+    vm = valid.to(eng.device)
+    e = eng[vm].double().cpu()                                                   # [N, V]
+    r = ref.to(eng.device)[vm].double().cpu()                                    # [N, V]
+    rows = torch.arange(valid.shape[0])[:, None].expand_as(valid)[valid.cpu()]   # [N]
+    if e.numel() == 0:
+        z = torch.zeros(0)
+        return dict(cos=z, kl=z, row=rows)
+    cos = torch.nn.functional.cosine_similarity(e, r, dim=-1)                    # [N]
+    lr, le = torch.log_softmax(r, -1), torch.log_softmax(e, -1)
+    kl = (lr.exp() * (lr - le)).sum(-1)                                          # [N]
+    return dict(cos=cos.float(), kl=kl.clamp_min(0).float(), row=rows)
+
+
 def _error_stats(e: torch.Tensor, r: torch.Tensor, atol: float | None, rtol: float | None) -> dict:
+    """Max / mean abs and max rel difference; `close` by Polygraphy's elementwise rule where a bound is
+    enforced (the torch fallback applies the same rule; it also serves when nothing is judged)."""
     enforce = atol is not None or rtol is not None
     a = atol if atol is not None else 0.0
     t = rtol if rtol is not None else 0.0
-    try:
-        from polygraphy.comparator.compare import SimpleCompareFunc
-        from polygraphy.comparator.struct import IterationResult
-        from polygraphy.logger import G_LOGGER
-    except ImportError:                                                          # torch fallback, same rule
-        absdiff = (e - r).abs()
-        ref_abs = r.abs().masked_fill(r == 0, 2.220446049250313e-16)
-        reldiff = absdiff / ref_abs
-        bad = ((absdiff > a) | absdiff.isnan()) & ((reldiff > t) | reldiff.isnan())
-        return dict(max_abs_diff=float(absdiff.max()), max_rel_diff=float(reldiff.max()),
-                    mean_abs_diff=float(absdiff.mean()), close=(not bool(bad.any())) if enforce else None)
-    compare = SimpleCompareFunc(atol=a, rtol=t, check_error_stat="elemwise")
+    if enforce:
+        try:
+            return _polygraphy_stats(e, r, a, t)
+        except ImportError:
+            pass
+    absdiff = (e - r).abs()
+    ref_abs = r.abs().masked_fill(r == 0, 2.220446049250313e-16)
+    reldiff = absdiff / ref_abs
+    bad = ((absdiff > a) | absdiff.isnan()) & ((reldiff > t) | reldiff.isnan())
+    return dict(max_abs_diff=float(absdiff.max()), max_rel_diff=float(reldiff.max()),
+                mean_abs_diff=float(absdiff.mean()), close=(not bool(bad.any())) if enforce else None)
+
+
+def _polygraphy_stats(e: torch.Tensor, r: torch.Tensor, atol: float, rtol: float) -> dict:
+    from polygraphy.comparator.compare import SimpleCompareFunc
+    from polygraphy.comparator.struct import IterationResult
+    from polygraphy.logger import G_LOGGER
+
+    compare = SimpleCompareFunc(atol=atol, rtol=rtol, check_error_stat="elemwise")
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
         res = compare(IterationResult({"logits": e.numpy()}, runner_name="engine"),
                       IterationResult({"logits": r.numpy()}, runner_name="reference"))["logits"]
     return dict(max_abs_diff=res.max_absdiff, max_rel_diff=res.max_reldiff, mean_abs_diff=res.mean_absdiff,
-                close=bool(res) if enforce else None)
+                close=bool(res))
 
 
 # ---- the commit rule, recomputed from each side's confidences ------------------------------------

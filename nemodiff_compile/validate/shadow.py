@@ -29,6 +29,7 @@ class ShadowPass:
     eng_token: torch.Tensor            # [B, L]
     eng_conf: torch.Tensor             # [B, L]
     logits: dict | None                # metrics.logits_metrics(...) where both sides return logits
+    divergence: dict | None            # metrics.position_divergence(...): per-position cos, KL, row
     lengths_ok: bool                   # cache lengths equal after this pass (and after a following trim)
 
 
@@ -68,12 +69,13 @@ class ShadowDenoiser(Denoiser):
         nv = None if num_valid is None else num_valid.clone()
         ref = self.reference.step(tokens, num_valid=num_valid, generator=generator, **kw)
         eng = self.engine.step(tokens.clone(), num_valid=None if nv is None else nv.clone(), generator=eng_gen, **kw)
-        logits = None
+        logits = div = None
         if ref.logits is not None and eng.logits is not None:
             valid = metrics.valid_positions(tokens, nv)
             logits = metrics.logits_metrics(eng.logits, ref.logits, valid, self.atol, self.rtol)
+            div = metrics.position_divergence(eng.logits, ref.logits, valid)
         self.passes.append(ShadowPass(tokens.clone(), nv, ref.token.clone(), ref.conf.clone(),
-                                      eng.token.cpu().clone(), eng.conf.cpu().clone(), logits,
+                                      eng.token.cpu().clone(), eng.conf.cpu().clone(), logits, div,
                                       self._lengths_equal()))
         return StepOut(ref.token, ref.conf)               # the loop needs no logits
 

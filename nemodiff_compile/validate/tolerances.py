@@ -1,11 +1,14 @@
 """How close an engine must stay to the PyTorch reference, per precision. Stdlib only.
 
-Three kinds of bound:
+Four kinds of bound:
   per pass (teacher-forced: the engine runs the reference's exact inputs) - logits and confidence of
       each forward pass;
   per mode, over all teacher-forced passes - the fraction of positions with the same token id and of
       eligible positions with the same commit decision (pooled, because one pass can hold a single
       position: an AR decode at batch 1);
+  per pass kind, over all its teacher-forced positions in a mode - the 5th percentile of the logit
+      cosine and the mean KL(reference || engine): distribution-level, so a large prompt set does
+      not fail a sound engine on its single most extreme position;
   per trajectory (free-running: each backend decodes on its own outputs) - the fraction of
       generated token positions that agree, for every prompt and pooled over the prompts, and the
       change in tokens per forward (a quantized engine must not silently commit fewer tokens per pass).
@@ -33,6 +36,11 @@ class Tolerances:
     token_agreement: float | None       # min whole-trajectory agreement of any prompt in any mode
     mean_token_agreement: float | None = None   # trajectory agreement pooled over the prompts, per mode
     tpf_drop_max: float | None = None   # max relative drop of tokens per forward (engine vs reference), per mode
+    # per pass kind (prefill, decode, denoise, commit, draft, verify) in each mode, over every
+    # teacher-forced position of that kind (distribution-level: they settle as prompts are added,
+    # where a minimum keeps falling):
+    cosine_p05: float | None = None     # the 5th percentile of the per-position logit cosine, at least
+    kl_mean_max: float | None = None    # the mean KL(reference || engine) in nats, at most
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
