@@ -10,6 +10,20 @@ def tiny_cfg():
 
 
 @pytest.fixture(scope="session")
+def quantized_linears(tiny_cfg):
+    """precision -> how many of the tiny model's Linear layers its recipe quantizes: the decoder
+    projections outside the recipe's kept first/last layers, never the diffusion head. Tests count Q/DQ
+    nodes and float MatMuls against this rather than a number that changes with the recipe."""
+    from nemodiff_compile.model import NemotronLabsDiffusion
+    from nemodiff_compile.quant import recipe_for
+    from nemodiff_compile.quant.ptq import linear_names
+
+    names = linear_names(NemotronLabsDiffusion(tiny_cfg))
+    n = tiny_cfg.num_hidden_layers
+    return lambda precision, **kw: sum(not recipe_for(precision, **kw).high_precision(nm, n) for nm in names)
+
+
+@pytest.fixture(scope="session")
 def random_tiny(tiny_cfg):
     """The tiny geometry with seeded random weights (std 0.05: peaked enough to exercise the rules)."""
     from nemodiff_compile.model import NemotronLabsDiffusion

@@ -88,7 +88,7 @@ def test_stop_rule_and_counters_match_the_host_loop():
 
 
 @pytest.mark.parametrize("graph", ["trt_fp32_dir", "fp8_remask_dir"])
-def test_exported_remask_stage_under_onnxruntime(graph, request, tiny_cfg):
+def test_exported_remask_stage_under_onnxruntime(graph, request, tiny_cfg, quantized_linears):
     """fp32, and fp8 Q/DQ (the quantized export keeps the remask stage)."""
     ort = pytest.importorskip("onnxruntime")
     from nemodiff_compile.artifact.manifest import read_manifest
@@ -96,7 +96,7 @@ def test_exported_remask_stage_under_onnxruntime(graph, request, tiny_cfg):
     folder = request.getfixturevalue(graph)
     m = read_manifest(folder)
     if m.quantization:
-        assert m.quantization["graph"]["qdq_nodes"]["QuantizeLinear"] == 6 * 7
+        assert m.quantization["graph"]["qdq_nodes"]["QuantizeLinear"] == quantized_linears("fp8")
     sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     c, B, L, S = tiny_cfg, 3, 16, 8
     rng = np.random.default_rng(0)

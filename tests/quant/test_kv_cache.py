@@ -145,7 +145,7 @@ def kv_engine(tmp_path_factory):
     return out
 
 
-def test_build_graph_has_fp8_cache_with_the_calibrated_scales(kv_engine):
+def test_build_graph_has_fp8_cache_with_the_calibrated_scales(kv_engine, quantized_linears):
     m, types = _graph_io(kv_engine / "model.onnx")
     assert all(types[n] == "FLOAT8E4M3FN" for n in (*CACHE, *NEW))
     man = read_manifest(kv_engine, deep=True)
@@ -164,8 +164,8 @@ def test_build_graph_has_fp8_cache_with_the_calibrated_scales(kv_engine):
     # the I/O spec the engines bind from says so too
     dtypes = {t["name"]: t["dtype"] for t in (*man.io_spec["inputs"], *man.io_spec["outputs"])}
     assert all(dtypes[n] == FP8_DTYPE for n in (*CACHE, *NEW)) and dtypes["logits"] == "float32"
-    # the weight Q/DQ are the recipe's as usual: 42 Linear layers
-    assert man.quantization["graph"]["qdq_nodes"]["QuantizeLinear"] == 42
+    # the weight Q/DQ are the recipe's as usual
+    assert man.quantization["graph"]["qdq_nodes"]["QuantizeLinear"] == quantized_linears(PRECISION)
     assert kv["qdq_nodes"] == {"QuantizeLinear": 2, "DequantizeLinear": 2}
 
 

@@ -23,6 +23,7 @@ from nemodiff_compile.quant.calib import builtin_texts  # noqa: E402
 TRAINED = (TINY_ASSET / "config.json").is_file()
 pytestmark = pytest.mark.skipif(not TRAINED, reason="needs the trained tiny checkpoint")
 LINEARS = 6 * 7                                    # tiny: 6 layers x (q, k, v, o, gate, up, down); head excluded
+# fp8 keeps decoder layer 0 in float (its recipe), int8 and int4-awq quantize all six: quantized_linears
 
 
 def run(*args):
@@ -75,7 +76,7 @@ EXPECT = {  # precision -> (weight element type, activation Q/DQ pairs?, DQ attr
 
 
 @pytest.mark.parametrize("precision", list(EXPECT))
-def test_qdq_graph(engines, precision):
+def test_qdq_graph(engines, precision, quantized_linears):
     from onnx import TensorProto
 
     path = engines(precision) / "model.onnx"
@@ -86,29 +87,32 @@ def test_qdq_graph(engines, precision):
     inits = {t.name: t for t in m.graph.initializer}
     weight_dq = [n for n in nodes if n.op_type == "DequantizeLinear" and n.input[0] in inits
                  and len(inits[n.input[0]].dims) == 2]
-    assert len(weight_dq) == LINEARS
+    quantized = quantized_linears(precision)
+    assert quantized == (5 * 7 if precision == "fp8" else LINEARS)
+    assert len(weight_dq) == quantized
     for n in weight_dq:
         w = inits[n.input[0]]
         assert TensorProto.DataType.Name(w.data_type) == wtype
         assert {a.name: a.i for a in n.attribute} == attrs
     q = [n for n in nodes if n.op_type == "QuantizeLinear"]
-    assert len(q) == (LINEARS if acts else 0)
+    assert len(q) == (quantized if acts else 0)
     for n in q:
         assert TensorProto.DataType.Name(inits[n.input[2]].data_type) == wtype
-    # the float weights of quantized layers are gone; the head and the embedding stay float
+    # the float weights of quantized layers are gone; the head, the kept layers and the embedding stay float
     mats = [n for n in nodes if n.op_type == "MatMul" and n.input[1] in inits]
-    assert len(mats) == 1 and inits[mats[0].input[1]].data_type == TensorProto.FLOAT       # diffusion_head
+    assert len(mats) == 1 + LINEARS - quantized                                  # diffusion_head + kept layers
+    assert all(inits[n.input[1]].data_type == TensorProto.FLOAT for n in mats)
     # stored quantized: the weights file shrank against fp32 (embedding and head stay float)
     size = (path.parent / "model.onnx.data").stat().st_size
     assert size < 0.7 * (TINY_ASSET / "model.safetensors").stat().st_size
 
 
 @pytest.mark.parametrize("precision", list(EXPECT))
-def test_manifest_records_the_quantization(engines, precision):
+def test_manifest_records_the_quantization(engines, precision, quantized_linears):
     m = read_manifest(engines(precision), deep=True)
     q = m.quantization
     assert m.precision == precision and q["recipe"]["name"] == precision
-    assert q["quantized_layers"] == LINEARS and "diffusion_head" in q["excluded_layers"]
+    assert q["quantized_layers"] == quantized_linears(precision) and "diffusion_head" in q["excluded_layers"]
     assert "encoder.embed_tokens" in q["excluded_layers"]
     assert len(q["calibration"]["sha256"]) == 64 and q["calibration"]["modes"] == ["dlm", "linear-spec"]
     assert q["thresholds"] == recipe_for(precision).thresholds
@@ -254,7 +258,7 @@ def test_bad_quant_flags_are_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["fp8", "int8"])
-def test_quantized_graph_builds_a_tensorrt_plan(engines, precision, tmp_path):
+def test_quantized_graph_builds_a_tensorrt_plan(engines, precision, tmp_path, quantized_linears):
     """The ONNX Runtime engine's Q/DQ graph, parsed and built by TensorRT (tensorrt_rtx here) for sm89:
     every quantized projection must reach its GEMM through DQ (a Gemm's transB shuffle in between)."""
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is not installed")
@@ -267,4 +271,4 @@ def test_quantized_graph_builds_a_tensorrt_plan(engines, precision, tmp_path):
                             target="sm89", options=BuildOptions(timing_cache_dir=tmp_path))
     check = info.precision_check
     assert len(plan) > 0 and check["passed"] and not check["offenders"]
-    assert check["in_precision"] == m.quantization["quantized_layers"] == 6 * 7   # every decoder projection
+    assert check["in_precision"] == m.quantization["quantized_layers"] == quantized_linears(precision)   # every quantized projection

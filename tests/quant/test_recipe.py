@@ -29,6 +29,15 @@ def test_recipes_are_data():
         assert d["thresholds"]["mean_token_agreement"] and d["kv_cache_dtype"] == "model"
 
 
+def test_fp8_keeps_the_first_decoder_layer_in_float():
+    """tiny-tasks fails fp8's trajectory floor with layer 0 quantized (README "Quantization")."""
+    assert recipe_for("fp8").keep_first_layers == 1 and recipe_for("fp8").keep_last_layers == 0
+    assert recipe_for("fp8").high_precision("encoder.layers.0.mlp.down_proj", 40)
+    assert not recipe_for("fp8").high_precision("encoder.layers.1.mlp.down_proj", 40)
+    assert not recipe_for("fp8", keep_first_layers=0).high_precision("encoder.layers.0.mlp.down_proj", 6)
+    assert recipe_for("int8").keep_first_layers == recipe_for("int4-awq").keep_first_layers == 0
+
+
 def test_high_precision_layers():
     r = recipe_for("fp8", keep_first_layers=1, keep_last_layers=2)
     keep = lambda n: r.high_precision(n, 6)
