@@ -412,13 +412,16 @@ def test_image_prompts_equal_their_solo_runs(batching):
 
 class Joining(BatchToy):
     """Runs `hooks[n](self)` inside its n-th pass (on the scheduler's thread): a row submitted there joins
-    at the next pass boundary, deterministically. Keeps each pass's tokens and num_valid."""
+    at the next pass boundary, deterministically. Keeps each pass's tokens and num_valid; checks that only
+    a sampled pass gets Gumbel noise, in float64 as `remask.gumbel_noise` draws it (a [B, L, V] tensor)."""
 
     def __init__(self, hooks=(), **kw):
         super().__init__(**kw)
         self.hooks, self.seen = dict(hooks), []
 
     def step(self, tokens, **kw):
+        noise = kw.get("noise")                 # the rows' own float64 draws, only for a sampled pass
+        assert noise is None or (noise.dtype == torch.float64 and kw["temperature"] > 0), "greedy passes carry no noise"
         self.seen.append((tokens.clone(), None if kw.get("num_valid") is None else kw["num_valid"].clone()))
         hook = self.hooks.pop(len(self.calls), None)
         if hook is not None:
