@@ -192,7 +192,7 @@ def test_queue_full_cancel_close_and_observer():
     queued.add_done_callback(lambda r: late.append(r.id))      # already done: called at once
     assert late == [queued.id]
     s.close()
-    with pytest.raises(SchedulerClosed):
+    with pytest.raises(SchedulerClosed, match="^the engine is shutting down$"):
         s.submit(PROMPTS[0], POLICIES[0], NEW)
     assert ("queue", 1) in obs.events and ("request", long.id) in obs.events and ("request", queued.id) in obs.events
     passes = [e for e in obs.events if e[0] == "pass"]
@@ -220,7 +220,7 @@ def test_cancel_in_queue_and_close_without_drain():
     with pytest.raises(Cancelled):
         dropped.result(1)
     for r in (running, waiting):
-        with pytest.raises(SchedulerClosed, match="shut down"):
+        with pytest.raises(SchedulerClosed, match="^the engine was shut down$"):
             r.result(1)
 
 
@@ -555,6 +555,7 @@ def test_max_batch_comes_from_the_engines_buckets():
     den = BatchToy()
     s = Scheduler(den)
     assert s.max_batch == 8
+    assert s._thread in [t for t in threading.enumerate() if t.name == "nemodiff-scheduler" and t.daemon]  # never blocks exit
     s.close()
     den.buckets = BatchBuckets((1, 2, 6))
     s = Scheduler(den)
