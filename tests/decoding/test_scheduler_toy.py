@@ -217,7 +217,7 @@ def test_cancel_in_queue_and_close_without_drain():
     s.close(drain=False, timeout=0.01)
     den.gate.set()
     s._thread.join(10)
-    with pytest.raises(Cancelled):
+    with pytest.raises(Cancelled, match=f"^request {dropped.id} was cancelled$"):
         dropped.result(1)
     for r in (running, waiting):
         with pytest.raises(SchedulerClosed, match="^the engine was shut down$"):
@@ -582,3 +582,22 @@ def test_request_state_before_it_runs_and_the_default_queue_bound():
     assert running.submitted <= running.first_token <= running.finished and running.error is None
     assert t0 <= queued[0].submitted and queued[0].finished >= queued[0].first_token >= running.finished
     assert gens[1].tokens == gens[2].tokens
+
+
+def test_a_failing_regroup_fails_the_joiners_it_did_not_place():
+    class Flaky(BatchToy):
+        fail = True
+
+        def regroup(self, keep, batch):
+            if self.fail:
+                self.fail = False
+                raise RuntimeError("out of memory in regroup")
+            super().regroup(keep, batch)
+
+    s = Scheduler(Flaky(), max_batch=2)
+    a = s.submit(PROMPTS[0], POLICIES[0], NEW)
+    with pytest.raises(RuntimeError, match="out of memory in regroup"):
+        a.result(10)
+    b = s.submit(PROMPTS[1], POLICIES[1], NEW)                       # the engine's rows restart afresh
+    same([b.result(10)], solo(ToyDenoiser, PROMPTS[1:2], POLICIES[1:2]))
+    s.close()
