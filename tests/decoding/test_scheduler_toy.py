@@ -192,7 +192,7 @@ def test_queue_full_cancel_close_and_observer():
     queued.add_done_callback(lambda r: late.append(r.id))      # already done: called at once
     assert late == [queued.id]
     s.close()
-    with pytest.raises(SchedulerClosed):
+    with pytest.raises(SchedulerClosed, match="^the engine is shutting down$"):
         s.submit(PROMPTS[0], POLICIES[0], NEW)
     assert ("queue", 1) in obs.events and ("request", long.id) in obs.events and ("request", queued.id) in obs.events
     passes = [e for e in obs.events if e[0] == "pass"]
@@ -217,10 +217,10 @@ def test_cancel_in_queue_and_close_without_drain():
     s.close(drain=False, timeout=0.01)
     den.gate.set()
     s._thread.join(10)
-    with pytest.raises(Cancelled):
+    with pytest.raises(Cancelled, match=f"^request {dropped.id} was cancelled$"):
         dropped.result(1)
     for r in (running, waiting):
-        with pytest.raises(SchedulerClosed, match="shut down"):
+        with pytest.raises(SchedulerClosed, match="^the engine was shut down$"):
             r.result(1)
 
 
@@ -408,3 +408,196 @@ def test_image_prompts_equal_their_solo_runs(batching):
     s.close()
     same(got, want)
     assert sum(c["embeds"] is not None for c in den.calls) >= 1
+
+
+class Joining(BatchToy):
+    """Runs `hooks[n](self)` inside its n-th pass (on the scheduler's thread): a row submitted there joins
+    at the next pass boundary, deterministically. Keeps each pass's tokens and num_valid; checks that only
+    a sampled pass gets Gumbel noise, in float64 as `remask.gumbel_noise` draws it (a [B, L, V] tensor)."""
+
+    def __init__(self, hooks=(), **kw):
+        super().__init__(**kw)
+        self.hooks, self.seen = dict(hooks), []
+
+    def step(self, tokens, **kw):
+        noise = kw.get("noise")                 # the rows' own float64 draws, only for a sampled pass
+        assert noise is None or (noise.dtype == torch.float64 and kw["temperature"] > 0), "greedy passes carry no noise"
+        self.seen.append((tokens.clone(), None if kw.get("num_valid") is None else kw["num_valid"].clone()))
+        hook = self.hooks.pop(len(self.calls), None)
+        if hook is not None:
+            hook(self)
+        return super().step(tokens, **kw)
+
+
+def _commit_call(prompt, pol, new):
+    """The pass index of a solo dlm row's first commit (a causal pass of its block length)."""
+    den = ToyDenoiser()
+    loops.generate(den, [prompt], pol, max_new_tokens=new)
+    return next(i for i, c in enumerate(den.calls) if i > 0 and c["causal"])
+
+
+@pytest.mark.parametrize("joiner,rides", [
+    ("text, block length", True), ("text, shorter", True), ("text, longer than the block", False),
+    ("image prompt", False), ("sampled into a greedy pass", False), ("sampled into a sampled pass", True)])
+@pytest.mark.parametrize("subset", [True, False])
+def test_a_row_joining_mid_block_rides_the_commit_pass(joiner, rides, subset):
+    """A text prefill that fits a causal pass of the same temperature runs in it (no pass of its own: its
+    first pass is the running row's commit); every row still equals its solo run."""
+    from nemodiff_compile.decoding.embeds import PromptImages
+
+    t = 1.0 if joiner == "sampled into a sampled pass" else 0.0
+    pol_a = DecodePolicy("dlm", block_length=4, threshold=1.0, temperature=t, seed=7)
+    prompt_b = {"text, block length": [1, 61, 62, 63], "text, longer than the block": [1, 61, 62, 63, 64]}.get(
+        joiner, [1, 61, 62])
+    pol_b = (DecodePolicy("ar", temperature=0.9 if t == 0 else t, seed=2) if joiner.startswith("sampled")
+             else DecodePolicy("ar"))
+    img = PromptImages(torch.tensor([1]), torch.tensor([[1.0, 2.0]])) if joiner == "image prompt" else None
+    commit = _commit_call(PROMPTS[0], pol_a, 8)
+    s = Scheduler(Joining({commit - 1: lambda den: box.append(s.submit(prompt_b, pol_b, 6, images=img))},
+                          subset=subset), max_batch=2)
+    box = []
+    a = s.submit(PROMPTS[0], pol_a, 8)
+    ga = a.result(10)
+    gb = box[0].result(10)
+    s.close()
+    same([ga], solo(ToyDenoiser, PROMPTS[:1], [pol_a], new=8))
+    want_b = loops.generate(ToyDenoiser(), [prompt_b], pol_b, max_new_tokens=6, images=None if img is None else [img])
+    same([gb], [want_b])
+    assert a.passes[commit] == (commit, "commit")
+    if rides:
+        assert box[0].passes[0] == (commit, "prefill")
+    else:
+        assert box[0].passes[0][0] > commit and box[0].passes[0][1] == "prefill"
+
+
+def test_a_joiner_waits_one_pass_when_tied_with_a_running_row():
+    """Which pass next: most rows plus longest wait, ties to the earlier row. A prefill joining a running
+    AR row (1 + 0 against 1 + 0) waits one pass, then wins (1 + 1)."""
+    s = Scheduler(Joining({3: lambda den: box.append(s.submit([1, 61, 62], DecodePolicy("ar"), 4))}), max_batch=2)
+    box = []
+    a = s.submit(PROMPTS[0], DecodePolicy("ar"), 10)
+    a.result(10), box[0].result(10)
+    s.close()
+    assert box[0].passes[0] == (5, "prefill") and (4, "decode") in a.passes and (5, "decode") not in a.passes
+
+
+def test_prompts_of_any_length_prefill_together():
+    den = Gated()
+    s = Scheduler(den, max_batch=4)
+    first = s.submit([1, 30], DecodePolicy("ar"), 1)
+    assert den.entered.acquire(timeout=10)
+    reqs = [s.submit(p, DecodePolicy("ar"), 4) for p in PROMPTS[:3]]          # 5, 8 and 3 tokens
+    den.gate.set()
+    got = [r.result(10) for r in reqs]
+    first.result(10)
+    s.close()
+    assert [r.passes[0] for r in reqs] == [(1, "prefill")] * 3
+    same(got, solo(ToyDenoiser, PROMPTS[:3], [DecodePolicy("ar")] * 3, new=4))
+
+
+@pytest.mark.parametrize("batching", ["whole batch", "member rows", "device refinement"])
+def test_the_cache_limit_bounds_each_pass_while_another_row_runs(batching):
+    """A long AR row fills the cache to its end while a dlm row runs blocks of 4: a pass over the whole
+    batch (whole-batch passes, device refinement) must wait until the AR row leaves room; a member-only
+    pass need not."""
+    class Refining(Joining):
+        def block_refiner(self, policy):
+            return HostRefiner(self, 0)
+
+    pols = [DecodePolicy("ar"), DecodePolicy("dlm", block_length=4, threshold=1.0, device_refine=batching != "member rows")]
+    join = {8: lambda den: box.append(s.submit([1, 60, 61], pols[1], 20))}           # 3 + 20 positions
+    den = Refining(join, max_len=24, subset=False) if batching == "whole batch" else (
+        Refining(join, max_len=24) if batching == "device refinement" else Joining(join, max_len=24))
+    s = Scheduler(den, max_batch=2)
+    box = []
+    a = s.submit([1] * 8, pols[0], 16)                                                # 8 + 16 positions
+    ga = a.result(10)
+    b = box[0]
+    gb = b.result(10)
+    s.close()
+    same([ga, gb], [solo(ToyDenoiser, [[1] * 8], pols[:1], new=16)[0], solo(ToyDenoiser, [[1, 60, 61]], pols[1:], new=20)[0]])
+    near = next(i for i, c in enumerate(den.calls) if c["lengths"][0] > 20)        # no room for a block next to it
+    assert max(i for i, _ in b.passes) > near
+    assert all(max(c["lengths"]) + c["shape"][1] <= 24 or c["shape"][0] < c["batch"] for c in den.calls)
+    late = [c for c in den.calls if c["batch"] == 2 and c["lengths"][0] + 4 > 24 and c["shape"][1] == 4]
+    if batching == "member rows":                  # the dlm row went on while the AR row was near the end
+        assert late and all(c["rows"] == [1] for c in late)
+    elif batching == "whole batch":                # the dlm row waited for the AR row to leave
+        assert not late
+    else:                                          # its refinements (over the whole batch) waited, its commits not
+        assert late and all(c["causal"] and c["rows"] == [1] for c in late)
+
+
+@pytest.mark.parametrize("pad", [0, None])
+def test_idle_rows_and_short_prompts_are_padded(pad):
+    """Whole-batch passes: idle rows get pad tokens (the first EOS without a pad id), a prompt shorter than
+    the pass is right-padded and num_valid is its length."""
+    pol = DecodePolicy("dlm", block_length=4)
+    commit = _commit_call(PROMPTS[1], pol, 8)                  # the joiner's prompt rides this causal pass
+    den = Joining({commit - 1: lambda den: box.append(s.submit([1, 61, 62], DecodePolicy("ar"), 4))}, subset=False)
+    den.config = den.config.replace(pad_token_id=pad)
+    fill = den.config.eos_ids[0] if pad is None else pad
+    s = Scheduler(den, max_batch=2)
+    box = []
+    a = s.submit(PROMPTS[1], pol, 8)
+    a.result(10), box[0].result(10)
+    s.close()
+    for tokens, num_valid in den.seen:
+        for row, n in zip(tokens, num_valid):
+            assert (row[int(n):] == fill).all()
+    assert sum(bool((row == fill).all()) for tokens, _ in den.seen for row in tokens) >= 2     # idle rows
+    assert any(int(n) < tokens.shape[1] for tokens, nv in den.seen for n in nv)               # a padded prompt
+
+
+def test_max_batch_comes_from_the_engines_buckets():
+    from nemodiff_compile.artifact.buckets import BatchBuckets
+
+    den = BatchToy()
+    s = Scheduler(den)
+    assert s.max_batch == 8
+    assert s._thread in [t for t in threading.enumerate() if t.name == "nemodiff-scheduler" and t.daemon]  # never blocks exit
+    s.close()
+    den.buckets = BatchBuckets((1, 2, 6))
+    s = Scheduler(den)
+    assert s.max_batch == 6 and s.stats()["max_batch"] == 6
+    s.close()
+    with pytest.raises(InvalidArgument, match=r"^batch 7 exceeds the largest batch bucket 6 \(buckets \[1, 2, 6\]\)"):
+        Scheduler(den, max_batch=7)
+
+
+def test_request_state_before_it_runs_and_the_default_queue_bound():
+    den = Gated()
+    s = Scheduler(den, max_batch=1)
+    running = s.submit([1, 30], DecodePolicy("ar"), 2)
+    assert den.entered.acquire(timeout=10)
+    queued = [s.submit([1, 31], DecodePolicy("ar"), 1) for _ in range(256)]
+    assert queued[0].first_token is None and queued[0].finished is None and queued[0].error is None
+    assert queued[0].cancelled is False and queued[0].passes == [] and not queued[0].done()
+    with pytest.raises(QueueFull, match=r"256 requests .*max_queue 256"):
+        s.submit([1, 31], DecodePolicy("ar"), 1)
+    t0 = running.submitted
+    den.gate.set()
+    gens = [r.result(10) for r in [running] + queued[:3]]
+    s.close()
+    assert running.submitted <= running.first_token <= running.finished and running.error is None
+    assert t0 <= queued[0].submitted and queued[0].finished >= queued[0].first_token >= running.finished
+    assert gens[1].tokens == gens[2].tokens
+
+
+def test_a_failing_regroup_fails_the_joiners_it_did_not_place():
+    class Flaky(BatchToy):
+        fail = True
+
+        def regroup(self, keep, batch):
+            if self.fail:
+                self.fail = False
+                raise RuntimeError("out of memory in regroup")
+            super().regroup(keep, batch)
+
+    s = Scheduler(Flaky(), max_batch=2)
+    a = s.submit(PROMPTS[0], POLICIES[0], NEW)
+    with pytest.raises(RuntimeError, match="out of memory in regroup"):
+        a.result(10)
+    b = s.submit(PROMPTS[1], POLICIES[1], NEW)                       # the engine's rows restart afresh
+    same([b.result(10)], solo(ToyDenoiser, PROMPTS[1:2], POLICIES[1:2]))
+    s.close()
