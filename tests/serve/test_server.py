@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ pytest.importorskip("uvicorn", reason="needs the serve extra (pip install -e '.[
 openai = pytest.importorskip("openai", reason="needs the openai client (pip install -e '.[test]')")
 
 from contract_denoiser import ContractOnly  # noqa: E402  (tests/contract_denoiser.py)
+from live_server import serving  # noqa: E402  (tests/live_server.py)
 
 from nemodiff_compile.serve.server import create_app  # noqa: E402
 from nemodiff_compile.session import Session  # noqa: E402
@@ -32,25 +32,6 @@ TEXTS = ["Once upon a time", "What is 3 + 4?", "The cat sat on", "Tom has 3 appl
 KNOBS = [dict(mode="ar"), dict(), dict(mode="linear-spec"), dict(steps=4, block_length=8),
          dict(threshold=0.5), dict(mode="ar"), dict(block_length=8), dict(mode="linear-spec", block_length=8)]
 NEW = 24
-
-
-@contextmanager
-def serving(app):
-    """uvicorn on a free port of 127.0.0.1 in a thread; yields the base URL."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    _until(lambda: server.started)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(60)
-        sock.close()
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,6 @@ tiny VLM's eager reference: a data URL or a file under --allow-image-dir answers
 image; a bad image, a path outside the allowed directories, a remote URL or a text-only model is HTTP 400."""
 
 import base64
-import socket
-import threading
-import time
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -21,26 +17,7 @@ from nemodiff_compile.backends.eager import TorchDenoiser  # noqa: E402
 from nemodiff_compile.model.tokenizer import load_tokenizer  # noqa: E402
 from nemodiff_compile.serve.server import create_app  # noqa: E402
 from nemodiff_compile.session import Session  # noqa: E402
-
-
-@contextmanager
-def serving(app):
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(60)
-        sock.close()
+from live_server import serving  # noqa: E402  (tests/live_server.py)
 
 
 @pytest.fixture(scope="module")
