@@ -87,7 +87,9 @@ def validate_engine(engine_dir: str | Path, *, reference: Any = None, reference_
     if not report.passed:
         from .explain import explain
 
-        report.explanation = explain(report, ref, engine, prompts)
+        recipe = (q or {}).get("recipe") or {}
+        kept = (int(recipe.get("keep_first_layers", 0)), int(recipe.get("keep_last_layers", 0)))
+        report.explanation = explain(report, ref, engine, prompts, kept=kept)
     if write:
         summary = report.to_json()
         device = {k: v["device_loop"] for k, v in summary["per_mode"].items() if v.get("device_loop")}

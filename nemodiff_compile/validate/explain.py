@@ -79,8 +79,9 @@ def pick(report) -> tuple[str, Any, str] | None:
     return name, max(pool, key=lambda p: float(p.divergence["kl"].double().mean())), "; ".join(reasons)
 
 
-def explain(report, reference, engine, prompts: list[list[int]]) -> dict[str, Any] | None:
-    """The explanation of a failed report (module docstring); None when it passed."""
+def explain(report, reference, engine, prompts: list[list[int]], *, kept: tuple[int, int] = (0, 0)) -> dict[str, Any] | None:
+    """The explanation of a failed report (module docstring); None when it passed. kept: the recipe's
+    (keep_first_layers, keep_last_layers), so the advice never asks for what the engine already does."""
     target = pick(report)
     if target is None:
         return None
@@ -112,18 +113,30 @@ def explain(report, reference, engine, prompts: list[list[int]]) -> dict[str, An
     per = ", ".join(f"{i}: {r:.3g}" for i, r in enumerate(rel))
     out["text"] = (f"{where}. Decoder-layer outputs against the fp32 reference (relative error by layer: {per}): "
                    f"furthest at layer {errors['furthest']}, largest rise at layer {errors['jump']} "
-                   f"(+{errors['rise']:.3g}). {advice(errors['jump'], len(rel))}")
+                   f"(+{errors['rise']:.3g}). {advice(errors['jump'], len(rel), kept)}")
     return out
 
 
-def advice(layer: int, n: int) -> str:
-    """What a user can change when layer `layer` of `n` adds the most error."""
-    if layer == 0:
-        return "Try keeping the first layer in float (--keep-first-layers 1), or calibrate on prompts like yours (--calib FILE)."
-    if layer == n - 1:
-        return "Try keeping the last layer in float (--keep-last-layers 1), or calibrate on prompts like yours (--calib FILE)."
+def advice(layer: int, n: int, kept: tuple[int, int] = (0, 0)) -> str:
+    """What a user can change when layer `layer` of `n` adds the most error; kept: the decoder layers the
+    recipe already keeps in float at the start and at the end."""
+    first, last = kept
+    if layer < first or layer >= n - last:
+        return (f"Layer {layer} is already kept in float by the recipe: the error comes from the quantized layers "
+                "around it or from activations unlike the calibration prompts: calibrate on prompts like yours "
+                "(--calib FILE).")
+    if layer == first:
+        return (f"Try keeping the first {_layers(first + 1)} in float (--keep-first-layers {first + 1}), or calibrate "
+                "on prompts like yours (--calib FILE).")
+    if layer == n - 1 - last:
+        return (f"Try keeping the last {_layers(last + 1)} in float (--keep-last-layers {last + 1}), or calibrate "
+                "on prompts like yours (--calib FILE).")
     return (f"The error enters mid-model (layer {layer}): calibrate on prompts like yours (--calib FILE), or use a "
             "wider format (fp8 rather than int8, int8 rather than int4-awq).")
+
+
+def _layers(n: int) -> str:
+    return "layer" if n == 1 else f"{n} layers"
 
 
 def replay(reference, engine, prompts: list[list[int]], mode: str, index: int, settings: dict) -> dict[str, Any]:

@@ -114,3 +114,16 @@ def test_onnx_runtime_tap_reads_the_layer_outputs(tiny_engine):
     assert max(errors["relative"]) < 1e-5
     out = eng.step(x[:, 4:], causal=False, write=False)          # untapped again: the engine's own session
     assert out.logits.shape == (1, 2, ref.config.vocab_size)
+
+
+def test_advice_never_asks_for_what_the_recipe_already_keeps():
+    from nemodiff_compile.validate.explain import advice
+
+    assert "--keep-first-layers 1" in advice(0, 6)                       # nothing kept: keep the first layer
+    assert "--keep-last-layers 1" in advice(5, 6)
+    assert "--keep-first-layers 2" in advice(1, 6, kept=(1, 0))           # fp8 keeps layer 0: the next one
+    assert "--keep-last-layers 2" in advice(4, 6, kept=(0, 1))
+    for layer, kept in ((0, (1, 0)), (5, (0, 1)), (1, (2, 0))):
+        text = advice(layer, 6, kept=kept)
+        assert "already kept in float" in text and "--keep-" not in text, (layer, kept, text)
+    assert "mid-model" in advice(3, 6, kept=(1, 0))
