@@ -282,9 +282,12 @@ def test_an_altered_weights_file_is_named(engine):
 
 def _build(ckpt: Path, out: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # SIGINT back to its default in the child: a shell starts background jobs with SIGINT ignored, which
+    # Python (and so the build) then keeps, and the Ctrl-C test would wait for a signal that never acts
     return subprocess.Popen([sys.executable, "-m", "nemodiff_compile", "build", "--model", str(ckpt),
                              "--backend", "onnxruntime", "--output", str(out), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 120) -> list[str]:
