@@ -48,7 +48,9 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--mode", default="dlm", choices=("ar", "dlm", "linear-spec"))
     ap.add_argument("--prompts", type=Path, default=ROOT / "docs/prompts/tiny-heldout.txt")
-    ap.add_argument("--threads", type=int, default=1, help="with --engine: ONNX Runtime threads of the server")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="with --engine: ONNX Runtime intra-op threads of the server and the baseline "
+                         "[default: the server's, ONNX Runtime's choice: one per physical core]")
     ap.add_argument("--max-batch", type=int, default=None, help="with --engine: the server's --max-batch")
     ap.add_argument("--baseline", action="store_true", help="with --engine: also time Session.generate (see above)")
     ap.add_argument("--soak", action="store_true")
@@ -213,13 +215,13 @@ async def soak(url: str, prompts: list[str], args, server) -> int:
 
 # ---- helpers ---------------------------------------------------------------------------------------------
 
-def start_server(engine: Path, threads: int, max_batch: int | None):
+def start_server(engine: Path, threads: int | None, max_batch: int | None):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    cmd = [sys.executable, "-m", "nemodiff_compile", "serve", str(engine), "--port", str(port),
-           "--threads", str(threads)] + (["--max-batch", str(max_batch)] if max_batch else [])
+    cmd = [sys.executable, "-m", "nemodiff_compile", "serve", str(engine), "--port", str(port)]
+    cmd += (["--threads", str(threads)] if threads else []) + (["--max-batch", str(max_batch)] if max_batch else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

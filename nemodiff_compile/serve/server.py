@@ -59,12 +59,8 @@ def create_app(session: Session, *, model_name: str, metrics: Metrics | None = N
 
     app = FastAPI(title="nemodiff-compile", lifespan=lifespan)
 
-    @app.middleware("http")
-    async def tag_replica(request: HttpRequest, call_next):
-        response = await call_next(request)
-        if replica is not None:
-            response.headers["x-nemodiff-replica"] = replica
-        return response
+    if replica is not None:
+        app.add_middleware(_ReplicaHeader, replica=replica)
 
     @app.exception_handler(RequestValidationError)
     async def bad_body(request: HttpRequest, exc: RequestValidationError):
@@ -159,6 +155,25 @@ def create_app(session: Session, *, model_name: str, metrics: Metrics | None = N
     return app
 
 
+class _ReplicaHeader:
+    """Pure ASGI middleware adding x-nemodiff-replica to every response (Starlette's BaseHTTPMiddleware would
+    re-stream each server-sent event through a task and memory channel of its own)."""
+
+    def __init__(self, app, replica: str):
+        self.app, self.header = app, (b"x-nemodiff-replica", replica.encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def tagged(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, tagged)
+
+
 def _checked(make):
     try:
         return make()
@@ -233,31 +248,43 @@ _DONE = object()
 
 async def _events(session: Session, req: Request, items: asyncio.Queue, rid: str, model: str, kind: str,
                   include_usage: bool, metrics: Metrics, endpoint: str) -> AsyncIterator[bytes]:
-    """Server-sent events: a chunk per committed block, the finish chunk, usage (if asked), [DONE]. Leaving
-    early (the client went away) cancels the request."""
+    """Server-sent events: a chunk per committed block, the finish chunk, usage (if asked), [DONE]. The events
+    ready at once go out in one write (the last block, the finish, usage and [DONE] usually are): each write
+    wakes the client, and on a small machine its parsing competes with the engine's thread. Leaving early (the
+    client went away) cancels the request."""
     def sse(obj: Any) -> bytes:
         return f"data: {json.dumps(obj)}\n\n".encode()
 
     text = TextStream(session)
     status = "cancelled"
+    out = [sse(protocol.chat_chunk(rid, model, {"role": "assistant", "content": ""}))] if kind == "chat" else []
     try:
-        if kind == "chat":
-            yield sse(protocol.chat_chunk(rid, model, {"role": "assistant", "content": ""}))
-        while (item := await items.get()) is not _DONE:
-            piece = text.feed(item)
-            if piece:
-                yield sse(_chunk(kind, rid, model, _piece(piece)))
+        while True:
+            ready = [await items.get()]
+            while not items.empty():
+                ready.append(items.get_nowait())
+            for item in ready:
+                if item is _DONE:
+                    break
+                piece = text.feed(item)
+                if piece:
+                    out.append(sse(_chunk(kind, rid, model, _piece(piece))))
+            if item is _DONE:
+                break
+            if out:
+                yield b"".join(out)
+                out = []
         if req.error is not None:
             status = "error"
-            yield sse(protocol.error(str(req.error), "server_error"))
+            yield b"".join(out) + sse(protocol.error(str(req.error), "server_error"))
             return
         g = req.row.generation()
         tail = text.finish()
-        yield sse(_chunk(kind, rid, model, _piece(tail) if tail else "", g.finish[0]))
+        out.append(sse(_chunk(kind, rid, model, _piece(tail) if tail else "", g.finish[0])))
         if include_usage:
-            yield sse(protocol.usage_chunk(rid, model, kind, protocol.usage(
-                len(req.row.prompt), len(g.tokens[0]), g.nfe, g.tokens_per_forward)))
-        yield b"data: [DONE]\n\n"
+            out.append(sse(protocol.usage_chunk(rid, model, kind, protocol.usage(
+                len(req.row.prompt), len(g.tokens[0]), g.nfe, g.tokens_per_forward))))
+        yield b"".join(out) + b"data: [DONE]\n\n"
         status = "ok"
     finally:
         req.cancel()

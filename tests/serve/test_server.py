@@ -163,6 +163,55 @@ def test_metrics_are_prometheus_text(client, url):
     assert _health(url)["status"] == "ok"
 
 
+def test_raw_stream_and_replica_header(session):
+    """The bytes on the wire: every event a JSON chunk, one finish chunk, then usage, then [DONE] (events ready at
+    once share a write, and stay separate events); x-nemodiff-replica on every response of a replica's app and on
+    none of a plain server's."""
+    text, want = max(((t, session.generate(t, chat=False, max_new_tokens=NEW)) for t in TEXTS),
+                     key=lambda tw: len(tw[1].completions[0].tokens))
+    assert len(want.completions[0].tokens) > 16                                   # two blocks at least
+    with serving(create_app(session, model_name="tiny", replica="r7", close_session=False)) as base:
+        host, port = base.removeprefix("http://").split(":")
+        c = http.client.HTTPConnection(host, int(port), timeout=60)
+        c.request("POST", "/v1/completions", json.dumps(dict(prompt=text, max_tokens=NEW, stream=True,
+                                                            stream_options={"include_usage": True})),
+                  {"Content-Type": "application/json"})
+        r = c.getresponse()
+        assert r.getheader("x-nemodiff-replica") == "r7" and r.getheader("content-type").startswith("text/event-stream")
+        events = [ln[6:] for ln in r.read().split(b"\n\n") if ln.strip()]
+        c.request("GET", "/health")
+        assert c.getresponse().getheader("x-nemodiff-replica") == "r7"
+    assert events[-1] == b"[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    finish = [i for i, ch in enumerate(chunks) if ch["choices"] and ch["choices"][0]["finish_reason"]]
+    assert finish == [len(chunks) - 2] and chunks[-1]["choices"] == []           # finish, then usage
+    assert chunks[-1]["usage"]["completion_tokens"] == len(want.completions[0].tokens)
+    assert "".join(ch["choices"][0]["text"] for ch in chunks[:-1]) == want.text
+    assert len(chunks) - 2 >= 2                                                   # a chunk per block
+    with serving(create_app(session, model_name="tiny", close_session=False)) as base:
+        host, port = base.removeprefix("http://").split(":")
+        c = http.client.HTTPConnection(host, int(port), timeout=60)
+        c.request("GET", "/health")
+        assert c.getresponse().getheader("x-nemodiff-replica") is None
+
+
+def test_load_test_script_reports_each_level(url, tmp_path):
+    """scripts/load_test.py against a running server: one JSON line per level, no errors, the c8/c1 line."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(TEXTS[:4]) + "\n")
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, str(root / "scripts/load_test.py"), "--url", f"{url}/v1", "--levels", "1,8",
+                        "--requests", "8", "--max-tokens", "8", "--prompts", str(prompts)],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(root)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [json.loads(ln) for ln in r.stdout.splitlines()]
+    levels = [ln for ln in lines if "concurrency" in ln]
+    assert [ln["concurrency"] for ln in levels] == [1, 8]
+    assert all(ln["requests"] == 8 and ln["errors"] == 0 and ln["tokens"] > 0 for ln in levels)
+    assert all(0 < ln["ttfb_p50_s"] <= ln["latency_p50_s"] <= ln["latency_p99_s"] for ln in levels)
+    assert lines[-1]["tokens_per_s_c8_over_c1"] > 0
+
+
 def test_sigterm_drains_and_exits(tiny_engine):
     """`nemodiff-compile serve` in a subprocess: a stream in flight when SIGTERM arrives still ends with [DONE]."""
     sock = socket.socket()
