@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from contextlib import contextmanager
+
+from polling import until  # tests/polling.py
 
 
 @contextmanager
@@ -18,11 +19,7 @@ def serving(app, start_timeout: float = 30.0):
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + start_timeout
-    while not server.started:
-        if time.monotonic() > deadline:
-            raise TimeoutError("uvicorn did not start")
-        time.sleep(0.02)
+    until(lambda: server.started, start_timeout)
     try:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:

@@ -4,12 +4,12 @@ idle rows, fixed slots of a contract-only Denoiser); the queue refuses when full
 
 import asyncio
 import threading
-import time
 
 import pytest
 import torch
 
 from contract_denoiser import ContractOnly  # tests/contract_denoiser.py
+from polling import until  # tests/polling.py
 
 from nemodiff_compile.decoding import loops
 from nemodiff_compile.decoding.policy import DecodePolicy
@@ -83,7 +83,7 @@ def test_queue_full_cancel_and_close(engine, solo):
     slow = ContractOnly(engine.denoiser, delay=0.02)
     s = Scheduler(slow, max_batch=1, max_queue=1)
     long = s.submit(PROMPTS[1], DecodePolicy("dlm", threshold=1.0), 48)     # one commit per pass: many passes
-    _until(lambda: s.stats()["running"] == 1)
+    until(lambda: s.stats()["running"] == 1, timeout=10)
     queued = s.submit(PROMPTS[0], POLICIES[0], NEW)
     with pytest.raises(QueueFull, match="max_queue 1"):
         s.submit(PROMPTS[2], POLICIES[0], NEW)
@@ -179,9 +179,3 @@ def test_regroup_carries_rows_over(engine):
     assert torch.equal(den.k[:, 0, :, :3], k[:, 2, :, :3]) and torch.equal(den.k[:, 1, :, :4], k[:, 0, :, :4])
 
 
-def _until(cond, timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise TimeoutError("condition not met")
-        time.sleep(0.01)

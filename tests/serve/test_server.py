@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ openai = pytest.importorskip("openai", reason="needs the openai client (pip inst
 
 from contract_denoiser import ContractOnly  # noqa: E402  (tests/contract_denoiser.py)
 from live_server import serving  # noqa: E402  (tests/live_server.py)
+from polling import until  # noqa: E402  (tests/polling.py)
 
 from nemodiff_compile.serve.server import create_app  # noqa: E402
 from nemodiff_compile.session import Session  # noqa: E402
@@ -135,7 +135,7 @@ def test_full_queue_is_503_and_a_disconnect_frees_the_row(tiny_engine):
         t = threading.Thread(target=lambda: queued.update(r=client.completions.create(
             model="tiny", prompt=TEXTS[1], max_tokens=8, extra_body={"mode": "ar"})))
         t.start()
-        _until(lambda: _health(base)["queued"] == 1)
+        until(lambda: _health(base)["queued"] == 1)
         with pytest.raises(openai.APIStatusError) as e:
             client.completions.create(model="tiny", prompt=TEXTS[2], max_tokens=8)
         assert e.value.status_code == 503 and e.value.response.headers["retry-after"] == "1"
@@ -222,7 +222,7 @@ def test_sigterm_drains_and_exits(tiny_engine):
     proc = subprocess.Popen([sys.executable, "-m", "nemodiff_compile", "serve", str(tiny_engine), "--port", str(port),
                              "--threads", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _until(lambda: proc.poll() is not None or _up(port), timeout=120)
+        until(lambda: proc.poll() is not None or _up(port), timeout=120)
         assert proc.poll() is None, proc.stdout.read()
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         conn.request("POST", "/v1/completions", json.dumps(dict(prompt=TEXTS[5], max_tokens=64, stream=True,
@@ -271,12 +271,6 @@ def _metrics(base: str) -> dict:
             for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
-def _until(cond, timeout: float = 30.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise TimeoutError("condition not met")
-        time.sleep(0.02)
 
 
 def test_serve_cli_refuses_bad_input(tmp_path):
