@@ -259,19 +259,17 @@ async def _events(session: Session, req: Request, items: asyncio.Queue, rid: str
     status = "cancelled"
     out = [sse(protocol.chat_chunk(rid, model, {"role": "assistant", "content": ""}))] if kind == "chat" else []
     try:
-        while True:
+        done = False
+        while not done:
             ready = [await items.get()]
             while not items.empty():
                 ready.append(items.get_nowait())
-            for item in ready:
-                if item is _DONE:
-                    break
-                piece = text.feed(item)
+            done = ready[-1] is _DONE                    # put last, after the row's final tokens
+            for ids in ready[:-1] if done else ready:
+                piece = text.feed(ids)
                 if piece:
                     out.append(sse(_chunk(kind, rid, model, _piece(piece))))
-            if item is _DONE:
-                break
-            if out:
+            if out and not done:
                 yield b"".join(out)
                 out = []
         if req.error is not None:
