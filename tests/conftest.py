@@ -83,15 +83,20 @@ def trt_fp16_dir(rtx, tmp_path_factory):
 @pytest.fixture(scope="session")
 def fp8_remask_dir(tmp_path_factory):
     """fp8 Q/DQ graph with the remask stage in standard ops (ONNX Runtime directory, short calibration)."""
+    return _quant_remask_engine(tmp_path_factory, "fp8", "onnx")
+
+
+def _quant_remask_engine(tmp_path_factory, precision: str, remask: str):
+    """A tiny ONNX Runtime engine of `precision` with a remask stage, calibrated briefly (dlm, 8 new tokens)."""
     pytest.importorskip("modelopt", reason="needs nvidia-modelopt (pip install -e '.[quant]')")
     from nemodiff_compile.build_config import BuildConfig
     from nemodiff_compile.pipeline import build_engine
     from nemodiff_compile.quant import recipe_for
 
-    recipe = recipe_for("fp8").with_(calib_modes=("dlm",), calib_max_new_tokens=8)
-    out = tmp_path_factory.mktemp("quant-remask") / "tiny-fp8-remask"
-    return build_engine(BuildConfig.of(source="tiny", output=out, backend="onnxruntime", precision="fp8",
-                                       remask="onnx", validate=False, batch_sizes=(1, 2), max_context=128),
+    recipe = recipe_for(precision).with_(calib_modes=("dlm",), calib_max_new_tokens=8)
+    out = tmp_path_factory.mktemp("quant-remask") / f"tiny-{precision}-remask-{remask}"
+    return build_engine(BuildConfig.of(source="tiny", output=out, backend="onnxruntime", precision=precision,
+                                       remask=remask, validate=False, batch_sizes=(1, 2), max_context=128),
                         recipe=recipe)
 
 
@@ -141,17 +146,8 @@ def remask_engine(tmp_path_factory):
 def int8_remask_dir(tmp_path_factory):
     """int8 (SmoothQuant) Q/DQ graph with the remask stage as the plugin node (ONNX Runtime directory, short
     calibration)."""
-    pytest.importorskip("modelopt", reason="needs nvidia-modelopt (pip install -e '.[quant]')")
     pytest.importorskip("onnxruntime_extensions", reason="needs onnxruntime-extensions (.[ort-plugin])")
-    from nemodiff_compile.build_config import BuildConfig
-    from nemodiff_compile.pipeline import build_engine
-    from nemodiff_compile.quant import recipe_for
-
-    recipe = recipe_for("int8").with_(calib_modes=("dlm",), calib_max_new_tokens=8)
-    out = tmp_path_factory.mktemp("quant-remask") / "tiny-int8-remask-plugin"
-    return build_engine(BuildConfig.of(source="tiny", output=out, backend="onnxruntime", precision="int8",
-                                       remask="plugin", validate=False, batch_sizes=(1, 2), max_context=128),
-                        recipe=recipe)
+    return _quant_remask_engine(tmp_path_factory, "int8", "plugin")
 
 
 # ---- the tiny vision-language checkpoint (issue 20): the trained tiny text model cut to its first 2 layers

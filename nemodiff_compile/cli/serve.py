@@ -22,7 +22,8 @@ SERVE_EXTRA = ("fastapi", "uvicorn", "prometheus_client")
               help="Rows decoded at once per engine [default: the engine's largest batch bucket].")
 @click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
               help="Requests waiting for a row before the server answers 503.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads per engine.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="ONNX Runtime intra-op threads per engine [default: ONNX Runtime's, one per physical core].")
 @click.option("--num-gpus", type=click.FloatRange(min=0), default=None,
               help="GPUs per Ray Serve replica [default: 1 for TensorRT engines, else 0].")
 @click.option("--allow-image-dir", "image_dirs", multiple=True, type=click.Path(path_type=Path),
