@@ -353,20 +353,31 @@ class Session:
 
 
 class TextStream:
-    """Incremental detokenization: feed committed ids, get the new stable text (None when there is none);
-    without a tokenizer, the ids themselves."""
+    """Incremental detokenization: feed committed ids, get the new text (None while there is none); without a
+    tokenizer, the ids themselves.
+
+    A feed decodes a short window, never everything so far (an AR stream of n tokens would cost O(n^2)):
+    the ids from `prefix` on against the ids from `prefix` to `read` (what the last piece covered), as vLLM's
+    incremental detokenizer does. Decoding both from the same start keeps tokenizers that drop a leading space
+    (SentencePiece's Metaspace) consistent, and a window that ends inside a UTF-8 character (U+FFFD) waits for
+    the next ids. `finish` decodes everything once and returns what the pieces have not covered, so pieces +
+    finish add up to `session.decode(ids)` (the non-streamed text)."""
 
     def __init__(self, session: Session):
         self.session, self.ids, self.text = session, [], ""
+        self._prefix = self._read = 0                # ids[prefix:read]: the window the last piece ended
 
     def feed(self, new: list[int]) -> str | list[int] | None:
         self.ids.extend(new)
         if self.session.tokenizer is None:
             return list(new)
-        text = self.session.decode(self.ids)
-        if not text.startswith(self.text) or text == self.text:     # wait until the text is stable
-            return None
-        piece, self.text = text[len(self.text):], text
+        head = self.session.decode(self.ids[self._prefix : self._read])
+        window = self.session.decode(self.ids[self._prefix :])
+        if len(window) <= len(head) or not window.startswith(head) or window.endswith("\ufffd"):
+            return None                              # nothing new yet, or a character still incomplete
+        piece = window[len(head) :]
+        self._prefix, self._read = self._read, len(self.ids)
+        self.text += piece
         return piece
 
     def finish(self) -> str | None:
