@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .model import NemotronLabsDiffusion, RMSNorm
+from .model import MLP, NemotronLabsDiffusion, RMSNorm
 from .vision_config import VisionConfig
 
 _ACTS = {"silu": F.silu, "gelu": F.gelu}
@@ -65,25 +65,13 @@ class VisionAttention(nn.Module):
         return self.o_proj(out.transpose(0, 1).reshape(N, -1))
 
 
-class VisionMLP(nn.Module):
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.act = _ACTS[cfg.hidden_act]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-
-
 class VisionLayer(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.hidden_size, _VISION_EPS)
         self.attention = VisionAttention(cfg)
         self.ffn_norm = RMSNorm(cfg.hidden_size, _VISION_EPS)
-        self.feed_forward = VisionMLP(cfg)
+        self.feed_forward = MLP(cfg, _ACTS[cfg.hidden_act])
 
     def forward(self, x, cos, sin):
         x = x + self.attention(self.attention_norm(x), cos, sin)
