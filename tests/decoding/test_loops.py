@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from contract_denoiser import ContractOnly  # tests/contract_denoiser.py
 from nemodiff_compile.backends.eager import TorchDenoiser
 from nemodiff_compile.decoding import loops, remask
 from nemodiff_compile.decoding.denoiser import Denoiser, StepOut
@@ -167,26 +168,11 @@ def test_streamed_chunks_add_up_to_the_result(den, mode):
         assert [len(c) for c in chunks[0]] == [4, 4, 4, 1]
 
 
-class CertainDenoiser:
+class CertainDenoiser(ContractOnly):
     """`den` with every confidence exactly 1.0 (what bf16 reaches on a peaked output)."""
 
-    def __init__(self, den):
-        self.den, self.config, self.max_len = den, den.config, den.max_len
-
-    def reset(self, batch):
-        self.den.reset(batch)
-
-    def lengths(self):
-        return self.den.lengths()
-
-    def trim(self, lengths):
-        self.den.trim(lengths)
-
-    def block_refiner(self, policy):
-        return None
-
     def step(self, tokens, **kw):
-        out = self.den.step(tokens, **kw)
+        out = super().step(tokens, **kw)
         return StepOut(out.token, torch.ones_like(out.conf))
 
 
