@@ -1,7 +1,15 @@
+import os
+
 import pytest
 import torch
 
 from nemodiff_compile.config import PRESETS
+
+# Triton's CPU interpreter runs the kernel tests where there is no GPU. Triton reads TRITON_INTERPRET once,
+# when first imported, and any test module may import it first (transformers does), so it is set here,
+# before the test modules are collected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

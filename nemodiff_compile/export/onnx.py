@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from ..errors import InvalidArgument, NemodiffError
-from ..model.model import NemotronLabsDiffusion, block_mask
+from ..model.model import NemotronLabsDiffusion, block_mask, explicit_attention
 from ..artifact.spec import DYNAMIC_DIMS, OPSET, REMASK_IO, REMASK_VARIANTS, STEP_SLOTS, IOSpec, step_spec
 
 ONNX_NAME = "model.onnx"
@@ -120,7 +120,7 @@ def trace_step(model: NemotronLabsDiffusion, *, with_logits: bool = False, remas
     exporter from a meta-device twin of `model` in `dtype`: no weight is touched or copied."""
     from .weights import meta_twin
 
-    twin = meta_twin(model.eval(), dtype or model.dtype)
+    twin = explicit_attention(meta_twin(model.eval(), dtype or model.dtype))
     if remask is not None:                  # the stage's stop rule needs the EOS ids; its I/O version
         remask = {**remask, "eos_ids": [int(e) for e in twin.config.eos_ids], "io": REMASK_IO}
     spec = step_spec(twin.config, _dtype_name(twin.dtype), with_logits, with_lora=twin.has_draft_lora,

@@ -33,13 +33,20 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # variance in fp32, cast back, then scale (transformers Ministral3RMSNorm order)
+        # variance in fp32, cast back, then scale (transformers Ministral3RMSNorm order); divided by the root
+        # rather than times rsqrt: ONNX Runtime fuses this form into one SimplifiedLayerNormalization node
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
 
 class Attention(nn.Module):
+    # explicit: MatMul, Add, Softmax, MatMul in place of scaled_dot_product_attention. Export twins set it
+    # (`explicit_attention`): SDPA's ONNX translation copies and rescales the keys and guards the softmax
+    # against all-masked rows in every layer, which cost ONNX Runtime's CPU provider ~20% of a pass; eager
+    # torch keeps SDPA's fused kernel.
+    explicit = False
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -52,16 +59,17 @@ class Attention(nn.Module):
         self.lora_b: torch.Tensor | None = None      # [hidden, r]
         self.lora_scale = 0.0
 
-    def forward(self, x, cos, sin, qscale, mask, past_k, past_v, lora):
+    def forward(self, x, cos, sin, qscale, bias, past_k, past_v, lora):
         """x [B, L, H]; past_k/v [B, Hkv, S, D] or None -> (y [B, L, H], k, v [B, Hkv, L, D] post-RoPE).
 
-        lora: use the draft LoRA; a bool, or a 0-d bool tensor (exported graphs switch it per pass)."""
+        bias: `attention_bias` [B, 1, rep*L, S+L] in x's dtype, or None. lora: use the draft LoRA; a bool, or a 0-d
+        bool tensor (exported graphs switch it per pass)."""
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)   # [B, Hq, L, D]
         k = self.k_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)      # [B, Hkv, L, D]
         v = self.v_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
-        q = q * qscale[:, None, :, None].to(q.dtype)                                 # Llama-4 scale
+        q = q * (qscale[:, None, :, None] * self.head_dim ** -0.5).to(q.dtype)       # Llama-4 and softmax scales
         keys, values = k, v
         if past_k is not None:
             keys = torch.cat([past_k.to(q.dtype), k], dim=2)                          # [B, Hkv, S+L, D]
@@ -70,9 +78,13 @@ class Attention(nn.Module):
         # (q head h reads KV head h // rep, as repeat_interleave would give it).
         rep = self.n_heads // self.n_kv
         q = q.reshape(B, self.n_kv, rep * L, self.head_dim)                          # [B, Hkv, rep*L, D]
-        if mask is not None:
-            mask = mask.repeat(1, 1, rep, 1)                                         # [B, 1, rep*L, S+L]
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)        # [B, Hkv, rep*L, D]
+        if self.explicit:
+            scores = torch.matmul(q, keys.transpose(-1, -2))                          # [B, Hkv, rep*L, S+L]
+            if bias is not None:
+                scores = scores + bias
+            out = torch.matmul(torch.softmax(scores, dim=-1), values)                 # [B, Hkv, rep*L, D]
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=1.0)
         out = out.reshape(B, self.n_heads, L, self.head_dim)                         # [B, Hq, L, D]
         out = out.transpose(1, 2).reshape(B, L, -1)                                  # [B, L, Hq*D]
         y = self.o_proj(out)
@@ -105,8 +117,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, h, cos, sin, qscale, mask, past_k, past_v, lora):
-        a, k, v = self.self_attn(self.input_layernorm(h), cos, sin, qscale, mask, past_k, past_v, lora)
+    def forward(self, h, cos, sin, qscale, bias, past_k, past_v, lora):
+        a, k, v = self.self_attn(self.input_layernorm(h), cos, sin, qscale, bias, past_k, past_v, lora)
         h = h + a
         return h + self.mlp(self.post_attention_layernorm(h)), k, v
 
@@ -204,9 +216,10 @@ class NemotronLabsDiffusion(nn.Module):
             h = torch.where(embed_mask[..., None], embeds.to(h.dtype), h)
         cos, sin = rope.cos_sin(positions, self.inv_freq.to(h.device), self.rope_scale, h.dtype)
         qscale = rope.query_scale(self.config, positions)
+        bias = attention_bias(mask, self.config.num_attention_heads // self.config.num_key_value_heads, h.dtype)
         ks, vs = [], []
         for i, layer in enumerate(self.encoder.layers):
-            h, k, v = layer(h, cos, sin, qscale, mask,
+            h, k, v = layer(h, cos, sin, qscale, bias,
                             None if past_k is None else past_k[i],
                             None if past_v is None else past_v[i], draft_lora)
             ks.append(k)
@@ -234,6 +247,26 @@ class NemotronLabsDiffusion(nn.Module):
             if attn.lora_a is not None:
                 attn.o_proj.weight += (attn.lora_b.float() @ attn.lora_a.float() * attn.lora_scale).to(self.dtype)
                 attn.lora_a = attn.lora_b = None
+
+
+def explicit_attention(model: nn.Module) -> nn.Module:
+    """Set every decoder attention of `model` to the explicit form (`Attention.explicit`); returns model."""
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.explicit = True
+    return model
+
+
+def attention_bias(mask: torch.Tensor | None, rep: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """mask [B, 1, L, S+L] bool (True = may attend) -> the additive bias [B, 1, rep*L, S+L] of every layer's
+    scores: 0, or the dtype's lowest finite value (weight 0 after the softmax; every query row sees at least
+    the block's first position, so no row is all masked), tiled for the rep query heads that share a KV head
+    and attend as rep*L rows (`Attention`). Built once per pass, not converted from the mask in every layer."""
+    if mask is None:
+        return None
+    zero = torch.zeros((), dtype=dtype, device=mask.device)
+    low = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=mask.device)
+    return torch.where(mask, zero, low).repeat(1, 1, rep, 1)
 
 
 def block_mask(causal: bool | torch.Tensor, lengths: torch.Tensor | None, max_len: int, L: int,

@@ -3,13 +3,9 @@ interpreter: the dispatch is forced on (it runs the kernel only on CUDA otherwis
 model's passes must equal the engine's without it, in the model dtype and in FP8 (the GPU run of
 scripts/gpu_check.py compares whole generations and times it)."""
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")      # must precede the kernel module's import
 pytest.importorskip("triton")
 
 from nemodiff_compile import load_reference  # noqa: E402
