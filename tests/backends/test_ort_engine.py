@@ -111,7 +111,7 @@ def test_graph_takes_the_forms_onnx_runtime_fuses(exported, random_tiny, tmp_pat
     """The step graph's attention is explicit (`model.explicit_attention`): per layer MatMul, Add of the pass's
     one bias, Softmax, MatMul, without scaled_dot_product_attention's per-layer mask conversion and all-masked
     guard (IsNaN, Where); its RMSNorms divide by the root, the form ONNX Runtime fuses into
-    SimplifiedLayerNormalization. Together 17-19% off a two-thread CPU pass (README, "Serving")."""
+    SimplifiedLayerNormalization. Together 16-22% off a two-thread CPU pass (README, "Serving")."""
     import collections
 
     import onnxruntime as ort

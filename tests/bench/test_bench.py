@@ -87,3 +87,24 @@ def test_bench_three_remask_variants_side_by_side(tiny_engine, remask_engine):
         assert d["pass_ms"]["denoise"]["n"] == (d["device_passes"] if d["device_loop"] else d["nfe_by_phase"]["denoise"])
     r = CliRunner().invoke(cli, ["bench", *map(str, dirs[:2]), "--sweep", "threshold=0.5,0.9"])
     assert r.exit_code == 2 and "--sweep takes one ENGINE_DIR" in r.output
+
+
+def test_compare_passes_script_times_both_engines(tiny_engine, tmp_path):
+    """scripts/compare_passes.py: one JSON line with a positive median per engine and batch, and their ratio
+    (the same engine twice: the ratio is a ratio of two timings of one graph, so it is near 1), and a one-line
+    error for a path that is not an engine directory."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    script = [sys.executable, str(root / "scripts/compare_passes.py")]
+    r = subprocess.run(script + [str(tiny_engine), str(tiny_engine), "--reps", "2", "--passes", "2", "--batches", "1,2",
+                                 "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = json.loads(r.stdout.splitlines()[-1])
+    assert set(line["ms_per_pass_before"]) == set(line["ms_per_pass_after"]) == {"1", "2"}
+    assert all(v > 0 for v in (*line["ms_per_pass_before"].values(), *line["ms_per_pass_after"].values()))
+    assert all(0.2 < v < 5 for v in line["after_over_before"].values())
+    bad = subprocess.run(script + [str(tmp_path / "missing"), str(tiny_engine)], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "expected an engine directory" in bad.stderr.strip().splitlines()[-1]
