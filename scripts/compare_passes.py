@@ -37,10 +37,14 @@ def main() -> int:
 
     import torch
 
+    from nemodiff_compile.errors import NemodiffError
     from nemodiff_compile.session import Session
 
     torch.set_num_threads(1)                     # the host side only builds inputs
-    dens = [Session.open(d, threads=args.threads).denoiser for d in (args.before, args.after)]
+    try:
+        dens = [Session.open(d, threads=args.threads).denoiser for d in (args.before, args.after)]
+    except NemodiffError as e:                   # an engine this machine cannot run, a damaged one: one line
+        ap.error(str(e))
     batches = [int(b) for b in args.batches.split(",")]
     vocab = dens[0].config.vocab_size
     ms: list[dict[int, list[float]]] = [{b: [] for b in batches} for _ in dens]

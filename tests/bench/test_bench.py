@@ -92,7 +92,7 @@ def test_bench_three_remask_variants_side_by_side(tiny_engine, remask_engine):
 def test_compare_passes_script_times_both_engines(tiny_engine, tmp_path):
     """scripts/compare_passes.py: one JSON line with a positive median per engine and batch, and their ratio
     (the same engine twice: the ratio is a ratio of two timings of one graph, so it is near 1), and a one-line
-    error for a path that is not an engine directory."""
+    error for a missing folder and for a folder that holds no engine."""
     import subprocess
     import sys
     from pathlib import Path
@@ -106,5 +106,6 @@ def test_compare_passes_script_times_both_engines(tiny_engine, tmp_path):
     assert set(line["ms_per_pass_before"]) == set(line["ms_per_pass_after"]) == {"1", "2"}
     assert all(v > 0 for v in (*line["ms_per_pass_before"].values(), *line["ms_per_pass_after"].values()))
     assert all(0.2 < v < 5 for v in line["after_over_before"].values())
-    bad = subprocess.run(script + [str(tmp_path / "missing"), str(tiny_engine)], capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "expected an engine directory" in bad.stderr.strip().splitlines()[-1]
+    for where, says in ((tmp_path / "missing", "expected an engine directory"), (tmp_path, str(tmp_path))):
+        bad = subprocess.run(script + [str(where), str(tiny_engine)], capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and says in bad.stderr.strip().splitlines()[-1], bad.stderr[-1000:]
