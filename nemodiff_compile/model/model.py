@@ -44,7 +44,8 @@ class Attention(nn.Module):
     # explicit: MatMul, Add, Softmax, MatMul in place of scaled_dot_product_attention. Export twins set it
     # (`explicit_attention`): SDPA's ONNX translation copies and rescales the keys and guards the softmax
     # against all-masked rows in every layer (with RMSNorm's former rsqrt form, 16-22% of a two-thread
-    # pass on ONNX Runtime's CPU provider at batch 1-8: scripts/compare_passes.py); eager torch keeps SDPA's fused kernel.
+    # pass on ONNX Runtime's CPU provider at batch 1-8: scripts/compare_passes.py); eager torch keeps
+    # SDPA's fused kernel.
     explicit = False
 
     def __init__(self, cfg: ModelConfig):
