@@ -18,6 +18,19 @@ def test_hash32_stays_in_32_bits_and_is_a_bijection_on_a_sample():
     assert 0 <= int(top) < (1 << 32)
 
 
+def test_row_keys_hash_python_ints_as_the_tensors_do():
+    """row_keys hashes Python ints; the keys are those of the same hashes on int64 tensors (the stream every
+    backend and device loop shares), for seeds across the 64-bit range."""
+    for seed in (0, 1, 7, -1, 12345678901234, (1 << 63) + 5, (1 << 64) - 1):
+        s = seed % (1 << 64)
+        lo = hash32(torch.tensor(s & 0xFFFFFFFF))
+        hi = hash32(torch.tensor(s >> 32) ^ 0x9E3779B9)
+        want = hash32(hash32(lo ^ hi) ^ torch.arange(5))
+        got = row_keys(seed, 5)
+        assert got.dtype == torch.long and torch.equal(got, want), seed
+    assert row_keys(3, 0).shape == (0,)
+
+
 def test_draws_are_a_function_of_key_counter_and_element():
     s = GumbelStream(7, 3)
     a, b = s.draw((3, 4, 50)), s.draw((3, 4, 50))
