@@ -228,6 +228,25 @@ def test_request_cpu_script_splits_cpu_by_thread(tiny_engine, tmp_path):
     assert 0 < line["latency_p50_ms"] <= 2 * line["ms_per_request"]
 
 
+def test_c1_latency_script_splits_a_request_beside_session_generate(tiny_engine, tmp_path):
+    """scripts/c1_latency.py starts its own server and times Session.generate beside it: the server's scheduler time
+    (from its /metrics) is part of the client's latency, and the rest is the HTTP path."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(TEXTS[:2]) + "\n")
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, str(root / "scripts/c1_latency.py"), str(tiny_engine), "--requests", "3",
+                        "--max-tokens", "8", "--threads", "1", "--prompts", str(prompts)],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(root)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = json.loads(r.stdout.splitlines()[-1])
+    assert line["requests"] == 3
+    assert 0 < line["scheduler_ms"] < line["client_ms"] and line["http_ms"] > 0 and line["session_ms"] > 0
+    assert abs(line["client_over_session"] - line["client_ms"] / line["session_ms"]) < 0.01
+    bad = subprocess.run([sys.executable, str(root / "scripts/c1_latency.py"), str(tmp_path / "nope")],
+                         capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(root)))
+    assert bad.returncode == 2 and "expected an engine directory" in bad.stderr
+
+
 def test_sigterm_drains_and_exits(tiny_engine):
     """`nemodiff-compile serve` in a subprocess: a stream in flight when SIGTERM arrives still ends with [DONE]."""
     sock = socket.socket()

@@ -1,0 +1,113 @@
+"""Where a streamed request's latency at concurrency 1 goes, beside `Session.generate`: one JSON line.
+
+    python scripts/c1_latency.py engines/tiny-fp32-onnxruntime --requests 48
+
+Starts `nemodiff-compile serve` on the engine (as scripts/load_test.py --engine does) and opens the same engine
+in this process; then, prompt after prompt, one streamed completion with the async openai client and the same
+prompt through this process's `Session.generate`, 0.1 s apart (ONNX Runtime's workers spin for a while after a
+run). Around each HTTP request the server's /metrics give its scheduler time (`nemodiff_request_seconds`:
+submission to finish). Medians, in milliseconds:
+
+  client_ms      the client's latency (create() to the end of the stream; what load_test.py reports)
+  scheduler_ms   the server's submission-to-finish: the passes, as `Session.generate` runs them, plus whatever
+                 the HTTP path's CPU takes from the engine's threads while they run
+  http_ms        client_ms - scheduler_ms per request: the client building the request and parsing the events,
+                 the round trip, the server's handler before submission and its event loop after the finish
+  session_ms     `Session.generate` on the same prompt
+and the ratios client / session (load_test.py --baseline's figure) and scheduler / session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import load_test  # noqa: E402
+
+SETTLE_S = 0.1
+
+
+def scheduler_seconds(metrics_url: str) -> tuple[float, float]:
+    """(sum, count) of the server's nemodiff_request_seconds histogram."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    fam = next(f for f in text_string_to_metric_families(text) if f.name == "nemodiff_request_seconds")
+    values = {s.name: s.value for s in fam.samples}
+    return values["nemodiff_request_seconds_sum"], values["nemodiff_request_seconds_count"]
+
+
+async def run(args) -> dict:
+    from openai import AsyncOpenAI
+
+    from nemodiff_compile.serve.server import host_threads
+    from nemodiff_compile.session import Session
+
+    prompts = [ln.strip() for ln in args.prompts.read_text().splitlines() if ln.strip()]
+    knobs = {"mode": args.mode}
+    server, url = load_test.start_server(args.engine, args.threads, None)
+    metrics_url = url.removesuffix("/v1") + "/metrics"
+    host_threads()                                                    # as the server does
+    session = Session.open(args.engine, threads=args.threads)
+    try:
+        client = AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+        model = (await client.models.list()).data[0].id
+        for p in prompts[:4]:                                         # warm-up, both sides
+            await load_test.one(client, model, p, args.max_tokens, knobs)
+            session.generate(p, chat=False, max_new_tokens=args.max_tokens, **knobs)
+        rows = []
+        for i in range(args.requests):
+            p = prompts[i % len(prompts)]
+            s0, n0 = scheduler_seconds(metrics_url)
+            r = await load_test.one(client, model, p, args.max_tokens, knobs)
+            if r["error"] is not None:
+                raise SystemExit(f"request {i} failed: {r['error']}")
+            s1, n1 = scheduler_seconds(metrics_url)
+            deadline = time.monotonic() + 2      # the scheduler records a request just after it signals the end
+            while n1 == n0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+                s1, n1 = scheduler_seconds(metrics_url)
+            if n1 != n0 + 1:
+                raise SystemExit(f"the server recorded {n1 - n0} requests during one: is another client using it?")
+            await asyncio.sleep(SETTLE_S)
+            t0 = time.perf_counter()
+            session.generate(p, chat=False, max_new_tokens=args.max_tokens, **knobs)
+            rows.append(dict(client=r["latency"], scheduler=s1 - s0, http=r["latency"] - (s1 - s0),
+                             session=time.perf_counter() - t0))
+            await asyncio.sleep(SETTLE_S)
+    finally:
+        session.close()
+        server.terminate()
+        server.wait(60)
+    med = {k: load_test.q([r[k] for r in rows], 0.5) for k in ("client", "scheduler", "http", "session")}
+    return dict(mode=args.mode, requests=len(rows), max_tokens=args.max_tokens,
+                **{f"{k}_ms": round(v * 1e3, 2) for k, v in med.items()},
+                client_over_session=round(med["client"] / med["session"], 3),
+                scheduler_over_session=round(med["scheduler"] / med["session"], 3))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("engine", type=Path)
+    ap.add_argument("--requests", type=int, default=48)
+    ap.add_argument("--mode", default="dlm", choices=("ar", "dlm", "linear-spec"))
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads of both sides [default: its own]")
+    ap.add_argument("--prompts", type=Path, default=load_test.ROOT / "docs/prompts/tiny-heldout.txt")
+    args = ap.parse_args()
+    if not args.engine.is_dir():
+        ap.error(f"{args.engine}: expected an engine directory")
+    if not args.prompts.is_file():
+        ap.error(f"--prompts {args.prompts}: no such file")
+    print(json.dumps(asyncio.run(run(args))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
