@@ -54,8 +54,9 @@ async def run(args) -> dict:
     server, url = load_test.start_server(args.engine, args.threads, None)
     metrics_url = url.removesuffix("/v1") + "/metrics"
     host_threads()                                                    # as the server does
-    session = Session.open(args.engine, threads=args.threads)
+    session = None
     try:
+        session = Session.open(args.engine, threads=args.threads)
         client = AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
         model = (await client.models.list()).data[0].id
         for p in prompts[:4]:                                         # warm-up, both sides
@@ -82,7 +83,8 @@ async def run(args) -> dict:
                              session=time.perf_counter() - t0))
             await asyncio.sleep(SETTLE_S)
     finally:
-        session.close()
+        if session is not None:
+            session.close()
         server.terminate()
         server.wait(60)
     med = {k: load_test.q([r[k] for r in rows], 0.5) for k in ("client", "scheduler", "http", "session")}

@@ -27,7 +27,8 @@ import load_test  # noqa: E402
 
 
 def thread_cpu_s(pid: int) -> dict[int, float]:
-    """CPU seconds (user + system) of each thread of pid, from /proc."""
+    """CPU seconds (user + system) of each thread of pid, from /proc: in clock ticks (10 ms), so a thread's figure
+    needs many requests (the default 200) to mean anything."""
     tick, out = os.sysconf("SC_CLK_TCK"), {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         stat = (task / "stat").read_text()
