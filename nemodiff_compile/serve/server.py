@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from ..decoding.scheduler import QueueFull, Request, SchedulerClosed
 from ..errors import NemodiffError
@@ -129,9 +129,8 @@ def create_app(session: Session, *, model_name: str, metrics: Metrics | None = N
             put = _threadsafe(loop, items.put_nowait)
             req = _submit(session, prompts[0], policy, body, put, images[0])
             req.add_done_callback(lambda r: put(_DONE))
-            return StreamingResponse(_events(session, req, items, rid, model_name, kind, body.include_usage,
-                                             metrics, endpoint),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return _EventStream(_events(session, req, items, rid, model_name, kind, body.include_usage,
+                                        metrics, endpoint))
         reqs: list[Request] = []
         try:
             for ids, feats in zip(prompts, images):
@@ -246,12 +245,54 @@ async def _wait_all(request: HttpRequest, reqs: list[Request]) -> bool:
 _DONE = object()
 
 
+class _EventStream(Response):
+    """A text/event-stream response from an async iterator of (bytes, more) pairs, more=False on the last. Unlike
+    Starlette's StreamingResponse it runs no task group per response (one task watches for the client going away
+    and cancels the stream, which cancels its request), and the last events end the body in the same write
+    (StreamingResponse sends an empty closing chunk after them: a second write, and a second wake-up of the
+    client at the end of every request)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[tuple[bytes, bool]]):
+        self.events, self.status_code, self.background = events, 200, None
+        self.init_headers({"Cache-Control": "no-cache"})
+
+    async def __call__(self, scope, receive, send) -> None:
+        task, gone = asyncio.current_task(), False
+
+        async def watch() -> None:
+            nonlocal gone
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone = True
+            task.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for chunk, more in self.events:
+                await send({"type": "http.response.body", "body": chunk, "more_body": more})
+                if not more:
+                    break
+            else:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+            if hasattr(task, "uncancel"):        # Python >= 3.11 counts cancellations; this one is handled
+                task.uncancel()                  # (the client went away: the stream ends here, quietly)
+        finally:
+            watcher.cancel()
+            await self.events.aclose()
+
+
 async def _events(session: Session, req: Request, items: asyncio.Queue, rid: str, model: str, kind: str,
-                  include_usage: bool, metrics: Metrics, endpoint: str) -> AsyncIterator[bytes]:
-    """Server-sent events: a chunk per committed block, the finish chunk, usage (if asked), [DONE]. The events
-    ready at once go out in one write (the last block, the finish, usage and [DONE] usually are): each write
-    wakes the client, and on a small machine its parsing competes with the engine's thread. Leaving early (the
-    client went away) cancels the request."""
+                  include_usage: bool, metrics: Metrics, endpoint: str) -> AsyncIterator[tuple[bytes, bool]]:
+    """Server-sent events, as (bytes, more) for `_EventStream`: a chunk per committed block, the finish chunk, usage
+    (if asked), [DONE]. The events ready at once go out in one write (the last block, the finish, usage and [DONE]
+    usually are): each write wakes the client, and on a small machine its parsing competes with the engine's
+    threads. Leaving early (the client went away) cancels the request."""
     def sse(obj: Any) -> bytes:
         return f"data: {json.dumps(obj)}\n\n".encode()
 
@@ -270,11 +311,11 @@ async def _events(session: Session, req: Request, items: asyncio.Queue, rid: str
                 if piece:
                     out.append(sse(_chunk(kind, rid, model, _piece(piece))))
             if out and not done:
-                yield b"".join(out)
+                yield b"".join(out), True
                 out = []
         if req.error is not None:
             status = "error"
-            yield b"".join(out) + sse(protocol.error(str(req.error), "server_error"))
+            yield b"".join(out) + sse(protocol.error(str(req.error), "server_error")), False
             return
         g = req.row.generation()
         tail = text.finish()
@@ -282,7 +323,7 @@ async def _events(session: Session, req: Request, items: asyncio.Queue, rid: str
         if include_usage:
             out.append(sse(protocol.usage_chunk(rid, model, kind, protocol.usage(
                 len(req.row.prompt), len(g.tokens[0]), g.nfe, g.tokens_per_forward))))
-        yield b"".join(out) + b"data: [DONE]\n\n"
+        yield b"".join(out) + b"data: [DONE]\n\n", False
         status = "ok"
     finally:
         req.cancel()
