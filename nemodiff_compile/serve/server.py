@@ -271,11 +271,11 @@ class _EventStream(Response):
         watcher = asyncio.ensure_future(watch())
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            async for chunk, more in self.events:
+            ended = False
+            async for chunk, more in self.events:      # to its end: what follows the last yield runs too
                 await send({"type": "http.response.body", "body": chunk, "more_body": more})
-                if not more:
-                    break
-            else:
+                ended = not more
+            if not ended:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if not gone:

@@ -181,6 +181,8 @@ def test_raw_stream_and_replica_header(session):
         events = [ln[6:] for ln in r.read().split(b"\n\n") if ln.strip()]
         c.request("GET", "/health")
         assert c.getresponse().getheader("x-nemodiff-replica") == "r7"
+        ok = ("nemodiff_requests_total", (("endpoint", "/v1/completions"), ("status", "ok")))
+        assert _metrics(base)[ok] == 1                                            # a finished stream is "ok"
     assert events[-1] == b"[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     finish = [i for i, ch in enumerate(chunks) if ch["choices"] and ch["choices"][0]["finish_reason"]]
