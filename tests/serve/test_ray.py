@@ -88,3 +88,14 @@ def test_two_replicas_spread_and_survive_a_kill(cluster, expected):
         time.sleep(0.5)
     answers = [_ask(client, i) for i in range(4)]
     assert [a for a, _ in answers] == expected
+
+
+@pytest.mark.slow
+def test_a_stream_through_ray_equals_the_answer(cluster, expected):
+    """A streamed completion through the Ray Serve route: its chunks add up to the engine's answer, and it ends."""
+    client = openai.OpenAI(base_url=cluster, api_key="none", max_retries=0, timeout=BOUND_S)
+    stream = client.completions.create(model="tiny-fp32", prompt=TEXTS[0], max_tokens=NEW, stream=True,
+                                       extra_body={"mode": MODES[0]})
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected[0]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] is not None
