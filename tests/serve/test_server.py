@@ -218,14 +218,7 @@ def test_request_cpu_script_splits_cpu_by_thread(tiny_engine, tmp_path):
     """scripts/request_cpu.py starts its own server: per request, the server's event-loop thread and the engine's
     threads used CPU, and so did the client; latency is within the wall time per request. /proc counts CPU in clock
     ticks (10 ms): enough requests that the loop's ~2 ms each add up to several."""
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(TEXTS[:2]) + "\n")
-    root = Path(__file__).resolve().parents[2]
-    r = subprocess.run([sys.executable, str(root / "scripts/request_cpu.py"), str(tiny_engine), "--requests", "40",
-                        "--max-tokens", "8", "--threads", "1", "--prompts", str(prompts)],
-                       capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(root)))
-    assert r.returncode == 0, r.stderr[-2000:]
-    line = json.loads(r.stdout.splitlines()[-1])
+    line = _c1_script("request_cpu.py", tiny_engine, tmp_path, requests=40)
     cpu = line["server_cpu_ms_per_request"]
     assert line["requests"] == 40 and cpu["loop"] > 0 and len(cpu) >= 2 and line["client_cpu_ms_per_request"] > 0
     assert 0 < line["latency_p50_ms"] <= 2 * line["ms_per_request"]
@@ -234,20 +227,29 @@ def test_request_cpu_script_splits_cpu_by_thread(tiny_engine, tmp_path):
 def test_c1_latency_script_splits_a_request_beside_session_generate(tiny_engine, tmp_path):
     """scripts/c1_latency.py starts its own server and times Session.generate beside it: the server's scheduler time
     (from its /metrics) is part of the client's latency, and the rest is the HTTP path."""
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(TEXTS[:2]) + "\n")
-    root = Path(__file__).resolve().parents[2]
-    r = subprocess.run([sys.executable, str(root / "scripts/c1_latency.py"), str(tiny_engine), "--requests", "3",
-                        "--max-tokens", "8", "--threads", "1", "--prompts", str(prompts)],
-                       capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(root)))
-    assert r.returncode == 0, r.stderr[-2000:]
-    line = json.loads(r.stdout.splitlines()[-1])
+    line = _c1_script("c1_latency.py", tiny_engine, tmp_path, requests=3)
     assert line["requests"] == 3
     assert 0 < line["scheduler_ms"] < line["client_ms"] and line["http_ms"] > 0 and line["session_ms"] > 0
     assert abs(line["client_over_session"] - line["client_ms"] / line["session_ms"]) < 0.01
-    bad = subprocess.run([sys.executable, str(root / "scripts/c1_latency.py"), str(tmp_path / "nope")],
-                         capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(root)))
+    bad = _script("c1_latency.py", tmp_path / "nope")
     assert bad.returncode == 2 and "expected an engine directory" in bad.stderr
+
+
+def _script(name: str, *args, timeout: int = 300) -> subprocess.CompletedProcess:
+    """scripts/NAME ARGS in a subprocess, this checkout on its path."""
+    root = Path(__file__).resolve().parents[2]
+    return subprocess.run([sys.executable, str(root / "scripts" / name), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=dict(os.environ, PYTHONPATH=str(root)))
+
+
+def _c1_script(name: str, engine, tmp_path, *, requests: int) -> dict:
+    """A concurrency-1 script (it starts its own server) on two prompts, 8 new tokens, one engine thread: its
+    JSON line."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(TEXTS[:2]) + "\n")
+    r = _script(name, engine, "--requests", requests, "--max-tokens", 8, "--threads", 1, "--prompts", prompts)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.splitlines()[-1])
 
 
 def test_sigterm_drains_and_exits(tiny_engine):
