@@ -19,7 +19,6 @@ and the ratios client / session (load_test.py --baseline's figure) and scheduler
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import sys
@@ -44,12 +43,10 @@ def scheduler_seconds(metrics_url: str) -> tuple[float, float]:
 
 
 async def run(args) -> dict:
-    from openai import AsyncOpenAI
-
     from nemodiff_compile.serve.server import host_threads
     from nemodiff_compile.session import Session
 
-    prompts = [ln.strip() for ln in args.prompts.read_text().splitlines() if ln.strip()]
+    prompts = load_test.read_prompts(args.prompts)
     knobs = {"mode": args.mode}
     server, url = load_test.start_server(args.engine, args.threads, None)
     metrics_url = url.removesuffix("/v1") + "/metrics"
@@ -57,8 +54,7 @@ async def run(args) -> dict:
     session = None
     try:
         session = Session.open(args.engine, threads=args.threads)
-        client = AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
-        model = (await client.models.list()).data[0].id
+        client, model = await load_test.connect(url)
         for p in prompts[:4]:                                         # warm-up, both sides
             await load_test.one(client, model, p, args.max_tokens, knobs)
             session.generate(p, chat=False, max_new_tokens=args.max_tokens, **knobs)
@@ -95,18 +91,7 @@ async def run(args) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("engine", type=Path)
-    ap.add_argument("--requests", type=int, default=48)
-    ap.add_argument("--mode", default="dlm", choices=("ar", "dlm", "linear-spec"))
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads of both sides [default: its own]")
-    ap.add_argument("--prompts", type=Path, default=load_test.ROOT / "docs/prompts/tiny-heldout.txt")
-    args = ap.parse_args()
-    if not args.engine.is_dir():
-        ap.error(f"{args.engine}: expected an engine directory")
-    if not args.prompts.is_file():
-        ap.error(f"--prompts {args.prompts}: no such file")
+    args = load_test.one_at_a_time_args(__doc__, requests=48)
     print(json.dumps(asyncio.run(run(args))), flush=True)
     return 0
 

@@ -62,7 +62,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.baseline and args.engine is None:
         ap.error("--baseline needs --engine (Session.generate runs the same engine in this process)")
-    prompts = [ln.strip() for ln in args.prompts.read_text().splitlines() if ln.strip()]
+    prompts = read_prompts(args.prompts)
     server = None
     try:
         if args.engine is not None:
@@ -79,10 +79,7 @@ def main() -> int:
 # ---- levels ----------------------------------------------------------------------------------------------
 
 async def levels(url: str, prompts: list[str], args) -> int:
-    from openai import AsyncOpenAI
-
-    client = AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
-    model = args.model or (await client.models.list()).data[0].id
+    client, model = await connect(url, args.model)
     knobs = {"mode": args.mode}
     session = None
     if args.baseline:
@@ -174,10 +171,7 @@ async def one(client, model: str, prompt: str, max_tokens: int, knobs: dict, *, 
 # ---- soak ------------------------------------------------------------------------------------------------
 
 async def soak(url: str, prompts: list[str], args, server) -> int:
-    from openai import AsyncOpenAI
-
-    client = AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
-    model = args.model or (await client.models.list()).data[0].id
+    client, model = await connect(url, args.model)
     knobs = {"mode": args.mode}
     expected = {}
     for p in prompts:                                     # each prompt alone: the answer it must get under load
@@ -219,6 +213,38 @@ async def soak(url: str, prompts: list[str], args, server) -> int:
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
+
+def read_prompts(path: Path) -> list[str]:
+    """The prompts of a file: its non-empty lines, stripped."""
+    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+
+
+async def connect(url: str, model: str | None = None):
+    """(the async openai client for url, model: the given one, else the server's first)."""
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+    return client, model or (await client.models.list()).data[0].id
+
+
+def one_at_a_time_args(doc: str, requests: int) -> argparse.Namespace:
+    """The command line of the scripts that start a server on an engine and send it streamed requests one after
+    another (request_cpu.py, c1_latency.py); a missing engine folder or prompts file is a usage error."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("engine", type=Path)
+    ap.add_argument("--requests", type=int, default=requests)
+    ap.add_argument("--mode", default="dlm", choices=("ar", "dlm", "linear-spec"))
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="ONNX Runtime threads of the server (and of an in-process session) [default: its own]")
+    ap.add_argument("--prompts", type=Path, default=ROOT / "docs/prompts/tiny-heldout.txt")
+    args = ap.parse_args()
+    if not args.engine.is_dir():
+        ap.error(f"{args.engine}: expected an engine directory")
+    if not args.prompts.is_file():
+        ap.error(f"--prompts {args.prompts}: no such file")
+    return args
+
 
 def start_server(engine: Path, threads: int | None, max_batch: int | None):
     sock = socket.socket()

@@ -13,7 +13,6 @@ already uses, the loop's and the client's CPU is what a request at concurrency 1
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -38,13 +37,10 @@ def thread_cpu_s(pid: int) -> dict[int, float]:
 
 
 async def run(args) -> dict:
-    from openai import AsyncOpenAI
-
+    prompts = load_test.read_prompts(args.prompts)
     server, url = load_test.start_server(args.engine, args.threads, None)
     try:
-        client = AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
-        model = (await client.models.list()).data[0].id
-        prompts = [ln.strip() for ln in args.prompts.read_text().splitlines() if ln.strip()]
+        client, model = await load_test.connect(url)
         knobs = {"mode": args.mode}
         for p in prompts[:8]:                                         # warm-up
             await load_test.one(client, model, p, args.max_tokens, knobs)
@@ -65,16 +61,7 @@ async def run(args) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("engine", type=Path)
-    ap.add_argument("--requests", type=int, default=200)
-    ap.add_argument("--mode", default="dlm", choices=("ar", "dlm", "linear-spec"))
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=None, help="the server's ONNX Runtime threads [default: its own]")
-    ap.add_argument("--prompts", type=Path, default=load_test.ROOT / "docs/prompts/tiny-heldout.txt")
-    args = ap.parse_args()
-    if not args.engine.is_dir():
-        ap.error(f"{args.engine}: expected an engine directory")
+    args = load_test.one_at_a_time_args(__doc__, requests=200)
     print(json.dumps(asyncio.run(run(args))), flush=True)
     return 0
 
