@@ -116,7 +116,7 @@ def step_spec(cfg: ModelConfig, kv_dtype: str, with_logits: bool, with_lora: boo
         TensorSpec("input_ids", "int64", ("batch", "block")),
         TensorSpec("cache_lengths", "int64", ("batch",)),
         TensorSpec("num_valid", "int64", ("batch",)),
-        TensorSpec("causal", "bool", ()),
+        TensorSpec("causal", "bool", ("batch",)),
         TensorSpec("temperature", "float32", ()),
         TensorSpec("gumbel_noise", "float32", ("batch", "block", cfg.vocab_size)),
         TensorSpec("past_keys", kv_dtype, kv_static),

@@ -5,6 +5,8 @@
   buckets         backends with static shapes pad a batch up to a bucket (`buckets`); `bucket` = rows allocated
   the guard       the batch is the one `reset` was called for; only causal passes write; the block fits
   num_valid       default: the whole block
+  causal          a bool per pass, or per row ([B] bool) where the backend sets `row_causal` (its graph takes one
+                  flag per row): a writing pass then stores and advances the causal rows only
   noise           Gumbel noise in float64 from the loop's `GumbelStream` (`decoding/noise.py`: counter-based, the
                   same values on any device), so every backend samples the same tokens; drawn on the host, or
                   on the backend's device where it sets `noise_on_device` (eager torch, fast)
@@ -79,20 +81,25 @@ class BackendDenoiser(Denoiser):
     # `accepts_spans` where it also prefills an image span bidirectionally (image_prefill="bidirectional")
     accepts_embeds = False
     accepts_spans = False
+    # backends whose graph takes `causal` per row set this: one pass may then mix causal rows (a commit, a prefill)
+    # with bidirectional ones (a denoise), and a writing pass stores the causal rows' K/V only
+    row_causal = False
 
     def step(self, tokens, *, causal, write, num_valid=None, draft_lora=False, temperature=0.0,
              generator=None, noise=None, embeds=None) -> StepOut:
-        """noise: a [B, L, V] float64 Gumbel draw to use instead of drawing one from `generator` (a scheduler
-        draws each row's from the row's own generator). embeds: a causal writing pass's input embeddings
-        (PrefillEmbeds: image features in place of the image pad tokens)."""
+        """causal: a bool, or a [B] bool tensor (backends with `row_causal`): then `write` stores and advances
+        the causal rows only. noise: a [B, L, V] float64 Gumbel draw to use instead of drawing one from
+        `generator` (a scheduler draws each row's from the row's own generator). embeds: a causal writing pass's
+        input embeddings (PrefillEmbeds: image features in place of the image pad tokens)."""
         B, L = tokens.shape
+        causal = self._causal_rows(causal, B)
         self.check_pass(B, L, causal=causal, write=write)
         extra = {}
         if embeds is not None:
             if not self.accepts_embeds:
                 raise InvalidArgument(f"{type(self).__name__}: this engine takes no image input "
                                       "(build it from a vision-language checkpoint)")
-            if not (causal and write):
+            if causal is not True or not write:
                 raise ValueError("input embeddings enter through a causal writing pass (the prefill)")
             if embeds.spans is not None and not self.accepts_spans:
                 raise InvalidArgument(f"image_prefill 'bidirectional': the reference only ({type(self).__name__} "
@@ -108,9 +115,25 @@ class BackendDenoiser(Denoiser):
         out = self._pass(tokens, causal=causal, write=write, num_valid=num_valid, draft_lora=draft_lora,
                          temperature=temperature, noise=noise, **extra)
         self.executed += 1
-        if write:
-            self._set_lengths(self._lengths + num_valid)
+        if write:        # a mixed pass's bidirectional rows keep their lengths (what it wrote past them is scratch)
+            self._set_lengths(self._lengths + (num_valid if causal is True else num_valid * causal))
         return out
+
+    def _causal_rows(self, causal, batch: int) -> "bool | torch.Tensor":
+        """A pass's causal flag: a bool, or a [batch] bool tensor (CPU) where the rows differ."""
+        if not isinstance(causal, torch.Tensor):
+            return bool(causal)
+        rows = causal.to("cpu", torch.bool).reshape(-1)
+        if rows.numel() == 1:
+            return bool(rows)
+        if rows.shape != (batch,):
+            raise ValueError(f"causal: one flag per row ({batch}), got shape {tuple(causal.shape)}")
+        if bool(rows.all()) or not bool(rows.any()):
+            return bool(rows[0])
+        if not self.row_causal:
+            raise ValueError(f"{type(self).__name__} takes one causal flag per pass (its graph predates per-row "
+                             "causal: re-export it to mix causal and bidirectional rows)")
+        return rows
 
     @property
     def can_regroup(self) -> bool:
@@ -140,7 +163,7 @@ class BackendDenoiser(Denoiser):
         """The guard of every pass (refiners call it too): the reset batch, causal writes, room for the block."""
         if batch != self.batch:
             raise ValueError(f"reset() was called for batch {self.batch}, the pass got {batch} rows")
-        if write and not causal:
+        if write and not bool(torch.as_tensor(causal).any()):
             raise ValueError("the KV cache only holds causal K/V: bidirectional passes cannot write it")
         check_room(self._lengths, block, self.max_len)
 

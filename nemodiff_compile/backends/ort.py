@@ -15,6 +15,10 @@ an FP8 cache, whose graph dequantizes the cache and quantizes the block's K/V it
 `session.run` rejects ml_dtypes float8 numpy arrays; binding by pointer with element type 17, as here,
 or `OrtValue.ortvalue_from_numpy_with_onnx_type(uint8 view, 17)` both work.)
 
+Graphs exported since per-row causal take `causal` as [batch] (`row_causal`): a scheduler's pass may then hold
+commit rows (causal, written) beside denoise rows (bidirectional, their scratch K/V not kept); older graphs take
+one flag per pass and run as before.
+
 Graphs of models with a draft LoRA take a `draft_lora` flag; without one, `draft_lora=True` drafts
 with the base weights (linear-spec stays lossless; it may accept fewer drafts than with the LoRA).
 
@@ -90,6 +94,7 @@ class OrtDenoiser(BackendDenoiser):
                                 f"graph: {first}{hint}") from None
         self.spec, self.config = spec, config
         self.onnx_path = Path(onnx_path)
+        self.row_causal = tuple(spec.input("causal").shape) == ("batch",)   # older graphs: one flag per pass
         self._check(onnx_path, return_logits)
         device = torch.device("cpu")
         if self.session.get_providers()[0] == "CUDAExecutionProvider":
@@ -225,7 +230,7 @@ class OrtDenoiser(BackendDenoiser):
         self._temperature.fill_(float(temperature))
         feeds = {"input_ids": tokens.to(dev, torch.long).contiguous(),                 # [B, L]
                  "cache_lengths": self._lengths.to(dev), "num_valid": num_valid.to(dev),  # [B]
-                 "causal": self._flags[bool(causal)], "temperature": self._temperature,  # []
+                 "causal": self._causal(B, causal), "temperature": self._temperature,  # [] or [B]
                  "gumbel_noise": noise, "past_keys": self.k, "past_values": self.v}
         if self.spec.has_input("draft_lora"):
             feeds["draft_lora"] = self._flags[bool(draft_lora)]                       # [] bool
@@ -246,6 +251,13 @@ class OrtDenoiser(BackendDenoiser):
             scatter_block(self.k, self.v, feeds["cache_lengths"], out["new_keys"], out["new_values"])
         logits = out["logits"].clone() if self.return_logits else None
         return StepOut(out["token"].to("cpu", copy=True), out["confidence"].to("cpu", copy=True), logits)
+
+    def _causal(self, B: int, causal: "bool | torch.Tensor") -> torch.Tensor:
+        """The `causal` feed: a 0-d flag, or [B] for graphs that take one per row."""
+        if isinstance(causal, torch.Tensor):                  # a mixed pass (`row_causal` graphs only)
+            return causal.to(self.device).contiguous()
+        flag = self._flags[bool(causal)]
+        return flag.expand(B).contiguous() if self.row_causal else flag
 
     def _buffers(self, B: int, L: int) -> dict[str, torch.Tensor]:
         """Output buffers (shapes from the spec) and the zero noise, allocated once per (batch, block)."""

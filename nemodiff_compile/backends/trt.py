@@ -135,6 +135,7 @@ class TrtDenoiser(BackendDenoiser):
         super().__init__(config, max_len, device, buckets=self.plan.buckets)
         self.spec = manifest.io_spec
         self.io_spec = IOSpec.from_json(manifest.io_spec)
+        self.row_causal = tuple(self.io_spec.input("causal").shape) == ("batch",)   # older plans: one flag per pass
         self.output_names = [t["name"] for t in self.spec["outputs"]]
         self.dtypes = {t["name"]: TORCH_DTYPES[t["dtype"]] for t in (*self.spec["inputs"], *self.spec["outputs"])}
         if self.device.type == "cuda":
@@ -189,7 +190,11 @@ class TrtDenoiser(BackendDenoiser):
             if binding.bucket > B:        # padding rows: an empty row with a full block, never read
                 bufs["cache_lengths"][B:].zero_()
                 bufs["num_valid"][B:].fill_(L)
-            bufs["causal"].fill_(bool(causal))
+            if isinstance(causal, torch.Tensor):         # a mixed pass: per row (padding rows bidirectional)
+                bufs["causal"][B:].fill_(False)
+                bufs["causal"][:B].copy_(causal, non_blocking=True)
+            else:                                         # [bucket], or [] in plans exported before per-row causal
+                bufs["causal"].fill_(bool(causal))
             bufs["temperature"].fill_(float(temperature))
             if noise is not None:         # the host draw, fed as float32
                 bufs["gumbel_noise"][:B].copy_(noise.to(torch.float32))

@@ -40,13 +40,14 @@ class Denoiser(Protocol):
     def trim(self, lengths: torch.Tensor) -> None:
         """Shorten rows to `lengths` [B] (linear-spec rejects)."""
 
-    def step(self, tokens: torch.Tensor, *, causal: bool, write: bool,
+    def step(self, tokens: torch.Tensor, *, causal: "bool | torch.Tensor", write: bool,
              num_valid: torch.Tensor | None = None, draft_lora: bool = False,
              temperature: float = 0.0, generator: torch.Generator | None = None, embeds=None) -> StepOut:
         """Run tokens [B, L] at positions lengths[b] + 0..L-1 over the cached prefix.
 
-        causal: causal attention inside the block (else bidirectional); write: append the block's K/V
-        (causal passes only) and advance lengths by num_valid [B] (default L). embeds: a prefill's input
+        causal: causal attention inside the block (else bidirectional), a bool or, on backends with
+        `row_causal`, a [B] bool tensor; write: append the causal rows' K/V and advance their lengths by
+        num_valid [B] (default L). embeds: a prefill's input
         embeddings (embeds.PrefillEmbeds, vision-language models; backends without image input refuse it).
         """
 

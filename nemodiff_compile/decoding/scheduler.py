@@ -8,11 +8,16 @@ rows whose next step is of that kind run in it together:
               dlm commit, linear-spec verify) | a bidirectional pass of L tokens (dlm denoise; linear-spec
               draft, with the draft LoRA) | a device block refinement (dlm on backends with one for the policy)
               and the sampling temperature (rows sampled at different temperatures never share a pass)
+  mixed       on backends whose graph takes `causal` per row (`row_causal`: ONNX Runtime and TensorRT engines
+              exported since), causal and bidirectional rows of one length share a pass (a row's dlm commit or
+              linear-spec verify beside other rows' denoise passes; not a draft, whose LoRA switch is per pass):
+              only the causal rows write. Rows finish their blocks after different numbers of denoise passes,
+              so without it a commit runs apart, over the few rows that reached it
   which next  the kind with the most rows waiting plus the longest any of them has waited (in passes), so
               the rows of one mode move in lock-step as in `loops.generate`, and nothing starves
-  riders      a text prefill whose prompt fits in a causal pass of L tokens (dlm commit, linear-spec verify) may
-              run in it (its prompt right-padded, num_valid its length; a causal pass writes and reads the
-              same either way): a row that joins mid-block costs no pass of its own and starts its first
+  riders      a text prefill whose prompt fits in a causal pass of L tokens (dlm commit, linear-spec verify; where
+              passes mix, any pass but a draft) may run in it (its prompt right-padded, num_valid its length; a
+              causal pass writes and reads the same either way): a row that joins mid-block costs no pass of its own and starts its first
               block with the rows that just committed theirs
   other rows  ride along idle: their outputs are dropped, causal passes write nothing for them (their
               cache length is trimmed back after the pass; what the pass wrote past it is never read)
@@ -281,9 +286,10 @@ class Scheduler:
 
     def _one_pass(self) -> None:
         groups: dict[tuple, list[int]] = {}
+        mixed = getattr(self.den, "row_causal", False)
         for b, req in enumerate(self._slots):
             if req is not None:
-                groups.setdefault(_key(req), []).append(b)
+                groups.setdefault(_key(req, mixed), []).append(b)
         lengths = self.den.lengths()                                     # [B]
         subset = getattr(self.den, "subset_passes", False)
 
@@ -292,7 +298,7 @@ class Scheduler:
             return int(rows.max()) + max(self._slots[b]._step.length for b in members) <= self.den.max_len
 
         for k, bs in list(groups.items()):            # prefills ride along a causal pass that covers their prompt
-            if k[0] == "pass" and k[1] and not k[3]:   # (text prompts: an image prefill feeds embeddings)
+            if k[0] == "pass" and k[1] is not False and not k[3]:   # (text prompts: an image prefill feeds embeddings)
                 groups[k] = sorted(bs + [b for pk, ps in groups.items() if pk[0] == "prefill" and pk[4] == k[4]
                                          for b in ps if self._slots[b]._step.length <= k[2]
                                          and self._slots[b].row.images is None])
@@ -334,9 +340,13 @@ class Scheduler:
         kw = dict(rows=members) if subset else {}
         if first.phase == "prefill" and any(self._slots[b].row.images is not None for b in members):
             kw["embeds"] = PrefillEmbeds.of([self._slots[b].row.images if b in steps else None for b in rows], L)
-        out = den.step(tokens, causal=first.causal, write=first.causal, num_valid=num_valid,
+        write = any(s.causal for s in steps.values())      # causal rows write (a dlm commit, a verify, a prefill)
+        causal = write
+        if write and not all(s.causal for s in steps.values()):   # a mixed pass (row_causal backends): per row
+            causal = torch.tensor([b in steps and steps[b].causal for b in rows])              # [B] bool
+        out = den.step(tokens, causal=causal, write=write, num_valid=num_valid,
                        draft_lora=first.draft_lora, temperature=temperature, noise=noise, **kw)
-        if first.causal and not subset and len(members) < B:          # idle rows keep their lengths
+        if write and not subset and len(members) < B:          # idle rows keep their lengths
             idle = torch.ones(B, dtype=torch.bool)
             idle[members] = False
             den.trim(torch.where(idle, lengths, den.lengths()))
@@ -428,12 +438,14 @@ class Scheduler:
                 pass
 
 
-def _key(req: Request) -> tuple:
-    """Rows with equal keys can share an engine pass."""
+def _key(req: Request, mixed: bool = False) -> tuple:
+    """Rows with equal keys can share an engine pass. mixed: the engine takes `causal` per row, so causal and
+    bidirectional passes of one length share a pass (its second field None)."""
     step, policy = req._step, req.row.policy
     if isinstance(step, Refine):
         return ("refine", step.length, policy.threshold, policy.steps, policy.check_every,
                 None if step.quota is None else step.quota.shape[1], policy.temperature)
     length = None if step.phase == "prefill" else step.length      # prompts of any length prefill together
-    return ("prefill" if step.phase == "prefill" else "pass", step.causal, length, step.draft_lora,
+    causal = None if mixed and step.phase != "prefill" and not step.draft_lora else step.causal
+    return ("prefill" if step.phase == "prefill" else "pass", causal, length, step.draft_lora,
             policy.temperature)

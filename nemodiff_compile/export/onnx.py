@@ -84,7 +84,7 @@ def example_inputs(model: NemotronLabsDiffusion, batch: int = 2, block: int = 4,
         torch.zeros(batch, block, dtype=torch.long, device=dev),
         torch.tensor([3] * batch, dtype=torch.long, device=dev),
         torch.full((batch,), block, dtype=torch.long, device=dev),
-        torch.tensor(True, device=dev),
+        torch.ones(batch, dtype=torch.bool, device=dev),
         torch.tensor(0.0, device=dev),
         torch.zeros(batch, block, cfg.vocab_size, device=dev),
         torch.zeros(kv, dtype=dt, device=dev),
@@ -128,7 +128,7 @@ def trace_step(model: NemotronLabsDiffusion, *, with_logits: bool = False, remas
     names = [t.name for t in spec.inputs]
     batch, block, cache = (torch.export.Dim(n, min=1) for n in DYNAMIC_DIMS)
     dims = {"input_ids": {0: batch, 1: block}, "cache_lengths": {0: batch}, "num_valid": {0: batch},
-            "causal": None, "temperature": None, "gumbel_noise": {0: batch, 1: block},
+            "causal": {0: batch}, "temperature": None, "gumbel_noise": {0: batch, 1: block},
             "past_keys": {1: batch, 3: cache}, "past_values": {1: batch, 3: cache}, "draft_lora": None,
             "canvas": {0: batch, 1: block}, "active": {0: batch}, "quota": {0: batch, 1: block},
             "row_nfe": {0: batch}, "embed_mask": {0: batch, 1: block}, "embeds": {0: batch, 1: block}}

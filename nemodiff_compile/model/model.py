@@ -275,14 +275,16 @@ def block_mask(causal: bool | torch.Tensor, lengths: torch.Tensor | None, max_le
     """Boolean attention mask [B, 1, L, max_len + L] (True = may attend) over [cache ; block] keys.
 
     Cache key j of row b is visible iff j < lengths[b]; block key j iff j < num_valid[b] and, when
-    causal (a bool or a 0-d bool tensor, so one exported graph serves both patterns), j <= i.
+    causal, j <= i. causal: a bool, or a bool tensor, 0-d or [B] (a flag per row), so one exported graph
+    serves both patterns and one pass may mix them.
     """
     dev = num_valid.device
     ar = torch.arange(L, device=dev)
     block = ar[None, :] < num_valid[:, None]                                     # [B, L] valid block keys
     block = block[:, None, :].expand(-1, L, L)                                    # [B, L(q), L(k)]
     tril = ar[None, :] <= ar[:, None]                                             # [L, L]
-    block = block & (tril | ~torch.as_tensor(causal, device=dev))
+    row_causal = torch.as_tensor(causal, device=dev).reshape(-1, 1, 1)          # [1 or B, 1, 1]
+    block = block & (tril | ~row_causal)
     if lengths is None:
         return block[:, None]
     cached = torch.arange(max_len, device=dev)[None, :] < lengths[:, None]       # [B, S]

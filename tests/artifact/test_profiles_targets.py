@@ -26,7 +26,8 @@ def test_one_profile_per_batch_bucket(spec, tiny_cfg):
     kv = (tiny_cfg.num_hidden_layers, 4, tiny_cfg.num_key_value_heads, 256, tiny_cfg.head_dim)
     assert p.shapes["past_keys"] == (kv, kv, kv)                      # the cache is bound whole
     assert p.shapes["gumbel_noise"][2] == (4, 256, tiny_cfg.vocab_size)
-    assert "causal" not in p.shapes and "temperature" not in p.shapes  # scalars need no profile
+    assert p.shapes["causal"] == ((4,), (4,), (4,))                   # one flag per row
+    assert "temperature" not in p.shapes                               # scalars need no profile
     assert {"canvas", "active", "quota"} <= set(p.shapes)
     assert profiles_from_json([q.to_json() for q in profiles]) == profiles
 

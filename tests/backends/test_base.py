@@ -61,6 +61,26 @@ def test_the_guard(echo):
         echo.step(torch.zeros(2, 17, dtype=torch.long), causal=True, write=True)
 
 
+def test_causal_per_row(echo, monkeypatch):
+    """A [B] causal flag: uniform ones are a plain flag; a mixed one only where the backend declares `row_causal`,
+    and then a writing pass advances the causal rows alone (the others' K/V past their lengths is scratch)."""
+    seen = []
+    monkeypatch.setattr(echo, "_pass", lambda tokens, **kw: seen.append(kw["causal"]) or StepOut(tokens, tokens * 0.0))
+    echo.reset(3)
+    echo.step(torch.ones(3, 2, dtype=torch.long), causal=torch.tensor([True, True, True]), write=True)
+    assert seen[-1] is True and echo.lengths().tolist() == [2, 2, 2]
+    mixed = torch.tensor([True, False, True])
+    with pytest.raises(ValueError, match="one causal flag per pass"):
+        echo.step(torch.ones(3, 2, dtype=torch.long), causal=mixed, write=True)
+    monkeypatch.setattr(echo, "row_causal", True)
+    echo.step(torch.ones(3, 2, dtype=torch.long), causal=mixed, write=True, num_valid=torch.tensor([2, 2, 1]))
+    assert seen[-1].tolist() == [True, False, True] and echo.lengths().tolist() == [4, 2, 3]
+    with pytest.raises(ValueError, match="one flag per row \\(3\\)"):
+        echo.step(torch.ones(3, 2, dtype=torch.long), causal=torch.tensor([True, False]), write=True)
+    with pytest.raises(ValueError, match="bidirectional passes cannot write"):
+        echo.step(torch.ones(3, 2, dtype=torch.long), causal=torch.zeros(3, dtype=torch.bool), write=True)
+
+
 def test_reallocates_only_when_rows_or_max_len_change(echo):
     for batch in (2, 2, 3, 3):
         echo.reset(batch)

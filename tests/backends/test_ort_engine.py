@@ -10,7 +10,7 @@ onnx = pytest.importorskip("onnx")
 from nemodiff_compile import TINY_ASSET                                  # noqa: E402
 from nemodiff_compile.errors import NemodiffError                        # noqa: E402
 from nemodiff_compile.export.onnx import ONNX_NAME, export_step          # noqa: E402
-from nemodiff_compile.artifact.spec import IOSpec                          # noqa: E402
+from nemodiff_compile.artifact.spec import IOSpec, TensorSpec              # noqa: E402
 from nemodiff_compile.backends.ort import OrtDenoiser              # noqa: E402
 from nemodiff_compile.backends.eager import TorchDenoiser          # noqa: E402
 from nemodiff_compile.decoding import loops  # noqa: E402
@@ -176,6 +176,51 @@ def test_cache_discipline(random_tiny, exported):
         den.trim(torch.tensor([11]))
     with pytest.raises(ValueError, match="bidirectional"):
         den.step(torch.ones(1, 2, dtype=torch.long), causal=False, write=True)
+
+
+def test_a_mixed_pass_equals_its_rows_passes_apart(random_tiny, exported, tmp_path):
+    """The graph takes `causal` per row: one pass of commit rows (causal, written) beside a denoise row
+    (bidirectional, nothing kept) gives each row what its own kind of pass gives. A graph exported before that
+    (the same graph with its `causal` input declared 0-d, as older manifests say) runs one flag per pass."""
+    path, spec = exported
+    cfg = random_tiny.config
+    prompts = [[1, 40, 41, 42, 43, 44, 45], [1, 50, 51], [1, 60, 61, 62, 63]]
+    block = torch.randint(200, 1000, (3, 8), generator=torch.Generator().manual_seed(0))   # [3, 8]
+    rows = torch.tensor([True, False, True])
+
+    def prefilled(onnx_path, io_spec):
+        den = OrtDenoiser(onnx_path, io_spec, cfg, MAX_LEN, threads=1, return_logits=True)
+        den.reset(3)
+        n = max(map(len, prompts))
+        den.step(torch.tensor([p + [0] * (n - len(p)) for p in prompts]), causal=True, write=True,
+                 num_valid=torch.tensor([len(p) for p in prompts]))
+        return den
+
+    mixed = prefilled(path, spec)
+    assert mixed.row_causal and spec.input("causal").shape == ("batch",)
+    out = mixed.step(block, causal=rows, write=True)
+    apart = prefilled(path, spec)
+    commit = apart.step(block[[0, 2]], rows=[0, 2], causal=True, write=True)
+    denoise = apart.step(block[[1]], rows=[1], causal=False, write=False)
+    for r, (ran, i) in enumerate([(commit, 0), (denoise, 0), (commit, 1)]):       # row r was row i of `ran`
+        torch.testing.assert_close(out.logits[r], ran.logits[i], rtol=1e-5, atol=1e-5)
+        assert out.token[r].tolist() == ran.token[i].tolist()
+    assert mixed.lengths().tolist() == apart.lengths().tolist() == [15, 3, 13]
+    for r, n in enumerate(mixed.lengths().tolist()):           # the cache up to each row's length
+        torch.testing.assert_close(mixed.k[:, r, :, :n], apart.k[:, r, :, :n], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mixed.v[:, r, :, :n], apart.v[:, r, :, :n], rtol=1e-5, atol=1e-5)
+
+    old = onnx.load(str(path))
+    next(i for i in old.graph.input if i.name == "causal").type.tensor_type.shape.ClearField("dim")
+    onnx.save(old, str(tmp_path / ONNX_NAME))
+    one_flag = IOSpec(tuple(TensorSpec("causal", "bool", ()) if t.name == "causal" else t for t in spec.inputs),
+                      spec.outputs, spec.extra)
+    den = prefilled(tmp_path / ONNX_NAME, one_flag)
+    assert not den.row_causal
+    torch.testing.assert_close(den.step(block, causal=False, write=False).logits[1], out.logits[1],
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="one causal flag per pass"):
+        den.step(block, causal=rows, write=True)
 
 
 def test_refuses_a_mismatched_spec(random_tiny, exported):

@@ -22,7 +22,7 @@ def plan(tiny_cfg):
 def test_pass_bindings(plan, tiny_cfg):
     b = plan.plan(3, 16)                                  # 3 rows ride in the 4-row bucket
     assert (b.bucket, b.block, b.profile) == (4, 16, 1)
-    assert b.inputs["input_ids"] == (4, 16) and b.inputs["causal"] == ()
+    assert b.inputs["input_ids"] == (4, 16) and b.inputs["causal"] == (4,) and b.inputs["temperature"] == ()
     assert b.inputs["past_keys"] == (tiny_cfg.num_hidden_layers, 4, tiny_cfg.num_key_value_heads, 128,
                                      tiny_cfg.head_dim)
     assert b.outputs["new_keys"][3] == 16 and b.outputs["token"] == (4, 16)

@@ -160,3 +160,27 @@ def test_a_plan_from_another_gpu_model_runs_with_a_warning(remask_engine, tmp_pa
         warnings.simplefilter("always")
         assert select_plan(d, m, device=GPU, trt=Trt(fake, "tensorrt", "10.13.0"))["target"] == "sm89"
     assert any("built on a NVIDIA L4, this is a NVIDIA L40S" in str(x.message) for x in w)
+
+
+def test_commit_and_denoise_rows_share_a_plan_pass(tiny_engine, tmp_path):
+    """Plans take `causal` per row: the scheduler runs a row's commit in the same pass as other rows' denoise
+    passes (the whole bucket, idle and padding rows bidirectional), and every row gets its solo tokens."""
+    from nemodiff_compile.decoding.scheduler import Scheduler
+
+    den, _ = open_fake(tiny_engine, tmp_path)
+    assert den.row_causal
+    pols = [DecodePolicy("dlm", threshold=t) for t in (0.9, 0.5, 0.3)]
+    want = [loops.generate(den, [p], pol, max_new_tokens=24) for p, pol in zip(PROMPTS, pols)]
+    s = Scheduler(den, max_batch=4)
+    try:
+        with s.exclusive():                      # all three queued before the first pass
+            reqs = [s.submit(p, pol, 24) for p, pol in zip(PROMPTS, pols)]
+        got = [r.result(120) for r in reqs]
+    finally:
+        s.close()
+    assert [g.tokens for g in got] == [w.tokens for w in want]
+    phases: dict[int, set[str]] = {}
+    for r in reqs:
+        for index, phase in r.passes:
+            phases.setdefault(index, set()).add(phase)
+    assert any({"commit", "denoise"} <= p for p in phases.values())

@@ -51,12 +51,13 @@ class FakeContext:
         assert self.shapes["input_ids"] == (B, L) and t["token"].shape == (B, L)
         V = self.engine.vocab
         t["token"].copy_((ids + lens[:, None] + torch.arange(L)) % V)
-        t["confidence"].fill_(0.75 if bool(t["causal"]) else 0.25)
+        causal = t["causal"].expand(B)                    # one flag per row ([B]; [] in older plans)
+        t["confidence"].copy_(torch.where(causal, 0.75, 0.25)[:, None].expand(B, L))
         layers = torch.arange(t["new_keys"].shape[0]).float()[:, None, None, None, None]
         base = ids.float()[None, :, None, :, None]                                     # [1, B, 1, L, 1]
         t["new_keys"].copy_((base + layers).expand_as(t["new_keys"]))
         t["new_values"].copy_((-base - layers).expand_as(t["new_values"]))
-        self.runs.append(dict(profile=self.profile, shapes=dict(self.shapes), causal=bool(t["causal"]),
+        self.runs.append(dict(profile=self.profile, shapes=dict(self.shapes), causal=causal.tolist(),
                               temperature=float(t["temperature"]), noise=t["gumbel_noise"].clone(),
                               cache_lengths=lens.clone(), num_valid=t["num_valid"].clone()))
         self.engine.runs.append(self.runs[-1])
@@ -132,7 +133,7 @@ def test_step_binds_feeds_returns_and_scatters(den, tiny_cfg):
     assert torch.equal(d.lengths(), nv)
     (ctx,) = engine.contexts
     run = ctx.runs[-1]
-    assert run["profile"] == 1 and run["causal"] and run["temperature"] == 0.0
+    assert run["profile"] == 1 and all(run["causal"]) and run["temperature"] == 0.0
     assert ctx.memory == (d._memory.data_ptr(), d._memory.numel())   # the shared user-managed memory
     plan = d.plan.plan(3, 4)
     assert run["shapes"] == plan.inputs                  # every input shape of the plan, set on the context
@@ -148,7 +149,7 @@ def test_step_binds_feeds_returns_and_scatters(den, tiny_cfg):
     blk = torch.full((3, 8), 99)
     out = d.step(blk, causal=False, write=False)         # a refinement pass: reads, writes nothing
     run = engine.runs[-1]
-    assert not run["causal"] and run["cache_lengths"].tolist() == [3, 2, 4, 0]   # padding row: empty
+    assert not any(run["causal"]) and run["cache_lengths"].tolist() == [3, 2, 4, 0]   # padding row: empty
     assert run["num_valid"].tolist() == [8, 8, 8, 8] and run["shapes"]["input_ids"] == (4, 8)
     assert torch.equal(out.token, (99 + nv[:, None] + torch.arange(8)) % tiny_cfg.vocab_size)
     assert bool((out.conf == 0.25).all()) and torch.equal(d.lengths(), nv)
@@ -159,9 +160,14 @@ def test_step_binds_feeds_returns_and_scatters(den, tiny_cfg):
         assert torch.equal(d.k[0, b, 0, n:n + 8, 0], torch.full((8,), 99.0))
         assert torch.equal(d.k[0, b, 0, :n], k_before[0, b, 0, :n])                  # the prefix kept
     assert torch.equal(d.lengths(), nv + 8)
+    out = d.step(blk, causal=torch.tensor([False, True, False]), write=True)   # a mixed pass: one flag per row
+    run = engine.runs[-1]
+    assert run["causal"] == [False, True, False, False]                        # the padding row bidirectional
+    assert out.conf[:, 0].tolist() == [0.25, 0.75, 0.25]
+    assert d.lengths().tolist() == [n + 8 + 8 * (b == 1) for b, n in enumerate(nv.tolist())]   # the causal row only
     # one context per pass key (bucket, block): the 4-position prefill and the 8-position passes, each
     # set to its profile once and reused (desk check: one execution context per captured graph)
-    assert len(engine.contexts) == 2 and [len(c.runs) for c in engine.contexts] == [1, 2]
+    assert len(engine.contexts) == 2 and [len(c.runs) for c in engine.contexts] == [1, 3]
 
 
 def test_a_smaller_batch_uses_its_own_profile_and_the_noise(den, tiny_cfg):

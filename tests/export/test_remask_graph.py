@@ -104,7 +104,7 @@ def test_exported_remask_stage_under_onnxruntime(graph, request, tiny_cfg, quant
     canvas = np.where(rng.random((B, L)) < 0.7, mask_id, rng.integers(200, 300, (B, L))).astype(np.int64)
     kv = np.zeros((c.num_hidden_layers, B, c.num_key_value_heads, S, c.head_dim), np.float32)
     feeds = {"input_ids": canvas, "cache_lengths": np.zeros(B, np.int64), "num_valid": np.full(B, L, np.int64),
-             "causal": np.array(False), "temperature": np.array(0.0, np.float32),
+             "causal": np.zeros(B, bool), "temperature": np.array(0.0, np.float32),
              "gumbel_noise": np.zeros((B, L, c.vocab_size), np.float32), "past_keys": kv, "past_values": kv,
              "canvas": canvas, "active": np.array([True, True, False]), "quota": np.full((B, L), -1, np.int64),
              "row_nfe": np.array([0, 2, 1], np.int64)}
