@@ -15,6 +15,10 @@ submission to finish). Medians, in milliseconds:
                  the round trip, the server's handler before submission and its event loop after the finish
   session_ms     `Session.generate` on the same prompt
 and the ratios client / session (load_test.py --baseline's figure) and scheduler / session.
+
+`--client raw` reads each stream's bytes over one kept-alive connection without parsing them (stdlib asyncio):
+the same server work, without the openai client's own CPU per event, which on a machine shared with the server
+runs while the engine computes the next block.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import asyncio
 import json
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -30,6 +35,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import load_test  # noqa: E402
 
 SETTLE_S = 0.1
+
+
+class RawClient:
+    """Streamed completions as bytes over one kept-alive HTTP/1.1 connection, never parsed: `one` returns what
+    load_test.one does for the fields this script reads (latency, error)."""
+
+    def __init__(self, url: str):
+        u = urllib.parse.urlsplit(url)
+        self.host, self.port, self.path = u.hostname, u.port, u.path.rstrip("/") + "/completions"
+        self.reader = self.writer = None
+
+    async def one(self, model: str, prompt: str, max_tokens: int, knobs: dict) -> dict:
+        body = json.dumps(dict(model=model, prompt=prompt, max_tokens=max_tokens, stream=True, **knobs)).encode()
+        t0 = time.perf_counter()
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.write(f"POST {self.path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = head.split(b"\r\n", 1)[0].decode()
+        if " 200 " not in status or b"chunked" not in head.lower():
+            return dict(latency=time.perf_counter() - t0, error=status)
+        tail = b""
+        while not tail.endswith(b"\r\n0\r\n\r\n"):              # the chunked body's last chunk
+            data = await self.reader.read(1 << 16)
+            if not data:
+                return dict(latency=time.perf_counter() - t0, error="the server closed the connection")
+            tail = (tail + data)[-16:]
+        return dict(latency=time.perf_counter() - t0, error=None)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def scheduler_seconds(metrics_url: str) -> tuple[float, float]:
@@ -51,18 +89,20 @@ async def run(args) -> dict:
     server, url = load_test.start_server(args.engine, args.threads, None)
     metrics_url = url.removesuffix("/v1") + "/metrics"
     host_threads()                                                    # as the server does
-    session = None
+    session = raw = None
     try:
         session = Session.open(args.engine, threads=args.threads)
         client, model = await load_test.connect(url)
+        raw = RawClient(url) if args.client == "raw" else None
+        one = raw.one if raw is not None else lambda *a: load_test.one(client, *a)
         for p in prompts[:4]:                                         # warm-up, both sides
-            await load_test.one(client, model, p, args.max_tokens, knobs)
+            await one(model, p, args.max_tokens, knobs)
             session.generate(p, chat=False, max_new_tokens=args.max_tokens, **knobs)
         rows = []
         for i in range(args.requests):
             p = prompts[i % len(prompts)]
             s0, n0 = scheduler_seconds(metrics_url)
-            r = await load_test.one(client, model, p, args.max_tokens, knobs)
+            r = await one(model, p, args.max_tokens, knobs)
             if r["error"] is not None:
                 raise SystemExit(f"request {i} failed: {r['error']}")
             s1, n1 = scheduler_seconds(metrics_url)
@@ -79,19 +119,23 @@ async def run(args) -> dict:
                              session=time.perf_counter() - t0))
             await asyncio.sleep(SETTLE_S)
     finally:
+        if raw is not None:
+            raw.close()
         if session is not None:
             session.close()
         server.terminate()
         server.wait(60)
     med = {k: load_test.q([r[k] for r in rows], 0.5) for k in ("client", "scheduler", "http", "session")}
-    return dict(mode=args.mode, requests=len(rows), max_tokens=args.max_tokens,
+    return dict(mode=args.mode, client=args.client, requests=len(rows), max_tokens=args.max_tokens,
                 **{f"{k}_ms": round(v * 1e3, 2) for k, v in med.items()},
                 client_over_session=round(med["client"] / med["session"], 3),
                 scheduler_over_session=round(med["scheduler"] / med["session"], 3))
 
 
 def main() -> int:
-    args = load_test.one_at_a_time_args(__doc__, requests=48)
+    args = load_test.one_at_a_time_args(__doc__, requests=48, more=lambda ap: ap.add_argument(
+        "--client", choices=("openai", "raw"), default="openai",
+        help="openai: the async openai client, as load_test.py; raw: the stream's bytes, unparsed"))
     print(json.dumps(asyncio.run(run(args))), flush=True)
     return 0
 

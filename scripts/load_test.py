@@ -227,10 +227,13 @@ async def connect(url: str, model: str | None = None):
     return client, model or (await client.models.list()).data[0].id
 
 
-def one_at_a_time_args(doc: str, requests: int) -> argparse.Namespace:
+def one_at_a_time_args(doc: str, requests: int, more=None) -> argparse.Namespace:
     """The command line of the scripts that start a server on an engine and send it streamed requests one after
-    another (request_cpu.py, c1_latency.py); a missing engine folder or prompts file is a usage error."""
+    another (request_cpu.py, c1_latency.py; more(parser) adds a script's own options); a missing engine folder or
+    prompts file is a usage error."""
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    if more is not None:
+        more(ap)
     ap.add_argument("engine", type=Path)
     ap.add_argument("--requests", type=int, default=requests)
     ap.add_argument("--mode", default="dlm", choices=("ar", "dlm", "linear-spec"))

@@ -224,15 +224,18 @@ def test_request_cpu_script_splits_cpu_by_thread(tiny_engine, tmp_path):
     assert 0 < line["latency_p50_ms"] <= 2 * line["ms_per_request"]
 
 
-def test_c1_latency_script_splits_a_request_beside_session_generate(tiny_engine, tmp_path):
+@pytest.mark.parametrize("client", ["openai", "raw"])
+def test_c1_latency_script_splits_a_request_beside_session_generate(tiny_engine, tmp_path, client):
     """scripts/c1_latency.py starts its own server and times Session.generate beside it: the server's scheduler time
-    (from its /metrics) is part of the client's latency, and the rest is the HTTP path."""
-    line = _c1_script("c1_latency.py", tiny_engine, tmp_path, requests=3)
-    assert line["requests"] == 3
+    (from its /metrics) is part of the client's latency, and the rest is the HTTP path; `--client raw` reads the
+    same streams to their last chunk without parsing them (the server counts each request once, finished)."""
+    line = _c1_script("c1_latency.py", tiny_engine, tmp_path, requests=3, extra=("--client", client))
+    assert line["requests"] == 3 and line["client"] == client
     assert 0 < line["scheduler_ms"] < line["client_ms"] and line["http_ms"] > 0 and line["session_ms"] > 0
     assert abs(line["client_over_session"] - line["client_ms"] / line["session_ms"]) < 0.01
-    bad = _script("c1_latency.py", tmp_path / "nope")
-    assert bad.returncode == 2 and "expected an engine directory" in bad.stderr
+    if client == "openai":
+        bad = _script("c1_latency.py", tmp_path / "nope")
+        assert bad.returncode == 2 and "expected an engine directory" in bad.stderr
 
 
 def _script(name: str, *args, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -242,12 +245,12 @@ def _script(name: str, *args, timeout: int = 300) -> subprocess.CompletedProcess
                           text=True, timeout=timeout, env=dict(os.environ, PYTHONPATH=str(root)))
 
 
-def _c1_script(name: str, engine, tmp_path, *, requests: int) -> dict:
+def _c1_script(name: str, engine, tmp_path, *, requests: int, extra: tuple = ()) -> dict:
     """A concurrency-1 script (it starts its own server) on two prompts, 8 new tokens, one engine thread: its
     JSON line."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(TEXTS[:2]) + "\n")
-    r = _script(name, engine, "--requests", requests, "--max-tokens", 8, "--threads", 1, "--prompts", prompts)
+    r = _script(name, engine, "--requests", requests, "--max-tokens", 8, "--threads", 1, "--prompts", prompts, *extra)
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout.splitlines()[-1])
 
