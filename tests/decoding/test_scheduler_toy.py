@@ -52,11 +52,13 @@ class Plain(ToyDenoiser):
     """Only the contract: no regroup, no subset passes (the scheduler's fixed slots)."""
 
 
-@pytest.mark.parametrize("batching", ["member rows", "whole batch", "fixed slots"])
+@pytest.mark.parametrize("batching", ["member rows", "whole batch", "mixed member rows", "mixed whole batch",
+                                      "fixed slots"])
 @pytest.mark.parametrize("max_batch", [8, 3])
 def test_every_row_equals_its_solo_run(batching, max_batch):
     make = {"member rows": lambda: BatchToy(subset=True), "whole batch": lambda: BatchToy(subset=False),
-            "fixed slots": Plain}[batching]
+            "mixed member rows": lambda: BatchToy(subset=True, mixed=True),
+            "mixed whole batch": lambda: BatchToy(subset=False, mixed=True), "fixed slots": Plain}[batching]
     den = make()
     s, reqs, gens = run_all(den, max_batch=max_batch)
     want = solo(ToyDenoiser)
@@ -67,8 +69,10 @@ def test_every_row_equals_its_solo_run(batching, max_batch):
         assert {ph for _, ph in r.passes} == set(g.nfe_by_phase)
         assert r.done() and r.finished >= r.first_token >= r.submitted
     assert all(c["shape"][0] <= max_batch for c in den.calls)
-    if batching == "member rows":
+    if batching.endswith("member rows"):
         assert any(c["shape"][0] < c["batch"] for c in den.calls)
+    # causal rows beside bidirectional ones (a commit or verify beside denoise passes) only where the flag is per row
+    assert any(isinstance(c["causal"], tuple) for c in den.calls) == batching.startswith("mixed")
     if batching != "fixed slots":                   # regrouped only when rows join or leave, not every pass
         assert 1 <= len(den.regroups) <= 2 * len(PROMPTS) < s.passes
     if batching == "fixed slots":
@@ -468,6 +472,24 @@ def test_a_row_joining_mid_block_rides_the_commit_pass(joiner, rides, subset):
         assert box[0].passes[0] == (commit, "prefill")
     else:
         assert box[0].passes[0][0] > commit and box[0].passes[0][1] == "prefill"
+
+
+@pytest.mark.parametrize("subset", [True, False])
+def test_where_passes_mix_a_joiner_rides_a_denoise_pass(subset):
+    """With a causal flag per row a prefill that fits rides any pass of its temperature but a draft: a joiner
+    submitted during the running row's first denoise pass prefills inside its second (a causal row beside a
+    bidirectional one, writing only its own cache); both rows equal their solo runs."""
+    pol_a = DecodePolicy("dlm", block_length=4, threshold=1.0)        # one position per pass: 4 denoise passes
+    s = Scheduler(Joining({1: lambda den: box.append(s.submit([1, 61, 62], DecodePolicy("ar"), 6))},
+                          subset=subset, mixed=True), max_batch=2)
+    box = []
+    a = s.submit(PROMPTS[0], pol_a, 8)
+    ga, gb = a.result(10), box[0].result(10)
+    s.close()
+    same([ga], solo(ToyDenoiser, PROMPTS[:1], [pol_a], new=8))
+    same([gb], [loops.generate(ToyDenoiser(), [[1, 61, 62]], DecodePolicy("ar"), max_new_tokens=6)])
+    assert a.passes[:3] == [(0, "prefill"), (1, "denoise"), (2, "denoise")]
+    assert box[0].passes[0] == (2, "prefill")
 
 
 def test_a_joiner_waits_one_pass_when_tied_with_a_running_row():

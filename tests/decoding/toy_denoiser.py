@@ -5,7 +5,8 @@ Its "model" is a hash of the context, so every rule of the contract is observabl
   bidirectional  position i (at or after the block's first mask j) predicts the AR continuation of
                  history + tokens[:j] at i, with confidence falling with the distance i - j; one in five
                  is a wrong, unsure guess; without the draft LoRA every guess is wrong and unsure
-  cache          per-row token history; only `write` passes append (num_valid of them), `trim` cuts,
+  cache          per-row token history; only `write` passes append (num_valid of them; a pass with a
+                 causal flag per row: its causal rows), `trim` cuts,
                  and a pass that would run past max_len fails
 So AR decoding is the chain of causal predictions, linear-spec drafts are sometimes right (partial
 acceptance), dlm blocks take several passes at a threshold, and EOS appears only where a test makes
@@ -85,9 +86,12 @@ class ToyDenoiser(Denoiser):
         image features (embeds.PrefillEmbeds): a position they cover reads as a token hashed from them."""
         B, L = tokens.shape                                           # [B, L]
         rows = list(range(len(self.hist))) if rows is None else list(rows)
-        if len(rows) != B or (write and not causal):
+        flags = causal.tolist() if isinstance(causal, torch.Tensor) else [bool(causal)] * B   # per row
+        if isinstance(causal, torch.Tensor) and not getattr(self, "row_causal", False):
+            raise RuntimeError("a causal flag per row to a denoiser without row_causal")
+        if len(rows) != B or len(flags) != B or (write and not any(flags)):
             raise RuntimeError(f"a pass of {B} rows over rows {rows}, write={write}, causal={causal}")
-        self.calls.append(dict(causal=causal, write=write, draft_lora=draft_lora, shape=(B, L),
+        self.calls.append(dict(causal=causal if isinstance(causal, bool) else tuple(flags), write=write, draft_lora=draft_lora, shape=(B, L),
                                lengths=self.lengths().tolist(), rows=rows, temperature=temperature,
                                batch=len(self.hist), embeds=embeds))
         V = self.config.vocab_size
@@ -101,13 +105,13 @@ class ToyDenoiser(Denoiser):
             if len(h) + L > self.max_len:
                 raise RuntimeError(f"row {r}: {len(h)} + {L} positions past max_len {self.max_len}")
             for i in range(L):
-                if causal:
+                if flags[b]:
                     ctx = tuple(h + blk[: i + 1])
                     tok, p = next_token(ctx), 0.5 + (_h(ctx, 5) % 400) / 1000
                 else:
                     tok, p = self._bidir(h, blk, i, draft_lora)
                 logits[b, i, tok] = 200.0 if self.certain else math.log(p * (V - 1) / (1 - p))   # softmax: p
-            if write:
+            if write and flags[b]:                                   # a mixed pass writes its causal rows
                 self.hist[r] = h + blk[:n]
         if temperature > 0 and noise is None:
             noise = remask.gumbel_noise(logits.shape, generator)
@@ -116,13 +120,14 @@ class ToyDenoiser(Denoiser):
 
 
 class BatchToy(ToyDenoiser):
-    """The toy with a backend's batching capabilities: `regroup` (rows carried over) and subset passes."""
+    """The toy with a backend's batching capabilities: `regroup` (rows carried over), subset passes, and with
+    mixed=True a causal flag per row (`row_causal`: causal and bidirectional rows in one pass)."""
 
     can_regroup = True
 
-    def __init__(self, subset: bool = True, **kw):
+    def __init__(self, subset: bool = True, mixed: bool = False, **kw):
         super().__init__(**kw)
-        self.subset_passes = subset
+        self.subset_passes, self.row_causal = subset, mixed
         self.regroups: list[tuple[list[int], int]] = []
 
     def regroup(self, keep: list[int], batch: int) -> None:
