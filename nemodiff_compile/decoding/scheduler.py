@@ -17,8 +17,8 @@ rows whose next step is of that kind run in it together:
               the rows of one mode move in lock-step as in `loops.generate`, and nothing starves
   riders      a text prefill whose prompt fits in a causal pass of L tokens (dlm commit, linear-spec verify; where
               passes mix, any pass but a draft) may run in it (its prompt right-padded, num_valid its length; a
-              causal pass writes and reads the same either way): a row that joins mid-block costs no pass of its own and starts its first
-              block with the rows that just committed theirs
+              causal pass writes and reads the same either way): a row that joins mid-block costs no pass of its
+              own
   other rows  ride along idle: their outputs are dropped, causal passes write nothing for them (their
               cache length is trimmed back after the pass; what the pass wrote past it is never read)
 
@@ -346,7 +346,7 @@ class Scheduler:
             causal = torch.tensor([b in steps and steps[b].causal for b in rows])              # [B] bool
         out = den.step(tokens, causal=causal, write=write, num_valid=num_valid,
                        draft_lora=first.draft_lora, temperature=temperature, noise=noise, **kw)
-        if write and not subset and len(members) < B:          # idle rows keep their lengths
+        if write and not subset and len(members) < B:                 # idle rows keep their lengths
             idle = torch.ones(B, dtype=torch.bool)
             idle[members] = False
             den.trim(torch.where(idle, lengths, den.lengths()))

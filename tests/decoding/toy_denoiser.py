@@ -91,7 +91,8 @@ class ToyDenoiser(Denoiser):
             raise RuntimeError("a causal flag per row to a denoiser without row_causal")
         if len(rows) != B or len(flags) != B or (write and not any(flags)):
             raise RuntimeError(f"a pass of {B} rows over rows {rows}, write={write}, causal={causal}")
-        self.calls.append(dict(causal=causal if isinstance(causal, bool) else tuple(flags), write=write, draft_lora=draft_lora, shape=(B, L),
+        self.calls.append(dict(causal=causal if isinstance(causal, bool) else tuple(flags), write=write,
+                               draft_lora=draft_lora, shape=(B, L),
                                lengths=self.lengths().tolist(), rows=rows, temperature=temperature,
                                batch=len(self.hist), embeds=embeds))
         V = self.config.vocab_size
