@@ -11,6 +11,9 @@
   bench     bench-gpu's refinement pass at each geometry (seeded random weights) for bf16 / fp8, GEMV off
             and on, and a sampled pass, at batch 1 x block 32 and batch 8 x block 64: ms, % of the memory
             floor, % of the compute floor, and issue 17's targets; whole generations at 8B
+  serve     the serving issue's GPU criterion: the fast engine at the 8B geometry (seeded random weights, bf16)
+            behind the scheduler, closed-loop clients at concurrency 1 and 8 (dlm, block 32, 64 new tokens;
+            bench/concurrency.py): c8 tokens/s >= 3x c1
   remask    the Triton and the C++/CUDA remask kernels against the torch reference, and the fused Gumbel-max
             pick against its definition (equality, time)
   profile   scripts/profile_pass.py at 8B batch 1 x block 32, GEMV kernel off and on
@@ -37,7 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SECTIONS = ("tests", "validate", "gemv", "bench", "remask", "profile")
+SECTIONS = ("tests", "validate", "gemv", "bench", "serve", "remask", "profile")
+SERVE_TARGET = 3.0                    # concurrency 8 over concurrency 1, tokens/s (the serving issue)
 SIZES = ("3b", "8b", "14b")
 PRECISIONS = "bf16,bf16-gemv,fp8,fp8-gemv,bf16-sampled"
 PAIRS = "1x32,8x64"
@@ -107,6 +111,9 @@ def plan(args) -> list[str]:
         elif s == "bench":
             lines.append(f"bench: {', '.join(args.sizes)} x {', '.join(args.precisions)} at {pairs}, context "
                          f"{args.context}" + ("" if args.no_modes or "8b" not in args.sizes else "; generations at 8b"))
+        elif s == "serve":
+            lines.append(f"serve: the fast engine at 8b behind the scheduler, concurrency 1 and 8 (target c8 >= "
+                         f"{SERVE_TARGET:g}x c1)")
         elif s == "remask":
             lines.append("remask: Triton and C++/CUDA remask kernels vs the torch reference")
         elif s == "profile":
@@ -283,6 +290,42 @@ def bench_section(o: Output, args, budget_left) -> dict:
     return out
 
 
+def serve_section(o: Output, *, size: str = "8b", device: str = "cuda", dtype: str = "bfloat16",
+                  prompt_len: int = 128, max_new_tokens: int = 64, block: int = 32, rounds: int = 2,
+                  requests=lambda c: max(8, 4 * c)) -> dict:
+    """Closed-loop clients on the scheduler over the fast engine (bench/concurrency.py); the keywords let the CPU
+    test run the same code on the tiny model."""
+    import gc
+
+    import torch
+
+    from nemodiff_compile import load_reference
+    from nemodiff_compile.artifact.buckets import BatchBuckets
+    from nemodiff_compile.backends.fast import FastDenoiser
+    from nemodiff_compile.bench.concurrency import concurrency_ratio
+    from nemodiff_compile.decoding.policy import DecodePolicy
+
+    o.say(f"## the fast engine at {size} ({dtype}) behind the scheduler, concurrency 1 and 8")
+    model = load_reference(size, dtype=dtype, device=device)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, model.config.vocab_size, (16, prompt_len), generator=g).tolist()
+    den = FastDenoiser(model, prompt_len + max_new_tokens + 2 * block, buckets=BatchBuckets((1, 4, 8)))
+    res = concurrency_ratio(den, prompts, DecodePolicy("dlm", block_length=block), levels=(1, 8), rounds=rounds,
+                            requests=requests, max_new_tokens=max_new_tokens, log=o.say)
+    for level in res["levels"]:
+        o.row("serve", size=size, dtype=dtype, **level)
+    met = res["ratio"] >= SERVE_TARGET
+    res["target"] = o.row("target", size=size, check="serve c8 / c1 tokens/s", value=res["ratio"],
+                          target=SERVE_TARGET, met=met)
+    o.say(f"target {size}: concurrency 8 / 1 = {res['ratio']}x, goal >= {SERVE_TARGET:g}x: "
+          f"{'met' if met else 'NOT met'}")
+    del den, model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return res
+
+
 def remask_section(o: Output) -> dict:
     import torch
 
@@ -382,7 +425,8 @@ def main(argv=None) -> int:
         o.say(f"#   {line}")
     runners = {"tests": lambda: run_tests(o), "validate": lambda: validate_fast_all(o),
                "gemv": lambda: gemv_section(o, args.sizes), "bench": lambda: bench_section(o, args, budget_left),
-               "remask": lambda: remask_section(o), "profile": lambda: profile_section(o)}
+               "serve": lambda: serve_section(o), "remask": lambda: remask_section(o),
+               "profile": lambda: profile_section(o)}
     failed = False
     for s in args.sections:
         if budget_left() < SECTION_S:

@@ -100,3 +100,19 @@ def test_bench_section_targets_on_cpu(gc, tmp_path, monkeypatch, random_tiny):
     assert [t["check"].split(":")[0] for t in targets] == ["bf16 batch 1 block 8", "fp8 / bf16 pass time at batch 1 block 8",
                                                           "bf16 batch 2 block 4"]
     assert all(t["met"] in (True, False) for t in targets)
+
+
+def test_serve_section_on_cpu(gc, tmp_path):
+    """The serve section's code on the CPU with the tiny model: the fast engine behind the scheduler at concurrency
+    1 and 8, a row per level and the target judged on their ratio."""
+    o = gc.Output(tmp_path)
+    res = gc.serve_section(o, size="tiny", device="cpu", dtype="float32", prompt_len=8, max_new_tokens=8, block=4,
+                           rounds=1, requests=lambda c: c)
+    o.close({})
+    rows = [json.loads(ln) for ln in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
+    levels = [r for r in rows if r["section"] == "serve"]
+    assert [r["concurrency"] for r in levels] == [1, 8] and all(r["tokens"] > 0 for r in levels)
+    assert levels[0]["rows_per_pass"] == 1.0 < levels[1]["rows_per_pass"]       # concurrent requests shared passes
+    (target,) = [r for r in rows if r["section"] == "target"]
+    assert target["value"] == res["ratio"] == round(levels[1]["tokens_per_s"] / levels[0]["tokens_per_s"], 2)
+    assert target["met"] == (res["ratio"] >= gc.SERVE_TARGET) and target["target"] == 3.0

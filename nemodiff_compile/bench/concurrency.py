@@ -1,0 +1,87 @@
+"""What batching concurrent requests gains on one engine: closed-loop clients on a `Scheduler`, no HTTP.
+
+    closed_loop(scheduler, prompts, policy, concurrency=8, requests=32, max_new_tokens=64)
+        `concurrency` client threads, each submitting the next prompt (token ids) as soon as its previous one
+        finished, until `requests` are done: tokens, seconds, tokens/s, the engine passes run and the rows
+        per pass (the requests' row passes over the engine's passes).
+    concurrency_ratio(denoiser, prompts, policy, levels=(1, 8))
+        the levels in turn (`rounds` times, figures pooled) on one scheduler over the denoiser, after a
+        warm-up request at each level (CUDA graphs are captured per batch bucket): one dict per level and
+        the last level's tokens/s over the first's.
+
+`scripts/gpu_check.py --sections serve` runs it on the fast engine at the 8B geometry (the serving issue's GPU
+criterion: concurrency 8 at least 3x concurrency 1); `scripts/profile_scheduler.py` is the CPU counterpart
+through `Session` with a per-pass breakdown.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+from ..decoding.policy import DecodePolicy
+from ..decoding.scheduler import Scheduler
+
+
+def closed_loop(scheduler: Scheduler, prompts: list[list[int]], policy: DecodePolicy, *, concurrency: int,
+                requests: int, max_new_tokens: int, timeout: float = 600.0) -> dict:
+    """One level: prompts are taken in turn (prompt i % len(prompts) for request i)."""
+    if concurrency < 1 or requests < 1 or not prompts:
+        raise ValueError(f"closed_loop: concurrency {concurrency}, requests {requests}, {len(prompts)} prompts")
+    todo, lock = iter(range(requests)), threading.Lock()
+    tokens, row_passes, errors = [0], [0], []
+
+    def client() -> None:
+        while True:
+            with lock:
+                i = next(todo, None)
+            if i is None:
+                return
+            try:
+                gen = scheduler.submit(prompts[i % len(prompts)], policy, max_new_tokens).result(timeout)
+            except Exception as e:                 # reported by the caller's thread, not lost in this one
+                errors.append(e)
+                return
+            with lock:
+                tokens[0] += len(gen.tokens[0])
+                row_passes[0] += gen.nfe
+
+    passes0, t0 = scheduler.passes, time.perf_counter()
+    threads = [threading.Thread(target=client, name=f"client-{c}") for c in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds, passes = time.perf_counter() - t0, scheduler.passes - passes0
+    if errors:
+        raise errors[0]
+    return dict(concurrency=concurrency, requests=requests, tokens=tokens[0], seconds=round(seconds, 4),
+                tokens_per_s=round(tokens[0] / seconds, 1), passes=passes, row_passes=row_passes[0],
+                rows_per_pass=round(row_passes[0] / passes, 2) if passes else None)
+
+
+def concurrency_ratio(denoiser, prompts: list[list[int]], policy: DecodePolicy, *, levels=(1, 8),
+                      requests: Callable[[int], int] = lambda c: max(8, 4 * c), rounds: int = 1,
+                      max_new_tokens: int = 64, log=print) -> dict:
+    """Levels on one scheduler (max_batch: the largest level); `requests(c)` per level and round."""
+    sched = Scheduler(denoiser, max_batch=max(levels))
+    try:
+        pooled = {c: dict(tokens=0, seconds=0.0, passes=0, row_passes=0) for c in levels}
+        for c in levels:                                        # warm-up: every batch bucket the level reaches
+            closed_loop(sched, prompts, policy, concurrency=c, requests=c, max_new_tokens=max_new_tokens)
+        for _ in range(rounds):
+            for c in levels:
+                r = closed_loop(sched, prompts, policy, concurrency=c, requests=requests(c),
+                                max_new_tokens=max_new_tokens)
+                log(f"  concurrency {c}: {r['tokens_per_s']} tok/s, {r['rows_per_pass']} rows per pass")
+                for k in pooled[c]:
+                    pooled[c][k] += r[k]
+    finally:
+        sched.close()
+    rows = [dict(concurrency=c, tokens=p["tokens"], seconds=round(p["seconds"], 4),
+                 tokens_per_s=round(p["tokens"] / p["seconds"], 1), passes=p["passes"],
+                 rows_per_pass=round(p["row_passes"] / p["passes"], 2) if p["passes"] else None)
+            for c, p in pooled.items()]
+    return dict(levels=rows, ratio=round(rows[-1]["tokens_per_s"] / rows[0]["tokens_per_s"], 2),
+                mode=policy.mode, max_new_tokens=max_new_tokens, rounds=rounds)
