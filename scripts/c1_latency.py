@@ -47,7 +47,8 @@ class RawClient:
         self.reader = self.writer = None
 
     async def one(self, model: str, prompt: str, max_tokens: int, knobs: dict) -> dict:
-        body = json.dumps(dict(model=model, prompt=prompt, max_tokens=max_tokens, stream=True, **knobs)).encode()
+        body = json.dumps(dict(model=model, prompt=prompt, max_tokens=max_tokens, stream=True,   # as load_test.one
+                               stream_options={"include_usage": True}, **knobs)).encode()
         t0 = time.perf_counter()
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
