@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import threading
 import time
 from pathlib import Path
 
@@ -133,28 +132,15 @@ def time_passes(den, batches=(1, 2, 4, 8), repeats: int = 40) -> None:
 
 
 def run_level(session, probe: Probe, prompts: list[str], c: int, args) -> collections.Counter:
-    n = args.requests or max(16, 4 * c)
-    todo, lock, tokens = iter(range(n)), threading.Lock(), [0]
-
-    def client():
-        while True:
-            with lock:
-                i = next(todo, None)
-            if i is None:
-                return
-            r = session.generate(prompts[i % len(prompts)], chat=False, mode=args.mode, max_new_tokens=args.max_tokens)
-            with lock:
-                tokens[0] += len(r.completions[0].tokens)
+    from nemodiff_compile.bench.concurrency import clients
 
     probe.counts.clear()
-    threads = [threading.Thread(target=client) for _ in range(c)]
     t0, c0 = time.perf_counter(), time.process_time()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = clients(lambda p: session.generate(p, chat=False, mode=args.mode, max_new_tokens=args.max_tokens),
+                      prompts, concurrency=c, requests=args.requests or max(16, 4 * c))
     out = collections.Counter(probe.counts)
-    out.update(dict(wall=time.perf_counter() - t0, cpu=time.process_time() - c0, tokens=tokens[0]))
+    out.update(dict(wall=time.perf_counter() - t0, cpu=time.process_time() - c0,
+                    tokens=sum(len(r.completions[0].tokens) for r in results)))
     return out
 
 

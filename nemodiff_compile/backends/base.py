@@ -163,7 +163,7 @@ class BackendDenoiser(Denoiser):
         """The guard of every pass (refiners call it too): the reset batch, causal writes, room for the block."""
         if batch != self.batch:
             raise ValueError(f"reset() was called for batch {self.batch}, the pass got {batch} rows")
-        if write and not bool(torch.as_tensor(causal).any()):
+        if write and not (bool(causal.any()) if isinstance(causal, torch.Tensor) else causal):
             raise ValueError("the KV cache only holds causal K/V: bidirectional passes cannot write it")
         check_room(self._lengths, block, self.max_len)
 

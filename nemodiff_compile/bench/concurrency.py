@@ -1,9 +1,11 @@
 """What batching concurrent requests gains on one engine: closed-loop clients on a `Scheduler`, no HTTP.
 
+    clients(fn, prompts, concurrency=8, requests=32)
+        `concurrency` client threads, each calling fn on the next prompt as soon as its previous call returned,
+        until `requests` are done (scripts/profile_scheduler.py drives `Session.generate` with it)
     closed_loop(scheduler, prompts, policy, concurrency=8, requests=32, max_new_tokens=64)
-        `concurrency` client threads, each submitting the next prompt (token ids) as soon as its previous one
-        finished, until `requests` are done: tokens, seconds, tokens/s, the engine passes run and the rows
-        per pass (the requests' row passes over the engine's passes).
+        `clients` submitting prompts (token ids) to a scheduler: tokens, seconds, tokens/s, the engine passes
+        run and the rows per pass (the requests' row passes over the engine's passes).
     concurrency_ratio(denoiser, prompts, policy, levels=(1, 8))
         the levels in turn (`rounds` times, figures pooled) on one scheduler over the denoiser, after a
         warm-up request at each level (CUDA graphs are captured per batch bucket): one dict per level and
@@ -18,47 +20,55 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from ..decoding.policy import DecodePolicy
 from ..decoding.scheduler import Scheduler
 
 
-def closed_loop(scheduler: Scheduler, prompts: list[list[int]], policy: DecodePolicy, *, concurrency: int,
-                requests: int, max_new_tokens: int, timeout: float = 600.0) -> dict:
-    """One level: prompts are taken in turn (prompt i % len(prompts) for request i)."""
+def clients(fn: Callable[[Any], Any], prompts: list, *, concurrency: int, requests: int) -> list:
+    """fn(prompt) from `concurrency` threads, each taking the next request (prompt i % len(prompts) for request i)
+    as soon as its previous one returned, until `requests` are done: their results, in order. The first error a
+    request raised is raised here."""
     if concurrency < 1 or requests < 1 or not prompts:
-        raise ValueError(f"closed_loop: concurrency {concurrency}, requests {requests}, {len(prompts)} prompts")
+        raise ValueError(f"clients: concurrency {concurrency}, requests {requests}, {len(prompts)} prompts")
     todo, lock = iter(range(requests)), threading.Lock()
-    tokens, row_passes, errors = [0], [0], []
+    results: list = [None] * requests
+    errors: list[BaseException] = []
 
     def client() -> None:
         while True:
             with lock:
                 i = next(todo, None)
-            if i is None:
+            if i is None or errors:
                 return
             try:
-                gen = scheduler.submit(prompts[i % len(prompts)], policy, max_new_tokens).result(timeout)
-            except Exception as e:                 # reported by the caller's thread, not lost in this one
+                results[i] = fn(prompts[i % len(prompts)])
+            except Exception as e:                 # raised by the caller's thread, not lost in this one
                 errors.append(e)
                 return
-            with lock:
-                tokens[0] += len(gen.tokens[0])
-                row_passes[0] += gen.nfe
 
-    passes0, t0 = scheduler.passes, time.perf_counter()
     threads = [threading.Thread(target=client, name=f"client-{c}") for c in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    seconds, passes = time.perf_counter() - t0, scheduler.passes - passes0
     if errors:
         raise errors[0]
-    return dict(concurrency=concurrency, requests=requests, tokens=tokens[0], seconds=round(seconds, 4),
-                tokens_per_s=round(tokens[0] / seconds, 1), passes=passes, row_passes=row_passes[0],
-                rows_per_pass=round(row_passes[0] / passes, 2) if passes else None)
+    return results
+
+
+def closed_loop(scheduler: Scheduler, prompts: list[list[int]], policy: DecodePolicy, *, concurrency: int,
+                requests: int, max_new_tokens: int, timeout: float = 600.0) -> dict:
+    """One level of `clients` submitting to the scheduler."""
+    passes0, t0 = scheduler.passes, time.perf_counter()
+    gens = clients(lambda p: scheduler.submit(p, policy, max_new_tokens).result(timeout), prompts,
+                   concurrency=concurrency, requests=requests)
+    seconds, passes = time.perf_counter() - t0, scheduler.passes - passes0
+    tokens, row_passes = sum(len(g.tokens[0]) for g in gens), sum(g.nfe for g in gens)
+    return dict(concurrency=concurrency, requests=requests, tokens=tokens, seconds=round(seconds, 4),
+                tokens_per_s=round(tokens / seconds, 1), passes=passes, row_passes=row_passes,
+                rows_per_pass=round(row_passes / passes, 2) if passes else None)
 
 
 def concurrency_ratio(denoiser, prompts: list[list[int]], policy: DecodePolicy, *, levels=(1, 8),

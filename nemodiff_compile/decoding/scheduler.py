@@ -153,6 +153,7 @@ class Scheduler:
         self.observer = observer
         self.passes = 0                                  # engine passes run
         self._regroup = bool(getattr(denoiser, "can_regroup", False))   # backends/base.py
+        self._mixed = bool(getattr(denoiser, "row_causal", False))      # causal and bidirectional rows in a pass
         self._queue: deque[Request] = deque()
         self._slots: list[Request | None] = []           # row b of the engine's batch
         self._fresh = True                               # the engine's rows must be (re)started
@@ -286,10 +287,9 @@ class Scheduler:
 
     def _one_pass(self) -> None:
         groups: dict[tuple, list[int]] = {}
-        mixed = getattr(self.den, "row_causal", False)
         for b, req in enumerate(self._slots):
             if req is not None:
-                groups.setdefault(_key(req, mixed), []).append(b)
+                groups.setdefault(_key(req, self._mixed), []).append(b)
         lengths = self.den.lengths()                                     # [B]
         subset = getattr(self.den, "subset_passes", False)
 

@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "decoding"))      # the toy engine's home
 from toy_denoiser import BatchToy, ToyDenoiser  # noqa: E402  (tests/decoding/toy_denoiser.py)
 
-from nemodiff_compile.bench.concurrency import closed_loop, concurrency_ratio  # noqa: E402
+from nemodiff_compile.bench.concurrency import clients, closed_loop, concurrency_ratio  # noqa: E402
 from nemodiff_compile.decoding import loops  # noqa: E402
 from nemodiff_compile.decoding.policy import DecodePolicy  # noqa: E402
 from nemodiff_compile.decoding.scheduler import Scheduler  # noqa: E402
@@ -44,6 +44,14 @@ def test_concurrency_ratio_pools_rounds_and_divides_the_levels():
     assert one["tokens"] == solo_tokens(2, 8) * 2 and four["tokens"] == solo_tokens(8, 8) * 2
     assert out["ratio"] == round(four["tokens_per_s"] / one["tokens_per_s"], 2)
     assert four["rows_per_pass"] > 1.0 == one["rows_per_pass"]
+
+
+def test_clients_take_the_prompts_in_turn():
+    seen = []
+    assert clients(lambda p: seen.append(p) or p * 10, [1, 2, 3], concurrency=2, requests=5) == [10, 20, 30, 10, 20]
+    assert sorted(seen) == [1, 1, 2, 2, 3]
+    with pytest.raises(ValueError, match="concurrency 0"):
+        clients(lambda p: p, [1], concurrency=0, requests=1)
 
 
 def test_a_failing_request_is_raised():

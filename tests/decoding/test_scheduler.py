@@ -38,6 +38,15 @@ def solo(engine):
     return [loops.generate(engine.denoiser, [p], pol, max_new_tokens=NEW) for p, pol in zip(PROMPTS, POLICIES)]
 
 
+def pass_phases(reqs) -> dict[int, set[str]]:
+    """Engine pass index -> the phases of the rows that took part in it."""
+    phases: dict[int, set[str]] = {}
+    for r in reqs:
+        for index, phase in r.passes:
+            phases.setdefault(index, set()).add(phase)
+    return phases
+
+
 class OneFlag:
     """The engine as a scheduler sees one whose graph takes one causal flag per pass."""
     row_causal = False
@@ -67,10 +76,7 @@ def test_every_row_equals_its_solo_run(engine, solo, batching, monkeypatch):
         assert got.tokens == want.tokens, pol
         assert got.nfe_by_phase == want.nfe_by_phase and got.row_nfe == want.row_nfe, pol
     assert s.passes < sum(g.nfe for g in solo)                 # rows shared passes
-    phases: dict[int, set[str]] = {}
-    for r in reqs:
-        for index, phase in r.passes:
-            phases.setdefault(index, set()).add(phase)
+    phases = pass_phases(reqs)
     mixed = any(p & {"commit", "verify"} and "denoise" in p for p in phases.values())
     assert mixed == (batching in ("member rows", "whole batch"))
 
@@ -90,10 +96,7 @@ def test_joiners_prefill_inside_commit_passes(engine):
         s.close()
     for pol, w, g in zip(pols, want, gens):
         assert g.tokens == w.tokens and g.nfe_by_phase == w.nfe_by_phase and g.row_nfe == w.row_nfe, pol
-    phases: dict[int, set[str]] = {}
-    for r in reqs:
-        for index, phase in r.passes:
-            phases.setdefault(index, set()).add(phase)
+    phases = pass_phases(reqs)
     assert any({"prefill", "commit"} <= p for p in phases.values())
     assert s.passes == len(phases)
 
