@@ -438,14 +438,13 @@ class Scheduler:
                 pass
 
 
-def _key(req: Request, mixed: bool = False) -> tuple:
+def _key(req: Request, mixed: bool) -> tuple:
     """Rows with equal keys can share an engine pass. mixed: the engine takes `causal` per row, so causal and
     bidirectional passes of one length share a pass (its second field None)."""
     step, policy = req._step, req.row.policy
     if isinstance(step, Refine):
-        return ("refine", step.length, policy.threshold, policy.steps, policy.check_every,
-                None if step.quota is None else step.quota.shape[1], policy.temperature)
+        return ("refine", step.length, policy.threshold, policy.steps, policy.check_every, policy.temperature)
     length = None if step.phase == "prefill" else step.length      # prompts of any length prefill together
-    causal = None if mixed and step.phase != "prefill" and not step.draft_lora else step.causal
+    causal = None if mixed and not step.draft_lora else step.causal
     return ("prefill" if step.phase == "prefill" else "pass", causal, length, step.draft_lora,
             policy.temperature)

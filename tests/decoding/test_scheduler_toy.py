@@ -228,6 +228,18 @@ def test_cancel_in_queue_and_close_without_drain():
             r.result(1)
 
 
+def test_close_from_a_callback_on_the_schedulers_thread():
+    """A consumer may close the scheduler from its on_tokens callback: close does not join its own thread, and the
+    running request drains to its solo result."""
+    s = Scheduler(ToyDenoiser(), max_batch=2)
+    req = s.submit(PROMPTS[0], POLICIES[1], NEW, on_tokens=lambda ids: s.close())
+    same([req.result(10)], solo(ToyDenoiser, PROMPTS[:1], POLICIES[1:2]))
+    s._thread.join(10)
+    assert not s._thread.is_alive()
+    with pytest.raises(SchedulerClosed):
+        s.submit(PROMPTS[1], POLICIES[1], NEW)
+
+
 def test_close_drains_and_exclusive_waits_for_idle():
     den = Gated()
     s = Scheduler(den, max_batch=2)
@@ -242,6 +254,7 @@ def test_close_drains_and_exclusive_waits_for_idle():
     assert mine.tokens == loops.generate(ToyDenoiser(), PROMPTS[:2], "ar", max_new_tokens=4).tokens
     after = s.submit(PROMPTS[3], POLICIES[0], NEW)                # the engine's rows are restarted
     s.close()
+    assert not s._thread.is_alive()                               # close joins the scheduler's thread
     same([r.result(1) for r in reqs + [after]], solo(ToyDenoiser, PROMPTS[:4], POLICIES[:3] + POLICIES[:1]))
     with pytest.raises(SchedulerClosed):
         with s.exclusive():
