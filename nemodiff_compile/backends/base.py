@@ -116,7 +116,7 @@ class BackendDenoiser(Denoiser):
                          temperature=temperature, noise=noise, **extra)
         self.executed += 1
         if write:        # a mixed pass's bidirectional rows keep their lengths (what it wrote past them is scratch)
-            self._set_lengths(self._lengths + (num_valid if causal is True else num_valid * causal))
+            self._set_lengths(self._lengths + num_valid * causal)          # causal: a bool, or [B] bool
         return out
 
     def _causal_rows(self, causal, batch: int) -> "bool | torch.Tensor":

@@ -7,6 +7,8 @@ import torch
 from nemodiff_compile.backends.base import BackendDenoiser, scatter_block
 from nemodiff_compile.decoding import loops, remask
 from nemodiff_compile.decoding.denoiser import StepOut
+from nemodiff_compile.decoding.embeds import PrefillEmbeds
+from nemodiff_compile.errors import InvalidArgument
 
 
 class Echo(BackendDenoiser):
@@ -79,6 +81,89 @@ def test_causal_per_row(echo, monkeypatch):
         echo.step(torch.ones(3, 2, dtype=torch.long), causal=torch.tensor([True, False]), write=True)
     with pytest.raises(ValueError, match="bidirectional passes cannot write"):
         echo.step(torch.ones(3, 2, dtype=torch.long), causal=torch.zeros(3, dtype=torch.bool), write=True)
+    echo.reset(1)
+    echo.step(torch.ones(1, 2, dtype=torch.long), causal=torch.tensor([True]), write=True)      # one row's flag
+    assert seen[-1] is True and echo.lengths().tolist() == [2]
+
+
+def test_a_mixed_flag_on_a_one_flag_backend_says_what_to_do(echo):
+    echo.reset(2)
+    with pytest.raises(ValueError) as e:
+        echo.step(torch.ones(2, 2, dtype=torch.long), causal=torch.tensor([True, False]), write=True)
+    assert str(e.value) == ("Echo takes one causal flag per pass (its graph predates per-row causal: re-export it "
+                            "to mix causal and bidirectional rows)")
+
+
+class Regroupable(Echo):
+    """Echo that declares its K/V buffers: what `regroup` needs."""
+
+    def _kv(self):
+        return self.k, self.v
+
+
+def test_regroup_carries_rows_and_their_cache(echo, tiny_cfg):
+    """The scheduler's regroup: the kept rows move to the front in the given order with their K/V and lengths;
+    the new rows are empty; the buffers are reallocated only when the batch's rows change."""
+    assert not echo.can_regroup
+    r = Regroupable(tiny_cfg, 16)
+    assert r.can_regroup
+    r.reset(3)
+    r.step(torch.tensor([[5, 6, 7], [8, 9, 0], [3, 4, 0]]), causal=True, write=True, num_valid=torch.tensor([3, 2, 1]))
+    r.regroup([2, 0], 4)
+    assert (r.batch, r.bucket, r.allocations) == (4, 4, 2)
+    assert r.lengths().tolist() == [1, 3, 0, 0]
+    assert r.k[0, 0, 0, :1, 0].tolist() == [3] and r.k[0, 1, 0, :3, 0].tolist() == [5, 6, 7]
+    assert torch.equal(r.v, r.k) and not r.k[:, 2:].any()
+    r.regroup([1, 0, 3], 4)                                  # same rows: the buffers stay
+    assert r.allocations == 2 and r.lengths().tolist() == [3, 1, 0, 0]
+    assert r.k[0, 0, 0, :3, 0].tolist() == [5, 6, 7] and r.k[0, 1, 0, :1, 0].tolist() == [3]
+    for keep, batch in (([0, 0], 4), ([4], 4), ([-1], 4), ([0, 1, 2], 2)):
+        with pytest.raises(ValueError) as e:
+            r.regroup(keep, batch)
+        assert str(e.value) == f"regroup: rows {keep} of 4 into a batch of {batch}"
+    with pytest.raises(NotImplementedError, match="^Echo cannot regroup its rows$"):
+        echo.reset(1)
+        echo.regroup([0], 2)
+
+
+def test_regroup_picks_the_bucket(tiny_cfg):
+    from nemodiff_compile.artifact.buckets import BatchBuckets
+
+    r = Regroupable(tiny_cfg, 16)
+    r.buckets = BatchBuckets((1, 4, 8))
+    r.reset(2)
+    r.regroup([1], 3)
+    assert (r.batch, r.bucket, r.k.shape[1]) == (3, 4, 4)
+    r.regroup([0, 1, 2], 5)
+    assert (r.batch, r.bucket, r.k.shape[1]) == (5, 8, 8)
+
+
+def test_image_embeds_enter_through_a_causal_writing_pass(tiny_cfg):
+    r = Recorder(tiny_cfg, 16)
+    r.reset(1)
+    tok = torch.zeros(1, 2, dtype=torch.long)
+    emb = PrefillEmbeds(torch.zeros(1, 2, dtype=torch.bool), torch.zeros(1, 2, tiny_cfg.hidden_size))
+    with pytest.raises(InvalidArgument) as e:
+        r.step(tok, causal=True, write=True, embeds=emb)
+    assert str(e.value) == "Recorder: this engine takes no image input (build it from a vision-language checkpoint)"
+    r.accepts_embeds = True
+    for causal, write in ((False, False), (True, False)):
+        with pytest.raises(ValueError) as e:
+            r.step(tok, causal=causal, write=write, embeds=emb)
+        assert str(e.value) == "input embeddings enter through a causal writing pass (the prefill)"
+    spans = PrefillEmbeds(emb.mask, emb.values, torch.zeros(1, 2, dtype=torch.long))
+    with pytest.raises(InvalidArgument) as e:
+        r.step(tok, causal=True, write=True, embeds=spans)
+    assert str(e.value) == ("image_prefill 'bidirectional': the reference only (Recorder prefills image spans "
+                            "causally)")
+    assert not r.calls
+    r.step(tok, causal=True, write=True, embeds=emb)
+    assert r.calls[-1]["embeds"] is emb
+    r.step(tok, causal=False, write=False)
+    assert "embeds" not in r.calls[-1]
+    r.accepts_spans = True
+    r.step(tok, causal=True, write=True, embeds=spans)
+    assert r.calls[-1]["embeds"] is spans
 
 
 def test_reallocates_only_when_rows_or_max_len_change(echo):
