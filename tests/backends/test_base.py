@@ -77,6 +77,9 @@ def test_causal_per_row(echo, monkeypatch):
     monkeypatch.setattr(echo, "row_causal", True)
     echo.step(torch.ones(3, 2, dtype=torch.long), causal=mixed, write=True, num_valid=torch.tensor([2, 2, 1]))
     assert seen[-1].tolist() == [True, False, True] and echo.lengths().tolist() == [4, 2, 3]
+    echo.step(torch.ones(3, 2, dtype=torch.long), causal=torch.tensor([0, 1, 0]), write=True)   # 0/1: as bools
+    assert seen[-1].dtype == torch.bool and seen[-1].tolist() == [False, True, False]
+    assert echo.lengths().tolist() == [4, 4, 3]
     with pytest.raises(ValueError, match="one flag per row \\(3\\)"):
         echo.step(torch.ones(3, 2, dtype=torch.long), causal=torch.tensor([True, False]), write=True)
     with pytest.raises(ValueError, match="bidirectional passes cannot write"):
@@ -114,13 +117,26 @@ def test_regroup_carries_rows_and_their_cache(echo, tiny_cfg):
     assert r.lengths().tolist() == [1, 3, 0, 0]
     assert r.k[0, 0, 0, :1, 0].tolist() == [3] and r.k[0, 1, 0, :3, 0].tolist() == [5, 6, 7]
     assert torch.equal(r.v, r.k) and not r.k[:, 2:].any()
-    r.regroup([1, 0, 3], 4)                                  # same rows: the buffers stay
-    assert r.allocations == 2 and r.lengths().tolist() == [3, 1, 0, 0]
-    assert r.k[0, 0, 0, :3, 0].tolist() == [5, 6, 7] and r.k[0, 1, 0, :1, 0].tolist() == [3]
     for keep, batch in (([0, 0], 4), ([4], 4), ([-1], 4), ([0, 1, 2], 2)):
         with pytest.raises(ValueError) as e:
             r.regroup(keep, batch)
         assert str(e.value) == f"regroup: rows {keep} of 4 into a batch of {batch}"
+    r.regroup([1, 0, 3], 4)                                  # same rows: the buffers stay
+    assert r.allocations == 2 and r.lengths().tolist() == [3, 1, 0, 0] and r.lengths().dtype == torch.long
+    assert r.k[0, 0, 0, :3, 0].tolist() == [5, 6, 7] and r.k[0, 1, 0, :1, 0].tolist() == [3]
+    r.regroup([1, 0, 3, 2], 4)                               # every row kept
+    assert r.lengths().tolist() == [1, 3, 0, 0] and r.k[0, 1, 0, :3, 0].tolist() == [5, 6, 7]
+    r.max_len = 32                                           # a longer cache: the rows' prefix carried over
+    r.regroup([1, 0], 2)
+    assert r.k.shape[3] == 32 and r.lengths().tolist() == [3, 1] and r.k[0, 0, 0, :4, 0].tolist() == [5, 6, 7, 0]
+    r.max_len = 8                                            # a shorter one (a window): its first positions
+    r.regroup([0], 1)
+    assert r.k.shape[3] == 8 and r.k[0, 0, 0, :4, 0].tolist() == [5, 6, 7, 0]
+    r.regroup([], 2)                                         # nothing kept
+    assert r.lengths().tolist() == [0, 0] and not r.k.any()
+    fresh = Regroupable(tiny_cfg, 16)                        # before any reset: no buffers to carry
+    fresh.regroup([], 2)
+    assert (fresh.batch, fresh.lengths().tolist(), fresh.k.shape[1]) == (2, [0, 0], 2)
     with pytest.raises(NotImplementedError, match="^Echo cannot regroup its rows$"):
         echo.reset(1)
         echo.regroup([0], 2)
