@@ -94,6 +94,11 @@ class IOSpec:
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
 
+    @property
+    def causal_per_row(self) -> bool:
+        """The step graph takes `causal` per row ([batch]); graphs exported before per-row causal take one flag."""
+        return tuple(self.input("causal").shape) == ("batch",)
+
 
 # the step graph's inputs in the order of StepGraph.forward's parameters (absent ones are None slots)
 STEP_SLOTS = ("input_ids", "cache_lengths", "num_valid", "causal", "temperature", "gumbel_noise", "past_keys",

@@ -94,7 +94,7 @@ class OrtDenoiser(BackendDenoiser):
                                 f"graph: {first}{hint}") from None
         self.spec, self.config = spec, config
         self.onnx_path = Path(onnx_path)
-        self.row_causal = tuple(spec.input("causal").shape) == ("batch",)   # older graphs: one flag per pass
+        self.row_causal = spec.causal_per_row                                # older graphs: one flag per pass
         self._check(onnx_path, return_logits)
         device = torch.device("cpu")
         if self.session.get_providers()[0] == "CUDAExecutionProvider":

@@ -83,7 +83,7 @@ def loop_buffers(spec, *, rows: int, block: int, vocab: int, device: torch.devic
     spec: the IOSpec; dtypes: I/O spec dtype name -> torch dtype; cache: the backend's (K, V)."""
     z = lambda *shape, dt=torch.long: torch.zeros(shape, dtype=dt, device=device)
     canvas, row_nfe = (z(rows, block), z(rows, block)), (z(rows), z(rows))
-    causal = z(rows, dt=torch.bool) if spec.input("causal").shape else z(dt=torch.bool)   # [rows], older graphs []
+    causal = z(rows, dt=torch.bool) if spec.causal_per_row else z(dt=torch.bool)   # [rows], older graphs []
     shared = {"cache_lengths": z(rows), "num_valid": z(rows), "causal": causal,
               "temperature": z(dt=torch.float32), "gumbel_noise": z(rows, block, vocab, dt=torch.float32),
               "past_keys": cache[0], "past_values": cache[1], "draft_lora": z(dt=torch.bool),

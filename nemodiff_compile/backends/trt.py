@@ -135,7 +135,7 @@ class TrtDenoiser(BackendDenoiser):
         super().__init__(config, max_len, device, buckets=self.plan.buckets)
         self.spec = manifest.io_spec
         self.io_spec = IOSpec.from_json(manifest.io_spec)
-        self.row_causal = tuple(self.io_spec.input("causal").shape) == ("batch",)   # older plans: one flag per pass
+        self.row_causal = self.io_spec.causal_per_row                # older plans: one flag per pass
         self.output_names = [t["name"] for t in self.spec["outputs"]]
         self.dtypes = {t["name"]: TORCH_DTYPES[t["dtype"]] for t in (*self.spec["inputs"], *self.spec["outputs"])}
         if self.device.type == "cuda":
