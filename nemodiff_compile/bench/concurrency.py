@@ -66,9 +66,7 @@ def closed_loop(scheduler: Scheduler, prompts: list[list[int]], policy: DecodePo
                    concurrency=concurrency, requests=requests)
     seconds, passes = time.perf_counter() - t0, scheduler.passes - passes0
     tokens, row_passes = sum(len(g.tokens[0]) for g in gens), sum(g.nfe for g in gens)
-    return dict(concurrency=concurrency, requests=requests, tokens=tokens, seconds=round(seconds, 4),
-                tokens_per_s=round(tokens / seconds, 1), passes=passes, row_passes=row_passes,
-                rows_per_pass=round(row_passes / passes, 2) if passes else None)
+    return dict(_figures(concurrency, tokens, seconds, passes, row_passes), requests=requests, row_passes=row_passes)
 
 
 def concurrency_ratio(denoiser, prompts: list[list[int]], policy: DecodePolicy, *, levels=(1, 8),
@@ -89,9 +87,13 @@ def concurrency_ratio(denoiser, prompts: list[list[int]], policy: DecodePolicy, 
                     pooled[c][k] += r[k]
     finally:
         sched.close()
-    rows = [dict(concurrency=c, tokens=p["tokens"], seconds=round(p["seconds"], 4),
-                 tokens_per_s=round(p["tokens"] / p["seconds"], 1), passes=p["passes"],
-                 rows_per_pass=round(p["row_passes"] / p["passes"], 2) if p["passes"] else None)
-            for c, p in pooled.items()]
+    rows = [_figures(c, **p) for c, p in pooled.items()]
     return dict(levels=rows, ratio=round(rows[-1]["tokens_per_s"] / rows[0]["tokens_per_s"], 2),
                 mode=policy.mode, max_new_tokens=max_new_tokens, rounds=rounds)
+
+
+def _figures(concurrency: int, tokens: int, seconds: float, passes: int, row_passes: int) -> dict:
+    """A level's figures: tokens/s, and the requests' row passes over the engine's passes."""
+    return dict(concurrency=concurrency, tokens=tokens, seconds=round(seconds, 4),
+                tokens_per_s=round(tokens / seconds, 1), passes=passes,
+                rows_per_pass=round(row_passes / passes, 2) if passes else None)
